@@ -1,0 +1,1 @@
+"""Shared core of every Tsunagu service: config, bus, broker, envelope, telemetry, lifecycle."""

@@ -1,0 +1,53 @@
+"""Publications and presence events on the wire between nodes (tsunagu.v1 broker.proto)."""
+
+from __future__ import annotations
+
+from tsunagu_core.broker.base import ClientInfo, Publication
+from tsunagu_core.wire import broker_pb2
+
+
+def info_to_wire(info: ClientInfo) -> broker_pb2.ClientInfo:
+    return broker_pb2.ClientInfo(user=info.user, client=info.client, conn_info=info.conn_info, chan_info=info.chan_info)
+
+
+def info_from_wire(wire: broker_pb2.ClientInfo) -> ClientInfo:
+    return ClientInfo(user=wire.user, client=wire.client, conn_info=wire.conn_info, chan_info=wire.chan_info)
+
+
+def encode_publication_body(publication: Publication) -> bytes:
+    """Everything but offset and epoch, which the engine assigns while storing."""
+    wire = broker_pb2.BrokerPublication(data=publication.data, time_unix_ms=publication.time_ms)
+    if publication.info is not None:
+        wire.info.CopyFrom(info_to_wire(publication.info))
+    wire.tags.update(publication.tags)
+    return wire.SerializeToString()
+
+
+def decode_publication_body(body: bytes, offset: int, epoch: str) -> Publication:
+    wire = broker_pb2.BrokerPublication.FromString(body)
+    return Publication(
+        data=wire.data,
+        offset=offset,
+        epoch=epoch,
+        info=info_from_wire(wire.info) if wire.HasField("info") else None,
+        tags=dict(wire.tags),
+        time_ms=wire.time_unix_ms,
+    )
+
+
+def encode_presence_event(join: bool, info: ClientInfo) -> bytes:
+    wire = broker_pb2.BrokerPresenceEvent(join=join, info=info_to_wire(info))
+    return wire.SerializeToString()
+
+
+def decode_presence_event(body: bytes) -> tuple[bool, ClientInfo]:
+    wire = broker_pb2.BrokerPresenceEvent.FromString(body)
+    return wire.join, info_from_wire(wire.info)
+
+
+def encode_client_info(info: ClientInfo) -> bytes:
+    return info_to_wire(info).SerializeToString()
+
+
+def decode_client_info(raw: bytes) -> ClientInfo:
+    return info_from_wire(broker_pb2.ClientInfo.FromString(raw))

@@ -1,0 +1,143 @@
+"""Typed configuration from `TSUNAGU_*` environment variables.
+
+Every settings class is a pydantic-settings model whose field descriptions are the documentation:
+`docs/configuration.md` is rendered from these classes by `tsunagu config-docs`, and a test fails
+when the committed file differs, so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import socket
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+class ConfigError(Exception):
+    """Configuration that a service cannot start with; the message is one line for the operator."""
+
+
+class CoreSettings(BaseSettings):
+    """Shared by every service: which engines to use and how to reach the infrastructure."""
+
+    model_config = SettingsConfigDict(env_prefix="TSUNAGU_", extra="ignore")
+
+    bus: Literal["memory", "kafka"] = Field(
+        "memory", description="Durable event bus engine: `kafka` in a cluster, `memory` for one process."
+    )
+    broker: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Fan-out, history and presence engine: `redis` across replicas, `memory` for one process.",
+    )
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, `host:port[,...]`.")
+    kafka_partitions: int = Field(
+        6, ge=1, le=1024, description="Partitions of the `tsunagu.*` topics when the platform creates them."
+    )
+    kafka_replication: int = Field(
+        1,
+        ge=1,
+        le=7,
+        description="Replication factor of the `tsunagu.*` topics when the platform creates them.",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (`redis://` or `rediss://`).")
+    postgres_dsn: str = Field(
+        "postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu",
+        description="PostgreSQL DSN for collab and audit-log.",
+    )
+    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL for mqtt-bridge.")
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        description="Name of this replica in events and logs (defaults to the host name, the pod name in Kubernetes).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest log level written.")
+    log_format: Literal["json", "text"] = Field(
+        "text", description="`json`: one JSON object per line with trace ids; `text`: for humans."
+    )
+    otlp_endpoint: str = Field(
+        "",
+        description="OTLP/HTTP traces endpoint, e.g. `http://collector:4318`; empty: tracing is not exported.",
+    )
+    dependency_retry_max: float = Field(
+        15.0, gt=0, le=300, description="Longest wait in seconds between attempts to reach a dependency."
+    )
+    shutdown_grace: float = Field(
+        20.0, ge=0, le=600, description="Seconds a stopping service waits for open connections to finish."
+    )
+
+
+def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Build settings from the environment, turning validation errors into one clear ConfigError line."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(cls, exc)) from None
+
+
+def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = f"{prefix}{field}".upper()
+        given = error.get("input")
+        shown = f"={given!r}" if isinstance(given, str | int | float) else ""
+        problems.append(f"{variable}{shown}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(cls: type[BaseSettings], name: str) -> str:
+    field = cls.model_fields[name]
+    if field.default_factory is not None:
+        return "(computed)"
+    value = field.default
+    if value == "":
+        return "(empty)"
+    return f"`{value}`"
+
+
+def render_config_docs(classes: Iterable[tuple[str, type[BaseSettings]]]) -> str:
+    """Markdown reference of every variable, one table per settings class."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from the settings classes by `tsunagu config-docs`; do not edit by hand.",
+        "Every service reads the shared variables; the others belong to the service named in the heading.",
+        "A bad value stops the service at start with one line naming the variable and what is allowed.",
+        "",
+    ]
+    for title, cls in classes:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        lines += [f"## {title}", "", "| Variable | Type | Default | Description |", "|---|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            description = (field.description or "").replace("|", "\\|")
+            variable = f"{prefix}{name}".upper()
+            row = f"| `{variable}` | {_type_name(field.annotation)} | {_default_text(cls, name)} | {description} |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+class ServiceSettings(BaseSettings):
+    """Where one service listens; each service subclasses this with its own prefix and port."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (`0.0.0.0` in a container).")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")

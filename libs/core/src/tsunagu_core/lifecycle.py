@@ -1,0 +1,201 @@
+"""The engines a process shares, their start with retries, and the app every service is built on.
+
+A dependency that cannot be reached is never a crash loop: the runtime retries it with backoff
+in the background and `/readyz` says what is missing, so Kubernetes routes no traffic to the
+replica until it is whole. One Runtime can serve several services (`tsunagu run`); it starts an
+engine when the first service needing it starts, and closes the engines after the last one stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tsunagu_core import topics
+from tsunagu_core.broker import Broker, MemoryBroker
+from tsunagu_core.bus import Bus, MemoryBus
+from tsunagu_core.config import CoreSettings
+
+log = logging.getLogger("tsunagu.lifecycle")
+
+READINESS_TIMEOUT = 2.0
+
+
+class Dependency(Protocol):
+    async def start(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def create_bus(settings: CoreSettings) -> Bus:
+    if settings.bus == "kafka":
+        from tsunagu_core.bus.kafka import KafkaBus
+
+        return KafkaBus(
+            settings.kafka_bootstrap,
+            client_id=f"tsunagu-{settings.node_name}",
+            partitions=settings.kafka_partitions,
+            replication=settings.kafka_replication,
+        )
+    return MemoryBus()
+
+
+def create_broker(settings: CoreSettings) -> Broker:
+    if settings.broker == "redis":
+        from tsunagu_core.broker.redis import RedisBroker
+
+        return RedisBroker(settings.redis_url, retry_max=settings.dependency_retry_max)
+    return MemoryBroker()
+
+
+class Runtime:
+    def __init__(self, settings: CoreSettings, *, bus: Bus | None = None, broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.bus = bus if bus is not None else create_bus(settings)
+        self.broker = broker if broker is not None else create_broker(settings)
+        self._dependencies: dict[str, Dependency] = {"bus": self.bus, "broker": self.broker}
+        self._state: dict[str, str] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._connectors: dict[str, asyncio.Task[None]] = {}
+        self._users = 0
+        self.draining = False
+
+    def add_dependency(self, name: str, dependency: Dependency) -> None:
+        self._dependencies.setdefault(name, dependency)
+
+    async def acquire(self, needs: Sequence[str]) -> None:
+        self._users += 1
+        self.draining = False
+        for name in needs:
+            if name not in self._dependencies:
+                raise KeyError(f"unknown dependency {name!r}")
+            if name not in self._connectors:
+                self._ready[name] = asyncio.Event()
+                self._state[name] = "connecting"
+                self._connectors[name] = asyncio.create_task(self._connect(name), name=f"connect-{name}")
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
+        self.draining = True
+        for task in self._connectors.values():
+            task.cancel()
+        for name, task in self._connectors.items():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self._ready[name].is_set():
+                try:
+                    await self._dependencies[name].close()
+                except Exception as exc:
+                    log.warning("closing %s failed: %r", name, exc)
+        self._connectors.clear()
+        self._ready.clear()
+        self._state.clear()
+
+    async def _connect(self, name: str) -> None:
+        dependency = self._dependencies[name]
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await dependency.start()
+                if name == "bus":
+                    await self.bus.ensure_topics(topics.ALL)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._state[name] = f"unreachable: {exc}"
+                log.warning("%s not reachable yet (attempt %d): %s; retrying in %.1fs", name, attempt, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.dependency_retry_max)
+                continue
+            self._state[name] = "ok"
+            self._ready[name].set()
+            if attempt > 1:
+                log.info("%s reachable after %d attempts", name, attempt)
+            return
+
+    async def wait_ready(self, needs: Sequence[str], timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout):
+            for name in needs:
+                await self._ready[name].wait()
+
+    async def readiness(self, needs: Sequence[str]) -> tuple[bool, dict[str, str]]:
+        checks: dict[str, str] = {}
+        for name in needs:
+            if name not in self._ready or not self._ready[name].is_set():
+                checks[name] = self._state.get(name, "not started")
+                continue
+            try:
+                async with asyncio.timeout(READINESS_TIMEOUT):
+                    await self._dependencies[name].ping()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"failing: {exc or type(exc).__name__}"
+        ready = not self.draining and all(state == "ok" for state in checks.values())
+        return ready, checks
+
+
+ServiceHook = Callable[[], AbstractAsyncContextManager[None]]
+
+
+def create_service_app(
+    *,
+    service: str,
+    runtime: Runtime,
+    needs: Sequence[str] = (),
+    hooks: Sequence[ServiceHook] = (),
+    version: str = "0.1.0",
+) -> FastAPI:
+    """A FastAPI app with the health, readiness and metrics endpoints every service exposes.
+
+    `hooks` are entered in order once the runtime is acquired (the service's own consumers and
+    background work) and left in reverse order when the service stops.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.acquire(needs)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for hook in hooks:
+                    await stack.enter_async_context(hook())
+                log.info("%s started", service)
+                yield
+                runtime.draining = True
+                log.info("%s draining", service)
+        finally:
+            await runtime.release()
+
+    app = FastAPI(title=f"tsunagu {service}", version=version, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.service = service
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        ready, checks = await runtime.readiness(needs)
+        status = "ready" if ready else ("draining" if runtime.draining else "not ready")
+        body = {"status": status, "service": service, "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,49 @@
+"""Helpers for the tests of the core and of every service (imported by tests only).
+
+`make test` brings the real stack up and sets TSUNAGU_TEST_STACK=1, which turns tests that need
+real Redis or Kafka from skipped into required: if a server does not answer then, they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from tsunagu_core.broker import ClientInfo, Publication
+
+REAL_STACK = os.environ.get("TSUNAGU_TEST_STACK") == "1"
+REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
+KAFKA_BOOTSTRAP = os.environ.get("TSUNAGU_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def require_stack(what: str) -> None:
+    if not REAL_STACK:
+        import pytest
+
+        pytest.skip(f"{what} needs the real stack: run `make test` (or `tsunagu stack up` and TSUNAGU_TEST_STACK=1)")
+
+
+class Recorder:
+    """A broker event handler that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.publications: list[tuple[str, Publication]] = []
+        self.presence: list[tuple[str, bool, ClientInfo]] = []
+        self.resubscribed = 0
+
+    async def on_publication(self, channel: str, publication: Publication) -> None:
+        self.publications.append((channel, publication))
+
+    async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
+        self.presence.append((channel, join, info))
+
+    async def on_resubscribed(self) -> None:
+        self.resubscribed += 1
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `condition()` holds; fail with TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)

@@ -1,0 +1,196 @@
+"""What every Bus engine promises (memory and Kafka run the same tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+
+from tsunagu_core.bus import DEAD_LETTER_SUFFIX, Bus, BusMessage, RetryPolicy
+
+
+def group() -> str:
+    return f"test-group-{uuid.uuid4().hex[:8]}"
+
+
+async def wait_for_count(items: list[BusMessage], count: int, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while len(items) < count:
+            await asyncio.sleep(0.02)
+
+
+async def publish_keyed(bus: Bus, topic: str, count: int, keys: int = 4) -> list[tuple[str, int]]:
+    sent = []
+    for i in range(count):
+        key = f"user-{i % keys}"
+        await bus.publish(topic, f"{key}:{i}".encode(), key=key, headers={"x-seq": str(i)})
+        sent.append((key, i))
+    return sent
+
+
+def by_key(messages: list[BusMessage]) -> dict[str, list[int]]:
+    ordered: dict[str, list[int]] = defaultdict(list)
+    for message in messages:
+        key, seq = message.value.decode().split(":")
+        ordered[key].append(int(seq))
+    return ordered
+
+
+async def test_group_receives_every_event_in_key_order_with_headers(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    received: list[BusMessage] = []
+
+    async def handle(message: BusMessage) -> None:
+        received.append(message)
+
+    consumer = await bus.consume([topic], group(), handle)
+    sent = await publish_keyed(bus, topic, 40)
+    await wait_for_count(received, 40)
+    await consumer.stop()
+    assert sorted(m.value for m in received) == sorted(f"{k}:{i}".encode() for k, i in sent)
+    for key, seqs in by_key(received).items():
+        assert seqs == sorted(seqs), f"events of {key} out of order: {seqs}"
+    first = next(m for m in received if m.value == b"user-0:0")
+    assert first.key == b"user-0" and first.headers["x-seq"] == "0"
+
+
+async def test_restarted_consumer_resumes_after_its_committed_offset(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    name = group()
+    first_run: list[BusMessage] = []
+    enough = asyncio.Event()
+
+    async def handle_first(message: BusMessage) -> None:
+        first_run.append(message)
+        if len(first_run) >= 15:
+            enough.set()
+
+    consumer = await bus.consume([topic], name, handle_first)
+    await publish_keyed(bus, topic, 15)
+    async with asyncio.timeout(30):
+        await enough.wait()
+    await consumer.stop()
+    handled_before_stop = list(first_run)
+    await publish_keyed(bus, topic, 45)  # values 0..44 again under the same keys: tell runs apart by order
+
+    second_run: list[BusMessage] = []
+
+    async def handle_second(message: BusMessage) -> None:
+        second_run.append(message)
+
+    consumer = await bus.consume([topic], name, handle_second)
+    await wait_for_count(second_run, 45)
+    await asyncio.sleep(0.5)
+    await consumer.stop()
+    positions_first = {(m.partition, m.offset) for m in handled_before_stop}
+    positions_second = {(m.partition, m.offset) for m in second_run}
+    assert not positions_first & positions_second, "events handled before the stop were delivered again"
+    assert len(positions_first | positions_second) == 60, "events were lost across the restart"
+    assert len(second_run) == 45
+
+
+async def test_failing_handler_is_retried_without_losing_order(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    attempts: dict[bytes, int] = defaultdict(int)
+    done: list[BusMessage] = []
+
+    async def flaky(message: BusMessage) -> None:
+        attempts[message.value] += 1
+        if message.value == b"k:1" and attempts[message.value] < 3:
+            raise RuntimeError("database hiccup")
+        done.append(message)
+
+    consumer = await bus.consume([topic], group(), flaky, retry=RetryPolicy(max_attempts=5, first_backoff=0.01))
+    for i in range(4):
+        await bus.publish(topic, f"k:{i}".encode(), key="k")
+    await wait_for_count(done, 4)
+    await consumer.stop()
+    assert [m.value for m in done] == [b"k:0", b"k:1", b"k:2", b"k:3"]
+    assert attempts[b"k:1"] == 3
+
+
+async def test_poison_event_goes_to_dead_letter_topic_and_the_stream_goes_on(bus: Bus, topic: str) -> None:
+    dead_topic = topic + DEAD_LETTER_SUFFIX
+    await bus.ensure_topics([topic, dead_topic])
+    done: list[BusMessage] = []
+    dead: list[BusMessage] = []
+
+    async def strict(message: BusMessage) -> None:
+        if message.value == b"poison":
+            raise ValueError("cannot decode")
+        done.append(message)
+
+    async def collect_dead(message: BusMessage) -> None:
+        dead.append(message)
+
+    consumer = await bus.consume([topic], group(), strict, retry=RetryPolicy(max_attempts=2, first_backoff=0.01))
+    dead_consumer = await bus.consume([dead_topic], group(), collect_dead)
+    for value in (b"a", b"poison", b"b"):
+        await bus.publish(topic, value, key="same-partition")
+    await wait_for_count(done, 2)
+    await wait_for_count(dead, 1)
+    await consumer.stop()
+    await dead_consumer.stop()
+    assert [m.value for m in done] == [b"a", b"b"]
+    assert dead[0].value == b"poison"
+    assert "cannot decode" in dead[0].headers["tsunagu-dlq-error"]
+    assert dead[0].headers["tsunagu-dlq-origin"].startswith(topic + "/")
+
+
+async def test_each_group_gets_every_event(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    seen: dict[str, list[BusMessage]] = {"audit": [], "presence": []}
+    consumers = []
+    for name, bucket in seen.items():
+
+        async def handle(message: BusMessage, bucket: list[BusMessage] = bucket) -> None:
+            bucket.append(message)
+
+        consumers.append(await bus.consume([topic], f"{name}-{uuid.uuid4().hex[:6]}", handle))
+    await publish_keyed(bus, topic, 10)
+    for bucket in seen.values():
+        await wait_for_count(bucket, 10)
+    for consumer in consumers:
+        await consumer.stop()
+    assert sorted(m.value for m in seen["audit"]) == sorted(m.value for m in seen["presence"])
+
+
+async def test_members_of_one_group_split_the_events(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    name = group()
+    buckets: list[list[BusMessage]] = [[], []]
+    consumers = []
+    for bucket in buckets:
+
+        async def handle(message: BusMessage, bucket: list[BusMessage] = bucket) -> None:
+            bucket.append(message)
+
+        consumers.append(await bus.consume([topic], name, handle))
+    await asyncio.sleep(0.5)
+    await publish_keyed(bus, topic, 60, keys=12)
+    async with asyncio.timeout(30):
+        while sum(len(b) for b in buckets) < 60:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    for consumer in consumers:
+        await consumer.stop()
+    values = [m.value for b in buckets for m in b]
+    assert len(values) == len(set(values)) == 60
+
+
+async def test_trace_context_rides_in_the_headers(bus: Bus, topic: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    await bus.ensure_topics([topic])
+    received: list[BusMessage] = []
+
+    async def handle(message: BusMessage) -> None:
+        received.append(message)
+
+    consumer = await bus.consume([topic], group(), handle)
+    with TracerProvider().get_tracer("test").start_as_current_span("publish") as span:
+        await bus.publish(topic, b"traced", key="k")
+        trace_id = f"{span.get_span_context().trace_id:032x}"
+    await wait_for_count(received, 1)
+    await consumer.stop()
+    assert trace_id in received[0].headers["traceparent"]
