@@ -1,0 +1,253 @@
+"""`tsunagu stack` without servers: settings, generated configs, connection variables, the command line."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tsunagu import stack
+from tsunagu.stack import StackError, StackSettings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("TSUNAGU_STACK_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = StackSettings()
+    assert settings.dir == (tmp_path / ".stack").resolve()
+    assert settings.cache_dir == Path("~/.cache/tsunagu").expanduser().resolve()
+    assert (settings.redis_port, settings.kafka_port, settings.kafka_controller_port) == (6379, 9092, 9093)
+    assert (settings.mqtt_port, settings.postgres_port, settings.prometheus_port) == (1883, 5432, 9090)
+    assert settings.kafka_version == "4.1.1"
+    assert settings.start_timeout == 90
+
+
+def test_every_setting_is_documented() -> None:
+    for name, field in StackSettings.model_fields.items():
+        assert field.description and len(field.description) > 10, name
+    # the docs generator prints the default: it must not depend on the machine
+    assert StackSettings.model_fields["dir"].default == Path(".stack")
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TSUNAGU_STACK_REDIS_PORT", "7001")
+    monkeypatch.setenv("TSUNAGU_STACK_DIR", "state/here")
+    monkeypatch.setenv("TSUNAGU_STACK_START_TIMEOUT", "12.5")
+    settings = stack.load_settings()
+    assert settings.redis_port == 7001
+    assert settings.dir == (tmp_path / "state" / "here").resolve()
+    assert settings.dir.is_absolute()
+    assert settings.start_timeout == 12.5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("abc", "valid integer"), ("70000", "less than or equal to 65535"), ("0", "greater than or equal to 1")],
+)
+def test_invalid_port_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, value: str, expected: str) -> None:
+    monkeypatch.setenv("TSUNAGU_STACK_REDIS_PORT", value)
+    with pytest.raises(StackError) as caught:
+        stack.load_settings()
+    message = caught.value.reason
+    assert "\n" not in message
+    assert message.startswith("invalid configuration: TSUNAGU_STACK_REDIS_PORT=")
+    assert repr(value) in message
+    assert expected in message
+
+
+def test_invalid_port_exits_2_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TSUNAGU_STACK_KAFKA_PORT", "nope")
+    assert stack.main(["status"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert "TSUNAGU_STACK_KAFKA_PORT='nope'" in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_ports_must_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSUNAGU_STACK_MQTT_PORT", "9092")
+    with pytest.raises(StackError, match="TSUNAGU_STACK_MQTT_PORT and TSUNAGU_STACK_KAFKA_PORT are both 9092"):
+        stack.load_settings()
+
+
+def test_kafka_server_properties_use_configured_ports(tmp_path: Path) -> None:
+    settings = StackSettings(kafka_port=19192, kafka_controller_port=19193, dir=tmp_path / "s")
+    props = dict(line.split("=", 1) for line in stack.kafka_server_properties(settings).splitlines() if "=" in line)
+    assert props["process.roles"] == "broker,controller"
+    assert props["node.id"] == "1"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19193"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19192,CONTROLLER://127.0.0.1:19193"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19192"
+    assert props["controller.listener.names"] == "CONTROLLER"
+    assert props["log.dirs"] == str(tmp_path / "s" / "kafka" / "data")
+    assert props["offsets.topic.replication.factor"] == "1"
+    assert props["transaction.state.log.min.isr"] == "1"
+    assert props["auto.create.topics.enable"] == "true"
+    assert props["group.initial.rebalance.delay.ms"] == "0"
+
+
+def test_kafka_pom_and_logging() -> None:
+    pom = stack.kafka_pom("4.1.1")
+    assert "<artifactId>kafka_2.13</artifactId><version>4.1.1</version>" in pom
+    assert "<artifactId>log4j-slf4j-impl</artifactId>" in pom  # matches the slf4j-api 1.7 that Kafka pulls
+    assert "<artifactId>log4j-core</artifactId>" in pom
+    assert "<packaging>pom</packaging>" in pom
+    log4j = stack.kafka_log4j2_properties()
+    assert "rootLogger.level = INFO" in log4j
+    assert "appender.console.type = Console" in log4j
+
+
+def test_kafka_cluster_id_is_a_kafka_uuid() -> None:
+    for _ in range(50):
+        cluster_id = stack.kafka_cluster_id()
+        assert len(cluster_id) == 22
+        assert not cluster_id.startswith("-")
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_prometheus_scrapes_every_service() -> None:
+    settings = StackSettings(prometheus_port=19090)
+    text = stack.prometheus_yml(settings)
+    assert "scrape_configs:" in text
+    assert "'127.0.0.1:19090'" in text
+    expected = {
+        "ws-gateway": ["8080", "8090"],
+        "auth": ["8081"],
+        "presence": ["8082"],
+        "collab": ["8083"],
+        "stream-ingest": ["8084"],
+        "mqtt-bridge": ["8085"],
+        "sim-engine": ["8086"],
+        "audit-log": ["8087"],
+    }
+    for service, ports in expected.items():
+        assert f"  - job_name: tsunagu-{service}\n" in text
+        block = text.split(f"job_name: tsunagu-{service}\n", 1)[1].split("job_name:", 1)[0]
+        assert "metrics_path: /metrics" in block
+        for port in ports:
+            assert f"'127.0.0.1:{port}'" in block
+    assert "\t" not in text
+
+
+def test_redis_mosquitto_postgres_configs(tmp_path: Path) -> None:
+    settings = StackSettings(dir=tmp_path, redis_port=16380, mqtt_port=11883, postgres_port=15433)
+    redis = stack.redis_conf(settings).splitlines()
+    assert "bind 127.0.0.1" in redis
+    assert "port 16380" in redis
+    assert "daemonize no" in redis
+    assert "appendonly no" in redis
+    assert f"dir {tmp_path / 'redis'}" in redis
+
+    mqtt = stack.mosquitto_conf(settings, user="mosquitto").splitlines()
+    assert "listener 11883 127.0.0.1" in mqtt
+    assert "allow_anonymous true" in mqtt
+    assert "persistence true" in mqtt
+    assert f"persistence_location {tmp_path / 'mqtt' / 'data'}/" in mqtt
+    assert "user mosquitto" in mqtt
+    assert not any(line.startswith("user") for line in stack.mosquitto_conf(settings).splitlines())
+
+    postgres = stack.postgres_conf(settings, tmp_path / "run")
+    assert "listen_addresses = '127.0.0.1'" in postgres
+    assert "port = 15433" in postgres
+    assert f"unix_socket_directories = '{tmp_path / 'run'}'" in postgres
+
+
+def test_connection_env() -> None:
+    settings = StackSettings(
+        redis_port=7379,
+        kafka_port=7092,
+        kafka_controller_port=7093,
+        mqtt_port=7883,
+        postgres_port=7432,
+        prometheus_port=7090,
+    )
+    assert stack.connection_env(settings) == {
+        "TSUNAGU_REDIS_URL": "redis://127.0.0.1:7379/0",
+        "TSUNAGU_KAFKA_BOOTSTRAP": "127.0.0.1:7092",
+        "TSUNAGU_MQTT_URL": "mqtt://127.0.0.1:7883",
+        "TSUNAGU_POSTGRES_DSN": "postgresql://tsunagu:tsunagu@127.0.0.1:7432/tsunagu",
+        "TSUNAGU_PROMETHEUS_URL": "http://127.0.0.1:7090",
+    }
+
+
+def test_env_command_prints_exports(capsys: pytest.CaptureFixture[str]) -> None:
+    assert stack.main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "export TSUNAGU_REDIS_URL=redis://127.0.0.1:6379/0" in lines
+    assert "export TSUNAGU_KAFKA_BOOTSTRAP=127.0.0.1:9092" in lines
+    assert "export TSUNAGU_POSTGRES_DSN=postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu" in lines
+    assert all(line.startswith("export TSUNAGU_") for line in lines)
+    assert len(lines) == 5
+
+
+def test_component_selection() -> None:
+    settings = StackSettings()
+    assert [c.name for c in stack.components(settings)] == ["redis", "kafka", "postgres", "mqtt", "prometheus"]
+    assert [c.name for c in stack.components(settings, ["prometheus", "mosquitto", "redis"])] == [
+        "redis",
+        "mqtt",
+        "prometheus",
+    ]
+    with pytest.raises(StackError, match="unknown component nosuch"):
+        stack.components(settings, ["nosuch"])
+
+
+def test_unknown_component_and_action_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert stack.main(["up", "nosuch"]) == 2
+    assert "unknown component nosuch" in capsys.readouterr().err
+    assert stack.main(["sideways"]) == 2
+
+
+def test_reason_line_picks_the_error() -> None:
+    maven = "\x1b[0m[ERROR] Failed to execute goal: artifact not found\n[ERROR]\n[ERROR] Re-run Maven with -X\n"
+    assert stack._reason_line(maven) == "[ERROR] Failed to execute goal: artifact not found"
+    assert stack._reason_line("starting\nsomething odd\n") == "something odd"
+    assert stack._reason_line("") == ""
+
+
+def test_status_with_nothing_running_exits_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ports = {_free_port() for _ in range(12)}
+    assert len(ports) >= 6
+    for name, port in zip(
+        ["REDIS", "KAFKA", "KAFKA_CONTROLLER", "MQTT", "POSTGRES", "PROMETHEUS"], sorted(ports), strict=False
+    ):
+        monkeypatch.setenv(f"TSUNAGU_STACK_{name}_PORT", str(port))
+    monkeypatch.setenv("TSUNAGU_STACK_DIR", str(tmp_path / "empty"))
+    assert stack.main(["status", "redis", "mqtt", "prometheus", "kafka"]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["COMPONENT", "ADDRESS", "STATE", "PID"]
+    rows = {line.split()[0]: line.split() for line in out[1:-1]}
+    assert set(rows) == {"redis", "kafka", "mqtt", "prometheus"}
+    assert all(row[2] == "down" and row[3] == "-" for row in rows.values())
+    assert rows["kafka"][4:] == ["bootstrap", rows["kafka"][1]]
+
+
+def test_down_with_nothing_running(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TSUNAGU_STACK_DIR", str(tmp_path / "empty"))
+    assert stack.main(["down", "redis", "mqtt"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["mqtt", "redis"]  # reverse start order
+    assert all(line.endswith("not running") for line in out)
