@@ -1,0 +1,75 @@
+# The two commands are `make run` and `make test`; everything else is what they are made of.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+UV ?= python3 -m uv
+PROTO_OUT := libs/core/src/tsunagu_core/wire
+PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
+# mypy checks installed packages by name: the CLI, the core, and one per service.
+MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
+PYTEST_ARGS ?=
+
+.PHONY: help install run test lint fmt proto proto-check docs docs-check unit e2e stack-up stack-down stack-status bench deploy-check
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+install: ## uv and every workspace package with its locked dependencies
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
+	@$(UV) sync --all-packages --frozen --quiet
+	@npm ci --prefix tests/e2e/js --no-audit --no-fund --loglevel=error
+
+run: install ## the whole platform in one process (embedded engines): http://127.0.0.1:8080/
+	$(UV) run tsunagu run
+
+lint: install proto-check docs-check ## ruff, mypy, generated code and docs up to date
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy $(MYPY_PACKAGES)
+
+fmt: install ## apply ruff's fixes and formatting
+	$(UV) run ruff check --fix .
+	$(UV) run ruff format .
+
+proto: install ## regenerate the Python code of proto/ (committed)
+	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTO_FILES)
+
+proto-check: install ## fail when the committed generated code differs from proto/
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$$tmp --pyi_out=$$tmp $(PROTO_FILES); \
+	for f in $$tmp/*; do cmp -s $$f $(PROTO_OUT)/$$(basename $$f) || { echo "$(PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done
+
+docs: install ## regenerate docs/configuration.md from the settings classes
+	$(UV) run tsunagu config-docs
+
+docs-check: install
+	$(UV) run tsunagu config-docs --check
+
+unit: install ## unit tests only (memory engines; no servers)
+	$(UV) run pytest libs services tests/stack $(PYTEST_ARGS)
+
+stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus)
+	$(UV) run tsunagu stack up
+
+stack-down: install
+	$(UV) run tsunagu stack down
+
+stack-status: install
+	$(UV) run tsunagu stack status
+
+# The stack is brought down whatever the tests did, and the tests' exit code is kept.
+test: install lint ## everything, on the real stack: lint, unit, e2e, deploy checks
+	$(UV) run tsunagu stack up
+	@status=0; \
+	eval "$$($(UV) run tsunagu stack env)"; \
+	TSUNAGU_TEST_STACK=1 $(UV) run pytest libs services tests $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 0 ]; then bash deploy/check.sh || status=$$?; fi; \
+	$(UV) run tsunagu stack down || true; \
+	exit $$status
+
+deploy-check: ## helm lint/template, schema validation, Dockerfile lint
+	bash deploy/check.sh
+
+bench: install ## benchmarks; results go to docs/benchmarks.md
+	$(UV) run python bench/run.py

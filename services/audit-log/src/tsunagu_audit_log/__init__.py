@@ -1,0 +1,1 @@
+"""audit-log: Hash-chained, tamper-evident audit log of security events in PostgreSQL."""

@@ -1,0 +1,1 @@
+"""auth: Issues and revokes sessions: JWT access tokens, rotating refresh tokens, JWKS."""

@@ -1,0 +1,9 @@
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from tsunagu_core.config import ServiceSettings
+
+
+class AuthSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TSUNAGU_AUTH_", extra="ignore")
+
+    port: int = Field(8081, ge=1, le=65535, description="TCP port to listen on.")

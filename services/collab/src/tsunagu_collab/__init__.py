@@ -1,0 +1,1 @@
+"""collab: Yjs documents: applies updates in order, persists and compacts them, serves late joiners."""

@@ -1,0 +1,1 @@
+"""mqtt-bridge: Relays MQTT telemetry to channels and client commands to devices."""

@@ -1,0 +1,15 @@
+"""sim-engine application factory."""
+
+from fastapi import FastAPI
+from tsunagu_core.lifecycle import Runtime, create_service_app
+
+from tsunagu_sim_engine.config import SimSettings
+
+SERVICE = "sim-engine"
+NEEDS = ("bus", "broker")
+
+
+def create_app(runtime: Runtime, settings: SimSettings) -> FastAPI:
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS)
+    app.state.settings = settings
+    return app

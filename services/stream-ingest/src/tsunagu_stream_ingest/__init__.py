@@ -1,0 +1,1 @@
+"""stream-ingest: Relays the user's own Kafka topics to channels, conflated, with a last-value cache."""

@@ -1,0 +1,163 @@
+"""`tsunagu`: run the platform, one service, the local infrastructure, or regenerate the config docs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import uvicorn
+from pydantic_settings import BaseSettings
+from tsunagu_core.config import ConfigError, CoreSettings, load_settings, render_config_docs
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.telemetry import setup_logging, setup_tracing
+
+from tsunagu.services import SERVICES
+
+CONFIG_DOCS = Path("docs/configuration.md")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to us, so several can share one process and loop,
+    and a drained process exits 0 instead of re-raising SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, host: str, port: int, core: CoreSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(core.shutdown_grace),
+    )
+
+
+async def _serve_all(servers: Sequence[uvicorn.Server]) -> int:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    results = await asyncio.gather(*(server.serve() for server in servers), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    for server in servers:
+        if not server.started:
+            failed.append(RuntimeError(f"{server.config.host}:{server.config.port} did not start"))
+    for error in failed:
+        print(f"tsunagu: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    core = load_settings(CoreSettings)
+    setup_logging(core, "tsunagu")
+    setup_tracing(core, "tsunagu")
+    runtime = Runtime(core)
+    servers = []
+    print(f"tsunagu run: bus={core.bus} broker={core.broker}")
+    for entry in SERVICES.values():
+        settings = load_settings(entry.settings)
+        port = args.port if entry.name == "ws-gateway" and args.port else settings.port
+        host = args.host or settings.host
+        app = entry.factory(runtime, settings)
+        servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core)))
+        print(f"  {entry.name:<14} http://{host}:{port}/  (/healthz /readyz /metrics)")
+    sys.stdout.flush()
+    return asyncio.run(_serve_all(servers))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    entry = SERVICES[args.service]
+    core = load_settings(CoreSettings)
+    settings = load_settings(entry.settings)
+    setup_logging(core, entry.name)
+    setup_tracing(core, entry.name)
+    port = args.port or settings.port
+    host = args.host or settings.host
+    app = entry.factory(Runtime(core), settings)
+    print(f"tsunagu serve {entry.name}: http://{host}:{port}/ (bus={core.bus} broker={core.broker})")
+    sys.stdout.flush()
+    return asyncio.run(_serve_all([_EmbeddedServer(_uvicorn_config(app, host, port, core))]))
+
+
+def config_docs_text() -> str:
+    classes: list[tuple[str, type[BaseSettings]]] = [("Shared by every service", CoreSettings)]
+    classes += [(entry.name, entry.settings) for entry in SERVICES.values()]
+    from tsunagu.stack import StackSettings
+
+    classes.append(("Local infrastructure (`tsunagu stack`)", StackSettings))
+    return render_config_docs(classes)
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    text = config_docs_text()
+    target = Path(args.output)
+    if args.check:
+        current = target.read_text() if target.exists() else ""
+        if current != text:
+            print(f"{target} is out of date: run `tsunagu config-docs`", file=sys.stderr)
+            return 1
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {target}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from tsunagu import stack
+
+    return stack.main([args.action, *(["--purge"] if args.purge else []), *args.components])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsunagu", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="all services in one process with embedded engines")
+    run.add_argument("--host", default=None, help="interface for every service (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=None, help="gateway port (default 8080)")
+    run.set_defaults(func=cmd_run)
+
+    serve = commands.add_parser("serve", help="one service as its own process")
+    serve.add_argument("service", choices=list(SERVICES), metavar="SERVICE", help=" | ".join(SERVICES))
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    stack = commands.add_parser("stack", help="the real local infrastructure on loopback")
+    stack.add_argument("action", choices=["up", "down", "status", "env"])
+    stack.add_argument("components", nargs="*", help="redis kafka postgres mqtt prometheus (default: all)")
+    stack.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
+    stack.set_defaults(func=cmd_stack)
+
+    docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")
+    docs.add_argument("--check", action="store_true", help="fail when the file is not current")
+    docs.add_argument("--output", default=str(CONFIG_DOCS))
+    docs.set_defaults(func=cmd_config_docs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"tsunagu: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)

@@ -1,0 +1,115 @@
+"""Processes under test: `tsunagu` commands started as a user would, against the real stack."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tsunagu", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited with {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.base} never became healthy")
+
+    def readiness(self) -> httpx.Response:
+        return httpx.get(self.base + "/readyz", timeout=5)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited with {self.process.returncode}: {self.output()}")
+            try:
+                last = self.readiness()
+            except httpx.HTTPError:
+                time.sleep(0.1)
+                continue
+            if last.status_code == 200:
+                body: dict[str, object] = last.json()
+                return body
+            time.sleep(0.2)
+        raise AssertionError(f"never ready: {last.text if last else 'no answer'}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout)
+
+    def output(self) -> str:
+        if self.process.poll() is None:
+            return "(still running)"
+        return self.process.stdout.read() if self.process.stdout else ""
+
+
+@pytest.fixture
+def start_service() -> Iterator[object]:
+    started: list[ServiceProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> ServiceProcess:
+        chosen = port or free_port()
+        service = ServiceProcess([*args, "--port", str(chosen)], env or {}, chosen)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+
+
+@pytest.fixture
+def pick_port() -> object:
+    return free_port
+
+
+@pytest.fixture
+def real_env() -> dict[str, str]:
+    """Engines and addresses of the real stack, as `tsunagu stack env` gives them."""
+    from tsunagu_core.testing import KAFKA_BOOTSTRAP, REDIS_URL, require_stack
+
+    require_stack("services on the real stack")
+    return {
+        "TSUNAGU_BUS": "kafka",
+        "TSUNAGU_BROKER": "redis",
+        "TSUNAGU_REDIS_URL": REDIS_URL,
+        "TSUNAGU_KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP,
+    }
