@@ -1,0 +1,52 @@
+"""ws-gateway application factory: every client socket ends here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from tsunagu_core.lifecycle import Runtime, create_service_app
+
+from tsunagu_ws_gateway.channels import ChannelPolicy
+from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.events import EventEmitter
+from tsunagu_ws_gateway.hub import Node
+from tsunagu_ws_gateway.rpc import RpcRouter
+from tsunagu_ws_gateway.server_api import build_router
+from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.tokens import TokenVerifier
+from tsunagu_ws_gateway.websocket import native_endpoint
+
+SERVICE = "ws-gateway"
+NEEDS = ("bus", "broker")
+
+
+def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
+    node = Node(settings, runtime.broker, runtime.settings.node_name)
+    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout)
+    gateway = Gateway(
+        settings,
+        node,
+        TokenVerifier(settings),
+        ChannelPolicy(settings.namespaces),
+        EventEmitter(runtime.bus, runtime.settings.node_name),
+        rpc,
+    )
+
+    @asynccontextmanager
+    async def serve_clients() -> AsyncIterator[None]:
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+            await gateway.events.flush()
+            await rpc.close()
+
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients])
+    app.state.settings = settings
+    app.state.gateway = gateway
+    app.add_api_websocket_route("/connection/websocket", native_endpoint)
+    app.include_router(build_router())
+    return app

@@ -1,0 +1,88 @@
+"""Gateway settings (`TSUNAGU_GATEWAY_*`), including per-namespace channel options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import SettingsConfigDict
+from tsunagu_core.config import ServiceSettings
+
+# Who may do something in a namespace: nobody, anyone (also without a token), any user with a valid
+# token, or only users whose token's `channels` claim has a pattern matching the channel.
+Access = Literal["none", "anonymous", "authenticated", "claim"]
+
+
+class ChannelOptions(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    allow_subscribe: Access = "claim"
+    allow_publish: Access = "claim"
+    allow_history: Access = "claim"
+    allow_presence: Access = "claim"
+    history_size: int = Field(100, ge=0, le=100_000)
+    history_ttl: float = Field(600.0, ge=0)
+    recovery: bool = True
+    presence: bool = False
+    join_leave: bool = False
+    force_positioning: bool = False
+
+
+DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
+    # Channels without a namespace, e.g. "news".
+    "": ChannelOptions(),
+    "chat": ChannelOptions(presence=True, join_leave=True),
+    "stream": ChannelOptions(allow_publish="none", history_size=10, history_ttl=300),
+    "mqtt": ChannelOptions(history_size=10, history_ttl=300),
+    "sim": ChannelOptions(history_size=0, recovery=False),
+}
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TSUNAGU_GATEWAY_", extra="ignore")
+
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    token_hmac_secret: str = Field(
+        "", description="HS256 secret for connection and subscription tokens (development; auth's JWKS later)."
+    )
+    token_public_key: str = Field(
+        "", description="PEM public key (RSA or Ed25519) that verifies tokens signed by auth."
+    )
+    token_audience: str = Field("", description="Required `aud` claim of tokens; empty: not checked.")
+    allow_anonymous: bool = Field(False, description="Accept connections without a token (user id empty).")
+    api_key: str = Field("", description="`X-API-Key` of the server API at `/api/*`; empty: the API is off.")
+    namespaces: dict[str, ChannelOptions] = Field(
+        default_factory=lambda: dict(DEFAULT_NAMESPACES),
+        description='JSON object: namespace name (`""` for none) to channel options; see docs/protocol.md.',
+    )
+    ping_interval: float = Field(25.0, gt=0, le=600, description="Seconds between server pings.")
+    pong_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to wait for a pong before closing (3012).")
+    connect_timeout: float = Field(10.0, gt=0, le=600, description="Seconds a socket may stay without connecting.")
+    max_frame_bytes: int = Field(65536, ge=256, description="Largest client frame; larger closes with 1009.")
+    max_commands_per_frame: int = Field(100, ge=1, description="Commands allowed in one frame.")
+    send_buffer_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Bytes queued for one client before it is disconnected as slow (3008)."
+    )
+    max_channels_per_client: int = Field(128, ge=1, description="Subscriptions one connection may hold (106).")
+    commands_per_second: float = Field(
+        200.0, gt=0, description="Sustained commands per second per connection (burst: 2 s worth); then 3013."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="JSON list of allowed `Origin` values; empty: any origin."
+    )
+    idempotency_ttl: float = Field(300.0, gt=0, description="Seconds a publish idempotency key is remembered.")
+    rpc_routes: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object: RPC method prefix to backend base URL; `sim.move` with `{"sim.": URL}` '
+        "is POSTed to `URL/sim.move`.",
+    )
+    rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
+    presence_ttl: float = Field(60.0, gt=1, description="Seconds a presence entry lives without being refreshed.")
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces_are_names(cls, value: dict[str, ChannelOptions]) -> dict[str, ChannelOptions]:
+        for name in value:
+            if ":" in name:
+                raise ValueError(f"namespace {name!r} must not contain ':'")
+        return value

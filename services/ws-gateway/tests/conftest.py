@@ -1,0 +1,101 @@
+"""A real gateway on a loopback port, in the test's own event loop, for stock clients to talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import pytest
+import uvicorn
+from tsunagu_core.broker import Broker, MemoryBroker
+from tsunagu_core.bus import MemoryBus
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_ws_gateway.app import create_app
+from tsunagu_ws_gateway.config import GatewaySettings
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+API_KEY = "test-api-key"
+
+
+def make_token(user: str, channels: list[str] | None = None, ttl: float = 3600, **claims: Any) -> str:
+    body = {"sub": user, "exp": int(time.time() + ttl), "iat": int(time.time()), **claims}
+    if channels is not None:
+        body["channels"] = channels
+    return jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@dataclass
+class RunningGateway:
+    port: int
+    server: uvicorn.Server
+    broker: Broker
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/connection/websocket"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(broker: Broker | None = None, **overrides: Any) -> AsyncIterator[RunningGateway]:
+    options: dict[str, Any] = {"token_hmac_secret": SECRET, "api_key": API_KEY, **overrides}
+    settings = GatewaySettings(**options)
+    engine = broker or MemoryBroker()
+    runtime = Runtime(CoreSettings(node_name="test-node"), bus=MemoryBus(), broker=engine)
+    port = free_port()
+    config = uvicorn.Config(create_app(runtime, settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield RunningGateway(port, server, engine)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[RunningGateway]:
+    async with running_gateway() as running:
+        yield running
+
+
+@pytest.fixture
+def token() -> Callable[..., str]:
+    return make_token
+
+
+@pytest.fixture
+def start_gateway() -> Callable[..., contextlib.AbstractAsyncContextManager[RunningGateway]]:
+    """`async with start_gateway(broker=..., **settings) as gw:` for tests that need their own settings."""
+    return running_gateway
+
+
+@pytest.fixture
+def api_key() -> str:
+    return API_KEY

@@ -1,0 +1,20 @@
+from fastapi.testclient import TestClient
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_ws_gateway.app import create_app
+from tsunagu_ws_gateway.config import GatewaySettings
+
+
+def test_health_readiness_and_metrics_on_embedded_engines() -> None:
+    app = create_app(Runtime(CoreSettings()), GatewaySettings())
+    with TestClient(app) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "service": "ws-gateway"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert set(ready.json()["checks"]) == set(("bus", "broker"))
+        assert "tsunagu_bus_published_total" in client.get("/metrics").text
+
+
+def test_port_comes_from_its_own_variable(monkeypatch) -> None:
+    monkeypatch.setenv("TSUNAGU_GATEWAY_PORT", "18080")
+    assert GatewaySettings().port == 18080
