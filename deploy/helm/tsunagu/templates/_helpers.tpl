@@ -1,0 +1,508 @@
+{{/*
+Shared helpers. A service template calls "tsunagu.component" with a dict:
+  root  – the chart's top-level context (.)
+  name  – the service name, as in `tsunagu serve <name>` and the Dockerfile target
+  uses  – infrastructure it reaches: any of "kafka" "redis" "postgres" "mqtt"
+  calls – services it calls over HTTP (ws-gateway calls the others)
+*/}}
+
+{{- define "tsunagu.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tsunagu.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tsunagu.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object; argument: the root context. */}}
+{{- define "tsunagu.labels" -}}
+helm.sh/chart: {{ include "tsunagu.chart" . }}
+app.kubernetes.io/name: {{ include "tsunagu.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tsunagu
+{{- end }}
+
+{{/* Name of a component's objects; argument: dict root, name. */}}
+{{- define "tsunagu.componentName" -}}
+{{- printf "%s-%s" (include "tsunagu.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of a component; argument: dict root, name. */}}
+{{- define "tsunagu.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tsunagu.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{/* All labels of a component; argument: dict root, name. */}}
+{{- define "tsunagu.componentLabels" -}}
+{{ include "tsunagu.labels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{/* Container image of a service; argument: dict root, name. */}}
+{{- define "tsunagu.image" -}}
+{{- $img := .root.Values.image }}
+{{- $svc := index .root.Values.services .name }}
+{{- $own := $svc.image | default dict }}
+{{- $tag := $own.tag | default $img.tag | default .root.Chart.AppVersion }}
+{{- if $own.repository }}
+{{- printf "%s:%s" $own.repository $tag }}
+{{- else if $img.registry }}
+{{- printf "%s/%s/%s:%s" $img.registry $img.repository .name $tag }}
+{{- else }}
+{{- printf "%s/%s:%s" $img.repository .name $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Infrastructure addresses: the in-chart servers when devInfra.enabled, else the values. */}}
+{{- define "tsunagu.devInfraName" -}}
+{{- printf "%s-dev-%s" (include "tsunagu.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tsunagu.devInfraHost" -}}
+{{- printf "%s.%s.svc" (include "tsunagu.devInfraName" .) .root.Release.Namespace }}
+{{- end }}
+
+{{- define "tsunagu.kafkaBootstrap" -}}
+{{- if .Values.devInfra.enabled }}
+{{- printf "%s:9092" (include "tsunagu.devInfraHost" (dict "root" . "name" "kafka")) }}
+{{- else }}
+{{- required "kafka.bootstrap is required" .Values.kafka.bootstrap }}
+{{- end }}
+{{- end }}
+
+{{- define "tsunagu.kafkaReplication" -}}
+{{- if .Values.devInfra.enabled }}1{{ else }}{{ .Values.kafka.replication }}{{ end }}
+{{- end }}
+
+{{- define "tsunagu.redisUrl" -}}
+{{- if .Values.devInfra.enabled }}
+{{- printf "redis://%s:6379/0" (include "tsunagu.devInfraHost" (dict "root" . "name" "redis")) }}
+{{- else }}
+{{- required "redis.url is required" .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{- define "tsunagu.mqttUrl" -}}
+{{- if .Values.devInfra.enabled }}
+{{- printf "mqtt://%s:1883" (include "tsunagu.devInfraHost" (dict "root" . "name" "mosquitto")) }}
+{{- else }}
+{{- required "mqtt.url is required" .Values.mqtt.url }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret the chart itself creates (PostgreSQL DSN, API key). */}}
+{{- define "tsunagu.secretName" -}}
+{{- printf "%s-secrets" (include "tsunagu.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The PostgreSQL DSN the chart stores, or "" when an existing Secret is used. */}}
+{{- define "tsunagu.postgresDsn" -}}
+{{- if .Values.devInfra.enabled }}
+{{- $p := .Values.devInfra.postgres }}
+{{- printf "postgresql://%s:%s@%s:5432/%s" $p.user $p.password (include "tsunagu.devInfraHost" (dict "root" . "name" "postgres")) $p.database }}
+{{- else if not .Values.postgres.existingSecret.name }}
+{{- required "postgres.dsn or postgres.existingSecret.name is required" .Values.postgres.dsn }}
+{{- end }}
+{{- end }}
+
+{{/* secretKeyRef of the PostgreSQL DSN; argument: the root context. */}}
+{{- define "tsunagu.postgresSecretRef" -}}
+{{- if and .Values.postgres.existingSecret.name (not .Values.devInfra.enabled) }}
+name: {{ .Values.postgres.existingSecret.name }}
+key: {{ .Values.postgres.existingSecret.key }}
+{{- else }}
+name: {{ include "tsunagu.secretName" . }}
+key: postgres-dsn
+{{- end }}
+{{- end }}
+
+{{/* secretKeyRef of the gateway API key, or nothing when none is configured. */}}
+{{- define "tsunagu.apiKeySecretRef" -}}
+{{- if .Values.apiKey.existingSecret.name }}
+name: {{ .Values.apiKey.existingSecret.name }}
+key: {{ .Values.apiKey.existingSecret.key }}
+{{- else if .Values.apiKey.value }}
+name: {{ include "tsunagu.secretName" . }}
+key: api-key
+{{- end }}
+{{- end }}
+
+{{/* One egress rule; argument: dict rule ({ports, to}), protocols (list). */}}
+{{- define "tsunagu.npEgressRule" -}}
+- ports:
+{{- range $protocol := .protocols }}
+{{- range $port := $.rule.ports }}
+    - protocol: {{ $protocol }}
+      port: {{ $port }}
+{{- end }}
+{{- end }}
+{{- with .rule.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A service's ServiceAccount, ConfigMap, Deployment, Service, NetworkPolicy and ServiceMonitor.
+Argument: dict root, name, uses, calls (see the top of this file).
+*/}}
+{{- define "tsunagu.component" -}}
+{{- $root := .root }}
+{{- $name := .name }}
+{{- $uses := .uses | default list }}
+{{- $calls := .calls | default list }}
+{{- $values := $root.Values }}
+{{- $svc := index $values.services $name }}
+{{- if not $svc }}
+{{- fail (printf "services.%s is missing from the values" $name) }}
+{{- end }}
+{{- if $svc.enabled }}
+{{- $ctx := dict "root" $root "name" $name }}
+{{- $fullname := include "tsunagu.componentName" $ctx }}
+{{- $port := int $svc.port }}
+{{- $preStop := int ($svc.preStopSleepSeconds | default 0) }}
+{{- $grace := 20 }}
+{{- if hasKey $svc "shutdownGraceSeconds" }}
+{{- $grace = int $svc.shutdownGraceSeconds }}
+{{- end }}
+{{- $termination := int ($svc.terminationGracePeriodSeconds | default 30) }}
+{{- if lt $termination (add $preStop $grace) }}
+{{- fail (printf "services.%s.terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + shutdownGraceSeconds (%d)" $name $termination (add $preStop $grace)) }}
+{{- end }}
+{{- $autoscaling := $svc.autoscaling | default dict }}
+{{- $apiKeyRef := include "tsunagu.apiKeySecretRef" $root }}
+{{- $configMap := include "tsunagu.configMap" (dict "root" $root "name" $name "uses" $uses "svc" $svc "grace" $grace) }}
+{{- if $values.serviceAccount.create }}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "tsunagu.componentLabels" $ctx | nindent 4 }}
+  {{- with $values.serviceAccount.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+automountServiceAccountToken: {{ $values.serviceAccount.automountServiceAccountToken }}
+{{- end }}
+---
+{{ $configMap }}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "tsunagu.componentLabels" $ctx | nindent 4 }}
+spec:
+  {{- if not $autoscaling.enabled }}
+  replicas: {{ $svc.replicas }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  selector:
+    matchLabels:
+      {{- include "tsunagu.selectorLabels" $ctx | nindent 6 }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxSurge: 1
+      maxUnavailable: 0
+  template:
+    metadata:
+      labels:
+        {{- include "tsunagu.componentLabels" $ctx | nindent 8 }}
+        {{- with (merge (dict) ($svc.podLabels | default dict) $values.podLabels) }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        # Roll the pods when their configuration changes.
+        checksum/config: {{ $configMap | sha256sum }}
+        {{- with (merge (dict) ($svc.podAnnotations | default dict) $values.podAnnotations) }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      serviceAccountName: {{ if $values.serviceAccount.create }}{{ $fullname }}{{ else }}default{{ end }}
+      automountServiceAccountToken: {{ $values.serviceAccount.automountServiceAccountToken }}
+      # No *_SERVICE_HOST/*_PORT variables: they would collide with TSUNAGU_* settings.
+      enableServiceLinks: false
+      terminationGracePeriodSeconds: {{ $termination }}
+      {{- with $values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ $name }}
+          image: {{ include "tsunagu.image" $ctx | quote }}
+          imagePullPolicy: {{ $values.image.pullPolicy }}
+          command:
+            - tsunagu
+            - serve
+            - {{ $name }}
+          args:
+            - --port
+            - {{ $port | quote }}
+            - --host
+            - "0.0.0.0"
+            {{- range $svc.extraArgs }}
+            - {{ . | quote }}
+            {{- end }}
+          ports:
+            - name: http
+              containerPort: {{ $port }}
+              protocol: TCP
+          envFrom:
+            - configMapRef:
+                name: {{ $fullname }}
+            {{- with $svc.envFrom }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          env:
+            - name: TSUNAGU_NODE_NAME
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.name
+            {{- if has "postgres" $uses }}
+            - name: TSUNAGU_POSTGRES_DSN
+              valueFrom:
+                secretKeyRef:
+                  {{- include "tsunagu.postgresSecretRef" $root | nindent 18 }}
+            {{- end }}
+            {{- if and (eq $name "ws-gateway") $apiKeyRef }}
+            - name: TSUNAGU_GATEWAY_API_KEY
+              valueFrom:
+                secretKeyRef:
+                  {{- $apiKeyRef | nindent 18 }}
+            {{- end }}
+            {{- with $svc.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          startupProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            {{- toYaml $values.probes.startup | nindent 12 }}
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            {{- toYaml $values.probes.liveness | nindent 12 }}
+          readinessProbe:
+            httpGet:
+              path: /readyz
+              port: http
+            {{- toYaml $values.probes.readiness | nindent 12 }}
+          {{- if gt $preStop 0 }}
+          lifecycle:
+            preStop:
+              exec:
+                command: ["sleep", "{{ $preStop }}"]
+          {{- end }}
+          resources:
+            {{- toYaml $svc.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: tmp
+          emptyDir:
+            sizeLimit: {{ $values.tmpVolume.sizeLimit }}
+      {{- with ($svc.nodeSelector | default $values.nodeSelector) }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with ($svc.tolerations | default $values.tolerations) }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with ($svc.affinity | default $values.affinity) }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $svc.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- range . }}
+        {{- $constraint := deepCopy . }}
+        {{- if not $constraint.labelSelector }}
+        {{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "tsunagu.selectorLabels" $ctx | fromYaml)) }}
+        {{- end }}
+        - {{ toYaml $constraint | nindent 10 | trim }}
+        {{- end }}
+      {{- end }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "tsunagu.componentLabels" $ctx | nindent 4 }}
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "tsunagu.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: http
+      port: {{ $port }}
+      targetPort: http
+      protocol: TCP
+{{- if $values.networkPolicy.enabled }}
+{{- $np := $values.networkPolicy }}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "tsunagu.componentLabels" $ctx | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "tsunagu.selectorLabels" $ctx | nindent 6 }}
+  policyTypes:
+    - Ingress
+    - Egress
+  ingress:
+    {{- if eq $name "ws-gateway" }}
+    # Clients (through the ingress controller or a load balancer).
+    - ports:
+        - protocol: TCP
+          port: {{ $port }}
+      {{- with $np.gatewayFrom }}
+      from:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- else }}
+    # RPC from the gateway.
+    - ports:
+        - protocol: TCP
+          port: {{ $port }}
+      from:
+        - podSelector:
+            matchLabels:
+              {{- include "tsunagu.selectorLabels" (dict "root" $root "name" "ws-gateway") | nindent 14 }}
+    {{- end }}
+    # Prometheus scraping /metrics.
+    - ports:
+        - protocol: TCP
+          port: {{ $port }}
+      {{- with $np.metricsFrom }}
+      from:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+  egress:
+    {{- include "tsunagu.npEgressRule" (dict "rule" $np.egress.dns "protocols" (list "UDP" "TCP")) | nindent 4 }}
+    {{- range $infra := (list "kafka" "redis" "postgres" "mqtt") }}
+    {{- if has $infra $uses }}
+    {{- include "tsunagu.npEgressRule" (dict "rule" (index $np.egress $infra) "protocols" (list "TCP")) | nindent 4 }}
+    {{- end }}
+    {{- end }}
+    {{- if $values.config.otlpEndpoint }}
+    {{- include "tsunagu.npEgressRule" (dict "rule" $np.egress.otlp "protocols" (list "TCP")) | nindent 4 }}
+    {{- end }}
+    {{- range $callee := $calls }}
+    {{- $calleeValues := index $values.services $callee }}
+    {{- if and $calleeValues $calleeValues.enabled }}
+    - ports:
+        - protocol: TCP
+          port: {{ $calleeValues.port }}
+      to:
+        - podSelector:
+            matchLabels:
+              {{- include "tsunagu.selectorLabels" (dict "root" $root "name" $callee) | nindent 14 }}
+    {{- end }}
+    {{- end }}
+{{- end }}
+{{- if $values.monitoring.enabled }}
+---
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "tsunagu.componentLabels" $ctx | nindent 4 }}
+    {{- include "tsunagu.monitoringLabels" $root | nindent 4 }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "tsunagu.selectorLabels" $ctx | nindent 6 }}
+  endpoints:
+    - port: http
+      path: /metrics
+      interval: {{ $values.monitoring.interval }}
+      scrapeTimeout: {{ $values.monitoring.scrapeTimeout }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A service's ConfigMap; argument: dict root, name, uses, svc (its values), grace. */}}
+{{- define "tsunagu.configMap" -}}
+{{- $root := .root }}
+{{- $name := .name }}
+{{- $uses := .uses }}
+{{- $svc := .svc }}
+{{- $grace := .grace }}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ include "tsunagu.componentName" . }}
+  labels:
+    {{- include "tsunagu.componentLabels" (dict "root" $root "name" $name) | nindent 4 }}
+{{- $data := dict
+  "TSUNAGU_BUS" $root.Values.config.bus
+  "TSUNAGU_BROKER" $root.Values.config.broker
+  "TSUNAGU_KAFKA_BOOTSTRAP" (include "tsunagu.kafkaBootstrap" $root)
+  "TSUNAGU_KAFKA_PARTITIONS" $root.Values.kafka.partitions
+  "TSUNAGU_KAFKA_REPLICATION" (include "tsunagu.kafkaReplication" $root)
+  "TSUNAGU_LOG_FORMAT" $root.Values.config.logFormat
+  "TSUNAGU_LOG_LEVEL" $root.Values.config.logLevel
+  "TSUNAGU_SHUTDOWN_GRACE" $grace
+}}
+{{- with $root.Values.config.otlpEndpoint }}
+{{- $_ := set $data "TSUNAGU_OTLP_ENDPOINT" . }}
+{{- end }}
+{{- if has "redis" $uses }}
+{{- $_ := set $data "TSUNAGU_REDIS_URL" (include "tsunagu.redisUrl" $root) }}
+{{- end }}
+{{- if has "mqtt" $uses }}
+{{- $_ := set $data "TSUNAGU_MQTT_URL" (include "tsunagu.mqttUrl" $root) }}
+{{- end }}
+{{- /* The service's own settings come last and win. */}}
+{{- range $key, $value := ($svc.config | default dict) }}
+{{- $_ := set $data $key $value }}
+{{- end }}
+data:
+  {{- range $key, $value := $data }}
+  {{ $key }}: {{ $value | toString | quote }}
+  {{- end }}
+{{- end }}
+
+{{/* Labels that let kube-prometheus-stack find the monitoring objects. */}}
+{{- define "tsunagu.monitoringLabels" -}}
+{{- with .Values.monitoring.release }}
+release: {{ . }}
+{{- end }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
