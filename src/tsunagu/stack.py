@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -540,6 +541,14 @@ def _which(name: str, *extra: str) -> str | None:
     return None
 
 
+def _traversable_by_others(path: Path) -> bool:
+    """Whether every existing directory on the way to `path` lets other users pass (o+x)."""
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists() and not ancestor.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
 def postgres_bindir() -> Path | None:
     """The newest /usr/lib/postgresql/<major>/bin that has a server."""
     found: list[tuple[int, Path]] = []
@@ -936,6 +945,17 @@ class Postgres(Component):
     port_fields = ("postgres_port",)
     service = "postgresql"
     exe_names = ("postgres",)
+
+    def __init__(self, settings: StackSettings) -> None:
+        super().__init__(settings)
+        if _is_root() and not _traversable_by_others(settings.dir):
+            # The server runs as the postgres OS user, which cannot reach a state directory under a
+            # private parent (`mktemp -d`, a home directory): the cluster then lives in /var/tmp,
+            # one directory per state directory, and `down --purge` still removes it.
+            digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+            self.home = Path("/var/tmp") / f"tsunagu-postgres-{digest}"
+            self.log = self.home / f"{self.name}.log"
+            self.pidfile = self.home / f"{self.name}.pid"
 
     @property
     def port(self) -> int:
