@@ -253,8 +253,22 @@ consistency() {
     "${TOOLS}/bin/python" deploy/tools/check_consistency.py --rendered "${RENDERED}"/*.yaml
 }
 
+# The targets run as uid 10001, which must be able to reach the replayed image: under a private
+# parent (a clone in `mktemp -d`, a home directory) it cannot, so the replay then works in /var/tmp.
+replay_work_dir() {
+    local dir="${OUT}"
+    while [[ "${dir}" != "/" ]]; do
+        if [[ -d "${dir}" ]] && (( (8#$(stat -c '%a' "${dir}")) % 2 == 0 )); then
+            echo "/var/tmp/tsunagu-image-replay-$(printf '%s' "${REPO}" | sha256sum | cut -c1-12)"
+            return
+        fi
+        dir="$(dirname "${dir}")"
+    done
+    echo "${OUT}/image-replay"
+}
+
 image_replay() {
-    "${TOOLS}/bin/python" deploy/tools/image_replay.py --work "${OUT}/image-replay"
+    "${TOOLS}/bin/python" deploy/tools/image_replay.py --work "$(replay_work_dir)"
 }
 
 # --- run -------------------------------------------------------------------------------------
