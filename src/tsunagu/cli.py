@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jwt
 import uvicorn
 from pydantic_settings import BaseSettings
 from tsunagu_core.config import ConfigError, CoreSettings, load_settings, render_config_docs
@@ -19,6 +22,25 @@ from tsunagu_core.telemetry import setup_logging, setup_tracing
 from tsunagu.services import SERVICES
 
 CONFIG_DOCS = Path("docs/configuration.md")
+
+# `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
+# secret and serves the server API with this key unless real ones are configured. Never in production:
+# `tsunagu serve` has no such defaults.
+DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
+DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
+
+
+def development_defaults(service: str) -> dict[str, str]:
+    if service != "ws-gateway":
+        return {}
+    defaults = {}
+    if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") and not os.environ.get(
+        "TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY"
+    ):
+        defaults["token_hmac_secret"] = DEVELOPMENT_TOKEN_SECRET
+    if not os.environ.get("TSUNAGU_GATEWAY_API_KEY"):
+        defaults["api_key"] = DEVELOPMENT_API_KEY
+    return defaults
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -69,12 +91,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker}")
     for entry in SERVICES.values():
-        settings = load_settings(entry.settings)
+        settings = load_settings(entry.settings, **development_defaults(entry.name))
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
         host = args.host or settings.host
         app = entry.factory(runtime, settings)
         servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core)))
         print(f"  {entry.name:<14} http://{host}:{port}/  (/healthz /readyz /metrics)")
+    if development_defaults("ws-gateway"):
+        print("  development credentials (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET / _API_KEY to replace them):")
+        print("    token:   uv run tsunagu token --user alice --channels 'chat:*'")
+        print(f"    API key: {DEVELOPMENT_API_KEY}")
     sys.stdout.flush()
     return asyncio.run(_serve_all(servers))
 
@@ -117,6 +143,19 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """A development connection token, signed with the gateway's HS256 secret (auth issues real ones)."""
+    secret = os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") or DEVELOPMENT_TOKEN_SECRET
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": args.user, "iat": now, "exp": now + args.ttl}
+    if args.channels:
+        claims["channels"] = args.channels
+    if args.subs:
+        claims["subs"] = args.subs
+    print(jwt.encode(claims, secret, algorithm="HS256"))
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from tsunagu import stack
 
@@ -143,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("components", nargs="*", help="redis kafka postgres mqtt prometheus (default: all)")
     stack.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
     stack.set_defaults(func=cmd_stack)
+
+    token = commands.add_parser("token", help="a development connection token for the gateway")
+    token.add_argument("--user", required=True, help="user id (the `sub` claim)")
+    token.add_argument("--channels", nargs="*", default=[], help="channel patterns the user may use, e.g. 'chat:*'")
+    token.add_argument("--subs", nargs="*", default=[], help="channels to subscribe on the server side")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
+    token.set_defaults(func=cmd_token)
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")
     docs.add_argument("--check", action="store_true", help="fail when the file is not current")

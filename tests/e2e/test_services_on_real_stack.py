@@ -98,3 +98,34 @@ def test_run_serves_every_service_in_one_process(start_service, pick_port) -> No
     for port in ports.values():
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
     assert platform.stop() == 0
+
+
+async def test_run_mode_accepts_tokens_from_tsunagu_token(start_service, pick_port) -> None:  # type: ignore[no-untyped-def]
+    """The newcomer's path: `tsunagu run`, then `tsunagu token`, then a stock SDK connects and publishes."""
+    from centrifuge import Client
+
+    ports = {name: str(pick_port()) for name in ("AUTH", "PRESENCE", "COLLAB", "INGEST", "MQTT_BRIDGE", "SIM", "AUDIT")}
+    env = {f"TSUNAGU_{name}_PORT": port for name, port in ports.items()} | {
+        "TSUNAGU_BUS": "memory",
+        "TSUNAGU_BROKER": "memory",
+    }
+    for name in ("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "TSUNAGU_GATEWAY_API_KEY"):
+        env[name] = ""
+    platform = start_service(["run"], env)
+    platform.wait_healthy()
+    token = subprocess.run(
+        [sys.executable, "-m", "tsunagu", "token", "--user", "alice", "--channels", "chat:*"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    client = Client(f"ws://127.0.0.1:{platform.port}/connection/websocket", token=token)
+    await client.connect()
+    result = await client.publish("chat:welcome", {"text": "hello"})
+    assert result is not None
+    history = await client.history("chat:welcome", limit=5)
+    assert [p.data for p in history.publications] == [{"text": "hello"}]
+    await client.disconnect()
+    assert platform.stop() == 0
