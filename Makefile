@@ -71,5 +71,7 @@ test: install lint ## everything, on the real stack: lint, unit, e2e, deploy che
 deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 	bash deploy/check.sh
 
-bench: install ## benchmarks; results go to docs/benchmarks.md
-	$(UV) run python bench/run.py
+bench: install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
+	$(UV) run tsunagu stack up redis kafka
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py
+	$(UV) run python bench/broadcast.py

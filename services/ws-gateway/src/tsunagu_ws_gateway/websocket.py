@@ -32,7 +32,9 @@ class SocketTransport:
         self.limit = limit
         self.frames: list[bytes] = []
         self.queued_bytes = 0
-        self.wake = asyncio.Event()
+        # The idle writer waits on this future; a plain future is cheaper to wake than an
+        # asyncio.Event, and `send()` runs once per subscriber per publication.
+        self._waiter: asyncio.Future[None] | None = None
         self.closing: codes.Disconnect | None = None
         self.reader: asyncio.Task[None] | None = None
         self.writer: asyncio.Task[None] | None = None
@@ -45,7 +47,16 @@ class SocketTransport:
         if self.queued_bytes > self.limit:
             self.close(codes.SLOW)
             return
-        self.wake.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self, disconnect: codes.Disconnect) -> None:
         if self.closing is not None:
@@ -60,13 +71,16 @@ class SocketTransport:
             for task in (self.writer, self.reader):
                 if task is not None and task is not asyncio.current_task():
                     task.cancel()
-        self.wake.set()
+        self.wake()
 
     async def write_loop(self) -> None:
         websocket = self.websocket
+        loop = asyncio.get_running_loop()
         while True:
-            await self.wake.wait()
-            self.wake.clear()
+            if not self.frames and self.closing is None:
+                self._waiter = loop.create_future()
+                await self._waiter
+                continue
             if self.frames:
                 batch = b"\n".join(self.frames)
                 self.frames.clear()
@@ -124,7 +138,7 @@ async def native_endpoint(websocket: WebSocket) -> None:
         await session.close(transport.closing or codes.CONNECTION_CLOSED)
         if transport.closing is None:
             transport.closing = codes.CONNECTION_CLOSED
-            transport.wake.set()
+            transport.wake()
         writer = transport.writer
         if writer is not None and not writer.done():
             try:
