@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from functools import partial
 from collections import defaultdict
+from functools import partial
 
 from websockets.asyncio.server import ServerConnection, serve
 

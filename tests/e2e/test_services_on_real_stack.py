@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -113,7 +114,8 @@ async def test_run_mode_accepts_tokens_from_tsunagu_token(start_service, pick_po
         env[name] = ""
     platform = start_service(["run"], env)
     platform.wait_healthy()
-    token = subprocess.run(
+    token = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "tsunagu", "token", "--user", "alice", "--channels", "chat:*"],
         cwd=REPO,
         env={**os.environ, **env},
