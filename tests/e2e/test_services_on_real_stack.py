@@ -114,7 +114,7 @@ async def test_run_mode_accepts_tokens_from_tsunagu_token(start_service, pick_po
         env[name] = ""
     platform = start_service(["run"], env)
     platform.wait_healthy()
-    token = await asyncio.to_thread(
+    issued = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "tsunagu", "token", "--user", "alice", "--channels", "chat:*"],
         cwd=REPO,
@@ -122,7 +122,8 @@ async def test_run_mode_accepts_tokens_from_tsunagu_token(start_service, pick_po
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
+    )
+    token = issued.stdout.strip()
     client = Client(f"ws://127.0.0.1:{platform.port}/connection/websocket", token=token)
     await client.connect()
     result = await client.publish("chat:welcome", {"text": "hello"})
