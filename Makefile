@@ -73,5 +73,5 @@ deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 
 bench: install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
 	$(UV) run tsunagu stack up redis kafka
-	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
