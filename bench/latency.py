@@ -59,8 +59,7 @@ async def connect(port: int, token: str, channel: str) -> websockets.ClientConne
     return ws
 
 
-async def run(rate: int, count: int) -> list[float]:
-    token = jwt.encode({"sub": "bench", "channels": ["bench*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
+def start_gateways() -> tuple[list[int], list[subprocess.Popen[bytes]]]:
     env = {
         **os.environ,
         "TSUNAGU_BROKER": "redis",
@@ -70,61 +69,57 @@ async def run(rate: int, count: int) -> list[float]:
         "TSUNAGU_GATEWAY_COMMANDS_PER_SECOND": "100000",
     }
     ports = [free_port(), free_port()]
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tsunagu", "serve", "ws-gateway", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for port in ports
-    ]
-    try:
-        await asyncio.gather(*(wait_ready(port) for port in ports))
-        channel = f"bench-latency-{os.getpid()}"
-        publisher = await connect(ports[0], token, channel + "-publisher")
-        subscriber = await connect(ports[1], token, channel)
-        arrivals: dict[int, float] = {}
-        sent: dict[int, float] = {}
+    servers = []
+    for port in ports:
+        command = [sys.executable, "-m", "tsunagu", "serve", "ws-gateway", "--port", str(port)]
+        servers.append(
+            subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+    return ports, servers
 
-        async def receive() -> None:
-            async for message in subscriber:
-                now = time.perf_counter()
-                for line in str(message).split("\n"):
-                    if '"pub":' in line:
-                        arrivals[json.loads(line)["push"]["pub"]["data"]["seq"]] = now
-                    elif line == "{}":
-                        await subscriber.send("{}")
 
-        async def drain_publisher() -> None:
-            async for message in publisher:
-                if message == "{}":
-                    await publisher.send("{}")
+async def run(ports: list[int], rate: int, count: int) -> list[float]:
+    token = jwt.encode({"sub": "bench", "channels": ["bench*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
+    await asyncio.gather(*(wait_ready(port) for port in ports))
+    channel = f"bench-latency-{os.getpid()}"
+    publisher = await connect(ports[0], token, channel + "-publisher")
+    subscriber = await connect(ports[1], token, channel)
+    arrivals: dict[int, float] = {}
+    sent: dict[int, float] = {}
 
-        tasks = [asyncio.create_task(receive()), asyncio.create_task(drain_publisher())]
-        start = time.perf_counter()
-        for seq in range(count):
-            target = start + seq / rate
-            await asyncio.sleep(max(0.0, target - time.perf_counter()))
-            sent[seq] = time.perf_counter()
-            command = {"id": seq + 10, "publish": {"channel": channel, "data": {"seq": seq, "text": "x" * 160}}}
-            await publisher.send(json.dumps(command))
-        deadline = time.perf_counter() + 10
-        while len(arrivals) < count and time.perf_counter() < deadline:
-            await asyncio.sleep(0.01)
-        for task in tasks:
-            task.cancel()
-        await publisher.close()
-        await subscriber.close()
-        missing = count - len(arrivals)
-        if missing:
-            raise RuntimeError(f"{missing} publications never arrived")
-        return sorted((arrivals[seq] - sent[seq]) * 1000 for seq in range(count))
-    finally:
-        for server in servers:
-            server.terminate()
-            server.wait(15)
+    async def receive() -> None:
+        async for message in subscriber:
+            now = time.perf_counter()
+            for line in str(message).split("\n"):
+                if '"pub":' in line:
+                    arrivals[json.loads(line)["push"]["pub"]["data"]["seq"]] = now
+                elif line == "{}":
+                    await subscriber.send("{}")
+
+    async def drain_publisher() -> None:
+        async for message in publisher:
+            if message == "{}":
+                await publisher.send("{}")
+
+    tasks = [asyncio.create_task(receive()), asyncio.create_task(drain_publisher())]
+    start = time.perf_counter()
+    for seq in range(count):
+        target = start + seq / rate
+        await asyncio.sleep(max(0.0, target - time.perf_counter()))
+        sent[seq] = time.perf_counter()
+        command = {"id": seq + 10, "publish": {"channel": channel, "data": {"seq": seq, "text": "x" * 160}}}
+        await publisher.send(json.dumps(command))
+    deadline = time.perf_counter() + 10
+    while len(arrivals) < count and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    for task in tasks:
+        task.cancel()
+    await publisher.close()
+    await subscriber.close()
+    missing = count - len(arrivals)
+    if missing:
+        raise RuntimeError(f"{missing} publications never arrived")
+    return sorted((arrivals[seq] - sent[seq]) * 1000 for seq in range(count))
 
 
 def main() -> None:
@@ -132,7 +127,13 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=500, help="publications per second")
     parser.add_argument("--count", type=int, default=5000)
     args = parser.parse_args()
-    latencies = asyncio.run(run(args.rate, args.count))
+    ports, servers = start_gateways()
+    try:
+        latencies = asyncio.run(run(ports, args.rate, args.count))
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(15)
 
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(len(latencies) * p))]
