@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,10 @@ class Subscription:
 @dataclass(slots=True)
 class _Channel:
     subscribers: dict[ClientSession, Subscription] = field(default_factory=dict)
+    # The hot path: the send function of every subscriber that is live, so a publication costs one
+    # call per subscriber; those still subscribing wait in `pending` and buffer instead.
+    senders: dict[ClientSession, Callable[[bytes], None]] = field(default_factory=dict)
+    pending: dict[ClientSession, Subscription] = field(default_factory=dict)
     live: asyncio.Future[None] | None = None
 
 
@@ -119,6 +123,7 @@ class Node:
             state = _Channel(live=asyncio.get_running_loop().create_future())
             self.channels[channel] = state
             state.subscribers[session] = subscription
+            state.pending[session] = subscription
             CHANNELS.set(len(self.channels))
             assert state.live is not None
             try:
@@ -127,6 +132,7 @@ class Node:
                 state.live.set_exception(exc)
                 state.live.exception()  # retrieved here so a lone subscriber leaves no unhandled-error log
                 state.subscribers.pop(session, None)
+                state.pending.pop(session, None)
                 if self.channels.get(channel) is state:
                     del self.channels[channel]
                     CHANNELS.set(len(self.channels))
@@ -134,6 +140,7 @@ class Node:
             state.live.set_result(None)
         else:
             state.subscribers[session] = subscription
+            state.pending[session] = subscription
             assert state.live is not None
             if not state.live.done():
                 await asyncio.shield(state.live)
@@ -145,6 +152,8 @@ class Node:
         state = self.channels.get(channel)
         if state is None or state.subscribers.pop(session, None) is None:
             return
+        state.senders.pop(session, None)
+        state.pending.pop(session, None)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
             del self.channels[channel]
@@ -163,17 +172,20 @@ class Node:
         state = self.channels.get(channel)
         if state is None:
             return
-        frame: bytes | None = None
-        delivered = 0
-        for session, subscription in state.subscribers.items():
-            if subscription.buffering:
-                subscription.buffer.append(publication)
-                continue
-            if frame is None:
-                frame = json_frames.publication_push(channel, publication)
-            session.transport.send(frame)
-            delivered += 1
-        DELIVERIES.inc(delivered)
+        senders = state.senders
+        if senders:
+            frame = json_frames.publication_push(channel, publication)
+            for send in list(senders.values()):
+                send(frame)
+            DELIVERIES.inc(len(senders))
+        for subscription in state.pending.values():
+            subscription.buffer.append(publication)
+
+    def go_live(self, channel: str, session: ClientSession) -> None:
+        """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
+        state = self.channels.get(channel)
+        if state is not None and state.pending.pop(session, None) is not None:
+            state.senders[session] = session.transport.send
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)

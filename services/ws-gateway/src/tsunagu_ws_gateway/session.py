@@ -275,6 +275,7 @@ class ClientSession:
                 if recoverable and publication.offset <= last_offset:
                     continue  # part of the recovered history or older than the position the client starts at
                 self.transport.send(json_frames.publication_push(channel, publication))
+            self.node.go_live(channel, self)
 
         info = self.client_info(subscription)
         if options.presence:
