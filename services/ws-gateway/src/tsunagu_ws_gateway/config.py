@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
+from tsunagu_core.broker import ClientInfo, PublishOptions
 from tsunagu_core.config import ServiceSettings
 
 # Who may do something in a namespace: nobody, anyone (also without a token), any user with a valid
@@ -26,6 +28,30 @@ class ChannelOptions(BaseModel):
     presence: bool = False
     join_leave: bool = False
     force_positioning: bool = False
+
+    @property
+    def meta_ttl(self) -> float:
+        """How long a stream's position outlives its history, so a late recovery still learns it missed some."""
+        return max(86400.0, self.history_ttl * 10)
+
+    def publish_options(
+        self,
+        *,
+        idempotency_key: str | None,
+        idempotency_ttl: float,
+        keep_history: bool = True,
+        info: ClientInfo | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> PublishOptions:
+        return PublishOptions(
+            history_size=self.history_size if keep_history else 0,
+            history_ttl=self.history_ttl,
+            meta_ttl=self.meta_ttl,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            info=info,
+            tags=dict(tags or {}),
+        )
 
 
 DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {

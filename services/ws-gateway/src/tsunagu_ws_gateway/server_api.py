@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from tsunagu_core.broker import BrokerError, PublishOptions, StreamPosition
+from tsunagu_core.broker import BrokerError, StreamPosition
 
 from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ReplyError
@@ -43,16 +43,13 @@ async def publish(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     tags = body.get("tags") or {}
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise ReplyError(codes.BAD_REQUEST, "tags must map strings to strings")
-    keep = 0 if body.get("skip_history") else options.history_size
     result = await gateway.broker.publish(
         channel,
         json_frames.encode_data(body["data"]),
-        PublishOptions(
-            history_size=keep,
-            history_ttl=options.history_ttl,
-            meta_ttl=max(86400.0, options.history_ttl * 10),
+        options.publish_options(
             idempotency_key=f"api/{key}" if isinstance(key, str) and key else None,
             idempotency_ttl=gateway.settings.idempotency_ttl,
+            keep_history=not body.get("skip_history"),
             tags=tags,
         ),
     )

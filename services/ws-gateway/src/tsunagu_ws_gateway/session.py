@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from prometheus_client import Counter
-from tsunagu_core.broker import BrokerError, ClientInfo, PublishOptions, StreamPosition
+from tsunagu_core.broker import BrokerError, ClientInfo, StreamPosition
 from tsunagu_core.wire.events_pb2 import GatewayEvent
 
 from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
@@ -292,7 +292,7 @@ class ClientSession:
             return {}, 0
         broker = self.gateway.broker
         options = subscription.options
-        meta_ttl = max(86400.0, options.history_ttl * 10)
+        meta_ttl = options.meta_ttl
         recover = bool(request.get("recover")) and isinstance(request.get("epoch"), str)
         if not recover:
             top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
@@ -409,10 +409,7 @@ class ClientSession:
         result = await self.gateway.broker.publish(
             channel,
             json_frames.encode_data(request["data"]),
-            PublishOptions(
-                history_size=options.history_size,
-                history_ttl=options.history_ttl,
-                meta_ttl=max(86400.0, options.history_ttl * 10),
+            options.publish_options(
                 idempotency_key=f"{self.user}/{key}" if key else None,
                 idempotency_ttl=self.settings.idempotency_ttl,
                 info=self.client_info(subscription),
