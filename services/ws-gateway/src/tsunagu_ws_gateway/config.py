@@ -74,6 +74,9 @@ class GatewaySettings(ServiceSettings):
     token_public_key: str = Field(
         "", description="PEM public key (RSA or Ed25519) that verifies tokens signed by auth."
     )
+    token_jwks_url: str = Field(
+        "", description="auth's JWKS URL (`http://auth:8081/.well-known/jwks.json`): verify tokens by their `kid`."
+    )
     token_audience: str = Field("", description="Required `aud` claim of tokens; empty: not checked.")
     allow_anonymous: bool = Field(False, description="Accept connections without a token (user id empty).")
     api_key: str = Field("", description="`X-API-Key` of the server API at `/api/*`; empty: the API is off.")

@@ -159,7 +159,7 @@ class ClientSession:
         if not isinstance(token, str):
             raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
         if token:
-            grant = self.gateway.verifier.verify_connection(token)
+            grant = await self.gateway.verifier.verify_connection(token)
         elif self.settings.allow_anonymous:
             grant = ConnectionGrant(user="")
         else:
@@ -209,7 +209,7 @@ class ClientSession:
         token = request.get("token")
         if not isinstance(token, str) or not token:
             raise ReplyError(codes.BAD_REQUEST, "refresh needs a token")
-        grant = self.gateway.verifier.verify_connection(token)
+        grant = await self.gateway.verifier.verify_connection(token)
         if grant.user != self.user:
             raise ProtocolError(codes.INVALID_TOKEN, "refresh token is for another user")
         self.grant = grant
@@ -242,7 +242,7 @@ class ClientSession:
         sub_grant = None
         token = request.get("token")
         if token and isinstance(token, str):
-            sub_grant = gateway.verifier.verify_subscription(token, self.user, channel)
+            sub_grant = await gateway.verifier.verify_subscription(token, self.user, channel)
         if not server_side:
             gateway.policy.check(
                 options.allow_subscribe, channel, self.principal, granted_by_token=sub_grant is not None
@@ -379,7 +379,7 @@ class ClientSession:
         subscription = self.subscriptions.get(channel)
         if subscription is None:
             raise ReplyError(codes.BAD_REQUEST, "not subscribed")
-        grant = self.gateway.verifier.verify_subscription(token, self.user, channel)
+        grant = await self.gateway.verifier.verify_subscription(token, self.user, channel)
         subscription.expires_at = grant.expires_at
         if grant.expires_at is None:
             return {}

@@ -1,11 +1,17 @@
-"""Connection and subscription JWTs: verified with an HS256 secret or auth's public key."""
+"""Connection and subscription JWTs: verified with an HS256 secret, a PEM public key, or the keys
+auth publishes at its JWKS URL (fetched at start, refreshed periodically and whenever a token names
+a `kid` we do not know yet, so a key auth has just rotated in works on the first token it signs)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import jwt
 import orjson
 
@@ -13,6 +19,10 @@ from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.protocol.codes import INVALID_TOKEN, PERMISSION_DENIED, TOKEN_EXPIRED, ProtocolError, ReplyError
 
 LEEWAY_SECONDS = 5
+# An unknown kid refetches the JWKS at most this often, so garbage tokens cannot hammer auth.
+JWKS_MIN_REFETCH_SECONDS = 5.0
+
+log = logging.getLogger("tsunagu.gateway.tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +44,39 @@ class SubscriptionGrant:
     info: bytes = b""
 
 
+class JwksKeys:
+    """The public keys at auth's JWKS URL, by kid."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.keys: dict[str, tuple[Any, list[str]]] = {}
+        self.fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            self.fetched_at = time.monotonic()
+            try:
+                async with httpx.AsyncClient(timeout=self.timeout) as http:
+                    response = await http.get(self.url)
+                response.raise_for_status()
+                keyset = jwt.PyJWKSet.from_dict(response.json())
+            except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
+                log.warning("JWKS at %s not usable: %s", self.url, exc)
+                return
+            self.keys = {
+                key.key_id: (key.key, [key.algorithm_name])
+                for key in keyset.keys
+                if key.key_id and key.public_key_use in (None, "sig")
+            }
+
+    async def key_for(self, kid: str) -> tuple[Any, list[str]] | None:
+        if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_MIN_REFETCH_SECONDS:
+            await self.refresh()
+        return self.keys.get(kid)
+
+
 class TokenVerifier:
     def __init__(self, settings: GatewaySettings) -> None:
         self.audience = settings.token_audience or None
@@ -42,16 +85,28 @@ class TokenVerifier:
             self.keys.append((settings.token_public_key, ["RS256", "EdDSA"]))
         if settings.token_hmac_secret:
             self.keys.append((settings.token_hmac_secret, ["HS256"]))
+        self.jwks = JwksKeys(settings.token_jwks_url) if settings.token_jwks_url else None
 
     @property
     def configured(self) -> bool:
-        return bool(self.keys)
+        return bool(self.keys) or self.jwks is not None
 
-    def _decode(self, token: str) -> dict[str, Any]:
-        if not self.keys:
-            raise ProtocolError(INVALID_TOKEN, "this gateway has no token key configured")
+    async def _candidate_keys(self, token: str) -> list[tuple[Any, list[str]]]:
+        if self.jwks is None:
+            return self.keys
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError as exc:
+            raise ProtocolError(INVALID_TOKEN, f"invalid token: {exc}") from None
+        found = await self.jwks.key_for(kid) if isinstance(kid, str) else None
+        return [found, *self.keys] if found is not None else self.keys
+
+    async def _decode(self, token: str) -> dict[str, Any]:
+        keys = await self._candidate_keys(token)
+        if not keys:
+            raise ProtocolError(INVALID_TOKEN, "no key verifies this token (unknown kid, or no key configured)")
         last_error: Exception | None = None
-        for key, algorithms in self.keys:
+        for key, algorithms in keys:
             try:
                 claims: dict[str, Any] = jwt.decode(
                     token,
@@ -68,8 +123,8 @@ class TokenVerifier:
                 last_error = exc
         raise ProtocolError(INVALID_TOKEN, f"invalid token: {last_error}")
 
-    def verify_connection(self, token: str) -> ConnectionGrant:
-        claims = self._decode(token)
+    async def verify_connection(self, token: str) -> ConnectionGrant:
+        claims = await self._decode(token)
         subs = claims.get("subs") or []
         patterns = claims.get("channels") or []
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -86,8 +141,8 @@ class TokenVerifier:
             claims=claims,
         )
 
-    def verify_subscription(self, token: str, user: str, channel: str) -> SubscriptionGrant:
-        claims = self._decode(token)
+    async def verify_subscription(self, token: str, user: str, channel: str) -> SubscriptionGrant:
+        claims = await self._decode(token)
         if str(claims["sub"]) != user or claims.get("channel") != channel:
             raise ReplyError(PERMISSION_DENIED, "the subscription token is for another user or channel")
         return SubscriptionGrant(
