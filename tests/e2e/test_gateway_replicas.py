@@ -146,3 +146,68 @@ async def test_stock_javascript_sdk_publishes_and_recovers(start_service, real_e
     assert summary["historyOffsets"] == [1, 2, 3]
     assert summary["subscribedEvents"][-1] == {"recovered": True, "wasRecovering": True}
     assert summary["forbidden"] == 102  # no `secret` namespace
+
+
+async def test_revocation_on_kafka_logs_out_on_every_replica_within_a_second(
+    start_service, real_env, pick_port
+) -> None:  # type: ignore[no-untyped-def]
+    import websockets
+    from tsunagu_core.envelope import publish_event
+    from tsunagu_core.wire.events_pb2 import Revocation
+
+    env = gateway_env(real_env)
+    first_port = pick_port()
+    replicas = [
+        start_service(["serve", "ws-gateway"], env, port=first_port),
+        start_service(["serve", "ws-gateway"], env),
+    ]
+    for replica in replicas:
+        await asyncio.to_thread(replica.wait_ready)
+    session = f"sid-{uuid.uuid4().hex[:8]}"
+    claims = {
+        "sub": "mallory",
+        "sid": session,
+        "channels": ["chat:*"],
+        "iat": int(time.time()) - 5,
+        "exp": int(time.time()) + 600,
+    }
+    stolen = jwt.encode(claims, SECRET, algorithm="HS256")
+
+    async def connect(port: int) -> websockets.ClientConnection:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/connection/websocket")
+        await ws.send(json.dumps({"id": 1, "connect": {"token": stolen}}))
+        reply = await asyncio.wait_for(ws.recv(), 5)
+        assert '"connect"' in str(reply), reply
+        return ws
+
+    async def close_code(ws: websockets.ClientConnection) -> int:
+        try:
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+        except websockets.ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return closed.rcvd.code
+
+    # Each replica's revocation consumer joins its own group in the background after readiness.
+    await asyncio.sleep(3)
+    sockets = [await connect(replica.port) for replica in replicas]
+    bus = KafkaBus(KAFKA_BOOTSTRAP, client_id="e2e-auth")
+    await bus.start()
+    revocation = Revocation(scope=Revocation.SESSION, value=session, reason="e2e", actor="admin")
+    await publish_event(bus, topics.AUTH_REVOCATIONS, "auth.revocation", revocation, key="mallory", source="e2e")
+    published = time.monotonic()
+    codes = await asyncio.gather(*(close_code(ws) for ws in sockets))
+    elapsed = time.monotonic() - published
+    await bus.close()
+    assert codes == [3500, 3500]
+    assert elapsed < 1.0, f"replicas took {elapsed:.2f}s to disconnect the revoked session"
+
+    # A restarted replica rebuilds the list from the topic and still refuses the token.
+    assert await asyncio.to_thread(replicas[0].stop) == 0
+    restarted = start_service(["serve", "ws-gateway"], env, port=first_port)
+    await asyncio.to_thread(restarted.wait_ready)
+    await asyncio.sleep(3)
+    ws = await websockets.connect(f"ws://127.0.0.1:{first_port}/connection/websocket")
+    await ws.send(json.dumps({"id": 1, "connect": {"token": stolen}}))
+    assert await close_code(ws) == 3500

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from tsunagu_core import topics
+from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.hub import Node
+from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
@@ -32,14 +36,27 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         ChannelPolicy(settings.namespaces),
         EventEmitter(runtime.bus, runtime.settings.node_name),
         rpc,
+        RevocationList(),
     )
+
+    async def follow_revocations() -> Subscription:
+        await runtime.wait_ready(["bus"])
+        # A group of our own per process start, read from the earliest offset: this replica gets every
+        # revocation, and a restarted one rebuilds the list from the topic.
+        feed = RevocationFeed(gateway.revoked, gateway.close_revoked)
+        return await runtime.bus.consume([topics.AUTH_REVOCATIONS], f"ws-gateway-revocations-{node.id}", feed)
 
     @asynccontextmanager
     async def serve_clients() -> AsyncIterator[None]:
         await node.start()
+        revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
         try:
             yield
         finally:
+            if revocations.done() and revocations.exception() is None:
+                await revocations.result().stop()
+            else:
+                revocations.cancel()
             await node.stop()
             await gateway.events.flush()
             await rpc.close()

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 from tsunagu_core.broker import BrokerError, ClientInfo, StreamPosition
-from tsunagu_core.wire.events_pb2 import GatewayEvent
+from tsunagu_core.wire.events_pb2 import GatewayEvent, Revocation
 
 from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
 from tsunagu_ws_gateway.config import GatewaySettings
@@ -22,6 +22,7 @@ from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.hub import Node, Subscription
 from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
+from tsunagu_ws_gateway.revocations import RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
 
@@ -56,6 +57,7 @@ class Gateway:
         policy: ChannelPolicy,
         events: EventEmitter,
         rpc: RpcRouter,
+        revoked: RevocationList,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -64,6 +66,14 @@ class Gateway:
         self.policy = policy
         self.events = events
         self.rpc = rpc
+        self.revoked = revoked
+
+    def close_revoked(self, revocation: Revocation) -> None:
+        """Close every connection on this node whose token the revocation covers."""
+        for session in list(self.node.clients.values()):
+            if session.grant is not None and self.revoked.revokes(session.grant):
+                log.info("closing client %s of user %s: %s revoked", session.id, session.user, revocation.value)
+                session.transport.close(codes.TOKEN_REVOKED)
 
 
 class TokenBucket:
@@ -160,6 +170,8 @@ class ClientSession:
             raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
         if token:
             grant = await self.gateway.verifier.verify_connection(token)
+            if self.gateway.revoked.revokes(grant):
+                raise ProtocolError(codes.TOKEN_REVOKED)
         elif self.settings.allow_anonymous:
             grant = ConnectionGrant(user="")
         else:
@@ -210,6 +222,8 @@ class ClientSession:
         if not isinstance(token, str) or not token:
             raise ReplyError(codes.BAD_REQUEST, "refresh needs a token")
         grant = await self.gateway.verifier.verify_connection(token)
+        if self.gateway.revoked.revokes(grant):
+            raise ProtocolError(codes.TOKEN_REVOKED)
         if grant.user != self.user:
             raise ProtocolError(codes.INVALID_TOKEN, "refresh token is for another user")
         self.grant = grant
