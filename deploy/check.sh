@@ -15,6 +15,7 @@
 #   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
 #                oldest and newest Kubernetes supported; custom resources (ServiceMonitor,
 #                PrometheusRule, HTTPRoute) have no schema there and are skipped, and said so
+#   alert rules  promtool check rules and promtool test rules (deploy/observability/tests)
 #   consistency  repository layout <-> Dockerfile targets <-> chart <-> skaffold.yaml
 #   image replay the Dockerfile's build replayed on the host, every target started as its image
 #                would run it (see deploy/tools/image_replay.py)
@@ -249,6 +250,21 @@ validate_schemas() {
     "${TOOLS}/bin/python" deploy/tools/validate_manifests.py "${versions[@]}" "${RENDERED}"/*.yaml
 }
 
+# Alert rules: syntax (promtool check rules) and behaviour (promtool test rules: each alert fires on
+# the series it is for and stays quiet otherwise). promtool comes with Debian's prometheus package,
+# which `tsunagu stack up` installs; installed here too when missing.
+alert_rules() {
+    if ! command -v promtool >/dev/null; then
+        if [[ "$(id -u)" -ne 0 ]]; then
+            echo "promtool is missing: sudo apt-get install prometheus" >&2
+            return 1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+    fi
+    promtool check rules "${CHART}"/rules/*.rules.yaml
+    (cd "${REPO}/deploy/observability/tests" && promtool test rules ./*_test.yaml)
+}
+
 consistency() {
     "${TOOLS}/bin/python" deploy/tools/check_consistency.py --rendered "${RENDERED}"/*.yaml
 }
@@ -284,6 +300,7 @@ step "helm lint (${#VARIANTS[@]} values sets)" helm_lint
 step "helm template (${#VARIANTS[@]} values sets)" helm_template
 step "chart guards" guards
 step "kubernetes schemas (${KUBE_VERSIONS[*]})" validate_schemas
+step "alert rules (promtool check + unit tests)" alert_rules
 step "consistency (Dockerfile/chart/skaffold)" consistency
 if [[ ${QUICK} -eq 0 ]]; then
     step "image replay (build, start every target)" image_replay
