@@ -14,6 +14,7 @@ Prints a Markdown table. Needs Go (present on this machine) and `taskset` (util-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -107,9 +109,14 @@ def server_command(name: str, port: int, directory: Path) -> tuple[list[str], di
     raise ValueError(name)
 
 
-def measure(name: str, clients: int, seconds: float, window: int) -> dict[str, float]:
+def bench_token() -> str:
+    return jwt.encode({"sub": "bench", "channels": ["bench*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
+
+
+@contextlib.contextmanager
+def pinned_server(name: str) -> Iterator[tuple[int, int]]:
+    """One server under test on CPU 0, on a free port: yields (port, pid); stopped (killed if need be) after."""
     port = free_port()
-    token = jwt.encode({"sub": "bench", "channels": ["bench*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
     with tempfile.TemporaryDirectory() as directory:
         command, env = server_command(name, port, Path(directory))
         server = subprocess.Popen(
@@ -117,22 +124,27 @@ def measure(name: str, clients: int, seconds: float, window: int) -> dict[str, f
         )
         try:
             wait_port(port, server)
-            time.sleep(1.0)
-            load = subprocess.run(
-                ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"ws://127.0.0.1:{port}/connection/websocket",
-                 "-token", token, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window)],
-                capture_output=True, text=True, timeout=seconds + 120,
-            )  # fmt: skip
-            if load.returncode != 0:
-                raise RuntimeError(f"{name}: load generator failed: {load.stderr.strip()[-500:]}")
-            result: dict[str, float] = json.loads(load.stdout.strip().splitlines()[-1])
-            return result
+            yield port, server.pid
         finally:
             server.terminate()
             try:
                 server.wait(15)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def measure(name: str, clients: int, seconds: float, window: int) -> dict[str, float]:
+    with pinned_server(name) as (port, _):
+        time.sleep(1.0)
+        load = subprocess.run(
+            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"ws://127.0.0.1:{port}/connection/websocket",
+             "-token", bench_token(), "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window)],
+            capture_output=True, text=True, timeout=seconds + 120,
+        )  # fmt: skip
+        if load.returncode != 0:
+            raise RuntimeError(f"{name}: load generator failed: {load.stderr.strip()[-500:]}")
+        result: dict[str, float] = json.loads(load.stdout.strip().splitlines()[-1])
+        return result
 
 
 def rss_kb(pid: int) -> int:
@@ -154,32 +166,20 @@ def rss_kb(pid: int) -> int:
 
 def idle_memory(name: str, clients: int) -> tuple[float, float]:
     """RSS per idle authenticated connection in KB, and seconds to connect them all."""
-    port = free_port()
-    token = jwt.encode({"sub": "bench", "channels": ["bench*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
-    with tempfile.TemporaryDirectory() as directory:
-        command, env = server_command(name, port, Path(directory))
-        server = subprocess.Popen(["taskset", "-c", "0", *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-        try:
-            wait_port(port, server)
-            time.sleep(2.0)
-            before = rss_kb(server.pid)
-            load = subprocess.Popen(
-                ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"ws://127.0.0.1:{port}/connection/websocket",
-                 "-token", token, "-clients", str(clients), "-idle", "8s"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert load.stdout is not None
-            ready = json.loads(load.stdout.readline())
-            time.sleep(2.0)
-            after = rss_kb(server.pid)
-            load.wait(60)
-            return (after - before) / clients, float(ready["connect_seconds"])
-        finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with pinned_server(name) as (port, server_pid):
+        time.sleep(2.0)
+        before = rss_kb(server_pid)
+        load = subprocess.Popen(
+            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"ws://127.0.0.1:{port}/connection/websocket",
+             "-token", bench_token(), "-clients", str(clients), "-idle", "8s"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert load.stdout is not None
+        ready = json.loads(load.stdout.readline())
+        time.sleep(2.0)
+        after = rss_kb(server_pid)
+        load.wait(60)
+        return (after - before) / clients, float(ready["connect_seconds"])
 
 
 def main() -> None:

@@ -52,15 +52,14 @@ def test_sigterm_drains_and_exits_cleanly(start_service, real_env) -> None:  # t
     assert "draining" in service.output()
 
 
+def tsunagu(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would, with extra environment variables."""
+    command = [sys.executable, "-m", "tsunagu", *args]
+    return subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
 def test_bad_configuration_stops_with_one_clear_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tsunagu", "serve", "auth"],
-        cwd=REPO,
-        env={**os.environ, "TSUNAGU_BUS": "kafak"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = tsunagu("serve", "auth", env={"TSUNAGU_BUS": "kafak"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -69,14 +68,7 @@ def test_bad_configuration_stops_with_one_clear_line() -> None:
 
 
 def test_bad_port_variable_names_the_variable() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tsunagu", "serve", "collab"],
-        cwd=REPO,
-        env={**os.environ, "TSUNAGU_COLLAB_PORT": "99999"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = tsunagu("serve", "collab", env={"TSUNAGU_COLLAB_PORT": "99999"})
     assert result.returncode == 2
     assert "TSUNAGU_COLLAB_PORT=" in result.stderr and "65535" in result.stderr
 
@@ -114,15 +106,8 @@ async def test_run_mode_accepts_tokens_from_tsunagu_token(start_service, pick_po
         env[name] = ""
     platform = start_service(["run"], env)
     platform.wait_healthy()
-    issued = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tsunagu", "token", "--user", "alice", "--channels", "chat:*"],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    issued = await asyncio.to_thread(tsunagu, "token", "--user", "alice", "--channels", "chat:*", env=env)
+    assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip()
     client = Client(f"ws://127.0.0.1:{platform.port}/connection/websocket", token=token)
     await client.connect()
