@@ -217,3 +217,18 @@ async def test_connecting_without_a_token(start_gateway, anonymous) -> None:  # 
             assert "connect" in json.loads(await ws.recv())
         else:
             assert await close_code(ws) == 3500
+
+
+async def test_presence_of_a_long_lived_subscriber_is_renewed(start_gateway, token, api_key) -> None:  # type: ignore[no-untyped-def]
+    async with start_gateway(presence_ttl=2) as gw:
+        ws = await raw_connect(gw.ws_url, token("ann", ["chat:*"]))
+        await ws.send(json.dumps({"id": 2, "subscribe": {"channel": "chat:presence"}}))
+        await asyncio.wait_for(ws.recv(), 3)
+        async with httpx.AsyncClient(base_url=gw.http_url, headers={"X-API-Key": api_key}) as api:
+            await asyncio.sleep(4.5)  # more than twice the TTL
+            stats = (await api.post("/api/presence_stats", json={"channel": "chat:presence"})).json()
+            assert stats == {"result": {"num_clients": 1, "num_users": 1}}
+            await ws.close()
+            await asyncio.sleep(0.3)
+            stats = (await api.post("/api/presence_stats", json={"channel": "chat:presence"})).json()
+            assert stats == {"result": {"num_clients": 0, "num_users": 0}}

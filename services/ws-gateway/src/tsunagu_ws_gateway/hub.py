@@ -258,6 +258,8 @@ class Node:
 
     async def _tick(self) -> None:
         next_heartbeat = 0.0
+        # Presence entries expire after presence_ttl unless renewed; renew at a third of it.
+        next_presence = time.monotonic() + self.settings.presence_ttl / 3
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
@@ -269,6 +271,20 @@ class Node:
                     await self.ensure_control()
                     await self.broadcast_control(self.heartbeat())
                 self._forget_silent_nodes()
+            if now >= next_presence:
+                next_presence = now + self.settings.presence_ttl / 3
+                await self._renew_presence()
+
+    async def _renew_presence(self) -> None:
+        for channel, state in list(self.channels.items()):
+            for session, subscription in list(state.subscribers.items()):
+                if not subscription.options.presence:
+                    continue
+                try:
+                    info = session.client_info(subscription)
+                    await self.broker.add_presence(channel, session.id, info, ttl=self.settings.presence_ttl)
+                except Exception as exc:
+                    log.warning("presence of %s on %s not renewed: %s", session.id, channel, exc)
 
     def heartbeat(self) -> dict[str, Any]:
         return {
