@@ -1,7 +1,8 @@
 """This node's channels and clients, and the fan-out of what the broker delivers.
 
-A publication is encoded into a frame once and the same bytes are queued to every local
-subscriber. A subscriber that is still subscribing gets the publication buffered instead, so its
+A publication is encoded into a frame once per protocol flavour (JSON, protobuf) that its local
+subscribers speak, and the same bytes are queued to every local subscriber of that flavour. A
+subscriber that is still subscribing gets the publication buffered instead, so its
 subscribe reply (with recovered history) always comes before live publications, with no gap and
 no duplicate at the seam.
 """
@@ -22,7 +23,8 @@ from prometheus_client import Counter, Gauge
 from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions
 
 from tsunagu_ws_gateway.config import ChannelOptions, GatewaySettings
-from tsunagu_ws_gateway.protocol import codes, json_frames
+from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol.codec import Codec
 
 if TYPE_CHECKING:
     from tsunagu_ws_gateway.session import ClientSession
@@ -54,9 +56,10 @@ class Subscription:
 @dataclass(slots=True)
 class _Channel:
     subscribers: dict[ClientSession, Subscription] = field(default_factory=dict)
-    # The hot path: the send function of every subscriber that is live, so a publication costs one
-    # call per subscriber; those still subscribing wait in `pending` and buffer instead.
-    senders: dict[ClientSession, Callable[[bytes], None]] = field(default_factory=dict)
+    # The hot path: per codec, the send function of every subscriber that is live, so a publication
+    # costs one encoding per codec and one call per subscriber; those still subscribing wait in
+    # `pending` and buffer instead.
+    senders: dict[Codec, dict[ClientSession, Callable[[bytes], None]]] = field(default_factory=dict)
     pending: dict[ClientSession, Subscription] = field(default_factory=dict)
     live: asyncio.Future[None] | None = None
 
@@ -152,7 +155,9 @@ class Node:
         state = self.channels.get(channel)
         if state is None or state.subscribers.pop(session, None) is None:
             return
-        state.senders.pop(session, None)
+        group = state.senders.get(session.codec)
+        if group is not None:
+            group.pop(session, None)
         state.pending.pop(session, None)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
@@ -172,12 +177,15 @@ class Node:
         state = self.channels.get(channel)
         if state is None:
             return
-        senders = state.senders
-        if senders:
-            frame = json_frames.publication_push(channel, publication)
-            for send in list(senders.values()):
-                send(frame)
-            DELIVERIES.inc(len(senders))
+        delivered = 0
+        for codec, senders in tuple(state.senders.items()):
+            if senders:
+                frame = codec.publication_push(channel, publication)
+                for send in list(senders.values()):
+                    send(frame)
+                delivered += len(senders)
+        if delivered:
+            DELIVERIES.inc(delivered)
         for subscription in state.pending.values():
             subscription.buffer.append(publication)
 
@@ -185,15 +193,19 @@ class Node:
         """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
         state = self.channels.get(channel)
         if state is not None and state.pending.pop(session, None) is not None:
-            state.senders[session] = session.transport.send
+            state.senders.setdefault(session.codec, {})[session] = session.transport.send
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)
         if state is None:
             return
-        frame = json_frames.join_push(channel, info) if join else json_frames.leave_push(channel, info)
+        frames: dict[Codec, bytes] = {}
         for session, subscription in state.subscribers.items():
             if subscription.join_leave and not subscription.buffering and session.id != info.client:
+                codec = session.codec
+                frame = frames.get(codec)
+                if frame is None:
+                    frame = frames[codec] = codec.join_push(channel, info) if join else codec.leave_push(channel, info)
                 session.transport.send(frame)
 
     async def on_resubscribed(self) -> None:
@@ -202,9 +214,14 @@ class Node:
         for channel, state in list(self.channels.items()):
             if channel == CONTROL_CHANNEL:
                 continue
-            frame = json_frames.unsubscribe_push(channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE, "insufficient state")
+            frames: dict[Codec, bytes] = {}
             for session in list(state.subscribers):
                 session.forget_subscription(channel)
+                codec = session.codec
+                frame = frames.get(codec)
+                if frame is None:
+                    code = codes.UNSUBSCRIBE_INSUFFICIENT_STATE
+                    frame = frames[codec] = codec.unsubscribe_push(channel, code, "insufficient state")
                 session.transport.send(frame)
             await self.remove_subscriber_all(channel)
 

@@ -1,7 +1,8 @@
 """One client connection speaking the native protocol: commands in, replies and pushes out.
 
 The session knows nothing about sockets: it writes frames to a `Transport` (which queues them
-without blocking) and is fed frames by whoever reads the socket.
+without blocking) and is fed frames by whoever reads the socket. Nor does it know the protocol
+flavour (JSON or protobuf): its `Codec` decodes commands and encodes replies and pushes.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.hub import Node, Subscription
-from tsunagu_ws_gateway.protocol import codes, json_frames
+from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
+from tsunagu_ws_gateway.protocol.json_frames import JSON
 from tsunagu_ws_gateway.revocations import RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
@@ -94,11 +97,14 @@ class TokenBucket:
 
 
 class ClientSession:
-    def __init__(self, gateway: Gateway, transport: Transport, *, transport_name: str = "websocket") -> None:
+    def __init__(
+        self, gateway: Gateway, transport: Transport, *, codec: Codec = JSON, transport_name: str = "websocket"
+    ) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
         self.node = gateway.node
         self.transport = transport
+        self.codec = codec
         self.transport_name = transport_name
         self.id = str(uuid.uuid4())
         self.user = ""
@@ -119,7 +125,7 @@ class ClientSession:
     # feeding
 
     async def handle_frame(self, frame: bytes | str) -> None:
-        for command in json_frames.decode_commands(frame, self.settings.max_commands_per_frame):
+        for command in self.codec.decode_commands(frame, self.settings.max_commands_per_frame):
             if not self.limiter.take():
                 raise ProtocolError(codes.TOO_MANY_REQUESTS_DISCONNECT)
             await self.handle_command(command)
@@ -150,15 +156,15 @@ class ClientSession:
             result = await handler(command_id, request)
         except ReplyError as exc:
             COMMAND_ERRORS.labels(str(exc.error.code)).inc()
-            self.transport.send(json_frames.error_reply(command_id, exc.error))
+            self.transport.send(self.codec.error_reply(command_id, exc.error))
             return
         except BrokerError as exc:
             log.warning("%s failed for client %s: %s", method, self.id, exc)
             COMMAND_ERRORS.labels(str(codes.INTERNAL.code)).inc()
-            self.transport.send(json_frames.error_reply(command_id, codes.INTERNAL, temporary=True))
+            self.transport.send(self.codec.error_reply(command_id, codes.INTERNAL, temporary=True))
             return
         if result is not None:
-            self.transport.send(json_frames.reply(command_id, method, result))
+            self.transport.send(self.codec.reply(command_id, method, result))
 
     # connect and refresh
 
@@ -206,7 +212,7 @@ class ClientSession:
             flushes.append(flush)
         if server_subs:
             result["subs"] = server_subs
-        self.transport.send(json_frames.reply(command_id, "connect", result))
+        self.transport.send(self.codec.reply(command_id, "connect", result))
         for flush in flushes:
             flush()
         self._event(GatewayEvent.CONNECTED)
@@ -238,7 +244,7 @@ class ClientSession:
         if not isinstance(channel, str) or not channel:
             raise ReplyError(codes.BAD_REQUEST, "subscribe needs a channel")
         result, flush = await self._subscribe(channel, request, server_side=False)
-        self.transport.send(json_frames.reply(command_id, "subscribe", result))
+        self.transport.send(self.codec.reply(command_id, "subscribe", result))
         flush()
         return None
 
@@ -288,7 +294,7 @@ class ClientSession:
             for publication in buffered:
                 if recoverable and publication.offset <= last_offset:
                     continue  # part of the recovered history or older than the position the client starts at
-                self.transport.send(json_frames.publication_push(channel, publication))
+                self.transport.send(self.codec.publication_push(channel, publication))
             self.node.go_live(channel, self)
 
         info = self.client_info(subscription)
@@ -331,7 +337,7 @@ class ClientSession:
             "offset": position.offset,
             "recovered": recovered,
             "was_recovering": True,
-            "publications": [json_frames.publication(p) for p in publications],
+            "publications": publications,
         }
         last = max([position.offset, *(p.offset for p in publications)])
         return result, last
@@ -373,7 +379,7 @@ class ClientSession:
     async def server_unsubscribe(self, channel: str) -> None:
         if channel in self.subscriptions:
             await self._leave(channel)
-            self.transport.send(json_frames.unsubscribe_push(channel, codes.UNSUBSCRIBE_SERVER, "server unsubscribe"))
+            self.transport.send(self.codec.unsubscribe_push(channel, codes.UNSUBSCRIBE_SERVER, "server unsubscribe"))
 
     async def server_subscribe(self, channel: str) -> None:
         if channel in self.subscriptions:
@@ -383,7 +389,7 @@ class ClientSession:
         except (ReplyError, BrokerError) as exc:
             log.warning("server-side subscribe of %s to %s failed: %s", self.id, channel, exc)
             return
-        self.transport.send(json_frames.subscribe_push(channel, result))
+        self.transport.send(self.codec.subscribe_push(channel, result))
         flush()
 
     async def _on_sub_refresh(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +428,7 @@ class ClientSession:
         subscription = self.subscriptions.get(channel)
         result = await self.gateway.broker.publish(
             channel,
-            json_frames.encode_data(request["data"]),
+            self.codec.payload(request["data"]),
             options.publish_options(
                 idempotency_key=f"{self.user}/{key}" if key else None,
                 idempotency_ttl=self.settings.idempotency_ttl,
@@ -448,7 +454,7 @@ class ClientSession:
             channel, since=position, limit=limit, reverse=bool(request.get("reverse"))
         )
         return {
-            "publications": [json_frames.publication(p) for p in history.publications],
+            "publications": history.publications,
             "epoch": history.position.epoch,
             "offset": history.position.offset,
         }
@@ -457,7 +463,7 @@ class ClientSession:
         channel, options = self._channel_access(request.get("channel"), "allow_presence")
         if not options.presence:
             raise ReplyError(codes.NOT_AVAILABLE, "presence is off in this namespace")
-        return json_frames.presence_result(await self.gateway.broker.presence(channel))
+        return {"presence": await self.gateway.broker.presence(channel)}
 
     async def _on_presence_stats(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
         channel, options = self._channel_access(request.get("channel"), "allow_presence")
@@ -473,7 +479,9 @@ class ClientSession:
         method = request.get("method")
         if not isinstance(method, str) or not method:
             raise ReplyError(codes.METHOD_NOT_FOUND, "rpc needs a method")
-        data = await self.gateway.rpc.call(method, request.get("data"), user=self.user, client=self.id)
+        data = await self.gateway.rpc.call(
+            method, self.codec.rpc_data(request.get("data")), user=self.user, client=self.id
+        )
         return {"data": data}
 
     # timers
@@ -493,7 +501,7 @@ class ClientSession:
             self.transport.close(codes.CONNECTION_EXPIRED)
             return
         if now >= self.next_ping:
-            self.transport.send(json_frames.PING_FRAME)
+            self.transport.send(self.codec.ping_frame)
             self.next_ping = now + self.settings.ping_interval
             if self.pong_deadline is None:
                 self.pong_deadline = now + self.settings.pong_timeout

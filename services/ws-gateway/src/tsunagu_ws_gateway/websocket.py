@@ -1,7 +1,8 @@
 """The socket side of the native protocol: read frames into a session, write its frames out.
 
 Each connection has one writer task and a bounded outbox. `send()` never blocks: frames queue up
-and the writer sends everything queued as one WebSocket message (replies separated by newlines,
+and the writer sends everything queued as one WebSocket message (JSON: a text message, replies
+separated by newlines; protobuf: a binary message of length-delimited replies one after the other,
 as the protocol allows), so a burst costs one write per client, not one per publication. When a
 client does not read and its outbox passes the limit, it is cut off as slow (3008) and nobody
 else waits for it.
@@ -17,7 +18,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tsunagu_ws_gateway.hub import DISCONNECTS
 from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import ProtocolError
+from tsunagu_ws_gateway.protocol.json_frames import JSON
+from tsunagu_ws_gateway.protocol.protobuf_frames import PROTOBUF
 from tsunagu_ws_gateway.session import ClientSession, Gateway
 
 log = logging.getLogger("tsunagu.gateway.websocket")
@@ -27,9 +31,11 @@ WRITER_CLOSE_TIMEOUT = 5.0
 
 
 class SocketTransport:
-    def __init__(self, websocket: WebSocket, limit: int) -> None:
+    def __init__(self, websocket: WebSocket, limit: int, codec: Codec = JSON) -> None:
         self.websocket = websocket
         self.limit = limit
+        self.separator = codec.separator
+        self.binary = codec.binary
         self.frames: list[bytes] = []
         self.queued_bytes = 0
         # The idle writer waits on this future; a plain future is cheaper to wake than an
@@ -82,10 +88,13 @@ class SocketTransport:
                 await self._waiter
                 continue
             if self.frames:
-                batch = b"\n".join(self.frames)
+                batch = self.separator.join(self.frames)
                 self.frames.clear()
                 self.queued_bytes = 0
-                await websocket.send_text(batch.decode())
+                if self.binary:
+                    await websocket.send_bytes(batch)
+                else:
+                    await websocket.send_text(batch.decode())
             if self.closing is not None and not self.frames:
                 await websocket.close(self.closing.code, self.closing.reason)
                 return
@@ -105,14 +114,15 @@ async def native_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=1008)  # before accept: the handshake is refused with 403
         return
     if PROTOBUF_SUBPROTOCOL in websocket.scope.get("subprotocols", []):
+        codec: Codec = PROTOBUF
+        await websocket.accept(subprotocol=PROTOBUF_SUBPROTOCOL)
+    else:
+        codec = JSON
         await websocket.accept()
-        await websocket.close(3506, "inappropriate protocol: only the JSON protocol is served yet")
-        return
-    await websocket.accept()
-    transport = SocketTransport(websocket, settings.send_buffer_bytes)
+    transport = SocketTransport(websocket, settings.send_buffer_bytes, codec)
     transport.reader = asyncio.current_task()
     transport.writer = asyncio.create_task(transport.write_loop(), name="ws-writer")
-    session = ClientSession(gateway, transport)
+    session = ClientSession(gateway, transport, codec=codec)
     try:
         while transport.closing is None:
             message = await websocket.receive()

@@ -2,11 +2,14 @@
 
 Publication payloads are kept as the JSON text the publisher sent and are embedded in outgoing
 frames verbatim (orjson.Fragment), so a publication is parsed once on the way in and never
-re-encoded per subscriber.
+re-encoded per subscriber. Bytes that are not JSON (published by a protobuf client) are sent as a
+JSON string of their base64 instead (`json_data`). The functions here also serve the server API,
+which speaks the same JSON; `JSON` is the codec (protocol/codec.py) built on them.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +20,7 @@ from tsunagu_ws_gateway.protocol.codes import BAD_REQUEST_DISCONNECT, ErrorCode,
 
 # A server ping is an empty reply; a client pong is an empty command.
 PING_FRAME = b"{}"
+_NULL = orjson.Fragment(b"null")
 
 
 def decode_commands(frame: bytes | str, max_commands: int) -> list[dict[str, Any]]:
@@ -46,7 +50,25 @@ def encode_data(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def json_data(data: bytes) -> orjson.Fragment | str:
+    """Stored publication bytes as a JSON value: embedded as they are when they are JSON, otherwise a
+    string of their base64. Every publication passes here once per node for the JSON subscribers, so
+    the check is a parse with orjson (no conversion unless the text holds a line break, which the
+    newline-delimited framing cannot carry)."""
+    if not data:
+        return _NULL
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return base64.b64encode(data).decode()
+    if data.find(b"\n") >= 0:
+        return orjson.Fragment(orjson.dumps(value))
+    return orjson.Fragment(data)
+
+
 def _info(info: ClientInfo) -> dict[str, Any]:
+    # conn_info and chan_info come from the `info` claims of tokens, which the token verifier stores
+    # as orjson output: JSON without line breaks, embedded as they are.
     out: dict[str, Any] = {"user": info.user, "client": info.client}
     if info.conn_info:
         out["conn_info"] = orjson.Fragment(info.conn_info)
@@ -56,7 +78,7 @@ def _info(info: ClientInfo) -> dict[str, Any]:
 
 
 def publication(pub: Publication) -> dict[str, Any]:
-    out: dict[str, Any] = {"data": orjson.Fragment(pub.data or b"null")}
+    out: dict[str, Any] = {"data": json_data(pub.data)}
     if pub.offset:
         out["offset"] = pub.offset
     if pub.info is not None:
@@ -66,8 +88,17 @@ def publication(pub: Publication) -> dict[str, Any]:
     return out
 
 
+def _default(value: Any) -> Any:
+    """Renders the Publication and ClientInfo objects that results hold (see protocol/codec.py)."""
+    if isinstance(value, Publication):
+        return publication(value)
+    if isinstance(value, ClientInfo):
+        return _info(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({"id": command_id, method: result})
+    return orjson.dumps({"id": command_id, method: result}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 def error_reply(command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:
@@ -94,12 +125,64 @@ def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
 
 
 def subscribe_push(channel: str, result: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({"push": {"channel": channel, "subscribe": result}})
+    return orjson.dumps(
+        {"push": {"channel": channel, "subscribe": result}},
+        default=_default,
+        option=orjson.OPT_PASSTHROUGH_DATACLASS,
+    )
 
 
 def message_push(data: bytes) -> bytes:
-    return orjson.dumps({"push": {"message": {"data": orjson.Fragment(data)}}})
+    return orjson.dumps({"push": {"message": {"data": json_data(data)}}})
 
 
 def presence_result(clients: Mapping[str, ClientInfo]) -> dict[str, Any]:
     return {"presence": {client_id: _info(info) for client_id, info in clients.items()}}
+
+
+class JsonCodec:
+    """The JSON flavour as a codec: text messages, frames separated by newlines."""
+
+    name = "json"
+    separator = b"\n"
+    binary = False
+    ping_frame = PING_FRAME
+
+    def decode_commands(self, frame: bytes | str, max_commands: int) -> list[dict[str, Any]]:
+        return decode_commands(frame, max_commands)
+
+    def payload(self, data: Any) -> bytes:
+        return encode_data(data)
+
+    def rpc_data(self, data: Any) -> Any:
+        return data
+
+    def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
+        return reply(command_id, method, result)
+
+    def error_reply(self, command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:
+        return error_reply(command_id, error, temporary)
+
+    def publication_push(self, channel: str, pub: Publication) -> bytes:
+        return publication_push(channel, pub)
+
+    def join_push(self, channel: str, info: ClientInfo) -> bytes:
+        return join_push(channel, info)
+
+    def leave_push(self, channel: str, info: ClientInfo) -> bytes:
+        return leave_push(channel, info)
+
+    def unsubscribe_push(self, channel: str, code: int, reason: str) -> bytes:
+        return unsubscribe_push(channel, code, reason)
+
+    def subscribe_push(self, channel: str, result: Mapping[str, Any]) -> bytes:
+        return subscribe_push(channel, result)
+
+    def message_push(self, data: bytes) -> bytes:
+        return message_push(data)
+
+    def __repr__(self) -> str:
+        return "<codec json>"
+
+
+JSON = JsonCodec()
