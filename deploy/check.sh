@@ -2,7 +2,7 @@
 # Offline validation of the deployment files: Dockerfile, Helm chart, skaffold.yaml.
 #
 #   bash deploy/check.sh            # everything
-#   bash deploy/check.sh --quick    # without the image replay (no uv sync, no services started)
+#   bash deploy/check.sh --quick    # without the image replay (no image build)
 #
 # Installs its own tools under .cache/ (nothing system-wide): helm built with `go install`
 # (pinned; reused while the binary is that version), and the PyPI packages kubernetes-validate,
@@ -15,7 +15,14 @@
 #   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
 #                oldest and newest Kubernetes supported; custom resources (ServiceMonitor,
 #                PrometheusRule, HTTPRoute) have no schema there and are skipped, and said so
-#   alert rules  promtool check rules and promtool test rules (deploy/observability/tests)
+#   alert rules  promtool check rules and promtool test rules (deploy/observability/rules/tests):
+#                each alert firing and quiet
+#   dashboards   the Grafana dashboards are generate_dashboards.py's output, valid (unique ids, grid,
+#                variables), their PromQL parses; every alert has for/severity/summary/description
+#                and tests; the rendered charts ship the rules and dashboards unchanged
+#   metric names every metric the dashboards and rules read is exported: `tsunagu run` started with
+#                free ports and memory engines, every service's /metrics read
+#                (deploy/tools/check_observability.py)
 #   consistency  repository layout <-> Dockerfile targets <-> chart <-> skaffold.yaml
 #   image replay the Dockerfile's build replayed on the host, every target started as its image
 #                would run it (see deploy/tools/image_replay.py)
@@ -231,9 +238,11 @@ guards() {
     expect_render_failure "HTTPRoute without a parent Gateway" \
         "httpRoute.parentRefs must name at least one Gateway" \
         --set services.ws-gateway.httpRoute.enabled=true || rc=1
-    # A disabled service leaves no object behind, and the gateway's NetworkPolicy drops it.
+    # A disabled service leaves no object behind, and the gateway's NetworkPolicy drops it. (The alert
+    # rules are left out: they are the same text for any set of services and may name any of them.)
     output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \
-        --set services.sim-engine.enabled=false --set networkPolicy.enabled=true --set monitoring.enabled=true)
+        --set services.sim-engine.enabled=false --set networkPolicy.enabled=true --set monitoring.enabled=true \
+        --set monitoring.prometheusRule.enabled=false)
     if grep -q 'sim-engine' <<<"${output}"; then
         echo "FAIL services.sim-engine.enabled=false still renders sim-engine objects"
         rc=1
@@ -250,19 +259,34 @@ validate_schemas() {
     "${TOOLS}/bin/python" deploy/tools/validate_manifests.py "${versions[@]}" "${RENDERED}"/*.yaml
 }
 
-# Alert rules: syntax (promtool check rules) and behaviour (promtool test rules: each alert fires on
-# the series it is for and stays quiet otherwise). promtool comes with Debian's prometheus package,
-# which `tsunagu stack up` installs; installed here too when missing.
-alert_rules() {
-    if ! command -v promtool >/dev/null; then
-        if [[ "$(id -u)" -ne 0 ]]; then
-            echo "promtool is missing: sudo apt-get install prometheus" >&2
-            return 1
-        fi
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+# promtool comes with Debian's prometheus package, which `tsunagu stack up` installs; installed here
+# too when missing.
+ensure_promtool() {
+    command -v promtool >/dev/null && return 0
+    if [[ "$(id -u)" -ne 0 ]]; then
+        echo "promtool is missing: sudo apt-get install prometheus" >&2
+        return 1
     fi
-    promtool check rules "${CHART}"/rules/*.rules.yaml
-    (cd "${REPO}/deploy/observability/tests" && promtool test rules ./*_test.yaml)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+}
+
+# Alert rules (deploy/helm/tsunagu/files/tsunagu.rules.yaml, linked from deploy/observability/rules):
+# syntax (promtool check rules) and behaviour (promtool test rules: each alert fires on the series it
+# is for and stays quiet otherwise).
+alert_rules() {
+    ensure_promtool || return 1
+    promtool check rules "${CHART}/files/tsunagu.rules.yaml"
+    (cd "${REPO}/deploy/observability/rules/tests" && promtool test rules ./*_test.yaml)
+}
+
+dashboards() {
+    ensure_promtool || return 1
+    "${TOOLS}/bin/python" deploy/tools/check_observability.py static --rendered "${RENDERED}"/*.yaml
+}
+
+metric_names() {
+    "${TOOLS}/bin/python" deploy/tools/check_observability.py metrics --rendered "${RENDERED}"/*.yaml \
+        --log "${OUT}/tsunagu-run.log"
 }
 
 consistency() {
@@ -301,6 +325,8 @@ step "helm template (${#VARIANTS[@]} values sets)" helm_template
 step "chart guards" guards
 step "kubernetes schemas (${KUBE_VERSIONS[*]})" validate_schemas
 step "alert rules (promtool check + unit tests)" alert_rules
+step "dashboards (generated, valid, shipped)" dashboards
+step "metric names vs /metrics (tsunagu run)" metric_names
 step "consistency (Dockerfile/chart/skaffold)" consistency
 if [[ ${QUICK} -eq 0 ]]; then
     step "image replay (build, start every target)" image_replay

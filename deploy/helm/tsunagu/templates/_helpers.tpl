@@ -451,6 +451,11 @@ spec:
       path: /metrics
       interval: {{ $values.monitoring.interval }}
       scrapeTimeout: {{ $values.monitoring.scrapeTimeout }}
+      relabelings:
+        # The job is tsunagu-<service> whatever the release is called, as under `tsunagu stack`:
+        # the alert rules and dashboards (deploy/observability) select on these names.
+        - targetLabel: job
+          replacement: {{ printf "tsunagu-%s" $name }}
 {{- end }}
 {{- end }}
 {{- end }}
