@@ -104,12 +104,14 @@ def pick_port() -> object:
 @pytest.fixture
 def real_env() -> dict[str, str]:
     """Engines and addresses of the real stack, as `tsunagu stack env` gives them."""
-    from tsunagu_core.testing import KAFKA_BOOTSTRAP, REDIS_URL, require_stack
+    from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN, REDIS_URL, require_stack
 
     require_stack("services on the real stack")
     return {
         "TSUNAGU_BUS": "kafka",
         "TSUNAGU_BROKER": "redis",
+        "TSUNAGU_DATABASE": "postgres",
         "TSUNAGU_REDIS_URL": REDIS_URL,
+        "TSUNAGU_POSTGRES_DSN": POSTGRES_DSN,
         "TSUNAGU_KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP,
     }

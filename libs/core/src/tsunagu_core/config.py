@@ -35,6 +35,11 @@ class CoreSettings(BaseSettings):
         "memory",
         description="Fan-out, history and presence engine: `redis` across replicas, `memory` for one process.",
     )
+    database: Literal["memory", "postgres"] = Field(
+        "memory",
+        description="Storage engine of auth, collab and audit-log: `postgres` in a cluster, `memory` for one process"
+        " (lost at exit).",
+    )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, `host:port[,...]`.")
     kafka_partitions: int = Field(
         6, ge=1, le=1024, description="Partitions of the `tsunagu.*` topics when the platform creates them."
@@ -48,7 +53,7 @@ class CoreSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (`redis://` or `rediss://`).")
     postgres_dsn: str = Field(
         "postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu",
-        description="PostgreSQL DSN for collab and audit-log.",
+        description="PostgreSQL DSN for auth, collab and audit-log (used when `TSUNAGU_DATABASE=postgres`).",
     )
     mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL for mqtt-bridge.")
     node_name: str = Field(

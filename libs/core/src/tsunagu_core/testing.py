@@ -15,6 +15,7 @@ from tsunagu_core.broker import ClientInfo, Publication
 REAL_STACK = os.environ.get("TSUNAGU_TEST_STACK") == "1"
 REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
 KAFKA_BOOTSTRAP = os.environ.get("TSUNAGU_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+POSTGRES_DSN = os.environ.get("TSUNAGU_POSTGRES_DSN", "postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu")
 
 
 def require_stack(what: str) -> None:
