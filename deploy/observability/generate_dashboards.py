@@ -39,6 +39,7 @@ GRID_WIDTH = 24
 # Thresholds shared with the alert rules (deploy/helm/tsunagu/files/tsunagu.rules.yaml).
 SLOW_CLIENTS_PER_SECOND = 1
 BROKER_P99_SECONDS = 0.05
+DELIVERY_P99_SECONDS = 0.25
 
 
 # --- selectors -------------------------------------------------------------------------------
@@ -474,6 +475,31 @@ def overview() -> Json:
                     12,
                     7,
                 ),
+                (
+                    timeseries(
+                        "Delivery latency",
+                        "From the publish accepted by the broker to the publication queued for a replica's "
+                        "subscribers (Redis fan-out plus the replica's backlog), p50 and p99 over all replicas "
+                        f"(TsunaguDeliveryLatencyHigh above {DELIVERY_P99_SECONDS * 1000:.0f} ms p99 for 10 minutes).",
+                        [
+                            query(
+                                "histogram_quantile(0.5, sum by (le) "
+                                f"(rate(tsunagu_gateway_delivery_lag_seconds_bucket{gateway()}[{RATE}])))",
+                                "p50",
+                            ),
+                            query(
+                                "histogram_quantile(0.99, sum by (le) "
+                                f"(rate(tsunagu_gateway_delivery_lag_seconds_bucket{gateway()}[{RATE}])))",
+                                "p99",
+                                ref="B",
+                            ),
+                        ],
+                        "s",
+                        alert_threshold=DELIVERY_P99_SECONDS,
+                    ),
+                    24,
+                    8,
+                ),
             ],
         ),
         (
@@ -557,6 +583,21 @@ def overview() -> Json:
                         bars=True,
                     ),
                     12,
+                    8,
+                ),
+                (
+                    timeseries(
+                        "Consumer lag",
+                        "Events in Kafka not yet handled, by consumer group and topic (TsunaguKafkaLagGrowing: "
+                        "above 1000 and growing for 15 minutes).",
+                        [
+                            query(
+                                f"sum by (group, topic) (tsunagu_bus_consumer_lag{services()})",
+                                "{{group}} <- {{topic}}",
+                            )
+                        ],
+                    ),
+                    24,
                     8,
                 ),
             ],

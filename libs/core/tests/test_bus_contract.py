@@ -194,3 +194,42 @@ async def test_trace_context_rides_in_the_headers(bus: Bus, topic: str) -> None:
     await wait_for_count(received, 1)
     await consumer.stop()
     assert trace_id in received[0].headers["traceparent"]
+
+
+async def test_kafka_consumer_lag_is_exported(topic: str) -> None:
+    """A consumer slower than its producer shows the events behind it in tsunagu_bus_consumer_lag, and 0
+    once it has caught up."""
+    from prometheus_client import REGISTRY
+    from tsunagu_core.bus.kafka import KafkaBus
+    from tsunagu_core.testing import KAFKA_BOOTSTRAP, require_stack
+
+    require_stack("the Kafka bus")
+    bus = KafkaBus(KAFKA_BOOTSTRAP, client_id="lag-test", partitions=1, stats_interval=0.2)
+    await bus.start()
+    await bus.ensure_topics([topic])
+    seen: list[BusMessage] = []
+
+    async def slow(message: BusMessage) -> None:
+        seen.append(message)
+        await asyncio.sleep(0.1)
+
+    name = group()
+    subscription = await bus.consume([topic], name, slow)
+    try:
+
+        def lag() -> float | None:
+            return REGISTRY.get_sample_value("tsunagu_bus_consumer_lag", {"topic": topic, "group": name})
+
+        await publish_keyed(bus, topic, 40, keys=1)
+        highest = 0.0
+        async with asyncio.timeout(20):
+            while len(seen) < 40:
+                highest = max(highest, lag() or 0)
+                await asyncio.sleep(0.05)
+        assert highest >= 5, f"lag never showed the backlog (max {highest})"
+        async with asyncio.timeout(10):
+            while lag() != 0:
+                await asyncio.sleep(0.1)
+    finally:
+        await subscription.stop()
+        await bus.close()

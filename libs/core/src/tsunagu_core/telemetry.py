@@ -19,7 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from tsunagu_core.config import CoreSettings
 
@@ -32,6 +32,9 @@ BUS_CONSUMED = Counter("tsunagu_bus_consumed_total", "Events handled from the bu
 BUS_HANDLER_ERRORS = Counter("tsunagu_bus_handler_errors_total", "Bus handler attempts that raised", ["topic", "group"])
 BUS_DEAD_LETTERS = Counter(
     "tsunagu_bus_dead_letters_total", "Events given up on and sent to a dead-letter topic", ["topic", "group"]
+)
+BUS_CONSUMER_LAG = Gauge(
+    "tsunagu_bus_consumer_lag", "Events in Kafka not yet handled by this consumer group member", ["topic", "group"]
 )
 BROKER_PUBLISHED = Counter("tsunagu_broker_published_total", "Channel publications accepted by the broker")
 BROKER_OP_SECONDS = Histogram(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions
 
 from tsunagu_ws_gateway.config import ChannelOptions, GatewaySettings
@@ -38,6 +38,13 @@ CONNECTIONS = Gauge("tsunagu_gateway_connections", "Open client connections on t
 SUBSCRIPTIONS = Gauge("tsunagu_gateway_subscriptions", "Client subscriptions on this node")
 CHANNELS = Gauge("tsunagu_gateway_channels", "Channels with at least one subscriber on this node")
 DELIVERIES = Counter("tsunagu_gateway_deliveries_total", "Publications queued to client connections")
+# From the publish accepted by the broker (its time_ms, millisecond resolution) to the frame queued for
+# this node's subscribers: fan-out across replicas plus this node's backlog, observed once per node.
+DELIVERY_LAG = Histogram(
+    "tsunagu_gateway_delivery_lag_seconds",
+    "Publish accepted to publication queued to local subscribers",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 DISCONNECTS = Counter("tsunagu_gateway_disconnects_total", "Connections closed by the server", ["code"])
 
 
@@ -186,6 +193,8 @@ class Node:
                 delivered += len(senders)
         if delivered:
             DELIVERIES.inc(delivered)
+            if publication.time_ms:
+                DELIVERY_LAG.observe(max(0.0, time.time() - publication.time_ms / 1000))
         for subscription in state.pending.values():
             subscription.buffer.append(publication)
 

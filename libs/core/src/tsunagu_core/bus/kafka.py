@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from tsunagu_core.bus.base import (
     encode_key,
     handle_with_retry,
 )
-from tsunagu_core.telemetry import BUS_PUBLISH_ERRORS, BUS_PUBLISHED, inject_trace_headers
+from tsunagu_core.telemetry import BUS_CONSUMER_LAG, BUS_PUBLISH_ERRORS, BUS_PUBLISHED, inject_trace_headers
 
 log = logging.getLogger("tsunagu.bus.kafka")
 
@@ -43,8 +44,10 @@ class KafkaBus(Bus):
         partitions: int = 6,
         replication: int = 1,
         extra_config: Mapping[str, Any] | None = None,
+        stats_interval: float = 10.0,
     ) -> None:
         self.bootstrap = bootstrap
+        self.stats_interval = stats_interval
         self.client_id = client_id
         self.partitions = partitions
         self.replication = replication
@@ -180,6 +183,9 @@ class KafkaBus(Bus):
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
+            # librdkafka's statistics carry each assigned partition's lag: exported as a gauge.
+            "statistics.interval.ms": int(self.stats_interval * 1000),
+            "stats_cb": lambda stats: record_consumer_lag(group, stats),
         }
         consumer = _KafkaConsumer(self, asyncio.get_running_loop(), list(topics), group, handler, retry, config)
         self._consumers.add(consumer)
@@ -188,6 +194,23 @@ class KafkaBus(Bus):
 
     def forget(self, consumer: _KafkaConsumer) -> None:
         self._consumers.discard(consumer)
+
+
+def record_consumer_lag(group: str, stats_json: str) -> None:
+    """Messages not yet handled by this consumer, per topic: the sum over its partitions that know their lag."""
+    try:
+        stats = json.loads(stats_json)
+    except ValueError:
+        return
+    for topic, topic_stats in (stats.get("topics") or {}).items():
+        lags = [
+            partition.get("consumer_lag", -1)
+            for number, partition in (topic_stats.get("partitions") or {}).items()
+            if number != "-1"
+        ]
+        known = [lag for lag in lags if isinstance(lag, int) and lag >= 0]
+        if known:
+            BUS_CONSUMER_LAG.labels(topic, group).set(sum(known))
 
 
 def _settle(future: asyncio.Future[Delivery], err: KafkaError | None, msg: Message) -> None:
