@@ -492,6 +492,9 @@ metadata:
 {{- if has "mqtt" $uses }}
 {{- $_ := set $data "TSUNAGU_MQTT_URL" (include "tsunagu.mqttUrl" $root) }}
 {{- end }}
+{{- if has "postgres" $uses }}
+{{- $_ := set $data "TSUNAGU_DATABASE" $root.Values.config.database }}
+{{- end }}
 {{- /* The service's own settings come last and win. */}}
 {{- range $key, $value := ($svc.config | default dict) }}
 {{- $_ := set $data $key $value }}
