@@ -28,6 +28,10 @@ class ChannelOptions(BaseModel):
     presence: bool = False
     join_leave: bool = False
     force_positioning: bool = False
+    # Publications must be signed by the publisher's registered Ed25519 key (docs/protocol.md).
+    signed: bool = False
+    # Every publication is recorded in the audit log (Kafka `tsunagu.audit`), with its signature if any.
+    audit: bool = False
 
     @property
     def meta_ttl(self) -> float:
@@ -61,6 +65,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "stream": ChannelOptions(allow_publish="none", history_size=10, history_ttl=300),
     "mqtt": ChannelOptions(history_size=10, history_ttl=300),
     "sim": ChannelOptions(history_size=0, recovery=False),
+    # Finance/medical records: every publication signed by its author and kept in the audit log.
+    "ledger": ChannelOptions(signed=True, audit=True),
 }
 
 
@@ -106,6 +112,9 @@ class GatewaySettings(ServiceSettings):
         "is POSTed to `URL/sim.move`.",
     )
     rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
+    signature_window: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a signed publication's `ts` may differ from the gateway's clock."
+    )
     presence_ttl: float = Field(60.0, gt=1, description="Seconds a presence entry lives without being refreshed.")
 
     @field_validator("namespaces")

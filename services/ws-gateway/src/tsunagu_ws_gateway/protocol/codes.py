@@ -25,6 +25,11 @@ TOKEN_EXPIRED = ErrorCode(109, "token expired")
 EXPIRED = ErrorCode(110, "expired")
 TOO_MANY_REQUESTS = ErrorCode(111, "too many requests")
 UNRECOVERABLE_POSITION = ErrorCode(112, "unrecoverable position")
+# Ours, in the range Centrifugo leaves to applications (>= 400): signed publications.
+SIGNATURE_REQUIRED = ErrorCode(440, "signature required")
+BAD_SIGNATURE = ErrorCode(441, "bad signature")
+SIGNATURE_EXPIRED = ErrorCode(442, "signature expired")
+SIGNATURE_REPLAYED = ErrorCode(443, "signature replayed")
 
 
 @dataclass(frozen=True, slots=True)
