@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jwt
 import uvicorn
@@ -30,16 +31,37 @@ DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
 DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
 
 
-def development_defaults(service: str) -> dict[str, str]:
-    if service != "ws-gateway":
-        return {}
-    defaults = {}
-    if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") and not os.environ.get(
-        "TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY"
-    ):
-        defaults["token_hmac_secret"] = DEVELOPMENT_TOKEN_SECRET
-    if not os.environ.get("TSUNAGU_GATEWAY_API_KEY"):
-        defaults["api_key"] = DEVELOPMENT_API_KEY
+DEVELOPMENT_USER = "alice"
+DEVELOPMENT_PASSWORD = "alice-development-password"
+
+
+def _auth_base_url(host: str | None = None) -> str:
+    """Where the embedded auth answers, as a client on this machine reaches it."""
+    settings = load_settings(SERVICES["auth"].settings)
+    chosen = host or settings.host
+    if chosen in ("0.0.0.0", "::", ""):
+        chosen = "127.0.0.1"
+    return f"http://{chosen}:{settings.port}"
+
+
+def development_defaults(service: str, host: str | None = None) -> dict[str, Any]:
+    """What `tsunagu run` adds when the operator has not configured it: dev secrets, a dev user, and
+    the gateway trusting the embedded auth's JWKS next to the dev HS256 secret."""
+    defaults: dict[str, Any] = {}
+    if service == "ws-gateway":
+        if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") and not os.environ.get(
+            "TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY"
+        ):
+            defaults["token_hmac_secret"] = DEVELOPMENT_TOKEN_SECRET
+        if not os.environ.get("TSUNAGU_GATEWAY_API_KEY"):
+            defaults["api_key"] = DEVELOPMENT_API_KEY
+        if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_JWKS_URL"):
+            defaults["token_jwks_url"] = _auth_base_url(host) + "/.well-known/jwks.json"
+    elif service == "auth":
+        if not os.environ.get("TSUNAGU_AUTH_ADMIN_API_KEY"):
+            defaults["admin_api_key"] = DEVELOPMENT_API_KEY
+        if not os.environ.get("TSUNAGU_AUTH_BOOTSTRAP_USERS"):
+            defaults["bootstrap_users"] = {DEVELOPMENT_USER: {"password": DEVELOPMENT_PASSWORD, "channels": ["*"]}}
     return defaults
 
 
@@ -91,16 +113,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker}")
     for entry in SERVICES.values():
-        settings = load_settings(entry.settings, **development_defaults(entry.name))
+        settings = load_settings(entry.settings, **development_defaults(entry.name, args.host))
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
         host = args.host or settings.host
         app = entry.factory(runtime, settings)
         servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core)))
         print(f"  {entry.name:<14} http://{host}:{port}/  (/healthz /readyz /metrics)")
-    if development_defaults("ws-gateway"):
+    if "token_hmac_secret" in development_defaults("ws-gateway") or "api_key" in development_defaults("ws-gateway"):
         print("  development credentials (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET / _API_KEY to replace them):")
         print("    token:   uv run tsunagu token --user alice --channels 'chat:*'")
         print(f"    API key: {DEVELOPMENT_API_KEY}")
+    if "bootstrap_users" in development_defaults("auth"):
+        print(f"  development user {DEVELOPMENT_USER!r} (password {DEVELOPMENT_PASSWORD!r}); an auth-issued token:")
+        print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
     return asyncio.run(_serve_all(servers))
 
@@ -144,7 +169,10 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    """A development connection token, signed with the gateway's HS256 secret (auth issues real ones)."""
+    """A development connection token: signed with the gateway's HS256 dev secret, or, with
+    `--auth-url`, a real one from a running auth (password grant)."""
+    if args.auth_url:
+        return _token_from_auth(args)
     secret = os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") or DEVELOPMENT_TOKEN_SECRET
     now = int(time.time())
     claims: dict[str, object] = {"sub": args.user, "iat": now, "exp": now + args.ttl}
@@ -153,6 +181,33 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.subs:
         claims["subs"] = args.subs
     print(jwt.encode(claims, secret, algorithm="HS256"))
+    return 0
+
+
+def _token_from_auth(args: argparse.Namespace) -> int:
+    import httpx
+
+    password = args.password or os.environ.get("TSUNAGU_TOKEN_PASSWORD")
+    if password is None and args.user == DEVELOPMENT_USER:
+        password = DEVELOPMENT_PASSWORD
+    if password is None:
+        import getpass
+
+        password = getpass.getpass(f"password of {args.user}: ")
+    if args.channels or args.subs:
+        print(
+            "tsunagu token: --channels/--subs are ignored with --auth-url (auth grants the user's own)", file=sys.stderr
+        )
+    body = {"grant_type": "password", "username": args.user, "password": password}
+    try:
+        response = httpx.post(args.auth_url.rstrip("/") + "/v1/token", json=body, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"tsunagu token: {args.auth_url} not reachable: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"tsunagu token: auth answered {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    print(response.json()["access_token"])
     return 0
 
 
@@ -188,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--channels", nargs="*", default=[], help="channel patterns the user may use, e.g. 'chat:*'")
     token.add_argument("--subs", nargs="*", default=[], help="channels to subscribe on the server side")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
+    token.add_argument("--auth-url", default=None, help="get a real token from auth at this URL (password grant)")
+    token.add_argument(
+        "--password", default=None, help="with --auth-url (default: $TSUNAGU_TOKEN_PASSWORD or a prompt)"
+    )
     token.set_defaults(func=cmd_token)
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")

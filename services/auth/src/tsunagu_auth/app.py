@@ -1,15 +1,106 @@
-"""auth application factory."""
+"""auth application factory: tokens, refresh rotation, revocation, JWKS with key rotation."""
 
-from fastapi import FastAPI
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from tsunagu_core.bus import BusError
+from tsunagu_core.database import DatabaseUnavailable, Postgres
 from tsunagu_core.lifecycle import Runtime, create_service_app
+from tsunagu_core.revocation_store import DEPENDENCY as REVOCATIONS
+from tsunagu_core.revocation_store import shared_revocation_store
 
 from tsunagu_auth.config import AuthSettings
+from tsunagu_auth.domain import AuthError, AuthService
+from tsunagu_auth.handlers import build_router, error_response
+from tsunagu_auth.limits import LoginLimiter, create_counters
+from tsunagu_auth.store import MIGRATIONS, MemoryStore, PostgresStore, Store
 
 SERVICE = "auth"
-NEEDS = ("bus", "broker")
+LIMITS = "login-limits"
+log = logging.getLogger("tsunagu.auth")
 
 
 def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS)
+    core = runtime.settings
+    needs = ["bus", REVOCATIONS, LIMITS]
+    store: Store
+    if core.database == "postgres":
+        database = Postgres(core.postgres_dsn, service=SERVICE, migrations=MIGRATIONS)
+        runtime.add_dependency("database", database)
+        store = PostgresStore(database)
+        needs.append("database")
+    else:
+        store = MemoryStore()
+    counters = create_counters(core)
+    runtime.add_dependency(LIMITS, counters)
+    limiter = LoginLimiter(
+        counters,
+        per_user=settings.login_max_failures,
+        per_ip=settings.login_max_failures_per_ip,
+        window=settings.login_window,
+    )
+    auth = AuthService(settings, store, shared_revocation_store(runtime), runtime.bus, limiter, core.node_name)
+    # Rotation is audited on the bus, so the timer starts once the bus (and database) are there.
+    dependencies = ["bus", "database"] if core.database == "postgres" else ["bus"]
+
+    async def keep_keys() -> None:
+        await runtime.wait_ready(dependencies)
+        bootstrapped = False
+        while True:
+            try:
+                if not bootstrapped:
+                    await auth.bootstrap()
+                    bootstrapped = True
+                await auth.maintain()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("bootstrap or signing key maintenance failed: %r", exc)
+            await asyncio.sleep(settings.key_check_interval)
+
+    @asynccontextmanager
+    async def key_timer() -> AsyncIterator[None]:
+        task = asyncio.create_task(keep_keys(), name="auth-keys")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await auth.flush()
+
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[key_timer])
     app.state.settings = settings
+    app.state.auth = auth
+
+    @app.exception_handler(AuthError)
+    async def on_auth_error(request: Request, exc: AuthError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def on_database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return error_response(AuthError(503, "temporarily_unavailable", "the database is not reachable yet"))
+
+    @app.exception_handler(BusError)
+    async def on_bus_down(request: Request, exc: BusError) -> JSONResponse:
+        return error_response(AuthError(503, "temporarily_unavailable", f"the event bus did not accept it: {exc}"))
+
+    @app.exception_handler(RedisError)
+    async def on_redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        return error_response(AuthError(503, "temporarily_unavailable", "Redis is not reachable"))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(AuthError(400, "invalid_request", str(exc.errors()[0].get("msg", "bad request"))))
+
+    app.include_router(build_router())
     return app

@@ -1,9 +1,85 @@
-from pydantic import Field
+"""auth settings (`TSUNAGU_AUTH_*`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from tsunagu_core.config import ServiceSettings
+
+
+class ServiceClient(BaseModel):
+    """A backend that gets tokens with the client-credentials grant."""
+
+    model_config = {"extra": "forbid"}
+
+    secret: str = Field("", description="Shared secret (compared in constant time); or set `secret_hash`.")
+    secret_hash: str = Field("", description="argon2id hash of the secret (`argon2.PasswordHasher().hash`).")
+    scopes: list[str] = Field(default_factory=list)
+    channels: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _has_a_secret(self) -> ServiceClient:
+        if not self.secret and not self.secret_hash:
+            raise ValueError("a client needs `secret` or `secret_hash`")
+        return self
+
+
+class BootstrapUser(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    password: str = Field(min_length=1)
+    channels: list[str] = Field(default_factory=list)
 
 
 class AuthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TSUNAGU_AUTH_", extra="ignore")
 
     port: int = Field(8081, ge=1, le=65535, description="TCP port to listen on.")
+    algorithm: Literal["EdDSA", "RS256"] = Field(
+        "EdDSA", description="Signature of access tokens: `EdDSA` (Ed25519) or `RS256` (RSA 2048)."
+    )
+    audience: str = Field("tsunagu", description="`aud` claim of every token (set the gateway's token_audience to it).")
+    issuer: str = Field("tsunagu-auth", description="`iss` claim of every token.")
+    access_token_ttl: float = Field(900.0, ge=5, le=86400, description="Seconds an access token is valid.")
+    refresh_token_ttl: float = Field(
+        30 * 86400.0, ge=60, description="Seconds a refresh token (and its session) lives without being used."
+    )
+    subscription_token_ttl: float = Field(
+        900.0, ge=5, le=86400, description="Seconds a subscription token for a private channel is valid."
+    )
+    key_lifetime: float = Field(
+        86400.0, ge=10, description="Seconds a signing key signs before the next one takes over (rotation timer)."
+    )
+    key_check_interval: float = Field(
+        10.0, gt=0, le=3600, description="Seconds between checks whether the signing key is due for rotation."
+    )
+    key_encryption_secret: str = Field(
+        "", description="Passphrase that encrypts private signing keys in the store; empty: stored unencrypted."
+    )
+    admin_api_key: str = Field(
+        "", description="Bearer key of the admin endpoints (users, revoke, key rotation); empty: they are off."
+    )
+    # OWASP's baseline for argon2id (m=19 MiB, t=2, p=1); raise them where logins may cost more CPU.
+    argon2_time_cost: int = Field(2, ge=1, le=20, description="argon2id iterations for password hashes.")
+    argon2_memory_cost: int = Field(19456, ge=8, description="argon2id memory in KiB for password hashes.")
+    argon2_parallelism: int = Field(1, ge=1, le=64, description="argon2id lanes for password hashes.")
+    login_max_failures: int = Field(
+        5, ge=1, description="Failed logins for one username within the window before it is locked."
+    )
+    login_max_failures_per_ip: int = Field(
+        50, ge=1, description="Failed logins from one client IP within the window before it is limited."
+    )
+    login_window: float = Field(
+        300.0, gt=0, description="Seconds over which failed logins are counted; also the lock-out length."
+    )
+    clients: dict[str, ServiceClient] = Field(
+        default_factory=dict,
+        description='JSON object: client id to `{"secret" or "secret_hash", "scopes": [...], "channels": [...]}` '
+        "for the client-credentials grant.",
+    )
+    bootstrap_users: dict[str, BootstrapUser] = Field(
+        default_factory=dict,
+        description='JSON object: username to `{"password", "channels"}`, created at start when missing (development).',
+    )

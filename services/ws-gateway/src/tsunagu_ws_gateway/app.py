@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from tsunagu_core import topics
 from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
+from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRegistry
+from tsunagu_core.revocation_store import shared_revocation_store
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
@@ -19,16 +21,22 @@ from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.tokens import TokenVerifier
 from tsunagu_ws_gateway.websocket import native_endpoint
 
 SERVICE = "ws-gateway"
-NEEDS = ("bus", "broker")
+NEEDS = ("bus", "broker", "nonces", "revocations")
 
 
 def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     node = Node(settings, runtime.broker, runtime.settings.node_name)
     rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout)
+    # Nonces of signed publications are shared by every replica when they share Redis.
+    nonces: NonceRegistry = (
+        RedisNonceRegistry(runtime.settings.redis_url) if runtime.settings.broker == "redis" else MemoryNonceRegistry()
+    )
+    runtime.add_dependency("nonces", nonces)
     gateway = Gateway(
         settings,
         node,
@@ -36,7 +44,9 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         ChannelPolicy(settings.namespaces),
         EventEmitter(runtime.bus, runtime.settings.node_name),
         rpc,
-        RevocationList(),
+        # Started and closed by the runtime (NEEDS): auth writes there before Kafka has it.
+        RevocationList(store=shared_revocation_store(runtime)),
+        SignatureVerifier(nonces, settings.signature_window),
     )
 
     async def follow_revocations() -> Subscription:

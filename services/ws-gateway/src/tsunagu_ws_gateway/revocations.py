@@ -4,10 +4,15 @@ Every gateway process reads the whole topic in a consumer group of its own (a ne
 reading from the earliest offset), so a restarted gateway rebuilds the list before it matters and each
 live revocation reaches every replica; connections it names are closed as soon as the event arrives.
 Entries are forgotten once every token they can affect has expired.
+
+At connect the gateway also asks the shared RevocationStore (Redis when the broker is Redis), which
+auth writes before it publishes: a gateway that has just started refuses a revoked token before its
+Kafka consumer has caught up. If Redis does not answer in time, the Kafka-fed list alone decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 from tsunagu_core.bus import BusMessage
 from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
+from tsunagu_core.revocation_store import RevocationStore, TokenIdentity
 from tsunagu_core.wire.events_pb2 import Revocation
 
 from tsunagu_ws_gateway.tokens import ConnectionGrant
@@ -23,7 +29,9 @@ from tsunagu_ws_gateway.tokens import ConnectionGrant
 log = logging.getLogger("tsunagu.gateway.revocations")
 
 REVOCATIONS_APPLIED = Counter("tsunagu_gateway_revocations_total", "Revocations received from auth", ["scope"])
+STORE_ERRORS = Counter("tsunagu_gateway_revocation_store_errors_total", "Connect-time revocation lookups that failed")
 NEVER = float("inf")
+STORE_TIMEOUT = 0.5
 
 
 @dataclass
@@ -32,6 +40,8 @@ class RevocationList:
     tokens: dict[str, float] = field(default_factory=dict)
     # user -> (tokens issued before this time are revoked, forget after)
     users: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Asked at connect too (see the module doc); None: the Kafka-fed list only.
+    store: RevocationStore | None = None
 
     def apply(self, revocation: Revocation) -> None:
         until = revocation.expires_unix_ms / 1000 if revocation.expires_unix_ms else NEVER
@@ -54,6 +64,21 @@ class RevocationList:
             issued = grant.issued_at if grant.issued_at is not None else 0.0
             return issued < entry[0]
         return False
+
+    async def refuses(self, grant: ConnectionGrant) -> bool:
+        """At connect: revoked by what this replica has learnt, or by what the shared store holds."""
+        if self.revokes(grant):
+            return True
+        if self.store is None:
+            return False
+        identity = TokenIdentity(grant.user, grant.session_id, grant.token_id, grant.issued_at)
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT):
+                return await self.store.revoked(identity)
+        except Exception as exc:
+            STORE_ERRORS.inc()
+            log.warning("revocation store not answering, relying on the Kafka feed: %r", exc)
+            return False
 
     def forget_expired(self) -> None:
         now = time.time()

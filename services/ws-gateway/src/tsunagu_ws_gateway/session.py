@@ -7,15 +7,18 @@ flavour (JSON or protobuf): its `Codec` decodes commands and encodes replies and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import orjson
 from prometheus_client import Counter
 from tsunagu_core.broker import BrokerError, ClientInfo, StreamPosition
-from tsunagu_core.wire.events_pb2 import GatewayEvent, Revocation
+from tsunagu_core.nonces import MemoryNonceRegistry
+from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent, Revocation
 
 from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
 from tsunagu_ws_gateway.config import GatewaySettings
@@ -27,6 +30,7 @@ from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
 from tsunagu_ws_gateway.protocol.json_frames import JSON
 from tsunagu_ws_gateway.revocations import RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
+from tsunagu_ws_gateway.signatures import SignatureVerifier, SignedPublication
 from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
 
 log = logging.getLogger("tsunagu.gateway.session")
@@ -61,6 +65,7 @@ class Gateway:
         events: EventEmitter,
         rpc: RpcRouter,
         revoked: RevocationList,
+        signatures: SignatureVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -70,6 +75,7 @@ class Gateway:
         self.events = events
         self.rpc = rpc
         self.revoked = revoked
+        self.signatures = signatures or SignatureVerifier(MemoryNonceRegistry(), settings.signature_window)
 
     def close_revoked(self, revocation: Revocation) -> None:
         """Close every connection on this node whose token the revocation covers."""
@@ -156,7 +162,9 @@ class ClientSession:
             result = await handler(command_id, request)
         except ReplyError as exc:
             COMMAND_ERRORS.labels(str(exc.error.code)).inc()
-            self.transport.send(self.codec.error_reply(command_id, exc.error))
+            # The detail tells the client what exactly was wrong; the code is what SDKs react to.
+            error = codes.ErrorCode(exc.error.code, f"{exc.error.message}: {exc.detail}") if exc.detail else exc.error
+            self.transport.send(self.codec.error_reply(command_id, error))
             return
         except BrokerError as exc:
             log.warning("%s failed for client %s: %s", method, self.id, exc)
@@ -176,7 +184,7 @@ class ClientSession:
             raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
         if token:
             grant = await self.gateway.verifier.verify_connection(token)
-            if self.gateway.revoked.revokes(grant):
+            if await self.gateway.revoked.refuses(grant):
                 raise ProtocolError(codes.TOKEN_REVOKED)
         elif self.settings.allow_anonymous:
             grant = ConnectionGrant(user="")
@@ -425,18 +433,54 @@ class ClientSession:
         key = request.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or len(key) > 128):
             raise ReplyError(codes.BAD_REQUEST, "idempotency_key must be a string of at most 128 characters")
+        data = self.codec.payload(request["data"])
+        signed = None
+        if options.signed:
+            claims = self.grant.claims if self.grant is not None else {}
+            signed = await self.gateway.signatures.verify(channel, self.user, claims, data)
         subscription = self.subscriptions.get(channel)
         result = await self.gateway.broker.publish(
             channel,
-            self.codec.payload(request["data"]),
+            data,
             options.publish_options(
                 idempotency_key=f"{self.user}/{key}" if key else None,
                 idempotency_ttl=self.settings.idempotency_ttl,
                 info=self.client_info(subscription),
             ),
         )
+        if options.audit:
+            await self._audit_publication(channel, data, result.offset, result.epoch, signed)
         # offset and epoch are our additions: stock clients ignore them, offline queues use them as acks.
         return {"offset": result.offset, "epoch": result.epoch} if result.offset else {}
+
+    async def _audit_publication(
+        self, channel: str, data: bytes, offset: int, epoch: str, signed: SignedPublication | None
+    ) -> None:
+        details: dict[str, Any] = {
+            "channel": channel,
+            "offset": offset,
+            "epoch": epoch,
+            "client": self.id,
+            "session": self.grant.session_id if self.grant is not None else "",
+            "data_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        if signed is not None:
+            details["signature"] = {"kid": signed.kid, "ts": signed.ts, "nonce": signed.nonce, "sig": signed.sig}
+            details["payload"] = signed.payload
+        event = AuditEvent(
+            actor=self.user,
+            action="publish",
+            subject=channel,
+            details=orjson.dumps(details, option=orjson.OPT_SORT_KEYS),
+            outcome="ok",
+        )
+        try:
+            await self.gateway.events.audit(event)
+        except Exception as exc:
+            # Published but not yet recorded: the client retries with its idempotency key, which
+            # returns the same offset and records it then.
+            log.error("audit record of %s offset %d not written: %s", channel, offset, exc)
+            raise ReplyError(codes.INTERNAL, "published, but the audit record failed; retry") from None
 
     async def _on_history(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
         channel, options = self._channel_access(request.get("channel"), "allow_history")

@@ -1,0 +1,473 @@
+"""What auth does, without HTTP: grants, refresh rotation, revocation, keys, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fnmatch
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import jwt
+import orjson
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import Counter, Histogram
+from tsunagu_core import topics
+from tsunagu_core.bus import Bus
+from tsunagu_core.envelope import publish_event
+from tsunagu_core.revocation_store import RevocationStore, Scope, TokenIdentity
+from tsunagu_core.wire.events_pb2 import AuditEvent, Revocation
+
+from tsunagu_auth import keys as keyring
+from tsunagu_auth.config import AuthSettings
+from tsunagu_auth.keys import PrivateKey, SigningKey
+from tsunagu_auth.limits import LoginLimiter
+from tsunagu_auth.store import MessageKey, Session, Store, User
+
+log = logging.getLogger("tsunagu.auth")
+
+LOGINS = Counter("tsunagu_auth_logins_total", "Password and client-credential logins", ["outcome"])
+REVOCATIONS = Counter("tsunagu_auth_revocations_total", "Revocations published", ["scope"])
+TOKEN_ISSUE_SECONDS = Histogram(
+    "tsunagu_auth_token_issue_seconds",
+    "Time to answer a token request, password hashing included",
+    ["grant"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+AUDIT_DROPPED = Counter("tsunagu_auth_audit_dropped_total", "Audit events not sent to the bus")
+
+USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+CHANNEL_PATTERN = re.compile(r"^[\w\-:.@/#,=+!~$*?\[\]]{1,255}$")
+KID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Gateways accept tokens this many seconds past `exp`; revocations and retired keys outlive tokens by more.
+TOKEN_GRACE = 60.0
+SOURCE = "auth"
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, error: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def invalid_request(message: str) -> AuthError:
+    return AuthError(400, "invalid_request", message)
+
+
+def _hash_refresh(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+class AuthService:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        store: Store,
+        revocations: RevocationStore,
+        bus: Bus,
+        limiter: LoginLimiter,
+        node: str = "",
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.revocations = revocations
+        self.bus = bus
+        self.limiter = limiter
+        self.source = f"{SOURCE}/{node}" if node else SOURCE
+        self.hasher = PasswordHasher(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_cost,
+            parallelism=settings.argon2_parallelism,
+        )
+        # Verified when the user does not exist, so both answers take as long.
+        self.dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+        self.keys: list[SigningKey] = []
+        self._private: dict[str, PrivateKey] = {}
+        self._audits: set[asyncio.Task[None]] = set()
+
+    @property
+    def token_life(self) -> float:
+        """How long after a key retires, or a revocation is made, a token it concerns can still be used."""
+        return self.settings.access_token_ttl + TOKEN_GRACE
+
+    # keys
+
+    async def load_keys(self) -> None:
+        self.keys = await self.store.signing_keys()
+
+    def _due(self, keys: list[SigningKey], now: float) -> bool:
+        active = keyring.active_key(keys, now)
+        if active is None or active.algorithm != self.settings.algorithm:
+            return True
+        return (active.activated_at or 0.0) + self.settings.key_lifetime <= now
+
+    async def rotate_keys(self, *, force: bool = False, actor: str = "auth") -> bool:
+        """Rotate when due (or `force`); True when this call rotated."""
+        rotated = False
+
+        def rotation(keys: list[SigningKey]) -> list[SigningKey] | None:
+            nonlocal rotated
+            now = time.time()
+            if not force and not self._due(keys, now):
+                return None
+            rotated = True
+            s = self.settings
+            return keyring.rotation(keys, s.algorithm, s.key_encryption_secret, self.token_life, now)
+
+        self.keys = await self.store.rotate_keys(rotation)
+        if rotated:
+            active = keyring.active_key(self.keys, time.time())
+            log.info("signing key rotated; active kid %s", active.kid if active else "?")
+            self.audit("keys.rotated", actor, active.kid if active else "", "ok", {"forced": force})
+        return rotated
+
+    async def maintain(self) -> None:
+        """One tick of the key timer: reload, rotate when due, forget what expired."""
+        await self.rotate_keys()
+        await self.store.purge(time.time())
+
+    def jwks(self) -> dict[str, Any]:
+        return keyring.jwks(self.keys, time.time())
+
+    async def _signing_key(self) -> tuple[SigningKey, PrivateKey]:
+        key = keyring.active_key(self.keys, time.time())
+        if key is None:
+            await self.rotate_keys()
+            key = keyring.active_key(self.keys, time.time())
+            if key is None:
+                raise AuthError(503, "temporarily_unavailable", "no signing key")
+        private = self._private.get(key.kid)
+        if private is None:
+            private = key.private_key(self.settings.key_encryption_secret)
+            self._private[key.kid] = private
+        return key, private
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        key, private = await self._signing_key()
+        return jwt.encode(claims, private, algorithm=key.algorithm, headers={"kid": key.kid})
+
+    # tokens
+
+    def _base_claims(self, sub: str, ttl: float, now: float) -> dict[str, Any]:
+        return {
+            "iss": self.settings.issuer,
+            "aud": self.settings.audience,
+            "sub": sub,
+            # Milliseconds: a user revoked at t refuses tokens issued before t, not those issued just after.
+            "iat": round(now, 3),
+            "exp": int(now + ttl),
+            "jti": uuid.uuid4().hex,
+        }
+
+    async def _access_token(self, user: User, session_id: str, now: float) -> str:
+        claims = self._base_claims(user.username, self.settings.access_token_ttl, now)
+        claims["sid"] = session_id
+        claims["channels"] = list(user.channels)
+        message_keys = await self.store.message_keys(user.username)
+        if message_keys:
+            claims["sig_keys"] = [{"kid": k.kid, "key": k.key} for k in message_keys]
+        return await self.sign(claims)
+
+    def _token_response(self, access: str, refresh: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": int(self.settings.access_token_ttl),
+        }
+        if refresh is not None:
+            body["refresh_token"] = refresh
+        return body
+
+    async def password_grant(self, username: str, password: str, ip: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        if not username or not password or len(username) > 256 or len(password) > 1024:
+            raise invalid_request("username and password are required")
+        wait = await self.limiter.retry_after(username, ip)
+        if wait is not None:
+            LOGINS.labels("limited").inc()
+            self.audit("login", username, username, "limited", {"grant": "password"}, ip)
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many failed logins; try later",
+                {"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
+        user = await self.store.get_user(username)
+        ok = await asyncio.to_thread(self._verify_password, user.password_hash if user else self.dummy_hash, password)
+        if user is None or not ok:
+            await self.limiter.failed(username, ip)
+            LOGINS.labels("failed").inc()
+            self.audit("login", username, username, "failed", {"grant": "password"}, ip)
+            raise AuthError(401, "invalid_grant", "invalid username or password")
+        await self.limiter.succeeded(username)
+        now = time.time()
+        session = Session(
+            id=uuid.uuid4().hex,
+            user=user.username,
+            created_at=now,
+            expires_at=now + self.settings.refresh_token_ttl,
+            channels=user.channels,
+        )
+        refresh = secrets.token_urlsafe(32)
+        await self.store.create_session(session, _hash_refresh(refresh))
+        access = await self._access_token(user, session.id, now)
+        LOGINS.labels("ok").inc()
+        self.audit("login", user.username, user.username, "ok", {"grant": "password", "session": session.id}, ip)
+        TOKEN_ISSUE_SECONDS.labels("password").observe(time.perf_counter() - started)
+        return self._token_response(access, refresh)
+
+    def _verify_password(self, password_hash: str, password: str) -> bool:
+        try:
+            return bool(self.hasher.verify(password_hash, password))
+        except (VerificationError, InvalidHashError):
+            return False
+
+    async def client_grant(self, client_id: str, secret: str, scope: str, ip: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        if not client_id or not secret:
+            raise invalid_request("client_id and client_secret are required")
+        wait = await self.limiter.retry_after(f"client:{client_id}", ip)
+        if wait is not None:
+            LOGINS.labels("limited").inc()
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many failed logins; try later",
+                {"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
+        client = self.settings.clients.get(client_id)
+        if client is None:
+            await asyncio.to_thread(self._verify_password, self.dummy_hash, secret)
+            ok = False
+        elif client.secret_hash:
+            ok = await asyncio.to_thread(self._verify_password, client.secret_hash, secret)
+        else:
+            ok = hmac.compare_digest(client.secret.encode(), secret.encode())
+        if client is None or not ok:
+            await self.limiter.failed(f"client:{client_id}", ip)
+            LOGINS.labels("failed").inc()
+            self.audit(
+                "login", f"client:{client_id}", f"client:{client_id}", "failed", {"grant": "client_credentials"}, ip
+            )
+            raise AuthError(401, "invalid_client", "invalid client credentials")
+        requested = scope.split() if scope else list(client.scopes)
+        if not set(requested) <= set(client.scopes):
+            raise AuthError(
+                400,
+                "invalid_scope",
+                "the client may not have scope " + " ".join(sorted(set(requested) - set(client.scopes))),
+            )
+        now = time.time()
+        claims = self._base_claims(f"client:{client_id}", self.settings.access_token_ttl, now)
+        claims.update({"client_id": client_id, "scope": " ".join(requested), "channels": list(client.channels)})
+        access = await self.sign(claims)
+        LOGINS.labels("ok").inc()
+        self.audit("login", f"client:{client_id}", f"client:{client_id}", "ok", {"grant": "client_credentials"}, ip)
+        TOKEN_ISSUE_SECONDS.labels("client_credentials").observe(time.perf_counter() - started)
+        return self._token_response(access, None)
+
+    async def refresh(self, token: str, ip: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        if not token or len(token) > 256:
+            raise invalid_request("refresh_token is required")
+        new = secrets.token_urlsafe(32)
+        now = time.time()
+        outcome = await self.store.rotate_refresh(
+            _hash_refresh(token), _hash_refresh(new), now, self.settings.refresh_token_ttl
+        )
+        if outcome.status == "reused" and outcome.session is not None:
+            session = outcome.session
+            log.warning("refresh token of session %s used twice: revoking the session", session.id)
+            self.audit("refresh.reuse_detected", session.user, session.user, "revoked", {"session": session.id}, ip)
+            await self._publish_revocation("session", session.id, session.user, "refresh token reused", "auth")
+            raise AuthError(401, "invalid_grant", "invalid refresh token")
+        if outcome.status != "ok" or outcome.session is None:
+            raise AuthError(401, "invalid_grant", "invalid refresh token")
+        session = outcome.session
+        user = await self.store.get_user(session.user)
+        if user is None:
+            raise AuthError(401, "invalid_grant", "invalid refresh token")
+        access = await self._access_token(user, session.id, now)
+        self.audit("refresh", user.username, user.username, "ok", {"session": session.id}, ip)
+        TOKEN_ISSUE_SECONDS.labels("refresh_token").observe(time.perf_counter() - started)
+        return self._token_response(access, new)
+
+    # access tokens presented to auth itself
+
+    async def verify_access(self, token: str) -> dict[str, Any]:
+        unauthorized = AuthError(
+            401, "invalid_token", "invalid or expired access token", {"WWW-Authenticate": "Bearer"}
+        )
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError:
+            raise unauthorized from None
+        key = next((k for k in self.keys if k.kid == kid), None)
+        if key is None:
+            await self.load_keys()
+            key = next((k for k in self.keys if k.kid == kid), None)
+        if key is None or key.state(time.time()) == "expired":
+            raise unauthorized
+        try:
+            public = jwt.PyJWK.from_dict(key.public_jwk).key
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                public,
+                algorithms=[key.algorithm],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                options={"require": ["sub", "exp", "iat"]},
+            )
+        except jwt.InvalidTokenError:
+            raise unauthorized from None
+        identity = TokenIdentity(
+            str(claims["sub"]), str(claims.get("sid", "")), str(claims.get("jti", "")), float(claims["iat"])
+        )
+        if await self.revocations.revoked(identity):
+            raise unauthorized
+        return claims
+
+    async def subscription_token(self, claims: Mapping[str, Any], channel: str) -> dict[str, Any]:
+        if not channel or len(channel) > 255:
+            raise invalid_request("channel is required")
+        patterns = claims.get("channels") or []
+        if not any(fnmatch.fnmatchcase(channel, p) for p in patterns if isinstance(p, str)):
+            raise AuthError(403, "forbidden", f"this token grants no access to channel {channel[:64]!r}")
+        now = time.time()
+        sub = self._base_claims(str(claims["sub"]), self.settings.subscription_token_ttl, now)
+        sub["channel"] = channel
+        if claims.get("sid"):
+            sub["sid"] = claims["sid"]
+        return {"token": await self.sign(sub), "expires_in": int(self.settings.subscription_token_ttl)}
+
+    # admin
+
+    async def create_user(self, username: str, password: str, channels: list[str], actor: str) -> dict[str, Any]:
+        if not USERNAME.match(username):
+            raise invalid_request("username: 1-64 of letters, digits, `_ . @ -`")
+        if not 8 <= len(password) <= 1024:
+            raise invalid_request("password: 8 to 1024 characters")
+        bad = [c for c in channels if not CHANNEL_PATTERN.match(c)]
+        if bad:
+            raise invalid_request(f"invalid channel pattern {bad[0][:64]!r}")
+        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        if not await self.store.create_user(User(username, password_hash, tuple(channels))):
+            raise AuthError(409, "conflict", f"user {username!r} exists")
+        self.audit("user.created", actor, username, "ok", {"channels": channels})
+        return {"id": username, "username": username, "channels": channels}
+
+    async def register_message_key(self, username: str, kid: str, key: str, actor: str) -> dict[str, Any]:
+        try:
+            raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+            if len(raw) != 32:
+                raise ValueError("not 32 bytes")
+            Ed25519PublicKey.from_public_bytes(raw)
+        except (ValueError, TypeError):
+            raise invalid_request("key: base64url of a raw 32-byte Ed25519 public key") from None
+        canonical = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        kid = kid or "k-" + hashlib.sha256(raw).hexdigest()[:12]
+        if not KID.match(kid):
+            raise invalid_request("kid: 1-64 of letters, digits, `_ . -`")
+        if await self.store.get_user(username) is None:
+            raise AuthError(404, "not_found", f"no user {username!r}")
+        if not await self.store.add_message_key(username, MessageKey(kid, canonical)):
+            raise AuthError(409, "conflict", f"user {username!r} already has a key {kid!r}")
+        self.audit("signing_key.registered", actor, username, "ok", {"kid": kid, "key": canonical})
+        return {"kid": kid, "key": canonical}
+
+    async def revoke(self, scope: Scope, value: str, *, actor: str, reason: str, user: str = "") -> dict[str, Any]:
+        if not value or len(value) > 256:
+            raise invalid_request(f"{scope} is required")
+        sessions: list[str] = []
+        if scope == "session":
+            session = await self.store.revoke_session(value, time.time())
+            if session is None:
+                raise AuthError(404, "not_found", f"no session {value!r}")
+            user = session.user
+        elif scope == "user":
+            user = value
+            sessions = await self.store.revoke_user_sessions(value, time.time())
+        revocation = await self._publish_revocation(scope, value, user, reason, actor)
+        self.audit("revoke", actor, user or value, "ok", {"scope": scope, "value": value, "reason": reason})
+        body: dict[str, Any] = {
+            "scope": scope,
+            "value": value,
+            "expires_unix_ms": revocation.expires_unix_ms,
+        }
+        if scope == "user":
+            body["sessions"] = len(sessions)
+        return body
+
+    async def _publish_revocation(self, scope: Scope, value: str, user: str, reason: str, actor: str) -> Revocation:
+        now = time.time()
+        # Written to the shared store first: a gateway connecting a client from now on refuses it even
+        # before the Kafka event reaches it.
+        await self.revocations.revoke(scope, value, ttl=self.token_life, issued_before=now if scope == "user" else None)
+        revocation = Revocation(
+            scope={"session": Revocation.SESSION, "user": Revocation.USER, "token": Revocation.TOKEN}[scope],
+            value=value,
+            issued_before_unix_ms=int(now * 1000) if scope == "user" else 0,
+            expires_unix_ms=int((now + self.token_life) * 1000),
+            reason=reason,
+            actor=actor,
+        )
+        await publish_event(
+            self.bus, topics.AUTH_REVOCATIONS, "auth.revocation", revocation, key=user or value, source=self.source
+        )
+        REVOCATIONS.labels(scope).inc()
+        return revocation
+
+    # audit
+
+    def audit(
+        self, action: str, actor: str, subject: str, outcome: str, details: Mapping[str, Any], ip: str = ""
+    ) -> None:
+        """Hand an AuditEvent to the bus in the background: a slow Kafka never delays a login."""
+        if len(self._audits) >= 1000:
+            AUDIT_DROPPED.inc()
+            return
+        event = AuditEvent(
+            actor=actor,
+            action=f"auth.{action}",
+            subject=subject,
+            details=canonical_json(dict(details)),
+            outcome=outcome,
+            client_ip=ip,
+        )
+        task = asyncio.create_task(self._send_audit(event))
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+
+    async def _send_audit(self, event: AuditEvent) -> None:
+        try:
+            await publish_event(self.bus, topics.AUDIT, event.action, event, key=event.subject, source=self.source)
+        except Exception as exc:
+            AUDIT_DROPPED.inc()
+            log.warning("audit event %s not sent: %s", event.action, exc)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        if self._audits:
+            await asyncio.wait(set(self._audits), timeout=timeout)
+
+    async def bootstrap(self) -> None:
+        for username, entry in self.settings.bootstrap_users.items():
+            if await self.store.get_user(username) is None:
+                password_hash = await asyncio.to_thread(self.hasher.hash, entry.password)
+                if await self.store.create_user(User(username, password_hash, tuple(entry.channels))):
+                    log.info("bootstrap user %s created", username)

@@ -1,0 +1,187 @@
+"""HTTP routes of auth. Bodies are JSON or form-encoded (OAuth 2 clients send forms)."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from tsunagu_core.revocation_store import Scope
+
+from tsunagu_auth.domain import AuthError, AuthService, invalid_request
+
+MAX_BODY = 64 * 1024
+
+
+def service_of(request: Request) -> AuthService:
+    return cast(AuthService, request.app.state.auth)
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise AuthError(413, "invalid_request", "request body too large")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False))
+        except UnicodeDecodeError:
+            raise invalid_request("the form is not UTF-8") from None
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid_request("the body is neither JSON nor a form") from None
+    if not isinstance(body, dict):
+        raise invalid_request("the body must be a JSON object")
+    return body
+
+
+def text(body: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = body.get(name, "")
+    if not isinstance(value, str):
+        raise invalid_request(f"{name} must be a string")
+    if required and not value:
+        raise invalid_request(f"{name} is required")
+    return value
+
+
+def bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise AuthError(401, "invalid_token", "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+    return credentials.strip()
+
+
+def is_admin(request: Request, credentials: str) -> bool:
+    key = service_of(request).settings.admin_api_key
+    return bool(key) and hmac.compare_digest(key.encode(), credentials.encode())
+
+
+def require_admin(request: Request) -> str:
+    if not service_of(request).settings.admin_api_key:
+        raise AuthError(403, "forbidden", "admin endpoints are off (TSUNAGU_AUTH_ADMIN_API_KEY is empty)")
+    if not is_admin(request, bearer(request)):
+        raise AuthError(403, "forbidden", "the admin API key is wrong")
+    return "admin"
+
+
+def basic_client(request: Request) -> tuple[str, str] | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client_id, _, secret = base64.b64decode(credentials, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_request("malformed Basic credentials") from None
+    return client_id, secret
+
+
+def error_response(exc: AuthError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.error, "error_description": exc.message}, status_code=exc.status, headers=exc.headers
+    )
+
+
+def build_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/.well-known/jwks.json", tags=["auth"])
+    async def jwks(request: Request) -> JSONResponse:
+        return JSONResponse(service_of(request).jwks(), headers={"Cache-Control": "max-age=60"})
+
+    @router.post("/v1/token", tags=["auth"])
+    async def token(request: Request) -> JSONResponse:
+        auth = service_of(request)
+        body = await read_body(request)
+        grant = text(body, "grant_type")
+        if grant == "password":
+            result = await auth.password_grant(text(body, "username"), text(body, "password"), client_ip(request))
+        elif grant == "client_credentials":
+            basic = basic_client(request)
+            client_id, secret = basic or (text(body, "client_id"), text(body, "client_secret"))
+            result = await auth.client_grant(client_id, secret, text(body, "scope", required=False), client_ip(request))
+        else:
+            raise AuthError(400, "unsupported_grant_type", "grant_type must be password or client_credentials")
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/refresh", tags=["auth"])
+    async def refresh(request: Request) -> JSONResponse:
+        body = await read_body(request)
+        result = await service_of(request).refresh(text(body, "refresh_token"), client_ip(request))
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/revoke", tags=["admin"])
+    async def revoke(request: Request) -> JSONResponse:
+        actor = require_admin(request)
+        body = await read_body(request)
+        given = [s for s in ("session", "user", "token") if body.get(s)]
+        if given == ["user", "token"]:
+            given = ["token"]  # a token id, with its user as the event key
+        if len(given) != 1:
+            raise invalid_request("give exactly one of session, user, token (a jti, optionally with its user)")
+        scope = cast(Scope, given[0])
+        result = await service_of(request).revoke(
+            scope,
+            text(body, scope),
+            actor=actor,
+            reason=text(body, "reason", required=False),
+            user=text(body, "user", required=False) if scope == "token" else "",
+        )
+        return JSONResponse(result)
+
+    @router.post("/v1/keys/rotate", tags=["admin"])
+    async def rotate(request: Request) -> JSONResponse:
+        actor = require_admin(request)
+        auth = service_of(request)
+        await auth.rotate_keys(force=True, actor=actor)
+        return JSONResponse(auth.jwks())
+
+    @router.post("/v1/users", tags=["admin"], status_code=201)
+    async def create_user(request: Request) -> JSONResponse:
+        actor = require_admin(request)
+        body = await read_body(request)
+        channels = body.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise invalid_request("channels must be a list of channel patterns")
+        result = await service_of(request).create_user(
+            text(body, "username"), text(body, "password"), channels, actor=actor
+        )
+        return JSONResponse(result, status_code=201)
+
+    @router.post("/v1/users/{user}/signing-keys", tags=["auth"], status_code=201)
+    async def signing_key(user: str, request: Request) -> JSONResponse:
+        auth = service_of(request)
+        credentials = bearer(request)
+        if is_admin(request, credentials):
+            actor = "admin"
+        else:
+            claims = await auth.verify_access(credentials)
+            if claims["sub"] != user:
+                raise AuthError(403, "forbidden", "a user may register keys for itself only")
+            actor = user
+        body = await read_body(request)
+        result = await auth.register_message_key(
+            user, text(body, "kid", required=False), text(body, "key"), actor=actor
+        )
+        return JSONResponse(result, status_code=201)
+
+    @router.post("/v1/subscription-token", tags=["auth"])
+    async def subscription_token(request: Request) -> JSONResponse:
+        auth = service_of(request)
+        claims = await auth.verify_access(bearer(request))
+        body = await read_body(request)
+        result = await auth.subscription_token(claims, text(body, "channel"))
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    return router

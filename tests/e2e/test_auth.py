@@ -1,0 +1,201 @@
+"""auth and two gateways on the real stack: password login, stock clients, forced logout, key rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import jwt
+from centrifuge import Client, ClientEventHandler, ConnectedContext, DisconnectedContext
+from tsunagu_core.revocation_store import RedisRevocationStore
+from tsunagu_core.testing import POSTGRES_DSN, REDIS_URL
+
+ADMIN = "e2e-auth-admin-key"
+PASSWORD = "correct horse battery"
+
+
+class Watch(ClientEventHandler):
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.code = 0
+        self.at = 0.0
+
+    async def on_connected(self, ctx: ConnectedContext) -> None:
+        self.connected.set()
+
+    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
+        self.code = ctx.code
+        self.at = time.perf_counter()
+        self.disconnected.set()
+
+
+async def connect(port: int, token: str) -> tuple[Client, Watch]:
+    watch = Watch()
+    client = Client(f"ws://127.0.0.1:{port}/connection/websocket", token=token, events=watch)
+    await client.connect()
+    done, _ = await asyncio.wait(
+        [asyncio.create_task(watch.connected.wait()), asyncio.create_task(watch.disconnected.wait())],
+        timeout=10,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    assert done, "neither connected nor refused"
+    return client, watch
+
+
+async def schema_dsn() -> tuple[str, str]:
+    """auth's tables in a schema of their own, so its keys never mix with other runs on the shared server."""
+    schema = f"auth_e2e_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    await conn.close()
+    return schema, f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}search_path={schema}"
+
+
+async def drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    await conn.close()
+
+
+def auth_env(real_env: dict[str, str], dsn: str) -> dict[str, str]:
+    return {
+        **real_env,
+        "TSUNAGU_POSTGRES_DSN": dsn,
+        "TSUNAGU_AUTH_ADMIN_API_KEY": ADMIN,
+        "TSUNAGU_AUTH_ARGON2_TIME_COST": "1",
+        "TSUNAGU_AUTH_ARGON2_MEMORY_COST": "8192",
+        "TSUNAGU_AUTH_ARGON2_PARALLELISM": "1",
+    }
+
+
+def gateway_env(real_env: dict[str, str], auth_base: str) -> dict[str, str]:
+    return {
+        **real_env,
+        "TSUNAGU_GATEWAY_TOKEN_JWKS_URL": f"{auth_base}/.well-known/jwks.json",
+        "TSUNAGU_GATEWAY_TOKEN_AUDIENCE": "tsunagu",
+    }
+
+
+async def login(http: httpx.AsyncClient, auth_base: str, user: str) -> dict[str, Any]:
+    body = {"grant_type": "password", "username": user, "password": PASSWORD}
+    response = await http.post(f"{auth_base}/v1/token", json=body)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def rotation_on_live_gateway(http: httpx.AsyncClient, auth_base: str, port: int, user: str) -> None:
+    """A key rotation while the gateway runs: a token signed by the new key is accepted on first use."""
+    before = (await login(http, auth_base, user))["access_token"]
+    client, watch = await connect(port, before)  # the gateway fetches the JWKS now
+    assert watch.connected.is_set()
+    rotated = await http.post(f"{auth_base}/v1/keys/rotate")
+    assert rotated.status_code == 200
+    after = (await login(http, auth_base, user))["access_token"]
+    assert jwt.get_unverified_header(after)["kid"] != jwt.get_unverified_header(before)["kid"]
+    # `tsunagu token --auth-url` gets one the same way, signed by the new key.
+    command = [sys.executable, "-m", "tsunagu", "token", "--user", user, "--auth-url", auth_base]
+    printed = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TSUNAGU_TOKEN_PASSWORD": PASSWORD},
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert jwt.get_unverified_header(printed.stdout.strip())["kid"] == jwt.get_unverified_header(after)["kid"]
+    fresh, fresh_watch = await connect(port, after)
+    assert fresh_watch.connected.is_set() and not fresh_watch.disconnected.is_set()
+    assert not watch.disconnected.is_set(), "tokens of the old key keep working"
+    await fresh.disconnect()
+    await client.disconnect()
+
+
+async def test_forced_logout_on_two_gateways_and_key_rotation(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    schema, dsn = await schema_dsn()
+    try:
+        auth = start_service(["serve", "auth"], auth_env(real_env, dsn), port=pick_port())
+        genv = gateway_env(real_env, auth.base)
+        second_port = pick_port()
+        gateways = [
+            start_service(["serve", "ws-gateway"], genv),
+            start_service(["serve", "ws-gateway"], genv, port=second_port),
+        ]
+        # Started together: a gateway fetches the JWKS when it first sees a token, not at start.
+        await asyncio.gather(*(asyncio.to_thread(p.wait_ready) for p in [auth, *gateways]))
+
+        async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+            user = f"e2e{uuid.uuid4().hex[:8]}"
+            created = await http.post(
+                f"{auth.base}/v1/users", json={"username": user, "password": PASSWORD, "channels": ["chat:*"]}
+            )
+            assert created.status_code == 201, created.text
+            tokens = await login(http, auth.base, user)
+            access = tokens["access_token"]
+            assert jwt.get_unverified_header(access)["alg"] == "EdDSA"
+            sid = jwt.decode(access, options={"verify_signature": False})["sid"]
+
+            # The shared store alone (no Kafka event) is enough for a gateway to refuse a token at connect.
+            other = (await login(http, auth.base, user))["access_token"]
+            other_sid = jwt.decode(other, options={"verify_signature": False})["sid"]
+            store = RedisRevocationStore(REDIS_URL)
+            await store.revoke("session", other_sid, ttl=60)
+            await store.close()
+            client, watch = await connect(gateways[0].port, other)
+            assert watch.disconnected.is_set() and watch.code == 3500
+            await client.disconnect()
+
+            sessions = [await connect(g.port, access) for g in gateways]
+            assert all(w.connected.is_set() and not w.disconnected.is_set() for _, w in sessions)
+
+            started = time.perf_counter()
+            revoked = await http.post(f"{auth.base}/v1/revoke", json={"session": sid, "reason": "e2e"})
+            assert revoked.status_code == 200, revoked.text
+            async with asyncio.timeout(1.0):
+                for _, watch in sessions:
+                    await watch.disconnected.wait()
+            latencies = [watch.at - started for _, watch in sessions]
+            print(
+                f"\nrevocation -> both connections closed: {max(latencies) * 1000:.0f} ms "
+                f"({', '.join(f'{x * 1000:.0f}' for x in latencies)} ms per gateway)"
+            )
+            assert [watch.code for _, watch in sessions] == [3500, 3500]
+            assert max(latencies) < 1.0
+
+            for gateway in gateways:
+                client, watch = await connect(gateway.port, access)
+                assert watch.disconnected.is_set() and watch.code == 3500, "the revoked token is refused"
+                await client.disconnect()
+
+            # A restarted gateway refuses it too, at once (the shared store answers before Kafka catches up).
+            assert await asyncio.to_thread(gateways[1].stop) == 0
+            restarted = start_service(["serve", "ws-gateway"], genv, port=second_port)
+            await asyncio.to_thread(restarted.wait_ready)
+            client, watch = await connect(second_port, access)
+            assert watch.disconnected.is_set() and watch.code == 3500
+            await client.disconnect()
+
+            # The refresh token of the revoked session is dead as well; a new login works.
+            assert (
+                await http.post(f"{auth.base}/v1/refresh", json={"refresh_token": tokens["refresh_token"]})
+            ).status_code == 401
+            client, watch = await connect(second_port, (await login(http, auth.base, user))["access_token"])
+            assert watch.connected.is_set()
+            await client.disconnect()
+            for client, _ in sessions:
+                await client.disconnect()
+
+            await rotation_on_live_gateway(http, auth.base, gateways[0].port, user)
+    finally:
+        await drop_schema(schema)
