@@ -1,3 +1,5 @@
+import asyncio
+
 from fastapi.testclient import TestClient
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
@@ -18,3 +20,34 @@ def test_health_readiness_and_metrics_on_embedded_engines() -> None:
 def test_port_comes_from_its_own_variable(monkeypatch) -> None:
     monkeypatch.setenv("TSUNAGU_INGEST_PORT", "18084")
     assert IngestSettings().port == 18084
+
+
+async def test_the_app_relays_while_running_and_flushes_held_values_on_stop() -> None:
+    import json
+
+    import httpx
+    from tsunagu_stream_ingest.mappings import IngestMapping
+
+    runtime = Runtime(CoreSettings())
+    settings = IngestSettings(mappings=[IngestMapping(topic="app.prices", max_rate=0.5)])
+    app = create_app(runtime, settings)
+    channel = "stream:app.prices.EURUSD"
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+            described = (await client.get("/v1/mappings")).json()
+        assert described["group"] == "stream-ingest"
+        assert described["mappings"][0]["topic"] == "app.prices"
+        for n in range(3):
+            await runtime.bus.publish("app.prices", json.dumps({"n": n}).encode(), key="EURUSD")
+
+        async def published() -> int:
+            return (await runtime.broker.history(channel, limit=0)).position.offset
+
+        async with asyncio.timeout(5):
+            while await published() < 1 or app.state.relay.held == 0:
+                await asyncio.sleep(0.01)
+        # One every 2 s: the first went at once, the last is held.
+        assert [json.loads(p.data) for p in (await runtime.broker.history(channel)).publications] == [{"n": 0}]
+        broker = runtime.broker
+    # Stopping published the held value before the broker closed.
+    assert [json.loads(p.data) for p in (await broker.history(channel)).publications] == [{"n": 0}, {"n": 2}]

@@ -1,9 +1,63 @@
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+"""stream-ingest settings (`TSUNAGU_INGEST_*`), including the topic-to-channel mappings."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 from tsunagu_core.config import ServiceSettings
+
+from tsunagu_stream_ingest.mappings import IngestMapping
 
 
 class IngestSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TSUNAGU_INGEST_", extra="ignore")
 
     port: int = Field(8084, ge=1, le=65535, description="TCP port to listen on.")
+    # NoDecode: the JSON is parsed by the validator below, so a malformed value is a one-line ConfigError.
+    mappings: Annotated[list[IngestMapping], NoDecode] = Field(
+        default_factory=list,
+        description="JSON list of mappings, each `{topic, name, channel, keyless_channel, format, max_rate,"
+        " max_record_bytes}`: `topic` is a Kafka topic name or a regex starting with `^`;"
+        " see services/stream-ingest/README.md.",
+    )
+    consumer_group: str = Field("stream-ingest", min_length=1, description="Kafka consumer group of the relay.")
+    consumers: int = Field(
+        1, ge=1, le=32, description="Consumers in the group per process (partitions are handled in parallel)."
+    )
+    history_size: int = Field(
+        10,
+        ge=1,
+        le=100_000,
+        description="Publications kept per stream channel (>= 1: the last value for late subscribers).",
+    )
+    history_ttl: float = Field(300.0, gt=0, description="Seconds a stream channel's history is kept.")
+    idempotency_ttl: float = Field(
+        3600.0, gt=0, description="Seconds a record's idempotency key (`ingest/topic/partition/offset`) is remembered."
+    )
+    shutdown_flush: float = Field(
+        5.0, ge=0, le=120, description="Seconds a stopping relay spends publishing the values still held by conflation."
+    )
+
+    @field_validator("mappings", mode="before")
+    @classmethod
+    def _mappings_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str | bytes):
+            if not value.strip():
+                return []
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON ({exc})") from None
+        return value
+
+    @field_validator("mappings")
+    @classmethod
+    def _names_are_unique(cls, value: list[IngestMapping]) -> list[IngestMapping]:
+        names = [mapping.label for mapping in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"mapping names must be unique: {', '.join(duplicates)}")
+        return value
