@@ -16,6 +16,7 @@ from tsunagu_core.revocation_store import shared_revocation_store
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
+from tsunagu_ws_gateway.forwarding import build_forwarders
 from tsunagu_ws_gateway.hub import Node
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
@@ -47,6 +48,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         # Started and closed by the runtime (NEEDS): auth writes there before Kafka has it.
         RevocationList(store=shared_revocation_store(runtime)),
         SignatureVerifier(nonces, settings.signature_window),
+        build_forwarders(runtime.bus, command_timeout=settings.command_timeout),
     )
 
     async def follow_revocations() -> Subscription:

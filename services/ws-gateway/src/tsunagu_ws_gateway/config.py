@@ -30,6 +30,9 @@ class ChannelOptions(BaseModel):
     force_positioning: bool = False
     # Publications must be signed by the publisher's registered Ed25519 key (docs/protocol.md).
     signed: bool = False
+    # Client publications go to this forwarder (forwarding.py: "sim-input", "mqtt-command") as events
+    # on Kafka for a service, instead of to subscribers.
+    forward: Literal["", "sim-input", "mqtt-command"] = ""
     # Every publication is recorded in the audit log (Kafka `tsunagu.audit`), with its signature if any.
     audit: bool = False
 
@@ -63,8 +66,12 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "": ChannelOptions(),
     "chat": ChannelOptions(presence=True, join_leave=True),
     "stream": ChannelOptions(allow_publish="none", history_size=10, history_ttl=300),
-    "mqtt": ChannelOptions(history_size=10, history_ttl=300),
-    "sim": ChannelOptions(history_size=0, recovery=False),
+    # Device telemetry from mqtt-bridge; a client publish is a command to the device (mqtt-bridge).
+    "mqtt": ChannelOptions(history_size=10, history_ttl=300, forward="mqtt-command"),
+    # Room state from sim-engine; clients publish inputs to sim:<room>.input for the engine.
+    "sim": ChannelOptions(history_size=0, recovery=False, forward="sim-input"),
+    # Services' answers to one user's forwarded requests: replies:<kind>#<user>.
+    "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
     "ledger": ChannelOptions(signed=True, audit=True),
 }
@@ -112,6 +119,9 @@ class GatewaySettings(ServiceSettings):
         "is POSTed to `URL/sim.move`.",
     )
     rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
+    command_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a forwarded device command may wait for its device (mqtt-bridge)."
+    )
     signature_window: float = Field(
         30.0, gt=0, le=3600, description="Seconds a signed publication's `ts` may differ from the gateway's clock."
     )

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -23,6 +23,7 @@ from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent, Revocation
 from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
+from tsunagu_ws_gateway.forwarding import Forwarder, Sender
 from tsunagu_ws_gateway.hub import Node, Subscription
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codec import Codec
@@ -66,6 +67,7 @@ class Gateway:
         rpc: RpcRouter,
         revoked: RevocationList,
         signatures: SignatureVerifier | None = None,
+        forwarders: Mapping[str, Forwarder] | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -76,6 +78,7 @@ class Gateway:
         self.rpc = rpc
         self.revoked = revoked
         self.signatures = signatures or SignatureVerifier(MemoryNonceRegistry(), settings.signature_window)
+        self.forwarders = forwarders or {}
 
     def close_revoked(self, revocation: Revocation) -> None:
         """Close every connection on this node whose token the revocation covers."""
@@ -438,6 +441,12 @@ class ClientSession:
         if options.signed:
             claims = self.grant.claims if self.grant is not None else {}
             signed = await self.gateway.signatures.verify(channel, self.user, claims, data)
+        if options.forward:
+            forwarder = self.gateway.forwarders.get(options.forward)
+            if forwarder is None:
+                raise ReplyError(codes.NOT_AVAILABLE, f"no {options.forward} forwarder on this gateway")
+            sender = Sender(self.user, self.id, self.grant.session_id if self.grant else "", self.node.name)
+            return await forwarder(sender, channel, data)
         subscription = self.subscriptions.get(channel)
         result = await self.gateway.broker.publish(
             channel,
