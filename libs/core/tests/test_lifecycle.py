@@ -78,3 +78,18 @@ async def test_eventually_fails_instead_of_hanging() -> None:
     except TimeoutError:
         return
     raise AssertionError("eventually() returned although the condition never held")
+
+
+def test_a_dependency_name_is_taken_once() -> None:
+    import pytest
+    from tsunagu_core.broker import MemoryBroker
+    from tsunagu_core.bus import MemoryBus
+    from tsunagu_core.config import CoreSettings
+    from tsunagu_core.lifecycle import Runtime
+
+    runtime = Runtime(CoreSettings(), bus=MemoryBus(), broker=MemoryBroker())
+    first = MemoryBroker()
+    runtime.add_dependency("cache", first)
+    runtime.add_dependency("cache", first)  # the same object again: fine (shared stores do this)
+    with pytest.raises(ValueError, match="'cache' is already registered"):
+        runtime.add_dependency("cache", MemoryBroker())

@@ -175,7 +175,7 @@ def test_bad_input_is_a_clear_4xx(auth: Any) -> None:
 
 def test_readiness_names_its_dependencies(auth: Any) -> None:
     checks = auth.client.get("/readyz").json()["checks"]
-    expected = {"bus", "revocations", "login-limits"} | ({"database"} if auth.engine == "postgres" else set())
+    expected = {"bus", "revocations", "login-limits"} | ({"auth-database"} if auth.engine == "postgres" else set())
     assert set(checks) == expected
     metrics = auth.client.get("/metrics").text
     assert "tsunagu_auth_logins_total" in metrics and "tsunagu_auth_token_issue_seconds" in metrics

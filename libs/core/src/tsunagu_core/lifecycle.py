@@ -71,7 +71,11 @@ class Runtime:
         self.draining = False
 
     def add_dependency(self, name: str, dependency: Dependency) -> None:
-        self._dependencies.setdefault(name, dependency)
+        """Register a dependency once; a different one under a taken name is a wiring mistake (two
+        services of one process each need their own name, e.g. `auth-database`)."""
+        registered = self._dependencies.setdefault(name, dependency)
+        if registered is not dependency:
+            raise ValueError(f"dependency {name!r} is already registered")
 
     async def acquire(self, needs: Sequence[str]) -> None:
         self._users += 1

@@ -26,6 +26,7 @@ from tsunagu_auth.store import MIGRATIONS, MemoryStore, PostgresStore, Store
 
 SERVICE = "auth"
 LIMITS = "login-limits"
+DATABASE = "auth-database"
 log = logging.getLogger("tsunagu.auth")
 
 
@@ -35,9 +36,10 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
     store: Store
     if core.database == "postgres":
         database = Postgres(core.postgres_dsn, service=SERVICE, migrations=MIGRATIONS)
-        runtime.add_dependency("database", database)
+        # Named for the service: in `tsunagu run` every service has its own pool and migrations.
+        runtime.add_dependency(DATABASE, database)
         store = PostgresStore(database)
-        needs.append("database")
+        needs.append(DATABASE)
     else:
         store = MemoryStore()
     counters = create_counters(core)
@@ -50,7 +52,7 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
     )
     auth = AuthService(settings, store, shared_revocation_store(runtime), runtime.bus, limiter, core.node_name)
     # Rotation is audited on the bus, so the timer starts once the bus (and database) are there.
-    dependencies = ["bus", "database"] if core.database == "postgres" else ["bus"]
+    dependencies = ["bus", DATABASE] if core.database == "postgres" else ["bus"]
 
     async def keep_keys() -> None:
         await runtime.wait_ready(dependencies)
