@@ -495,6 +495,12 @@ metadata:
 {{- if has "postgres" $uses }}
 {{- $_ := set $data "TSUNAGU_DATABASE" $root.Values.config.database }}
 {{- end }}
+{{- /* The gateway trusts the keys auth publishes, and auth's audience, when auth is deployed. */}}
+{{- if and (eq $name "ws-gateway") $root.Values.services.auth.enabled }}
+{{- $authUrl := printf "http://%s:%v" (include "tsunagu.componentName" (dict "root" $root "name" "auth")) $root.Values.services.auth.port }}
+{{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_JWKS_URL" (printf "%s/.well-known/jwks.json" $authUrl) }}
+{{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_AUDIENCE" (index ($root.Values.services.auth.config | default dict) "TSUNAGU_AUTH_AUDIENCE" | default "tsunagu") }}
+{{- end }}
 {{- /* The service's own settings come last and win. */}}
 {{- range $key, $value := ($svc.config | default dict) }}
 {{- $_ := set $data $key $value }}
