@@ -50,6 +50,11 @@ def gateway(*matchers: str) -> str:
     return "{" + ", ".join([f'job="{GATEWAY_JOB}"', 'namespace=~"$namespace"', *matchers]) + "}"
 
 
+def job(name: str, *matchers: str) -> str:
+    """Series of one service in the chosen namespaces."""
+    return "{" + ", ".join([f'job="{name}"', 'namespace=~"$namespace"', *matchers]) + "}"
+
+
 def services(*matchers: str) -> str:
     """Series of the chosen services in the chosen namespaces."""
     return "{" + ", ".join(['job=~"$job"', 'namespace=~"$namespace"', *matchers]) + "}"
@@ -661,6 +666,67 @@ def overview() -> Json:
                     ),
                     8,
                     8,
+                ),
+            ],
+        ),
+        (
+            "Sessions, presence and audit",
+            [
+                (
+                    stat(
+                        "Online users",
+                        "Users with at least one connection, cluster-wide, as presence tracks them.",
+                        [query(f"max(tsunagu_presence_online_users{job('tsunagu-presence')})", "online users")],
+                        decimals=0,
+                    ),
+                    6,
+                    6,
+                ),
+                (
+                    stat(
+                        "Audit chain",
+                        "1 when audit-log's last verification found the hash chain and its signed checkpoints "
+                        "intact (TsunaguAuditChainBroken fires on 0).",
+                        [query(f"min(tsunagu_audit_chain_ok{job('tsunagu-audit-log')})", "chain intact")],
+                        steps=(("red", None), ("green", 1)),
+                        decimals=0,
+                    ),
+                    6,
+                    6,
+                ),
+                (
+                    timeseries(
+                        "Logins",
+                        "Password and client-credential logins per second by outcome (auth); failures "
+                        "include lock-outs and rate limits.",
+                        [
+                            query(
+                                "sum by (outcome) "
+                                f"(rate(tsunagu_auth_logins_total{job('tsunagu-auth')}[{RATE}]))",
+                                "{{outcome}}",
+                            )
+                        ],
+                        "suffix:/s",
+                    ),
+                    6,
+                    6,
+                ),
+                (
+                    timeseries(
+                        "Audit events",
+                        "Events appended to the audit chain per second, by type.",
+                        [
+                            query(
+                                "sum by (type) "
+                                f"(rate(tsunagu_audit_events_total{job('tsunagu-audit-log')}[{RATE}]))",
+                                "{{type}}",
+                            )
+                        ],
+                        "suffix:/s",
+                        stack=True,
+                    ),
+                    6,
+                    6,
                 ),
             ],
         ),
