@@ -701,8 +701,7 @@ def overview() -> Json:
                         "include lock-outs and rate limits.",
                         [
                             query(
-                                "sum by (outcome) "
-                                f"(rate(tsunagu_auth_logins_total{job('tsunagu-auth')}[{RATE}]))",
+                                f"sum by (outcome) (rate(tsunagu_auth_logins_total{job('tsunagu-auth')}[{RATE}]))",
                                 "{{outcome}}",
                             )
                         ],
@@ -717,8 +716,7 @@ def overview() -> Json:
                         "Events appended to the audit chain per second, by type.",
                         [
                             query(
-                                "sum by (type) "
-                                f"(rate(tsunagu_audit_events_total{job('tsunagu-audit-log')}[{RATE}]))",
+                                f"sum by (type) (rate(tsunagu_audit_events_total{job('tsunagu-audit-log')}[{RATE}]))",
                                 "{{type}}",
                             )
                         ],
