@@ -72,6 +72,8 @@ deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 	bash deploy/check.sh
 
 bench: install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
-	$(UV) run tsunagu stack up redis kafka
+	$(UV) run tsunagu stack up redis kafka postgres
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
+		&& $(UV) run python bench/ingest.py
