@@ -66,7 +66,7 @@ class RevocationList:
         return False
 
     async def refuses(self, grant: ConnectionGrant) -> bool:
-        """At connect: revoked by what this replica has learnt, or by what the shared store holds."""
+        """At connect and refresh: revoked by what this replica has learnt, or by what the shared store holds."""
         if self.revokes(grant):
             return True
         if self.store is None:

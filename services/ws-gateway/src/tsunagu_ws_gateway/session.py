@@ -239,7 +239,7 @@ class ClientSession:
         if not isinstance(token, str) or not token:
             raise ReplyError(codes.BAD_REQUEST, "refresh needs a token")
         grant = await self.gateway.verifier.verify_connection(token)
-        if self.gateway.revoked.revokes(grant):
+        if await self.gateway.revoked.refuses(grant):
             raise ProtocolError(codes.TOKEN_REVOKED)
         if grant.user != self.user:
             raise ProtocolError(codes.INVALID_TOKEN, "refresh token is for another user")
@@ -553,7 +553,8 @@ class ClientSession:
         if self.expires_at is not None and time.time() > self.expires_at + self.settings.pong_timeout:
             self.transport.close(codes.CONNECTION_EXPIRED)
             return
-        if now >= self.next_ping:
+        # A codec without a ping frame (the protocol adapters) keeps the connection alive its own way.
+        if self.codec.ping_frame and now >= self.next_ping:
             self.transport.send(self.codec.ping_frame)
             self.next_ping = now + self.settings.ping_interval
             if self.pong_deadline is None:
