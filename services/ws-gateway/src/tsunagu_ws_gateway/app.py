@@ -17,12 +17,15 @@ from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.forwarding import build_forwarders
+from tsunagu_ws_gateway.graphql_api import build_graphql_router
 from tsunagu_ws_gateway.hub import Node
+from tsunagu_ws_gateway.jsonrpc_endpoint import jsonrpc_endpoint
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
 from tsunagu_ws_gateway.signatures import SignatureVerifier
+from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
 from tsunagu_ws_gateway.tokens import TokenVerifier
 from tsunagu_ws_gateway.websocket import native_endpoint
 
@@ -77,5 +80,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.gateway = gateway
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
+    app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
+    app.add_api_websocket_route("/stomp", stomp_endpoint)
+    app.include_router(build_graphql_router(settings))
     app.include_router(build_router())
     return app
