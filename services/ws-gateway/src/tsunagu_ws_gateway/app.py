@@ -14,6 +14,7 @@ from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRe
 from tsunagu_core.revocation_store import shared_revocation_store
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
+from tsunagu_ws_gateway.collab import CollabHub, collab_endpoint
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.forwarding import build_forwarders
@@ -76,10 +77,13 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             await gateway.events.flush()
             await rpc.close()
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients])
+    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients, collab.lifespan])
     app.state.settings = settings
     app.state.gateway = gateway
+    app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
+    app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)
     app.include_router(build_graphql_router(settings))

@@ -70,6 +70,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "mqtt": ChannelOptions(history_size=10, history_ttl=300, forward="mqtt-command"),
     # Room state from sim-engine; clients publish inputs to sim:<room>.input for the engine.
     "sim": ChannelOptions(history_size=0, recovery=False, forward="sim-input"),
+    # Yjs documents at /collab/{doc}: read = may subscribe, write = may publish to collab:{doc}.
+    "collab": ChannelOptions(history_size=1000, history_ttl=3600),
     # Services' answers to one user's forwarded requests: replies:<kind>#<user>.
     "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
@@ -119,6 +121,9 @@ class GatewaySettings(ServiceSettings):
         "is POSTed to `URL/sim.move`.",
     )
     rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
+    collab_url: str = Field(
+        "http://127.0.0.1:8083", description="Base URL of the collab service (documents for `/collab/{doc}`)."
+    )
     command_timeout: float = Field(
         10.0, gt=0, le=3600, description="Seconds a forwarded device command may wait for its device (mqtt-bridge)."
     )

@@ -1,0 +1,262 @@
+"""Collaborative editing end to end: stock y-websocket clients (Node) and pycrdt's provider against
+`/collab/{doc}` on the gateway, with the collab service applying, storing and fanning out updates.
+
+- memory mode: gateway + collab in one process, one event loop, memory bus/broker/store;
+- real stack: two gateway processes and a collab process on Kafka, Redis and PostgreSQL, then
+  collab (kill -9) and one gateway restarted in the middle of editing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import uvicorn
+from pycrdt import Doc, Provider, Text
+from tsunagu_collab.app import create_app as collab_app
+from tsunagu_collab.config import CollabSettings
+from tsunagu_core.broker import MemoryBroker
+from tsunagu_core.bus import MemoryBus
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_ws_gateway.app import create_app as gateway_app
+from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES, ChannelOptions, GatewaySettings
+from websockets.asyncio.client import ClientConnection, connect
+
+SECRET = "e2e-collab-secret-long-enough-for-hs256"
+JS = Path(__file__).parent / "js"
+# Any signed-in user may read a document (subscribe); writing (publish) needs a `collab:` claim.
+NAMESPACES = {**DEFAULT_NAMESPACES, "collab": ChannelOptions(allow_subscribe="authenticated", allow_publish="claim")}
+
+
+def token(user: str, channels: list[str]) -> str:
+    return jwt.encode({"sub": user, "channels": channels, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, port: int) -> AsyncIterator[None]:
+    server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def y_client(url: str, room: str, tok: str, letter: str, count: int, expect: int, timeout: float = 40) -> Any:
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        "y_client.mjs",
+        url,
+        room,
+        tok,
+        letter,
+        str(count),
+        str(expect),
+        str(timeout),
+        cwd=JS,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, (out.decode(), err.decode()[-2000:])
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+class WebsocketChannel:
+    """pycrdt's Channel over a `websockets` client connection."""
+
+    def __init__(self, websocket: ClientConnection, path: str) -> None:
+        self.websocket = websocket
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> WebsocketChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except Exception:
+            raise StopAsyncIteration from None
+
+    async def send(self, message: bytes) -> None:
+        await self.websocket.send(message)
+
+    async def recv(self) -> bytes:
+        message = await self.websocket.recv()
+        return message if isinstance(message, bytes) else message.encode()
+
+
+async def wait_text(ytext: Text, length: int, timeout: float = 20) -> str:
+    async with asyncio.timeout(timeout):
+        while len(str(ytext)) < length:
+            await asyncio.sleep(0.02)
+    return str(ytext)
+
+
+async def get_json(url: str) -> Any:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+async def stored_text(http: str, doc: str, length: int, timeout: float = 20) -> str:
+    async with httpx.AsyncClient(base_url=http) as client, asyncio.timeout(timeout):
+        while True:
+            response = await client.get(f"/v1/docs/{doc}")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            text = str(body["content"].get("text", ""))
+            if len(text) >= length:
+                return text
+            await asyncio.sleep(0.1)
+
+
+async def test_memory_mode_stock_clients_converge_with_collab(monkeypatch: pytest.MonkeyPatch) -> None:
+    collab_port, gateway_port = free_port(), free_port()
+    monkeypatch.setenv("TSUNAGU_GATEWAY_COLLAB_URL", f"http://127.0.0.1:{collab_port}")
+    runtime = Runtime(CoreSettings(node_name="collab-e2e"), bus=MemoryBus(), broker=MemoryBroker())
+    collab = collab_app(runtime, CollabSettings())
+    gateway = gateway_app(runtime, GatewaySettings(token_hmac_secret=SECRET, namespaces=NAMESPACES))
+    doc = f"mem-{uuid.uuid4().hex[:8]}"
+    writer = token("ann", ["collab:*"])
+    url = f"ws://127.0.0.1:{gateway_port}/collab"
+    async with serve(collab, collab_port), serve(gateway, gateway_port):
+        first, second = await asyncio.gather(
+            y_client(url, doc, writer, "a", 60, 120), y_client(url, doc, writer, "b", 60, 120)
+        )
+        assert first["text"] == second["text"]
+        assert sorted(first["text"]) == ["a"] * 60 + ["b"] * 60
+        assert await stored_text(f"http://127.0.0.1:{collab_port}", doc, 120) == first["text"]
+
+        # pycrdt's own provider syncs too: it gets the text and its edit reaches collab.
+        ydoc: Doc = Doc()
+        ytext = ydoc.get("text", type=Text)
+        async with (
+            connect(f"{url}/{doc}?token={writer}") as websocket,
+            Provider(ydoc, WebsocketChannel(websocket, doc)),
+        ):
+            assert await wait_text(ytext, 120) == first["text"]
+            ytext.insert(0, "py")
+            text = await stored_text(f"http://127.0.0.1:{collab_port}", doc, 122)
+            assert text == "py" + first["text"]
+            await asyncio.sleep(0.2)
+
+        # A read-only token reads along; its edits are refused and the stored doc is unchanged.
+        reader = token("bob", ["other:*"])
+        refused = await y_client(url, doc, reader, "r", 1, 123, timeout=10)
+        assert "Permission denied" in refused["denied"] and "read-only" in refused["denied"], refused
+        await asyncio.sleep(0.3)
+        body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}")
+        assert body["content"]["text"] == text
+
+        # garbage and truncated frames close with 4400 and a reason; the stored doc is untouched
+        for garbage in (b"\x00\x02\xff\xff\xff", b"\x07", b"\x00\x02\x05ab", b"\x00\x02\x03\x01\x02\x03"):
+            async with connect(f"{url}/{doc}?token={writer}") as websocket:
+                await websocket.recv()
+                await websocket.send(garbage)
+                with pytest.raises(Exception) as closed:
+                    async with asyncio.timeout(5):
+                        while True:
+                            await websocket.recv()
+                assert websocket.close_code == 4400, closed.value
+                assert websocket.close_reason
+        body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}?format=update")
+        check: Doc = Doc()
+        check.apply_update(base64.b64decode(body["update"]))
+        assert str(check.get("text", type=Text)) == text
+
+
+def stack_envs(real_env: dict[str, str], collab_port: int) -> tuple[dict[str, str], dict[str, str]]:
+    collab_env = {**real_env, "TSUNAGU_COLLAB_CONSUMER_GROUP": "collab-e2e-tests", "TSUNAGU_COLLAB_IDLE_SECONDS": "5"}
+    gateway_env = {
+        **real_env,
+        "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET,
+        "TSUNAGU_GATEWAY_COLLAB_URL": f"http://127.0.0.1:{collab_port}",
+    }
+    return collab_env, gateway_env
+
+
+async def test_real_stack_two_gateways_converge_and_survive_restarts(start_service, real_env, pick_port) -> None:  # type: ignore[no-untyped-def]
+    collab_port = pick_port()
+    collab_env, gateway_env = stack_envs(real_env, collab_port)
+    collab = start_service(["serve", "collab"], collab_env, port=collab_port)
+    first_port = pick_port()
+    first = start_service(["serve", "ws-gateway"], gateway_env, port=first_port)
+    second = start_service(["serve", "ws-gateway"], gateway_env)
+    for service in (collab, first, second):
+        await asyncio.to_thread(service.wait_ready, 90)
+    doc = f"stack-{uuid.uuid4().hex[:8]}"
+    writer = token("ann", ["collab:*"])
+    urls = [f"ws://127.0.0.1:{first.port}/collab", f"ws://127.0.0.1:{second.port}/collab"]
+
+    # two stock clients on two replicas, concurrent edits of one Y.Text
+    a, b = await asyncio.gather(
+        y_client(urls[0], doc, writer, "a", 100, 200), y_client(urls[1], doc, writer, "b", 100, 200)
+    )
+    assert a["text"] == b["text"] and sorted(a["text"]) == ["a"] * 100 + ["b"] * 100
+    assert await stored_text(collab.base, doc, 200) == a["text"]
+
+    # pycrdt's provider on the second replica gets the same text
+    ydoc: Doc = Doc()
+    ytext = ydoc.get("text", type=Text)
+    async with (
+        connect(f"{urls[1]}/{doc}?token={writer}") as websocket,
+        Provider(ydoc, WebsocketChannel(websocket, doc)),
+    ):
+        assert await wait_text(ytext, 200) == a["text"]
+
+    # kill -9 collab and restart the first gateway while two clients keep editing
+    async def chaos() -> None:
+        await asyncio.sleep(1.5)
+        collab.process.kill()
+        collab.process.wait()
+        restarted = start_service(["serve", "collab"], collab_env, port=collab_port)
+        first.process.kill()
+        first.process.wait()
+        await asyncio.sleep(0.5)
+        again = start_service(["serve", "ws-gateway"], gateway_env, port=first_port)
+        await asyncio.to_thread(restarted.wait_healthy, 60)
+        await asyncio.to_thread(again.wait_healthy, 60)
+
+    c, d, _ = await asyncio.gather(
+        y_client(urls[0], doc, writer, "c", 150, 500, timeout=90),
+        y_client(urls[1], doc, writer, "d", 150, 500, timeout=90),
+        chaos(),
+    )
+    assert c["text"] == d["text"]
+    assert sorted(c["text"]) == sorted("a" * 100 + "b" * 100 + "c" * 150 + "d" * 150)
+    assert await stored_text(collab.base, doc, 500, timeout=30) == c["text"]
