@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 from tsunagu_core.broker import Broker, ClientInfo, PublishOptions, StreamPosition
@@ -169,3 +170,22 @@ async def test_join_and_leave_reach_subscribers(broker: Broker) -> None:
     recorder = recorder_of(broker)
     await eventually(lambda: len(recorder.presence) == 2)
     assert recorder.presence == [(ch, True, info), (ch, False, info)]
+
+
+async def test_concurrent_publishes_each_get_one_offset_and_reach_history(broker: Broker) -> None:
+    """Hundreds of publishes in flight at once (the Redis engine pipelines them) lose and double nothing;
+    one failing publish (idempotent duplicate) does not disturb the others in its batch."""
+    ch = channel()
+    options = PublishOptions(history_size=1000, history_ttl=60, idempotency_ttl=60)
+    keyed = dataclasses.replace(options, idempotency_key="k")
+    first = await broker.publish(ch, b'"key"', keyed)
+    results = await asyncio.gather(
+        *(broker.publish(ch, f'{{"n":{n}}}'.encode(), options) for n in range(300)),
+        broker.publish(ch, b'"key"', keyed),
+    )
+    *fresh, again = results
+    assert again.duplicate and again.offset == first.offset
+    assert sorted(r.offset for r in fresh) == list(range(2, 302))
+    history = await broker.history(ch, limit=1000)
+    assert len(history.publications) == 301
+    assert {p.data for p in history.publications[1:]} == {f'{{"n":{n}}}'.encode() for n in range(300)}

@@ -156,6 +156,11 @@ class RedisBroker(Broker):
         self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        # Auto-pipelining: publishes issued while a round trip is in flight go out together in the
+        # next pipeline, so N concurrent publishers cost ~1 round trip instead of N.
+        self._queued: list[tuple[list[str], Sequence[bytes | str | int], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._direct = False
 
     # keys: the channel sits in a hash tag so one channel's keys share a Redis Cluster slot
 
@@ -316,12 +321,56 @@ class RedisBroker(Broker):
         ]
         with BROKER_OP_SECONDS.labels("publish").time():
             try:
-                offset, epoch, duplicate = await self._publish_script(keys=keys, args=args)
+                if self._sender is None and not self._direct:
+                    # Nothing in flight: go straight out, no hop through the sender task.
+                    self._direct = True
+                    try:
+                        offset, epoch, duplicate = await self._publish_script(keys=keys, args=args)
+                    finally:
+                        self._direct = False
+                else:
+                    offset, epoch, duplicate = await self._queue_publish(keys, args)
             except (RedisError, OSError) as exc:
                 raise BrokerError(f"publish to {channel} failed: {exc}") from None
         if not duplicate:
             BROKER_PUBLISHED.inc()
         return PublishResult(int(offset), _text(epoch), duplicate=bool(duplicate))
+
+    def _queue_publish(self, keys: list[str], args: Sequence[bytes | str | int]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued(), name="redis-broker-publish")
+        return future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    if len(batch) == 1:
+                        keys, args, _ = batch[0]
+                        results: list[Any] = [await self._publish_script(keys=keys, args=args)]
+                    else:
+                        pipe = self.redis.pipeline(transaction=False)
+                        for keys, args, _ in batch:
+                            await self._publish_script(keys=keys, args=args, client=pipe)
+                        results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError, BrokerError) as exc:
+                    results = [exc] * len(batch)
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue  # the publisher gave up waiting (cancelled)
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._sender = None
+            for _, _, future in self._queued:
+                if not future.done():
+                    future.set_exception(BrokerError("publish not sent: the broker is closing"))
+            self._queued = []
 
     async def publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         try:
