@@ -11,7 +11,7 @@ def test_health_readiness_and_metrics_on_embedded_engines() -> None:
         assert client.get("/healthz").json() == {"status": "ok", "service": "sim-engine"}
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert set(ready.json()["checks"]) == set(("bus", "broker"))
+        assert set(ready.json()["checks"]) == {"bus", "broker", "sim-engine-store"}
         assert "tsunagu_bus_published_total" in client.get("/metrics").text
 
 

@@ -1,15 +1,148 @@
-"""sim-engine application factory."""
+"""sim-engine application factory: the rooms HTTP API, the input consumer and the ownership scanner."""
 
-from fastapi import FastAPI
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from tsunagu_core import topics
+from tsunagu_core.broker import BrokerError
+from tsunagu_core.bus import Subscription
+from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime, create_service_app
 
 from tsunagu_sim_engine.config import SimSettings
+from tsunagu_sim_engine.engine import SimEngine
+from tsunagu_sim_engine.kinds import kind_names, load_kinds
+from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
+from tsunagu_sim_engine.store import MemoryRoomStore, RedisRoomStore, RoomStore, StoreError
 
 SERVICE = "sim-engine"
-NEEDS = ("bus", "broker")
+STORE = "sim-engine-store"
+NEEDS = ("bus", "broker", STORE)
 
 
-def create_app(runtime: Runtime, settings: SimSettings) -> FastAPI:
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS)
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def create_store(core: CoreSettings, settings: SimSettings) -> RoomStore:
+    """Redis when the broker is Redis (replicas share rooms and snapshots), memory for `tsunagu run`."""
+    if core.broker == "redis":
+        return RedisRoomStore(core.redis_url, settings.key_prefix)
+    return MemoryRoomStore()
+
+
+def _room_name(room: str) -> str:
+    if not ROOM_NAME.match(room):
+        raise ApiError(400, "bad_request", "room is 1 to 64 characters of A-Z a-z 0-9 _ -")
+    return room
+
+
+def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None = None) -> FastAPI:
+    load_kinds(settings.kinds)
+    store = store if store is not None else create_store(runtime.settings, settings)
+    runtime.add_dependency(STORE, store)
+    engine = SimEngine(
+        runtime.broker,
+        store,
+        node=f"{runtime.settings.node_name}:{settings.port}:{id(store):x}",
+        snapshot_every=settings.snapshot_every,
+        lease_ttl=settings.lease_ttl,
+        max_rooms=settings.max_rooms,
+        input_max_age=settings.input_max_age,
+    )
+
+    async def consume() -> Subscription:
+        await runtime.wait_ready(["bus", "broker", STORE])
+        return await runtime.bus.consume([topics.SIM_INPUTS], settings.consumer_group, engine.handle)
+
+    async def scan() -> None:
+        await runtime.wait_ready(["broker", STORE])
+        await engine.run_scanner(settings.scan_interval)
+
+    @asynccontextmanager
+    async def simulate() -> AsyncIterator[None]:
+        consumer = asyncio.create_task(consume(), name="sim-consumer")
+        scanner = asyncio.create_task(scan(), name="sim-scanner")
+        try:
+            yield
+        finally:
+            scanner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scanner
+            if consumer.done() and not consumer.cancelled() and consumer.exception() is None:
+                await consumer.result().stop()
+            else:
+                consumer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await consumer
+            await engine.close(handover=True)
+
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[simulate])
     app.state.settings = settings
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.error, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StoreError)
+    @app.exception_handler(BrokerError)
+    @app.exception_handler(RedisError)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "unavailable", "message": str(exc)}, status_code=503)
+
+    async def spec_of(room: str) -> dict[str, Any]:
+        raw = await store.spec(_room_name(room))
+        if raw is None:
+            raise ApiError(404, "not_found", f"no room {room!r}")
+        return raw
+
+    @app.post("/v1/rooms", status_code=201, tags=["rooms"])
+    async def create_room(request: Request) -> dict[str, Any]:
+        """Create a room: `{room, kind, params, tick_hz 1-60, keyframe_every, encoding, aoi, max_inputs_per_second}`."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "bad_request", "the body is not JSON") from None
+        try:
+            spec = RoomSpec.parse(body)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        if not await engine.create(spec):
+            raise ApiError(409, "exists", f"room {spec.room!r} exists already")
+        return await engine.describe(spec.room, spec.as_dict())
+
+    @app.get("/v1/rooms", tags=["rooms"])
+    async def list_rooms() -> dict[str, Any]:
+        specs = await store.specs()
+        rooms = [await engine.describe(name, raw) for name, raw in sorted(specs.items())]
+        return {"rooms": rooms, "kinds": kind_names()}
+
+    @app.get("/v1/rooms/{room}", tags=["rooms"])
+    async def get_room(room: str) -> dict[str, Any]:
+        return await engine.describe(room, await spec_of(room))
+
+    @app.get("/v1/rooms/{room}/state", tags=["rooms"])
+    async def room_state(room: str) -> dict[str, Any]:
+        """The room's quantized state now (live on its owner; from the last snapshot elsewhere)."""
+        return await engine.state(room, await spec_of(room))
+
+    @app.delete("/v1/rooms/{room}", tags=["rooms"])
+    async def delete_room(room: str) -> dict[str, Any]:
+        await spec_of(room)
+        await engine.delete(room)
+        return {"room": room, "deleted": True}
+
     return app

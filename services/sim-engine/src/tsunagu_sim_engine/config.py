@@ -7,3 +7,29 @@ class SimSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TSUNAGU_SIM_", extra="ignore")
 
     port: int = Field(8086, ge=1, le=65535, description="TCP port to listen on.")
+    consumer_group: str = Field("sim-engine", description="Kafka consumer group reading `tsunagu.sim.inputs`.")
+    key_prefix: str = Field("tsunagu:sim", description="Prefix of the Redis keys of the rooms registry and snapshots.")
+    snapshot_every: int = Field(
+        30,
+        ge=1,
+        le=36000,
+        description="A room's state is written to the store every this many ticks: the most a failover loses.",
+    )
+    lease_ttl: float = Field(
+        3.0,
+        gt=0.2,
+        le=300,
+        description="Seconds a replica's claim on a room lives without renewal; an unclaimed room is adopted.",
+    )
+    scan_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between renewals of this replica's rooms and scans for orphan rooms."
+    )
+    max_rooms: int = Field(1000, ge=1, le=100000, description="Most rooms one replica runs at once.")
+    input_max_age: float = Field(
+        5.0, gt=0, le=3600, description="Inputs older than this many seconds (replayed backlog) are dropped unapplied."
+    )
+    kinds: str = Field(
+        "",
+        description="Extra simulation kinds, comma-separated `module:attribute` import paths of `SimKind` objects"
+        " (entry points in group `tsunagu.sim_kinds` are loaded too).",
+    )

@@ -1,0 +1,172 @@
+"""sim-engine at 60 Hz: tick cost and bytes per client, area of interest + deltas versus full snapshots.
+
+One room with ENTITIES entities runs in the engine's own fixed-timestep loop (`Room.run`) for
+SECONDS seconds; what each tick sends is published to the broker (memory by default, the stack's
+Redis with `--redis`). CLIENTS simulated subscribers each follow one entity and subscribe either to
+the room channel or to the 3x3 cells around their entity; their bytes per second are counted from the
+publications the engine really made (payload bytes, before the gateway's framing).
+
+- `avatar`: every user sends a move 10 times a second (random walk within the speed limit);
+- `physics`: pymunk bodies, all moving, a random push on 1 in 6 bodies each tick.
+Full snapshots = a keyframe of every entity every tick on one channel, the naive design.
+
+    uv run python bench/sim.py [--kind avatar|physics] [--entities 1000] [--clients 500] [--seconds 10] [--redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+import uuid
+from collections import defaultdict
+
+from tsunagu_core.broker import Broker, MemoryBroker, PublishOptions
+from tsunagu_sim_engine.aoi import cell_channel
+from tsunagu_sim_engine.codec import encode
+from tsunagu_sim_engine.engine import publish_all
+from tsunagu_sim_engine.kinds import load_kinds
+from tsunagu_sim_engine.room import PendingInput, Room, RoomSpec
+
+REDIS = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def make_room(kind: str, entities: int, encoding: str, cell: float, send_every: int = 1) -> Room:
+    world = (entities * 40) ** 0.5  # about 40 square units per entity, whatever the count
+    params: dict[str, object] = {"world": world}
+    if kind == "avatar":
+        params |= {"max_speed": 10, "max_avatars": entities}
+    else:
+        params |= {"bodies": entities, "radius": 0.5, "damping": 0.9, "max_impulse": 5}
+    body = {
+        "room": f"bench{uuid.uuid4().hex[:6]}",
+        "kind": kind,
+        "tick_hz": 60,
+        "keyframe_every": 60,
+        "encoding": encoding,
+        "aoi": {"cell_size": cell, "margin": cell * 0.1},
+        "params": params,
+        "max_inputs_per_second": 100,
+        "send_every": send_every,
+    }
+    return Room(RoomSpec.parse(body))
+
+
+async def run(args: argparse.Namespace, encoding: str) -> None:
+    broker: Broker
+    if args.redis:
+        from tsunagu_core.broker.redis import RedisBroker
+
+        broker = RedisBroker(REDIS)
+    else:
+        broker = MemoryBroker()
+    await broker.start()
+    room = make_room(args.kind, args.entities, encoding, args.cell, args.send_every)
+    rng = random.Random(7)
+    world = float(room.spec.params["world"])
+    names = [f"user{i}" for i in range(args.entities)]
+    positions = {n: [rng.uniform(-world, world) * 0.9, rng.uniform(-world, world) * 0.9] for n in names}
+    if args.kind == "avatar":
+        for name in names:
+            room.submit(PendingInput(name, "c", 0, json.dumps({"p": positions[name]}).encode()))
+    bytes_by_channel: dict[str, int] = defaultdict(int)
+    publishes = 0
+    options = PublishOptions()
+    ticks = 0
+
+    async def publish(pubs: list[tuple[str, bytes]], replies: list[tuple[str, bytes]]) -> None:
+        nonlocal publishes, ticks
+        ticks += 1
+        for channel, data in pubs:
+            bytes_by_channel[channel] += len(data)
+        publishes += len(pubs)
+        await publish_all(broker, pubs, options)
+
+    async def clients_send() -> None:
+        # Inputs, as the bus consumer would queue them (outside the tick): each avatar moves 10 times
+        # a second; 1 body in 6 is pushed each tick.
+        turn = 0
+        while True:
+            await asyncio.sleep(1 / 60)
+            turn += 1
+            generate(names[turn % 6 :: 6])
+
+    def generate(share: list[str]) -> None:
+        for name in share:
+            if args.kind == "avatar":
+                p = positions[name]
+                p[0] = max(-world, min(world, p[0] + rng.uniform(-0.15, 0.15)))
+                p[1] = max(-world, min(world, p[1] + rng.uniform(-0.15, 0.15)))
+                data: dict[str, object] = {"p": p}
+            else:
+                data = {"push": f"b{name[4:]}", "impulse": [rng.uniform(-2, 2), rng.uniform(-2, 2)]}
+            room.submit(PendingInput(name, "c", 0, json.dumps(data).encode()))
+
+    task = asyncio.create_task(room.run(publish, None, 60))
+    sender = asyncio.create_task(clients_send())
+    await asyncio.sleep(args.seconds)
+    task.cancel()
+    sender.cancel()
+    await asyncio.gather(task, sender, return_exceptions=True)
+    # The naive alternative: every entity, every tick, on one channel.
+    full_bytes = len(encode(encoding, "keyframe", room.spec.room, room.tick, 0, room.sent)) * room.tick  # type: ignore[arg-type]
+    await broker.close()
+
+    seconds = args.seconds
+    durations = sorted(room.recent_ticks) or [float("nan")]
+    entity_names = list(room.sent)
+    assert room.cells is not None
+    clients = [entity_names[i % len(entity_names)] for i in range(args.clients)]
+    aoi_rates = []
+    for followed in clients:
+        cx, cy = room.cells.cells[followed]
+        channels = [cell_channel(room.spec.room, (cx + dx, cy + dy)) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+        aoi_rates.append(sum(bytes_by_channel.get(c, 0) for c in channels) / seconds)
+    room_rate = bytes_by_channel[f"sim:{room.spec.room}"] / seconds
+    full_rate = full_bytes / seconds
+    aoi = statistics.mean(aoi_rates)
+    print(
+        f"{args.kind} {encoding:<6} {len(entity_names):>5} entities, {args.clients} clients, "
+        f"{'redis' if args.redis else 'memory'} broker, send every {args.send_every} tick(s), "
+        f"{ticks / seconds:.1f} publishing ticks/s"
+    )
+    print(
+        f"  tick p50 {statistics.median(durations) * 1000:6.2f} ms  p99 "
+        f"{durations[int(len(durations) * 0.99) - 1] * 1000:6.2f} ms  overruns {room.overruns} "
+        f"({room.overruns / max(room.tick, 1):.1%} of {room.tick} ticks)  publishes/s {publishes / seconds:,.0f}"
+    )
+    print(
+        f"  bytes/client/s: full snapshots {full_rate:>11,.0f}  room deltas+keyframes {room_rate:>10,.0f}  "
+        f"AOI(3x3 cells)+deltas {aoi:>8,.0f}  (x{full_rate / max(aoi, 1):.0f} less than full)"
+    )
+    print(
+        f"  all {args.clients} clients: full {full_rate * args.clients / 1e6:,.1f} MB/s, "
+        f"AOI+deltas {aoi * args.clients / 1e6:,.2f} MB/s",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=("avatar", "physics"), default="avatar")
+    parser.add_argument("--entities", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--cell", type=float, default=20.0, help="AOI cell size")
+    parser.add_argument("--encoding", choices=("json", "binary", "both"), default="both")
+    parser.add_argument("--send-every", type=int, default=1, help="ticks between state publications")
+    parser.add_argument("--redis", action="store_true", help="publish to the stack's Redis instead of memory")
+    args = parser.parse_args()
+    load_kinds()
+    started = time.monotonic()
+    for encoding in ("json", "binary") if args.encoding == "both" else (args.encoding,):
+        asyncio.run(run(args, encoding))
+    print(f"({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

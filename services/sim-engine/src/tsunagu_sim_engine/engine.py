@@ -1,0 +1,252 @@
+"""The rooms this replica runs: starting them (from their snapshot), feeding them inputs from the bus,
+publishing what they send, snapshotting, and giving them up when another replica takes them over.
+See store.py for the ownership rule."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tsunagu_core.broker import Broker, PublishOptions
+from tsunagu_core.bus import BusMessage
+from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
+from tsunagu_core.wire.events_pb2 import SimInput
+
+from tsunagu_sim_engine.room import BYTES_SENT, INPUTS, REPLIES, PendingInput, Room, RoomSpec
+from tsunagu_sim_engine.store import RoomStore
+
+log = logging.getLogger("tsunagu.sim.engine")
+
+SIM_STATE = PublishOptions()
+# The `replies` namespace keeps a short history, so a reply published while the user reconnects is recovered.
+REPLY_OPTIONS = PublishOptions(history_size=100, history_ttl=300)
+
+
+PUBLISH_CONCURRENCY = 64
+
+
+async def publish_all(broker: Broker, items: list[tuple[str, bytes]], options: PublishOptions) -> int:
+    """Publish concurrently, at most PUBLISH_CONCURRENCY at once (a keyframe tick can publish to hundreds of
+    cell channels, and each is one Redis round trip); failures are logged. The number that failed."""
+    failed = 0
+    for start in range(0, len(items), PUBLISH_CONCURRENCY):
+        batch = items[start : start + PUBLISH_CONCURRENCY]
+        sends = [broker.publish(channel, data, options) for channel, data in batch]
+        for outcome in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                failed += 1
+                log.warning("sim publish failed: %r", outcome)
+    return failed
+
+
+@dataclass(slots=True)
+class Running:
+    room: Room
+    task: asyncio.Task[None]
+
+
+class SimEngine:
+    def __init__(
+        self,
+        broker: Broker,
+        store: RoomStore,
+        *,
+        node: str,
+        snapshot_every: int = 30,
+        lease_ttl: float = 3.0,
+        max_rooms: int = 1000,
+        input_max_age: float = 5.0,
+    ) -> None:
+        self.broker = broker
+        self.store = store
+        self.node = node
+        self.snapshot_every = snapshot_every
+        self.lease_ttl = lease_ttl
+        self.max_rooms = max_rooms
+        self.input_max_age = input_max_age
+        self.rooms: dict[str, Running] = {}
+        self._lock = asyncio.Lock()
+
+    # lifecycle of rooms
+
+    async def create(self, spec: RoomSpec) -> bool:
+        """Register the room; False when it exists. This replica adopts it at once (see store.py)."""
+        if not await self.store.register(spec.room, spec.as_dict()):
+            return False
+        if len(self.rooms) < self.max_rooms and await self.store.adopt(spec.room, self.node, self.lease_ttl):
+            await self._start(spec)
+        return True
+
+    async def delete(self, room: str) -> bool:
+        removed = await self.store.delete(room)
+        await self.stop(room)
+        return removed
+
+    async def _start(self, spec: RoomSpec) -> Room:
+        async with self._lock:
+            running = self.rooms.get(spec.room)
+            if running is not None:
+                return running.room
+            room = Room(spec)
+            snapshot = await self.store.snapshot(spec.room)
+            if snapshot is not None:
+                room.restore(snapshot)
+                log.info("room %s resumed from its snapshot at tick %d", spec.room, room.tick)
+            task = asyncio.create_task(
+                room.run(self._publisher(spec.kind), self._snapshot, self.snapshot_every), name=f"sim-room-{spec.room}"
+            )
+            self.rooms[spec.room] = Running(room, task)
+            task.add_done_callback(functools.partial(self._finished, spec.room))
+            return room
+
+    def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+        running = self.rooms.get(name)
+        if running is not None and running.task is task:
+            del self.rooms[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("room %s stopped on an error: %r", name, task.exception())
+
+    async def stop(self, name: str) -> None:
+        running = self.rooms.pop(name, None)
+        if running is None:
+            return
+        running.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running.task
+
+    async def close(self, *, handover: bool = True) -> None:
+        """Stop every room; with `handover`, write a last snapshot and release the lease for a quick adoption."""
+        for name in list(self.rooms):
+            running = self.rooms.get(name)
+            await self.stop(name)
+            if handover and running is not None:
+                try:
+                    await self.store.save_snapshot(name, self.node, self.lease_ttl, running.room.snapshot())
+                    await self.store.release(name, self.node)
+                except Exception as exc:
+                    log.warning("room %s: no last snapshot: %r", name, exc)
+
+    async def _snapshot(self, room: Room) -> bool:
+        try:
+            saved = await self.store.save_snapshot(room.spec.room, self.node, self.lease_ttl, room.snapshot())
+        except Exception as exc:
+            log.warning("room %s: snapshot failed, the room keeps running: %r", room.spec.room, exc)
+            return True
+        if not saved:
+            log.info("room %s is no longer ours (taken over or deleted): stopping it", room.spec.room)
+        return saved
+
+    def _publisher(self, kind: str) -> Any:
+        broker = self.broker
+
+        async def publish(publications: list[tuple[str, bytes]], replies: list[tuple[str, bytes]]) -> None:
+            await publish_all(broker, publications, SIM_STATE)
+            if replies:
+                await publish_all(broker, replies, REPLY_OPTIONS)
+            room_bytes = sum(len(d) for c, d in publications if ".cell." not in c)
+            cell_bytes = sum(len(d) for c, d in publications if ".cell." in c)
+            BYTES_SENT.labels(kind, "room").inc(room_bytes)
+            if cell_bytes:
+                BYTES_SENT.labels(kind, "cell").inc(cell_bytes)
+            if replies:
+                BYTES_SENT.labels(kind, "reply").inc(sum(len(d) for _, d in replies))
+
+        return publish
+
+    # the periodic scan: renew our leases, give up lost rooms, adopt orphans
+
+    async def scan(self) -> None:
+        for name in list(self.rooms):
+            if await self.store.renew(name, self.node, self.lease_ttl) != 1:
+                log.info("room %s is no longer ours (taken over or deleted): stopping it", name)
+                await self.stop(name)
+        for name, raw in (await self.store.specs()).items():
+            if name in self.rooms or len(self.rooms) >= self.max_rooms:
+                continue
+            if await self.store.adopt(name, self.node, self.lease_ttl):
+                try:
+                    await self._start(RoomSpec.from_dict(raw))
+                except Exception as exc:
+                    log.error("room %s cannot start here: %r", name, exc)
+                    await self.store.release(name, self.node)
+
+    async def run_scanner(self, interval: float) -> None:
+        while True:
+            try:
+                await self.scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("room scan failed: %r", exc)
+            await asyncio.sleep(interval)
+
+    # inputs from the bus
+
+    async def handle(self, message: BusMessage) -> None:
+        try:
+            envelope = envelope_of(message)
+            event = payload_of(envelope, SimInput)
+            sent_ms = envelope.time_unix_ms
+        except EnvelopeError as exc:
+            log.warning("dropping a sim input that is not a SimInput envelope: %s", exc)
+            return
+        if sent_ms and time.time() * 1000 - sent_ms > self.input_max_age * 1000:
+            INPUTS.labels("", "stale").inc()
+            return
+        item = PendingInput(event.user_id, event.client_id, event.client_seq, event.input, event.content_type)
+        running = self.rooms.get(event.room)
+        if running is not None:
+            running.room.submit(item)
+            return
+        raw = await self.store.spec(event.room)
+        if raw is None:
+            await self._refuse(item, event.room, "unknown_room", f"no room {event.room!r}: create it first")
+            return
+        # Its inputs come to us: the room's partition is ours, so the room is too.
+        await self.store.claim(event.room, self.node, self.lease_ttl)
+        room = await self._start(RoomSpec.from_dict(raw))
+        room.submit(item)
+
+    async def _refuse(self, item: PendingInput, room: str, reason: str, message: str) -> None:
+        if not item.user:
+            return
+        INPUTS.labels("", "rejected").inc()
+        body = {"type": "sim.rejected", "room": room, "client": item.client, "client_seq": item.seq}
+        body |= {"reason": reason, "message": message}
+        await self.broker.publish(REPLIES.format(user=item.user), json.dumps(body).encode(), REPLY_OPTIONS)
+
+    # answers for HTTP
+
+    async def describe(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        running = self.rooms.get(name)
+        out: dict[str, Any] = {**raw, "owner": await self.store.owner(name), "running_here": running is not None}
+        if running is not None:
+            room = running.room
+            out |= {
+                "tick": room.tick,
+                "entities": len(room.sent),
+                "overruns": room.overruns,
+                "last_tick_seconds": room.last_tick_seconds,
+            }
+            recent = sorted(room.recent_ticks)
+            if recent:
+                out["tick_seconds_p50"] = recent[len(recent) // 2]
+                out["tick_seconds_p99"] = recent[min(len(recent) - 1, int(len(recent) * 0.99))]
+        return out
+
+    async def state(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        running = self.rooms.get(name)
+        if running is not None:
+            return running.room.state() | {"source": "live"}
+        room = Room(RoomSpec.from_dict(raw))
+        snapshot = await self.store.snapshot(name)
+        if snapshot is None:
+            return room.state() | {"source": "initial"}
+        room.restore(snapshot)
+        return room.state() | {"source": "snapshot"}

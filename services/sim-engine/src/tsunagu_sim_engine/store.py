@@ -1,0 +1,257 @@
+"""The rooms registry, room snapshots and ownership leases: Redis across replicas, memory in one process.
+
+Ownership rule (several replicas, one Redis):
+- A room's owner holds its lease `lease:<room>` (value: node name, TTL `lease_ttl`), renewed every
+  `scan_interval`. Snapshots are written only while holding the lease (one atomic script).
+- The replica that consumes a room's inputs (the Kafka partition of the room key is assigned to it)
+  claims the lease outright and resumes from the snapshot: the partition decides in the end.
+- A registered room with no live lease (just created, or its owner died) is adopted by the first
+  replica whose scan finds it (SET NX), so rooms tick even before any input arrives.
+- A replica whose renewal finds the lease taken, or the room deleted, stops the room at once
+  without writing a snapshot.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+
+class StoreError(Exception):
+    """The rooms store could not carry out an operation."""
+
+
+class RoomStore(abc.ABC):
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def register(self, room: str, spec: dict[str, Any]) -> bool:
+        """Add a room; False when it exists already."""
+
+    @abc.abstractmethod
+    async def spec(self, room: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def specs(self) -> dict[str, dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def delete(self, room: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def adopt(self, room: str, node: str, ttl: float) -> bool:
+        """Take the lease if nobody holds it."""
+
+    @abc.abstractmethod
+    async def claim(self, room: str, node: str, ttl: float) -> None:
+        """Take the lease whoever holds it."""
+
+    @abc.abstractmethod
+    async def renew(self, room: str, node: str, ttl: float) -> int:
+        """1: renewed; 0: the lease is someone else's; -1: the room was deleted."""
+
+    @abc.abstractmethod
+    async def release(self, room: str, node: str) -> None: ...
+
+    @abc.abstractmethod
+    async def owner(self, room: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def save_snapshot(self, room: str, node: str, ttl: float, snapshot: dict[str, Any]) -> bool:
+        """Write the snapshot and renew the lease if `node` holds it; False (nothing written) otherwise."""
+
+    @abc.abstractmethod
+    async def snapshot(self, room: str) -> dict[str, Any] | None: ...
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class MemoryRoomStore(RoomStore):
+    def __init__(self) -> None:
+        self._specs: dict[str, dict[str, Any]] = {}
+        self._snapshots: dict[str, str] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    def _holder(self, room: str) -> str | None:
+        lease = self._leases.get(room)
+        if lease is None or lease[1] <= time.monotonic():
+            return None
+        return lease[0]
+
+    async def register(self, room: str, spec: dict[str, Any]) -> bool:
+        if room in self._specs:
+            return False
+        self._specs[room] = dict(spec)
+        return True
+
+    async def spec(self, room: str) -> dict[str, Any] | None:
+        return self._specs.get(room)
+
+    async def specs(self) -> dict[str, dict[str, Any]]:
+        return dict(self._specs)
+
+    async def delete(self, room: str) -> bool:
+        self._snapshots.pop(room, None)
+        self._leases.pop(room, None)
+        return self._specs.pop(room, None) is not None
+
+    async def adopt(self, room: str, node: str, ttl: float) -> bool:
+        if self._holder(room) is not None:
+            return False
+        self._leases[room] = (node, time.monotonic() + ttl)
+        return True
+
+    async def claim(self, room: str, node: str, ttl: float) -> None:
+        self._leases[room] = (node, time.monotonic() + ttl)
+
+    async def renew(self, room: str, node: str, ttl: float) -> int:
+        if room not in self._specs:
+            return -1
+        if self._holder(room) != node:
+            return 0
+        self._leases[room] = (node, time.monotonic() + ttl)
+        return 1
+
+    async def release(self, room: str, node: str) -> None:
+        if self._holder(room) == node:
+            del self._leases[room]
+
+    async def owner(self, room: str) -> str | None:
+        return self._holder(room)
+
+    async def save_snapshot(self, room: str, node: str, ttl: float, snapshot: dict[str, Any]) -> bool:
+        if await self.renew(room, node, ttl) != 1:
+            return False
+        self._snapshots[room] = json.dumps(snapshot)
+        return True
+
+    async def snapshot(self, room: str) -> dict[str, Any] | None:
+        raw = self._snapshots.get(room)
+        return None if raw is None else json.loads(raw)
+
+
+_RENEW = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+_SAVE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisRoomStore(RoomStore):
+    """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`."""
+
+    def __init__(self, url: str, prefix: str = "tsunagu:sim") -> None:
+        self.url = url
+        self.prefix = prefix
+        self._redis: Redis | None = None
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise StoreError("the rooms store is not started")
+        return self._redis
+
+    def _rooms(self) -> str:
+        return f"{self.prefix}:rooms"
+
+    def _lease(self, room: str) -> str:
+        return f"{self.prefix}:lease:{room}"
+
+    def _snap(self, room: str) -> str:
+        return f"{self.prefix}:snap:{room}"
+
+    async def start(self) -> None:
+        if self._redis is not None:
+            return
+        client = Redis.from_url(self.url, socket_connect_timeout=3, health_check_interval=10)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
+        self._redis = client
+        self._renew = client.register_script(_RENEW)
+        self._save = client.register_script(_SAVE)
+        self._release = client.register_script(_RELEASE)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._redis = None
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis does not answer: {exc}") from None
+
+    async def register(self, room: str, spec: dict[str, Any]) -> bool:
+        return bool(await self.redis.hsetnx(self._rooms(), room, json.dumps(spec)))
+
+    async def spec(self, room: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(self._rooms(), room)
+        return None if raw is None else json.loads(raw)
+
+    async def specs(self) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(self._rooms())
+        return {_text(key): json.loads(value) for key, value in raw.items()}
+
+    async def delete(self, room: str) -> bool:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._rooms(), room)
+            pipe.delete(self._snap(room), self._lease(room))
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def adopt(self, room: str, node: str, ttl: float) -> bool:
+        return bool(await self.redis.set(self._lease(room), node, nx=True, px=int(ttl * 1000)))
+
+    async def claim(self, room: str, node: str, ttl: float) -> None:
+        await self.redis.set(self._lease(room), node, px=int(ttl * 1000))
+
+    async def renew(self, room: str, node: str, ttl: float) -> int:
+        keys = [self._rooms(), self._lease(room)]
+        return int(await self._renew(keys=keys, args=[room, node, int(ttl * 1000)]))
+
+    async def release(self, room: str, node: str) -> None:
+        await self._release(keys=[self._lease(room)], args=[node])
+
+    async def owner(self, room: str) -> str | None:
+        raw = await self.redis.get(self._lease(room))
+        return None if raw is None else _text(raw)
+
+    async def save_snapshot(self, room: str, node: str, ttl: float, snapshot: dict[str, Any]) -> bool:
+        keys = [self._rooms(), self._lease(room), self._snap(room)]
+        args: list[str | int] = [room, node, int(ttl * 1000), json.dumps(snapshot)]
+        return int(await self._save(keys=keys, args=args)) == 1
+
+    async def snapshot(self, room: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(self._snap(room))
+        return None if raw is None else json.loads(raw)
