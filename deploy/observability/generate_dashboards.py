@@ -729,6 +729,58 @@ def overview() -> Json:
             ],
         ),
         (
+            "Feeds, documents and simulations",
+            [
+                (
+                    timeseries(
+                        "Ingested records",
+                        "Kafka records relayed to channels by stream-ingest per second, by mapping and outcome.",
+                        [
+                            query(
+                                "sum by (mapping, outcome) "
+                                f"(rate(tsunagu_ingest_records_total{job('tsunagu-stream-ingest')}[{RATE}]))",
+                                "{{mapping}} {{outcome}}",
+                            )
+                        ],
+                        "suffix:/s",
+                    ),
+                    8,
+                    7,
+                ),
+                (
+                    timeseries(
+                        "Open documents",
+                        "Yjs documents collab holds in memory, by replica.",
+                        [
+                            query(
+                                f"sum by (instance) (tsunagu_collab_open_documents{job('tsunagu-collab')})",
+                                "{{instance}}",
+                            )
+                        ],
+                    ),
+                    8,
+                    7,
+                ),
+                (
+                    timeseries(
+                        "Simulation ticks",
+                        "p99 work per room tick by kind, and the share of ticks that overran their interval "
+                        "(TsunaguSimTickOverruns above 10% for 10 minutes).",
+                        [
+                            query(
+                                "histogram_quantile(0.99, sum by (kind, le) "
+                                f"(rate(tsunagu_sim_tick_seconds_bucket{job('tsunagu-sim-engine')}[{RATE}])))",
+                                "p99 {{kind}}",
+                            ),
+                        ],
+                        "s",
+                    ),
+                    8,
+                    7,
+                ),
+            ],
+        ),
+        (
             "Services",
             [
                 (
