@@ -1,7 +1,8 @@
-"""One channel, four protocols: publications made through the server API on a gateway running on
+"""One channel, every protocol: publications made through the server API on a gateway running on
 real Redis and Kafka reach a centrifuge-python client, a JSON-RPC client (`rpc-websockets`), a
 graphql-ws client and a `@stomp/stompjs` client, all in order; the permission denied path gives
-each protocol's own error."""
+each protocol's own error. And records produced to a Kafka topic reach the same clients (plus the npm
+`centrifuge` SDK) through stream-ingest, in order."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ COUNT = 5
 
 
 def token(user: str) -> str:
-    return jwt.encode({"sub": user, "channels": ["chat:*"], "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    claims = {"sub": user, "channels": ["chat:*", "stream:*"], "exp": int(time.time()) + 600}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 class Inbox(SubscriptionEventHandler):
@@ -94,3 +96,50 @@ async def test_one_channel_reaches_every_protocol_in_order(start_service, real_e
     assert gql["denied"] == 103
     assert stomp["user"] == "stomp-user" and "permission denied" in stomp["denied"]
     assert elapsed < 15
+
+
+async def test_kafka_records_reach_every_protocol_in_order(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+    from confluent_kafka import Producer
+    from tsunagu_core.bus.kafka import KafkaBus
+    from tsunagu_core.testing import KAFKA_BOOTSTRAP
+
+    unique = uuid.uuid4().hex[:10]
+    topic = f"scores.e2e.{unique}"
+    bus = KafkaBus(KAFKA_BOOTSTRAP, partitions=3)
+    await bus.start()
+    await bus.ensure_topics([topic])
+    await bus.close()
+    # Presence on in `stream` too: the GraphQL client script tells it is subscribed by seeing itself there.
+    namespaces = {
+        "chat": {"presence": True, "join_leave": True},
+        "stream": {"allow_publish": "none", "history_size": 10, "history_ttl": 300, "presence": True},
+    }
+    gateway_env = {"TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET, "TSUNAGU_GATEWAY_NAMESPACES": json.dumps(namespaces)}
+    gateway = start_service(["serve", "ws-gateway"], {**real_env, **gateway_env})
+    ingest = start_service(
+        ["serve", "stream-ingest"],
+        {
+            **real_env,
+            "TSUNAGU_INGEST_MAPPINGS": json.dumps([{"topic": topic}]),
+            "TSUNAGU_INGEST_CONSUMER_GROUP": f"stream-ingest-adapters-{unique}",
+        },
+    )
+    await asyncio.to_thread(gateway.wait_ready)
+    await asyncio.to_thread(ingest.wait_ready)
+    channel = f"stream:{topic}.match-7"
+    ws = f"ws://127.0.0.1:{gateway.port}"
+    clients = await asyncio.gather(
+        _start("centrifuge_subscriber.mjs", f"{ws}/connection/websocket", "js-user", channel),
+        _start("jsonrpc_client.mjs", f"{ws}/rpc", "rpc-user", channel),
+        _start("graphql_client.mjs", f"{ws}/graphql", "gql-user", channel),
+        _start("stomp_client.mjs", f"{ws}/stomp", "stomp-user", channel),
+    )
+    producer = Producer({"bootstrap.servers": KAFKA_BOOTSTRAP, "enable.idempotence": True})
+    for n in range(COUNT):
+        producer.produce(topic, key="match-7", value=json.dumps({"n": n}).encode())
+    await asyncio.to_thread(producer.flush, 10)
+    summaries = [await _summary(process) for process in clients]
+    expected = [{"n": n} for n in range(COUNT)]
+    for summary in summaries:
+        assert [item["data"] for item in summary["received"]] == expected, summary
+        assert [item["offset"] for item in summary["received"]] == list(range(1, COUNT + 1)), summary
