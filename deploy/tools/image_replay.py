@@ -231,11 +231,14 @@ def _http(url: str) -> tuple[int, str]:
 def _can_drop_privileges(uid: int, gid: int, python: str) -> bool:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return False
-    probe = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", python, "-c", "pass"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
+    # The image's user must run the same interpreter the environment was built for: when the host's
+    # Python lives somewhere that user cannot read (e.g. under a private /root), the venv's link does
+    # not resolve for it and another Python may answer instead, which is not what the image would run.
+    ask = [python, "-c", "import sys; print(sys.version)"]
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *ask], capture_output=True)
+    if probe.returncode != 0:
+        return False
+    return probe.stdout == subprocess.run(ask, capture_output=True).stdout
 
 
 def _snapshot(path: Path) -> set[str]:
