@@ -1,0 +1,225 @@
+"""MQTT publish -> WebSocket client latency through mqtt-bridge and the gateway.
+
+`tsunagu serve mqtt-bridge` and `tsunagu serve ws-gateway` run as their own processes on the stack's
+Redis and Mosquitto (bus: memory, unused here). A paho-mqtt publisher spreads QoS 1 messages over
+`--topics` device topics at `--rate` per second; `--clients` WebSocket clients speaking the native
+(Centrifugo JSON) protocol subscribe to all channels between them. Each message carries its send time;
+a client records publish -> delivery latency. Prints the achieved rates and p50/p90/p99.
+Not part of `make bench` (needs Mosquitto): `uv run python bench/mqtt.py [--rate 5000 --seconds 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+import orjson
+import paho.mqtt.client as mqtt
+import websockets
+
+REPO = Path(__file__).resolve().parents[1]
+MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
+REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
+SECRET = "bench-mqtt-secret-long-enough-for-hs256"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(service: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    full = {
+        **os.environ,
+        "TSUNAGU_BUS": "memory",
+        "TSUNAGU_BROKER": "redis",
+        "TSUNAGU_REDIS_URL": REDIS_URL,
+        "TSUNAGU_MQTT_URL": MQTT_URL,
+        "TSUNAGU_LOG_LEVEL": "warning",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tsunagu", "serve", service, "--port", str(port)],
+        cwd=REPO,
+        env=full,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"{service} did not become ready")
+
+
+class Latencies:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.received = 0
+        self.retried = 0
+        self.per_client: dict[str, int] = {}
+
+
+async def client(
+    url: str, user: str, channels: list[str], stats: Latencies, ready: asyncio.Event, stop: asyncio.Event
+) -> None:
+    token = jwt.encode({"sub": user, "channels": ["mqtt:*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(orjson.dumps({"id": 1, "connect": {"token": token}}).decode())
+        await ws.recv()
+        # One subscribe at a time, retrying the gateway's temporary errors (it has some under a burst of 1,000).
+        for number, channel in enumerate(channels, start=2):
+            for _attempt in range(20):
+                await ws.send(orjson.dumps({"id": number, "subscribe": {"channel": channel}}).decode())
+                reply = orjson.loads((await ws.recv()).splitlines()[0])
+                if "error" not in reply:
+                    break
+                stats.retried += 1
+                await asyncio.sleep(0.2)
+            else:
+                raise RuntimeError(f"could not subscribe to {channel}: {reply}")
+        ready.set()
+        while not stop.is_set():
+            try:
+                frame = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            now = time.time_ns()
+            for line in frame.splitlines() if isinstance(frame, str) else frame.decode().splitlines():
+                if line == "{}":
+                    await ws.send("{}")
+                    continue
+                message = orjson.loads(line)
+                data = message.get("push", {}).get("pub", {}).get("data")
+                if isinstance(data, dict) and "t" in data:
+                    stats.values.append((now - data["t"]) / 1e6)
+                    stats.received += 1
+                    stats.per_client[user] = stats.per_client.get(user, 0) + 1
+
+
+def publish(topics: list[str], rate: float, seconds: float, sent: list[int]) -> None:
+    address = urlsplit(MQTT_URL)
+    publisher = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    publisher.max_inflight_messages_set(2000)
+    publisher.max_queued_messages_set(0)
+    publisher.connect(address.hostname or "127.0.0.1", address.port or 1883)
+    publisher.loop_start()
+    start = time.perf_counter()
+    n = 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        due = int(elapsed * rate)
+        while n < due:
+            publisher.publish(topics[n % len(topics)], orjson.dumps({"t": time.time_ns(), "n": n}), qos=1)
+            n += 1
+        time.sleep(0.001)
+    sent.append(n)
+    time.sleep(5)
+    publisher.loop_stop()
+    publisher.disconnect()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=5000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--topics", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=200)
+    args = parser.parse_args()
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    topics = [f"{prefix}/dev{i}/telemetry" for i in range(args.topics)]
+    bridge_port, gateway_port = free_port(), free_port()
+    bridge = serve(
+        "mqtt-bridge",
+        bridge_port,
+        {
+            "TSUNAGU_MQTT_BRIDGE_FILTERS": orjson.dumps([f"{prefix}/#"]).decode(),
+            "TSUNAGU_MQTT_BRIDGE_CLIENT_ID": f"bench-bridge-{prefix}",
+            "TSUNAGU_MQTT_BRIDGE_SESSION_EXPIRY": "0",
+            "TSUNAGU_MQTT_BRIDGE_HISTORY_SIZE": "0",
+        },
+    )
+    gateway = serve("ws-gateway", gateway_port, {"TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
+    try:
+        stats = Latencies()
+        stop = asyncio.Event()
+        readies = []
+        tasks = []
+        url = f"ws://127.0.0.1:{gateway_port}/connection/websocket"
+        for i in range(args.clients):
+            channels = [f"mqtt:{t}" for t in topics[i :: args.clients]]
+            ready = asyncio.Event()
+            readies.append(ready)
+            tasks.append(asyncio.create_task(client(url, f"u{i}", channels, stats, ready, stop)))
+        async with asyncio.timeout(60):
+            for ready in readies:
+                await ready.wait()
+        print(
+            f"{args.clients} clients on {args.topics} channels; publishing {args.rate:,.0f} msg/s for "
+            f"{args.seconds:g} s (QoS 1)",
+            flush=True,
+        )
+        sent: list[int] = []
+        thread = threading.Thread(target=publish, args=(topics, args.rate, args.seconds, sent))
+        started = time.perf_counter()
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.1)
+        elapsed = time.perf_counter() - started - 5
+        stop.set()
+        errors = [r for r in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(r, BaseException)]
+        if errors:
+            print(f"  {len(errors)} clients failed, e.g. {errors[0]!r}")
+        values = sorted(stats.values)
+        if stats.retried:
+            print(f"  (the gateway answered {stats.retried} subscribes with a temporary error; retried)")
+        silent = args.clients - len(stats.per_client)
+        if silent:
+            print(f"  {silent} clients received nothing")
+        expected = sent[0]  # every channel has one subscriber
+        print(
+            f"  published {sent[0]:,} ({sent[0] / args.seconds:,.0f}/s); delivered {stats.received:,} of {expected:,}"
+            f" in {elapsed:.1f} s"
+        )
+        if values:
+            q = statistics.quantiles(values, n=100)
+            print(f"  latency ms: p50 {q[49]:.1f}  p90 {q[89]:.1f}  p99 {q[98]:.1f}  max {values[-1]:.1f}")
+        async with httpx.AsyncClient(timeout=5) as http:
+            metrics = (await http.get(f"http://127.0.0.1:{bridge_port}/metrics")).text
+        relayed = sum(
+            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("tsunagu_mqtt_relayed_total")
+        )
+        seconds = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("tsunagu_mqtt_relay_seconds_sum")
+        )
+        mean = seconds / max(relayed, 1) * 1000
+        print(f"  bridge relayed {relayed:,.0f}; mean MQTT arrival -> Redis accepted {mean:.1f} ms")
+    finally:
+        for process in (bridge, gateway):
+            process.terminate()
+            process.wait(20)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,185 @@
+"""MQTT -> channels: telemetry relay, device presence, and answers to `mqtt.request`.
+
+A message is PUBACKed (connection.py) only after `handle` returned, and `handle` returns only after
+the broker (Redis) accepted the publication. Messages are spread over `relay_workers` queues by
+topic, so one topic's messages reach its channel in the order the MQTT broker sent them while
+different topics are published in parallel. A broker failure is retried with backoff (the message
+stays unacknowledged, so the MQTT broker keeps it) rather than dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gmqtt.mqtt.constants import PubRecReasonCode
+from prometheus_client import Counter, Histogram
+from tsunagu_core.broker import Broker, ClientInfo, PublishOptions
+
+from tsunagu_mqtt_bridge.config import MqttBridgeSettings
+from tsunagu_mqtt_bridge.mapping import (
+    ONLINE,
+    Rejected,
+    channel_for_topic,
+    check_payload,
+    presence_status,
+    wildcard_values,
+)
+
+log = logging.getLogger("tsunagu.mqtt_bridge")
+
+RELAYED = Counter("tsunagu_mqtt_relayed_total", "MQTT messages published to their channel", ["retained"])
+REJECTED = Counter("tsunagu_mqtt_rejected_total", "MQTT messages or commands that could not be mapped", ["reason"])
+RELAY_SECONDS = Histogram(
+    "tsunagu_mqtt_relay_seconds",
+    "From an MQTT message's arrival to the channel publication being accepted",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+PRESENCE = Counter("tsunagu_mqtt_presence_total", "Device presence changes pushed to channels", ["status"])
+BROKER_RETRIES = Counter("tsunagu_mqtt_broker_retries_total", "Channel publications retried after a broker error")
+
+
+@dataclass(slots=True)
+class _Item:
+    topic: str
+    payload: bytes
+    retained: bool
+    arrived: float
+    done: asyncio.Future[None]
+
+
+class Relay:
+    def __init__(self, settings: MqttBridgeSettings, broker: Broker, *, response_root: str) -> None:
+        self.settings = settings
+        self.broker = broker
+        # Responses to `mqtt.request` of every replica live under this root: answered, never relayed.
+        self.response_root = response_root
+        self.options = PublishOptions(
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            meta_ttl=max(86400.0, settings.history_ttl * 10),
+        )
+        self.pending_requests: dict[bytes, asyncio.Future[tuple[str, bytes]]] = {}
+        self._queues: list[asyncio.Queue[_Item]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._ready: Callable[[], Awaitable[None]] | None = None
+
+    def start(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start the workers; they relay once `ready()` returned (the broker is connected)."""
+        self._ready = ready
+        self._queues = [asyncio.Queue() for _ in range(self.settings.relay_workers)]
+        self._workers = [
+            asyncio.create_task(self._work(queue), name=f"mqtt-relay-{i}") for i, queue in enumerate(self._queues)
+        ]
+
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        self._workers = []
+
+    async def handle(self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
+        """gmqtt's on_message: returns the PUBACK reason code once the message is taken care of."""
+        if topic.startswith(self.response_root):
+            self._answer(topic, payload, properties)
+            return int(PubRecReasonCode.SUCCESS)
+        retained = bool(properties.get("retain"))
+        if not self._queues:
+            raise RuntimeError("relay not started")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Enqueued before the first await: tasks start in arrival order, so queue order is arrival order.
+        shard = zlib.crc32(topic.encode()) % len(self._queues)
+        self._queues[shard].put_nowait(_Item(topic, payload, retained, time.perf_counter(), done))
+        await done
+        return int(PubRecReasonCode.SUCCESS)
+
+    def _answer(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        correlation = properties.get("correlation_data")
+        key = correlation[0] if isinstance(correlation, list) and correlation else correlation
+        if isinstance(key, str):
+            key = key.encode()
+        waiter = self.pending_requests.get(key) if isinstance(key, bytes) else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((topic, payload))
+
+    async def _work(self, queue: asyncio.Queue[_Item]) -> None:
+        if self._ready is not None:
+            await self._ready()
+        while True:
+            item = await queue.get()
+            try:
+                await self._relay(item)
+            except asyncio.CancelledError:
+                item.done.cancel()
+                raise
+            except Exception as exc:  # never lose the worker; the message stays unacknowledged
+                log.exception("relaying %s failed", item.topic)
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            else:
+                if not item.done.done():
+                    item.done.set_result(None)
+
+    async def _relay(self, item: _Item) -> None:
+        try:
+            channel = channel_for_topic(item.topic)
+            check_payload(item.payload, self.settings.max_payload_bytes)
+        except Rejected as exc:
+            REJECTED.labels(exc.reason).inc()
+            log.warning("rejected MQTT message on %r: %s", item.topic[:120], exc)
+            return
+        await self._with_retry(lambda: self.broker.publish(channel, item.payload, self.options))
+        RELAY_SECONDS.observe(time.perf_counter() - item.arrived)
+        RELAYED.labels("true" if item.retained else "false").inc()
+        if self.settings.presence_topic:
+            await self._presence(item.topic, item.payload)
+
+    async def _with_retry(self, operation: Any) -> Any:
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                BROKER_RETRIES.inc()
+                log.warning("broker not accepting now (%r); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _presence(self, topic: str, payload: bytes) -> None:
+        devices = wildcard_values(self.settings.presence_topic, topic)
+        if not devices:
+            return
+        status = presence_status(payload)
+        if status is None:
+            REJECTED.labels("bad_status").inc()
+            log.warning("status message on %r is neither online nor offline", topic[:120])
+            return
+        device = devices[0]
+        try:
+            channel = self.settings.presence_channel.format(device=device)
+        except (KeyError, IndexError, ValueError) as exc:
+            REJECTED.labels("bad_presence_channel").inc()
+            log.warning("presence channel template failed for %r: %r", device, exc)
+            return
+        client_id = f"mqtt-device:{device}"
+        info = ClientInfo(user=device, client=client_id)
+        present = await self._with_retry(lambda: self.broker.presence(channel))
+        if status == ONLINE:
+            await self._with_retry(
+                lambda: self.broker.add_presence(channel, client_id, info, ttl=self.settings.presence_ttl)
+            )
+            if client_id not in present:
+                await self._with_retry(lambda: self.broker.publish_presence(channel, True, info))
+                PRESENCE.labels(status).inc()
+        elif client_id in present:
+            await self._with_retry(lambda: self.broker.remove_presence(channel, client_id))
+            await self._with_retry(lambda: self.broker.publish_presence(channel, False, info))
+            PRESENCE.labels(status).inc()
