@@ -60,3 +60,18 @@ async def test_lost_fanout_connection_is_restored_and_reported() -> None:
         assert recorder.publications[0][1].data == b"after"
     finally:
         await broker.close()
+
+
+async def test_a_burst_larger_than_the_pool_waits_instead_of_failing() -> None:
+    """A thousand clients subscribing at once read history concurrently: with 4 connections in the pool
+    every read still succeeds (callers queue for a connection) rather than "Too many connections"."""
+    require_stack("the Redis broker")
+    broker = RedisBroker(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:10]}", max_connections=4)
+    broker.set_handler(Recorder())
+    await broker.start()
+    try:
+        await broker.publish("chat:burst", b"1", PublishOptions(history_size=10, history_ttl=60))
+        results = await asyncio.gather(*(broker.history("chat:burst", limit=10) for _ in range(500)))
+        assert all(len(r.publications) == 1 for r in results)
+    finally:
+        await broker.close()

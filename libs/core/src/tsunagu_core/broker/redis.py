@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
@@ -135,6 +135,9 @@ return 1
 """
 
 
+POOL_WAIT_SECONDS = 5.0
+
+
 def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
@@ -144,8 +147,11 @@ def _text(value: Any) -> str:
 
 
 class RedisBroker(Broker):
-    def __init__(self, url: str, *, prefix: str = "tsunagu", retry_max: float = 15.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "tsunagu", retry_max: float = 15.0, max_connections: int = 64
+    ) -> None:
         self.url = url
+        self.max_connections = max_connections
         self.prefix = prefix
         self.retry_max = retry_max
         self._redis: Redis | None = None
@@ -179,7 +185,16 @@ class RedisBroker(Broker):
     async def start(self) -> None:
         if self._redis is not None:
             return
-        client = Redis.from_url(self.url, socket_connect_timeout=3, health_check_interval=10)
+        # A bounded pool that makes callers wait for a free connection: a burst of subscribes (each
+        # reads history) would otherwise hit redis-py's connection limit and fail ("Too many connections").
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=POOL_WAIT_SECONDS,
+            socket_connect_timeout=3,
+            health_check_interval=10,
+        )
+        client = Redis(connection_pool=pool)
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
