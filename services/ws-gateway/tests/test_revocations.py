@@ -56,3 +56,23 @@ async def test_revoking_a_user_covers_tokens_issued_before_it_only(gateway, toke
     assert await closed_with(old) == (3500, "token revoked")
     fresh = await connect(gateway.ws_url, token("bob", ["chat:*"], sid="b", iat=int(time.time())))
     await fresh.close()
+
+
+async def test_a_silent_revocation_store_asks_the_client_to_come_back_rather_than_letting_it_in() -> None:
+    import pytest
+    from tsunagu_core.revocation_store import MemoryRevocationStore, TokenIdentity
+    from tsunagu_ws_gateway.protocol.codes import ProtocolError
+    from tsunagu_ws_gateway.revocations import RevocationList
+    from tsunagu_ws_gateway.tokens import ConnectionGrant
+
+    class SilentStore(MemoryRevocationStore):
+        async def revoked(self, token: TokenIdentity) -> bool:
+            await asyncio.sleep(60)
+            return False
+
+    revoked = RevocationList(store=SilentStore(), store_timeout=0.05)
+    with pytest.raises(ProtocolError) as refused:
+        await revoked.refuses(ConnectionGrant(user="ann", session_id="s-1"))
+    assert (refused.value.disconnect.code, refused.value.disconnect.reconnect) == (3004, True)
+    answering = RevocationList(store=MemoryRevocationStore(), store_timeout=0.05)
+    assert await answering.refuses(ConnectionGrant(user="ann", session_id="s-1")) is False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 
@@ -64,7 +64,10 @@ class RedisNonceRegistry:
         self._redis: Redis | None = None
 
     async def start(self) -> None:
-        client = Redis.from_url(self.url, socket_connect_timeout=3, socket_timeout=3)
+        pool = BlockingConnectionPool.from_url(
+            self.url, max_connections=32, timeout=3.0, socket_connect_timeout=3, socket_timeout=3
+        )
+        client = Redis(connection_pool=pool)
         try:
             await client.ping()
         except BaseException:

@@ -7,7 +7,8 @@ Entries are forgotten once every token they can affect has expired.
 
 At connect the gateway also asks the shared RevocationStore (Redis when the broker is Redis), which
 auth writes before it publishes: a gateway that has just started refuses a revoked token before its
-Kafka consumer has caught up. If Redis does not answer in time, the Kafka-fed list alone decides.
+Kafka consumer has caught up. If Redis does not answer in time, the client is closed with 3004 and
+reconnects later: a token is never let through unchecked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
 from tsunagu_core.revocation_store import RevocationStore, TokenIdentity
 from tsunagu_core.wire.events_pb2 import Revocation
 
+from tsunagu_ws_gateway.protocol.codes import SERVER_ERROR, ProtocolError
 from tsunagu_ws_gateway.tokens import ConnectionGrant
 
 log = logging.getLogger("tsunagu.gateway.revocations")
@@ -31,7 +33,9 @@ log = logging.getLogger("tsunagu.gateway.revocations")
 REVOCATIONS_APPLIED = Counter("tsunagu_gateway_revocations_total", "Revocations received from auth", ["scope"])
 STORE_ERRORS = Counter("tsunagu_gateway_revocation_store_errors_total", "Connect-time revocation lookups that failed")
 NEVER = float("inf")
-STORE_TIMEOUT = 0.5
+# Generous: when Redis is down the broker (same Redis) fails connects anyway, and a busy event loop
+# (1,000 connects at once) can take seconds to get to the answer.
+STORE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -42,6 +46,7 @@ class RevocationList:
     users: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Asked at connect too (see the module doc); None: the Kafka-fed list only.
     store: RevocationStore | None = None
+    store_timeout: float = STORE_TIMEOUT
 
     def apply(self, revocation: Revocation) -> None:
         until = revocation.expires_unix_ms / 1000 if revocation.expires_unix_ms else NEVER
@@ -66,19 +71,21 @@ class RevocationList:
         return False
 
     async def refuses(self, grant: ConnectionGrant) -> bool:
-        """At connect and refresh: revoked by what this replica has learnt, or by what the shared store holds."""
+        """At connect and refresh: revoked by what this replica has learnt, or by what the shared store
+        holds. When the store cannot answer, the token is not let through unchecked: the client is told
+        to come back (3004, the SDKs reconnect with backoff), which also spreads a connect storm."""
         if self.revokes(grant):
             return True
         if self.store is None:
             return False
         identity = TokenIdentity(grant.user, grant.session_id, grant.token_id, grant.issued_at)
         try:
-            async with asyncio.timeout(STORE_TIMEOUT):
+            async with asyncio.timeout(self.store_timeout):
                 return await self.store.revoked(identity)
         except Exception as exc:
             STORE_ERRORS.inc()
-            log.warning("revocation store not answering, relying on the Kafka feed: %r", exc)
-            return False
+            log.warning("revocation store not answering (%r): client asked to reconnect", exc)
+            raise ProtocolError(SERVER_ERROR) from None
 
     def forget_expired(self) -> None:
         now = time.time()

@@ -135,7 +135,7 @@ return 1
 """
 
 
-POOL_WAIT_SECONDS = 5.0
+POOL_WAIT_SECONDS = 10.0
 
 
 def _ms(seconds: float) -> int:
@@ -148,7 +148,7 @@ def _text(value: Any) -> str:
 
 class RedisBroker(Broker):
     def __init__(
-        self, url: str, *, prefix: str = "tsunagu", retry_max: float = 15.0, max_connections: int = 64
+        self, url: str, *, prefix: str = "tsunagu", retry_max: float = 15.0, max_connections: int = 128
     ) -> None:
         self.url = url
         self.max_connections = max_connections
