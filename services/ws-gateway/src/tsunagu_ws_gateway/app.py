@@ -26,6 +26,7 @@ from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
 from tsunagu_ws_gateway.signatures import SignatureVerifier
+from tsunagu_ws_gateway.socketio_bridge import build_socketio_app
 from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
 from tsunagu_ws_gateway.tokens import TokenVerifier
 from tsunagu_ws_gateway.websocket import native_endpoint
@@ -86,6 +87,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)
+    app.mount("/socket.io", build_socketio_app(gateway))
     app.include_router(build_graphql_router(settings))
     app.include_router(build_router())
     return app

@@ -76,6 +76,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
     "ledger": ChannelOptions(signed=True, audit=True),
+    # Socket.IO rooms at /socket.io/ (socketio_namespace): room "lobby" is channel "sio:lobby".
+    "sio": ChannelOptions(),
 }
 
 
@@ -129,6 +131,12 @@ class GatewaySettings(ServiceSettings):
     )
     signature_window: float = Field(
         30.0, gt=0, le=3600, description="Seconds a signed publication's `ts` may differ from the gateway's clock."
+    )
+    socketio_namespace: str = Field(
+        "sio", description='Channel namespace of Socket.IO rooms: room "lobby" is channel "<namespace>:lobby".'
+    )
+    socketio_volatile_backlog: int = Field(
+        64, ge=1, description="Packets queued to a Socket.IO client beyond which its volatile events are dropped."
     )
     presence_ttl: float = Field(60.0, gt=1, description="Seconds a presence entry lives without being refreshed.")
 
