@@ -165,7 +165,10 @@ async def test_telemetry_commands_and_requests_across_gateways_and_a_bridge_cras
     await asyncio.sleep(1.0)
     sent = [json.loads(p) for t, p in device.received if t == f"{prefix}/lamp/cmd"]
     assert sent == [{"led": "on"}, {"led": "off"}]
-    assert [r["status"] for r in results.data] == ["delivered", "delivered"]
+    # The kill lands after the device got A: the bridge either saw the broker's PUBACK (delivered) or
+    # died before it (unconfirmed: not resent, so the device still has it once). B is delivered.
+    first, second = (r["status"] for r in results.data)
+    assert first in ("delivered", "unconfirmed") and second == "delivered", results.data
     assert len({r["command_id"] for r in results.data}) == 2
 
     async with httpx.AsyncClient(timeout=5) as http:

@@ -6,8 +6,9 @@ dict in memory mode) so the device gets it at most once from us:
 - no state: claim `sending`, publish, wait for the broker's PUBACK, record `delivered`;
 - `delivered` / `failed` / `timed_out`: not sent again, the recorded result is reported again (the reply
   carries an idempotency key, so the sender sees one result);
-- `sending`: a bridge stopped between publishing and the PUBACK; whether the broker got it is unknown,
-  so it is not resent (no duplicate) and reported `failed` with that reason.
+- `sending`: a bridge stopped between publishing and the PUBACK; whether the broker (and so the device)
+  got it is unknown, so it is not resent (no duplicate) and reported `unconfirmed` with that reason:
+  the sender learns it may have arrived, rather than a `failed` that may be false.
 A command whose deadline has passed is not sent and reported `timed_out`.
 """
 
@@ -39,6 +40,7 @@ COMMAND_SECONDS = Histogram(
 
 DELIVERED = "delivered"
 FAILED = "failed"
+UNCONFIRMED = "unconfirmed"
 TIMED_OUT = "timed_out"
 SENDING = "sending"
 REPLIES_PREFIX = "replies:"
@@ -165,7 +167,7 @@ class CommandHandler:
     @staticmethod
     def _again(state: str) -> tuple[str, str]:
         if state == SENDING:
-            return FAILED, "a bridge stopped while publishing this command; not resent to avoid a duplicate"
+            return UNCONFIRMED, "a bridge stopped before the broker confirmed it; not resent to avoid a duplicate"
         if state == DELIVERED:
             return DELIVERED, ""
         return state, "reported before"
