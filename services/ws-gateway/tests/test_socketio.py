@@ -126,3 +126,37 @@ async def test_long_polling_clients_join_emit_and_receive() -> None:
             assert got == ["hello"]
         finally:
             await poller.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_server_api_joins_a_users_sockets_to_a_room() -> None:
+    """A backend puts every socket of a user into a room with POST /api/subscribe (cluster-wide, as for
+    native clients); the socket then gets the room's events without having asked to join."""
+    import httpx
+
+    from .conftest import API_KEY
+
+    async with running_gateway() as gw:
+        carol = await _client(gw.port, make_token("carol", ["sio:*"]))
+        got: list[tuple[Any, ...]] = []
+        carol.on("news", lambda *args: got.append(args))
+        node = gw.server.config.app.state.gateway.node
+        try:
+            async with httpx.AsyncClient(base_url=gw.http_url, headers={"X-API-Key": API_KEY}) as api:
+                reply = await api.post("/api/subscribe", json={"user": "carol", "channel": "sio:briefing"})
+                assert reply.json() == {"result": {}}, reply.text
+                for _ in range(100):
+                    if "sio:briefing" in node.channels:
+                        break
+                    await asyncio.sleep(0.02)
+                data = {"event": "news", "args": ["joined by the backend"]}
+                reply = await api.post("/api/publish", json={"channel": "sio:briefing", "data": data})
+                assert "result" in reply.json(), reply.text
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.02)
+            assert got and got[0][0] == "joined by the backend"
+            assert decode_offset(got[0][-1])["sio:briefing"][1] == 1, "the room is part of its recovery offset"
+        finally:
+            await carol.disconnect()

@@ -286,6 +286,10 @@ class Node:
         next_heartbeat = 0.0
         # Presence entries expire after presence_ttl unless renewed; renew at a third of it.
         next_presence = time.monotonic() + self.settings.presence_ttl / 3
+        # At once, so server API commands (subscribe, disconnect...) reach this node from its first
+        # second; if the broker is not reachable yet, the heartbeat below retries every few seconds.
+        with contextlib.suppress(Exception):
+            await self.ensure_control()
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
