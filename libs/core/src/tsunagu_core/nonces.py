@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from tsunagu_core.redis_pool import connect_redis
 
 
 class NonceRegistryError(RuntimeError):
@@ -64,16 +66,7 @@ class RedisNonceRegistry:
         self._redis: Redis | None = None
 
     async def start(self) -> None:
-        pool = BlockingConnectionPool.from_url(
-            self.url, max_connections=32, timeout=3.0, socket_connect_timeout=3, socket_timeout=3
-        )
-        client = Redis(connection_pool=pool)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._redis = client
+        self._redis = await connect_redis(self.url, max_connections=32, wait=3.0, socket_timeout=3.0)
 
     async def ping(self) -> None:
         if self._redis is None:

@@ -118,14 +118,12 @@ class RedisRevocationStore(RevocationStore):
     """Connects lazily: usable before `start()`, which only checks that Redis answers."""
 
     def __init__(self, url: str) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio import Redis
+
+        from tsunagu_core.redis_pool import redis_client
 
         self.url = url
-        # Callers wait for a free connection (a connect storm asks once per client) instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=5.0, socket_timeout=5.0, socket_connect_timeout=2.0
-        )
-        self.redis: Redis = Redis(connection_pool=pool)
+        self.redis: Redis = redis_client(url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
         self._revoke_user = self.redis.register_script(_REVOKE_USER)
 
     async def start(self) -> None:

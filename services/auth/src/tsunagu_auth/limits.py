@@ -71,8 +71,9 @@ class MemoryCounters(Counters):
 class RedisCounters(Counters):
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis
+        from tsunagu_core.redis_pool import redis_client
 
-        self.redis: Redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.redis: Redis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
         self._fail = self.redis.register_script(_FAIL)
 
     async def start(self) -> None:

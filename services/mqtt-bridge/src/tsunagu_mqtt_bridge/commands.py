@@ -87,10 +87,10 @@ class MemoryLedger:
 
 class RedisLedger:
     def __init__(self, url: str, ttl: float) -> None:
-        import redis.asyncio as redis
+        from tsunagu_core.redis_pool import redis_client
 
         self.ttl = max(1, int(ttl))
-        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = redis_client(url, socket_timeout=5.0, connect_timeout=5.0)
 
     async def get(self, command_id: str) -> str | None:
         value = await self.redis.get(KEY_PREFIX + command_id)

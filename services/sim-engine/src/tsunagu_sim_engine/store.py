@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from tsunagu_core.redis_pool import connect_redis
 
 
 class StoreError(Exception):
@@ -190,11 +191,9 @@ class RedisRoomStore(RoomStore):
     async def start(self) -> None:
         if self._redis is not None:
             return
-        client = Redis.from_url(self.url, socket_connect_timeout=3, health_check_interval=10)
         try:
-            await client.ping()
+            client = await connect_redis(self.url)
         except (RedisError, OSError) as exc:
-            await client.aclose()
             raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
         self._renew = client.register_script(_RENEW)

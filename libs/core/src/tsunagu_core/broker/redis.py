@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
@@ -39,6 +39,7 @@ from tsunagu_core.broker.codec import (
     encode_presence_event,
     encode_publication_body,
 )
+from tsunagu_core.redis_pool import connect_redis
 from tsunagu_core.telemetry import BROKER_OP_SECONDS, BROKER_PUBLISHED, BROKER_RESUBSCRIBES
 
 log = logging.getLogger("tsunagu.broker.redis")
@@ -185,20 +186,9 @@ class RedisBroker(Broker):
     async def start(self) -> None:
         if self._redis is not None:
             return
-        # A bounded pool that makes callers wait for a free connection: a burst of subscribes (each
-        # reads history) would otherwise hit redis-py's connection limit and fail ("Too many connections").
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self.max_connections,
-            timeout=POOL_WAIT_SECONDS,
-            socket_connect_timeout=3,
-            health_check_interval=10,
-        )
-        client = Redis(connection_pool=pool)
         try:
-            await client.ping()
+            client = await connect_redis(self.url, max_connections=self.max_connections, wait=POOL_WAIT_SECONDS)
         except (RedisError, OSError) as exc:
-            await client.aclose()
             raise BrokerError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
         self._publish_script = client.register_script(_PUBLISH)
