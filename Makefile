@@ -10,20 +10,22 @@ PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint fmt proto proto-check docs docs-check unit e2e stack-up stack-down stack-status bench deploy-check
+.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit e2e stack-up stack-down stack-status bench deploy-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-install: ## uv and every workspace package with its locked dependencies
+install: ## uv and every workspace package with its locked dependencies (all `make run` needs)
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
 	@$(UV) sync --all-packages --frozen --quiet
-	@npm ci --prefix tests/e2e/js --no-audit --no-fund --loglevel=error
+
+js-install: ## the JavaScript packages: stock clients of the e2e tests, the offline client, the web app
+	@for dir in tests/e2e/js clients/js web; do npm ci --prefix $$dir --no-audit --no-fund --loglevel=error; done
 
 run: install ## the whole platform in one process (embedded engines): http://127.0.0.1:8080/
 	$(UV) run tsunagu run
 
-lint: install proto-check docs-check ## ruff, mypy, generated code and docs up to date
+lint: install js-install proto-check docs-check web-check ## ruff, mypy, tsc, generated code, docs and the web build up to date
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run mypy $(MYPY_PACKAGES)
@@ -46,6 +48,20 @@ docs: install ## regenerate docs/configuration.md from the settings classes
 docs-check: install
 	$(UV) run tsunagu config-docs --check
 
+web: js-install ## rebuild the demo web app into the gateway's static files (committed: `make run` needs no Node)
+	npm run build --prefix web
+
+# The committed build must be what the sources build to, byte for byte.
+web-check: js-install
+	npm run typecheck --prefix web
+	npm run typecheck --prefix clients/js
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	npm run build --prefix web -- --outDir $$tmp/web --logLevel warn >/dev/null; \
+	diff -r -q $$tmp/web services/ws-gateway/src/tsunagu_ws_gateway/web || { echo "the web app build is stale: run make web"; exit 1; }
+
+js-test: js-install ## the offline client's unit tests (Vitest)
+	npm test --prefix clients/js
+
 unit: install ## unit tests only (memory engines; no servers)
 	$(UV) run pytest libs services tests/stack $(PYTEST_ARGS)
 
@@ -59,7 +75,8 @@ stack-status: install
 	$(UV) run tsunagu stack status
 
 # The stack is brought down whatever the tests did, and the tests' exit code is kept.
-test: install lint ## everything, on the real stack: lint, unit, e2e, deploy checks
+test: install js-install lint js-test ## everything, on the real stack: lint, unit, JS unit, e2e (with Chromium), deploy checks
+	$(UV) run python -m tsunagu.browser
 	$(UV) run tsunagu stack up
 	@status=0; \
 	eval "$$($(UV) run tsunagu stack env)"; \
@@ -71,7 +88,7 @@ test: install lint ## everything, on the real stack: lint, unit, e2e, deploy che
 deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 	bash deploy/check.sh
 
-bench: install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
+bench: install js-install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
 	$(UV) run tsunagu stack up redis kafka postgres
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py

@@ -31,37 +31,67 @@ DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
 DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
 
 
+# The demo's users: two, so two browser tabs can chat and see each other's avatar.
+DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
 DEVELOPMENT_USER = "alice"
-DEVELOPMENT_PASSWORD = "alice-development-password"
+DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
+# The web app's world (sim-engine) room.
+DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_timeout": 600}}
 
 
-def _auth_base_url(host: str | None = None) -> str:
-    """Where the embedded auth answers, as a client on this machine reaches it."""
-    settings = load_settings(SERVICES["auth"].settings)
+def _base_url(service: str, host: str | None = None) -> str:
+    """Where an embedded service answers, as a client on this machine reaches it."""
+    settings = load_settings(SERVICES[service].settings)
     chosen = host or settings.host
     if chosen in ("0.0.0.0", "::", ""):
         chosen = "127.0.0.1"
     return f"http://{chosen}:{settings.port}"
 
 
-def development_defaults(service: str, host: str | None = None) -> dict[str, Any]:
-    """What `tsunagu run` adds when the operator has not configured it: dev secrets, a dev user, and
-    the gateway trusting the embedded auth's JWKS next to the dev HS256 secret."""
+def _auth_base_url(host: str | None = None) -> str:
+    return _base_url("auth", host)
+
+
+def _unset(*names: str) -> bool:
+    return not any(os.environ.get(name) for name in names)
+
+
+def development_defaults(service: str, host: str | None = None, gateway_port: int | None = None) -> dict[str, Any]:
+    """What `tsunagu run` adds when the operator has not configured it: dev secrets, dev users, the
+    gateway trusting the embedded auth's JWKS next to the dev HS256 secret, and the web app's demo feeds."""
     defaults: dict[str, Any] = {}
     if service == "ws-gateway":
-        if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") and not os.environ.get(
-            "TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY"
-        ):
+        if _unset("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY"):
             defaults["token_hmac_secret"] = DEVELOPMENT_TOKEN_SECRET
-        if not os.environ.get("TSUNAGU_GATEWAY_API_KEY"):
+        if _unset("TSUNAGU_GATEWAY_API_KEY"):
             defaults["api_key"] = DEVELOPMENT_API_KEY
-        if not os.environ.get("TSUNAGU_GATEWAY_TOKEN_JWKS_URL"):
+        if _unset("TSUNAGU_GATEWAY_TOKEN_JWKS_URL"):
             defaults["token_jwks_url"] = _auth_base_url(host) + "/.well-known/jwks.json"
+        if _unset("TSUNAGU_GATEWAY_COLLAB_URL"):
+            defaults["collab_url"] = _base_url("collab", host)
+        if _unset("TSUNAGU_GATEWAY_WEB_AUTH_URL"):
+            defaults["web_auth_url"] = _auth_base_url(host)
+        if _unset("TSUNAGU_GATEWAY_WEB_SERVICE_URLS"):
+            names = ("auth", "collab", "stream-ingest", "mqtt-bridge", "sim-engine")
+            defaults["web_service_urls"] = {name: _base_url(name, host) for name in names}
     elif service == "auth":
-        if not os.environ.get("TSUNAGU_AUTH_ADMIN_API_KEY"):
+        if _unset("TSUNAGU_AUTH_ADMIN_API_KEY"):
             defaults["admin_api_key"] = DEVELOPMENT_API_KEY
-        if not os.environ.get("TSUNAGU_AUTH_BOOTSTRAP_USERS"):
-            defaults["bootstrap_users"] = {DEVELOPMENT_USER: {"password": DEVELOPMENT_PASSWORD, "channels": ["*"]}}
+        if _unset("TSUNAGU_AUTH_BOOTSTRAP_USERS"):
+            defaults["bootstrap_users"] = {
+                user: {"password": password, "channels": ["*"]} for user, password in DEVELOPMENT_USERS.items()
+            }
+        if _unset("TSUNAGU_AUTH_CORS_ORIGINS"):
+            gateway = _base_url("ws-gateway", host)
+            if gateway_port is not None:
+                gateway = gateway.rsplit(":", 1)[0] + f":{gateway_port}"
+            port = gateway.rsplit(":", 1)[1]
+            defaults["cors_origins"] = sorted({gateway, f"http://127.0.0.1:{port}", f"http://localhost:{port}"})
+    elif service == "stream-ingest":
+        if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
+            defaults["demo_feed"] = True
+    elif service == "sim-engine" and _unset("TSUNAGU_SIM_ROOMS"):
+        defaults["rooms"] = [DEMO_ROOM]
     return defaults
 
 
@@ -113,18 +143,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker}")
     for entry in SERVICES.values():
-        settings = load_settings(entry.settings, **development_defaults(entry.name, args.host))
+        settings = load_settings(entry.settings, **development_defaults(entry.name, args.host, args.port))
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
         host = args.host or settings.host
         app = entry.factory(runtime, settings)
         servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core)))
         print(f"  {entry.name:<14} http://{host}:{port}/  (/healthz /readyz /metrics)")
+    gateway_url = _base_url("ws-gateway", args.host)
+    if args.port:
+        gateway_url = gateway_url.rsplit(":", 1)[0] + f":{args.port}"
+    print(f"  the demo web app: {gateway_url}/  (log in as alice or bob)")
     if "token_hmac_secret" in development_defaults("ws-gateway") or "api_key" in development_defaults("ws-gateway"):
         print("  development credentials (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET / _API_KEY to replace them):")
         print("    token:   uv run tsunagu token --user alice --channels 'chat:*'")
         print(f"    API key: {DEVELOPMENT_API_KEY}")
     if "bootstrap_users" in development_defaults("auth"):
-        print(f"  development user {DEVELOPMENT_USER!r} (password {DEVELOPMENT_PASSWORD!r}); an auth-issued token:")
+        users = ", ".join(f"{user!r} (password {password!r})" for user, password in DEVELOPMENT_USERS.items())
+        print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
     return asyncio.run(_serve_all(servers))

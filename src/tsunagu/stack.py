@@ -492,6 +492,22 @@ def _run(
 
 _apt_lock = threading.Lock()
 _apt_updated = False
+# Other tsunagu processes (`python -m tsunagu.browser` next to `tsunagu stack up`) install too: apt's own
+# locks make the second one fail at once instead of waiting, and both would share policy-rc.d.
+APT_PROCESS_LOCK = Path("/var/lock/tsunagu-apt.lock")
+# ... and apt run by anyone else (unattended upgrades) is waited for this long.
+APT_LOCK_TIMEOUT = "600"
+
+
+@contextlib.contextmanager
+def _apt_process_lock() -> Iterator[None]:
+    APT_PROCESS_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with APT_PROCESS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -518,13 +534,14 @@ def apt_install(packages: Sequence[str]) -> None:
     if shutil.which("apt-get") is None:
         raise StackError(f"{names} not installed and apt-get is missing: install {names} with the package manager")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with _apt_lock, _no_service_autostart():
+    wait = ["-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT}"]
+    with _apt_lock, _apt_process_lock(), _no_service_autostart():
         print(f"{'install':<11} {'apt-get':<15} {names} ...", flush=True)
         if not _apt_updated:
-            _run(["apt-get", "update"], what="apt-get update", timeout=600, env=env)
+            _run(["apt-get", *wait, "update"], what="apt-get update", timeout=900, env=env)
             _apt_updated = True
         _run(
-            ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+            ["apt-get", *wait, "install", "-y", "--no-install-recommends", *packages],
             what=f"apt-get install {names}",
             timeout=1800,
             env=env,

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,14 @@ class ServiceProcess:
     def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
+        # A file, not a pipe: nobody reads a pipe while the test runs, and a chatty process (`tsunagu run`
+        # logs for eight services) blocks in its logging once the pipe's 64 KiB are full.
+        self.log = tempfile.TemporaryFile(mode="w+", prefix="tsunagu-e2e-")  # noqa: SIM115 (closed by the fixture)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tsunagu", *args],
             cwd=REPO,
             env={**os.environ, **env},
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
         )
@@ -74,13 +78,24 @@ class ServiceProcess:
         return self.process.wait(timeout)
 
     def output(self) -> str:
-        if self.process.poll() is None:
-            return "(still running)"
-        return self.process.stdout.read() if self.process.stdout else ""
+        """What the process printed so far (the last 20,000 characters)."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-20_000:]
 
 
 @pytest.fixture
 def start_service() -> Iterator[object]:
+    yield from _service_starter()
+
+
+@pytest.fixture(scope="module")
+def start_module_service() -> Iterator[object]:
+    """start_service for processes that every test of a module shares (e.g. a whole platform)."""
+    yield from _service_starter()
+
+
+def _service_starter() -> Iterator[object]:
     started: list[ServiceProcess] = []
 
     def start(args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> ServiceProcess:
@@ -94,9 +109,10 @@ def start_service() -> Iterator[object]:
         if service.process.poll() is None:
             service.process.kill()
             service.process.wait()
+        service.log.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def pick_port() -> object:
     return free_port
 

@@ -251,3 +251,19 @@ def test_down_with_nothing_running(
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == ["mqtt", "redis"]  # reverse start order
     assert all(line.endswith("not running") for line in out)
+
+
+def test_run_points_the_gateway_at_the_embedded_services_on_their_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tsunagu run` with moved ports: the gateway's collab reads, JWKS and web-app probes follow them."""
+    from tsunagu.cli import development_defaults
+
+    monkeypatch.setenv("TSUNAGU_COLLAB_PORT", "18183")
+    monkeypatch.setenv("TSUNAGU_AUTH_PORT", "18181")
+    gateway = development_defaults("ws-gateway")
+    assert gateway["collab_url"] == "http://127.0.0.1:18183"
+    assert gateway["token_jwks_url"] == "http://127.0.0.1:18181/.well-known/jwks.json"
+    assert gateway["web_service_urls"]["collab"] == "http://127.0.0.1:18183"
+    monkeypatch.setenv("TSUNAGU_GATEWAY_COLLAB_URL", "http://collab.internal:8083")
+    assert "collab_url" not in development_defaults("ws-gateway")
+    # auth lets the web app on the gateway's origin log in
+    assert "http://127.0.0.1:9999" in development_defaults("auth", gateway_port=9999)["cors_origins"]

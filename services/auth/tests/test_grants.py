@@ -179,3 +179,27 @@ def test_readiness_names_its_dependencies(auth: Any) -> None:
     assert set(checks) == expected
     metrics = auth.client.get("/metrics").text
     assert "tsunagu_auth_logins_total" in metrics and "tsunagu_auth_token_issue_seconds" in metrics
+
+
+def test_a_browser_app_on_an_allowed_origin_may_log_in(make_auth) -> None:  # type: ignore[no-untyped-def]
+    auth = make_auth(cors_origins=["http://127.0.0.1:8080"])
+    preflight = auth.client.options(
+        "/v1/token",
+        headers={
+            "Origin": "http://127.0.0.1:8080",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+    login = auth.client.post(
+        "/v1/token",
+        json={"grant_type": "password", "username": auth.user(), "password": "correct horse"},
+        headers={"Origin": "http://127.0.0.1:8080"},
+    )
+    assert login.status_code == 200 and login.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+    stranger = auth.client.options(
+        "/v1/token", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in stranger.headers

@@ -51,3 +51,25 @@ async def test_the_app_relays_while_running_and_flushes_held_values_on_stop() ->
         broker = runtime.broker
     # Stopping published the held value before the broker closed.
     assert [json.loads(p.data) for p in (await broker.history(channel)).publications] == [{"n": 0}, {"n": 2}]
+
+
+async def test_the_demo_feed_reaches_its_channels_through_the_relay() -> None:
+    import json
+
+    runtime = Runtime(CoreSettings())
+    settings = IngestSettings(demo_feed=True, demo_feed_symbols=["AAA", "BBB"], demo_feed_rate=20)
+    app = create_app(runtime, settings)
+    assert [m.topic for m in app.state.relay.mappings] == ["demo.ticker"]
+    async with app.router.lifespan_context(app):
+        async with asyncio.timeout(5):
+            while (await runtime.broker.history("stream:demo.ticker.BBB", limit=0)).position.offset < 2:
+                await asyncio.sleep(0.05)
+        quotes = [json.loads(p.data) for p in (await runtime.broker.history("stream:demo.ticker.AAA")).publications]
+    assert quotes and all(q["symbol"] == "AAA" and q["price"] > 0 for q in quotes)
+    # Conflated to at most DEMO_MAX_RATE a second although it writes 20.
+    assert len(quotes) <= 8
+
+
+def test_no_demo_feed_unless_asked() -> None:
+    app = create_app(Runtime(CoreSettings()), IngestSettings())
+    assert app.state.relay.mappings == []

@@ -232,3 +232,22 @@ async def test_presence_of_a_long_lived_subscriber_is_renewed(start_gateway, tok
             await asyncio.sleep(0.3)
             stats = (await api.post("/api/presence_stats", json={"channel": "chat:presence"})).json()
             assert stats == {"result": {"num_clients": 0, "num_users": 0}}
+
+
+async def test_publish_rpc_acknowledges_with_the_offset_through_a_stock_sdk(gateway, token) -> None:  # type: ignore[no-untyped-def]
+    """`$publish` is how an offline queue on a stock SDK learns its offsets: same key, same offset, applied once."""
+    client = Client(gateway.ws_url, token=token("ann", ["chat:*"]))
+    await client.connect()
+    entry = {"channel": "chat:rpc-publish", "data": {"text": "hi"}, "idempotency_key": "q-1"}
+    first = await client.rpc("$publish", entry)
+    again = await client.rpc("$publish", entry)
+    other = await client.rpc("$publish", {**entry, "idempotency_key": "q-2"})
+    assert first.data["offset"] == again.data["offset"] == 1 and first.data["epoch"]
+    assert other.data["offset"] == 2
+    history = await client.history("chat:rpc-publish", limit=10)
+    assert [p.data for p in history.publications] == [{"text": "hi"}, {"text": "hi"}]
+    with pytest.raises(Exception, match="permission denied"):
+        await client.rpc("$publish", {"channel": "ledger-free", "data": {}})
+    with pytest.raises(Exception, match="bad request"):
+        await client.rpc("$publish", {"channel": "chat:rpc-publish"})
+    await client.disconnect()

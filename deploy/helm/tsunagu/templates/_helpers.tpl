@@ -501,6 +501,17 @@ metadata:
 {{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_JWKS_URL" (printf "%s/.well-known/jwks.json" $authUrl) }}
 {{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_AUDIENCE" (index ($root.Values.services.auth.config | default dict) "TSUNAGU_AUTH_AUDIENCE" | default "tsunagu") }}
 {{- end }}
+{{- /* The demo web app asks the gateway which services answer; the gateway probes them in the cluster. */}}
+{{- if eq $name "ws-gateway" }}
+{{- $probed := dict }}
+{{- range $other := list "auth" "collab" "stream-ingest" "mqtt-bridge" "sim-engine" }}
+{{- $otherSvc := index $root.Values.services $other }}
+{{- if $otherSvc.enabled }}
+{{- $_ := set $probed $other (printf "http://%s:%v" (include "tsunagu.componentName" (dict "root" $root "name" $other)) $otherSvc.port) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $data "TSUNAGU_GATEWAY_WEB_SERVICE_URLS" (toJson $probed) }}
+{{- end }}
 {{- /* The service's own settings come last and win. */}}
 {{- range $key, $value := ($svc.config | default dict) }}
 {{- $_ := set $data $key $value }}

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from tsunagu_core.bus import BusError
@@ -81,6 +82,15 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
             await auth.flush()
 
     app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[key_timer])
+    if settings.cors_origins:
+        # Browsers log in from the gateway's origin; no cookies are involved, tokens travel in bodies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+            max_age=600,
+        )
     app.state.settings = settings
     app.state.auth = auth
 

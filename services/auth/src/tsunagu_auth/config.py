@@ -79,6 +79,11 @@ class AuthSettings(ServiceSettings):
         description='JSON object: client id to `{"secret" or "secret_hash", "scopes": [...], "channels": [...]}` '
         "for the client-credentials grant.",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="JSON list of browser origins allowed to call the token endpoints (e.g. the gateway's web app); "
+        "empty: none.",
+    )
     bootstrap_users: dict[str, BootstrapUser] = Field(
         default_factory=dict,
         description='JSON object: username to `{"password", "channels"}`, created at start when missing (development).',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +15,7 @@ from redis.exceptions import RedisError
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError
 from tsunagu_core.bus import Subscription
-from tsunagu_core.config import CoreSettings
+from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime, create_service_app
 
 from tsunagu_sim_engine.config import SimSettings
@@ -49,8 +50,15 @@ def _room_name(room: str) -> str:
     return room
 
 
+log = logging.getLogger("tsunagu.sim_engine")
+
+
 def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None = None) -> FastAPI:
     load_kinds(settings.kinds)
+    try:
+        configured_rooms = [RoomSpec.parse(body) for body in settings.rooms]
+    except ValueError as exc:
+        raise ConfigError(f"TSUNAGU_SIM_ROOMS: {exc}") from None
     store = store if store is not None else create_store(runtime.settings, settings)
     runtime.add_dependency(STORE, store)
     engine = SimEngine(
@@ -69,6 +77,9 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
 
     async def scan() -> None:
         await runtime.wait_ready(["broker", STORE])
+        for spec in configured_rooms:
+            if await engine.create(spec):
+                log.info("created configured room %s (%s)", spec.room, spec.kind)
         await engine.run_scanner(settings.scan_interval)
 
     @asynccontextmanager

@@ -1,3 +1,5 @@
+from typing import Any
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tsunagu_core.config import ServiceSettings
@@ -27,6 +29,11 @@ class SimSettings(ServiceSettings):
     max_rooms: int = Field(1000, ge=1, le=100000, description="Most rooms one replica runs at once.")
     input_max_age: float = Field(
         5.0, gt=0, le=3600, description="Inputs older than this many seconds (replayed backlog) are dropped unapplied."
+    )
+    rooms: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="JSON list of room specs (as `POST /v1/rooms` takes them) created at start when missing; "
+        "`tsunagu run` creates the demo's `world` room this way.",
     )
     kinds: str = Field(
         "",

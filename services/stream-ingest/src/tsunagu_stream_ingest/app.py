@@ -14,6 +14,7 @@ from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
 
 from tsunagu_stream_ingest.config import IngestSettings
+from tsunagu_stream_ingest.demo_feed import DemoTicker, demo_mapping
 from tsunagu_stream_ingest.ingest import Relay
 
 SERVICE = "stream-ingest"
@@ -23,6 +24,12 @@ log = logging.getLogger("tsunagu.stream_ingest")
 
 
 def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
+    ticker: DemoTicker | None = None
+    if settings.demo_feed:
+        ticker = DemoTicker(runtime.bus, settings.demo_feed_topic, settings.demo_feed_symbols, settings.demo_feed_rate)
+        if all(m.topic != settings.demo_feed_topic for m in settings.mappings):
+            with_demo = [*settings.mappings, demo_mapping(settings.demo_feed_topic)]
+            settings = settings.model_copy(update={"mappings": with_demo})
     relay = Relay(settings, runtime.bus, runtime.broker)
 
     async def consume() -> list[Subscription]:
@@ -66,7 +73,26 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             except TimeoutError:
                 log.error("values held by conflation were not all published within %.1fs", settings.shutdown_flush)
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[relaying])
+    @asynccontextmanager
+    async def demo_quotes() -> AsyncIterator[None]:
+        if ticker is None:
+            yield
+            return
+
+        async def write_when_ready() -> None:
+            await runtime.wait_ready(NEEDS)
+            log.info("demo feed: %d symbols on %s", len(ticker.prices), ticker.topic)
+            await ticker.run()
+
+        task = asyncio.create_task(write_when_ready(), name="stream-ingest-demo-feed")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[relaying, demo_quotes])
     app.state.settings = settings
     app.state.relay = relay
 

@@ -40,6 +40,14 @@ class IngestSettings(ServiceSettings):
     shutdown_flush: float = Field(
         5.0, ge=0, le=120, description="Seconds a stopping relay spends publishing the values still held by conflation."
     )
+    demo_feed: bool = Field(
+        False, description="Write demo price quotes to `demo_feed_topic` and relay them (`tsunagu run` turns it on)."
+    )
+    demo_feed_topic: str = Field("demo.ticker", min_length=1, description="Topic of the demo quotes.")
+    demo_feed_symbols: list[str] = Field(
+        default_factory=lambda: ["TSU", "NGU", "KFK"], description="JSON list of the demo's symbols (the record keys)."
+    )
+    demo_feed_rate: float = Field(4.0, gt=0, le=100, description="Demo quotes per second per symbol.")
 
     @field_validator("mappings", mode="before")
     @classmethod

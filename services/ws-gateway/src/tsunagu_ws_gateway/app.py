@@ -29,6 +29,7 @@ from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.socketio_bridge import build_socketio_app
 from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
 from tsunagu_ws_gateway.tokens import TokenVerifier
+from tsunagu_ws_gateway.web import serve_web_app
 from tsunagu_ws_gateway.websocket import native_endpoint
 
 SERVICE = "ws-gateway"
@@ -77,6 +78,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
+            if settings.web_enabled:
+                await app.state.web_probe.close()
 
     collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
     app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients, collab.lifespan])
@@ -90,4 +93,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.mount("/socket.io", build_socketio_app(gateway))
     app.include_router(build_graphql_router(settings))
     app.include_router(build_router())
+    if settings.web_enabled:
+        probe = serve_web_app(app, settings)
+        app.state.web_probe = probe
     return app

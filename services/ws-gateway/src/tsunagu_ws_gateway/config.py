@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -78,6 +78,20 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "ledger": ChannelOptions(signed=True, audit=True),
     # Socket.IO rooms at /socket.io/ (socketio_namespace): room "lobby" is channel "sio:lobby".
     "sio": ChannelOptions(),
+    # Ephemeral signals such as typing indicators: nothing kept, nothing to recover.
+    "typing": ChannelOptions(history_size=0, recovery=False),
+}
+
+
+# What the demo web app shows; the channels match the embedded demo feeds (stream-ingest, sim-engine).
+WEB_DEMO: dict[str, Any] = {
+    "chat_rooms": ["chat:lobby", "chat:random"],
+    "typing_prefix": "typing:",
+    "editor_doc": "demo",
+    "ticker_prefix": "stream:demo.ticker.",
+    "ticker_symbols": ["TSU", "NGU", "KFK"],
+    "iot_channels": ["mqtt:demo/telemetry"],
+    "world_room": "world",
 }
 
 
@@ -139,6 +153,26 @@ class GatewaySettings(ServiceSettings):
         64, ge=1, description="Packets queued to a Socket.IO client beyond which its volatile events are dropped."
     )
     presence_ttl: float = Field(60.0, gt=1, description="Seconds a presence entry lives without being refreshed.")
+    web_enabled: bool = Field(
+        True, description="Serve the demo web app at `/` (and `/web/config.json`, `/web/services`)."
+    )
+    web_auth_url: str = Field(
+        "http://127.0.0.1:8081", description="auth's base URL as browsers reach it (the web app logs in there)."
+    )
+    web_service_urls: dict[str, str] = Field(
+        default_factory=lambda: {
+            "auth": "http://127.0.0.1:8081",
+            "collab": "http://127.0.0.1:8083",
+            "stream-ingest": "http://127.0.0.1:8084",
+            "mqtt-bridge": "http://127.0.0.1:8085",
+            "sim-engine": "http://127.0.0.1:8086",
+        },
+        description="JSON object: service name to base URL whose `/readyz` tells the web app it runs.",
+    )
+    web_demo: dict[str, Any] = Field(
+        default_factory=lambda: dict(WEB_DEMO),
+        description="JSON object merged into `/web/config.json`: the demo's rooms, document, symbols, channels.",
+    )
 
     @field_validator("namespaces")
     @classmethod

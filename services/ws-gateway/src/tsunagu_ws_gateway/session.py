@@ -37,6 +37,8 @@ from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
 log = logging.getLogger("tsunagu.gateway.session")
 
 VERSION = "tsunagu 0.1.0"
+# The gateway's own RPC method (no backend): a publish answered with its offset and epoch.
+PUBLISH_RPC = "$publish"
 # Subscribe flag a client sets to get error 112 instead of `recovered: false` (it reloads state itself).
 REJECT_UNRECOVERED_FLAG = 2
 COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
@@ -430,13 +432,15 @@ class ClientSession:
         return channel, options
 
     async def _on_publish(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
-        channel, options = self._channel_access(request.get("channel"), "allow_publish")
         if "data" not in request:
             raise ReplyError(codes.BAD_REQUEST, "publish needs data")
-        key = request.get("idempotency_key")
+        data = self.codec.payload(request["data"])
+        return await self._publish(request.get("channel"), data, request.get("idempotency_key"))
+
+    async def _publish(self, channel_name: Any, data: bytes, key: Any) -> dict[str, Any]:
+        channel, options = self._channel_access(channel_name, "allow_publish")
         if key is not None and (not isinstance(key, str) or len(key) > 128):
             raise ReplyError(codes.BAD_REQUEST, "idempotency_key must be a string of at most 128 characters")
-        data = self.codec.payload(request["data"])
         signed = None
         if options.signed:
             claims = self.grant.claims if self.grant is not None else {}
@@ -532,10 +536,21 @@ class ClientSession:
         method = request.get("method")
         if not isinstance(method, str) or not method:
             raise ReplyError(codes.METHOD_NOT_FOUND, "rpc needs a method")
+        if method == PUBLISH_RPC:
+            return {"data": await self._publish_by_rpc(self.codec.rpc_data(request.get("data")))}
         data = await self.gateway.rpc.call(
             method, self.codec.rpc_data(request.get("data")), user=self.user, client=self.id
         )
         return {"data": data}
+
+    async def _publish_by_rpc(self, params: Any) -> dict[str, Any]:
+        """`$publish`: a publish whose result stock SDKs hand back (their publish() drops it), so an
+        offline queue built on them learns the offset that acknowledges each entry."""
+        if not isinstance(params, dict) or "data" not in params:
+            raise ReplyError(codes.BAD_REQUEST, "$publish needs {channel, data, idempotency_key?}")
+        data = orjson.dumps(params["data"])
+        result = await self._publish(params.get("channel"), data, params.get("idempotency_key"))
+        return {"offset": result.get("offset", 0), "epoch": result.get("epoch", "")}
 
     # timers
 

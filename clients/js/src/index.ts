@@ -1,0 +1,11 @@
+export { OfflinePublisher, PUBLISH_RPC } from './publisher.js';
+export type {
+  ChangeEvent,
+  OfflinePublisherEvent,
+  OfflinePublisherEvents,
+  OfflinePublisherOptions,
+  RetryEvent,
+} from './publisher.js';
+export { classifyError, toPublishError, PERMANENT_CODES, TEMPORARY_CODES } from './errors.js';
+export type { ErrorKind, PublishError } from './errors.js';
+export type { Ack, CentrifugeLike, FailedPublication, LockManagerLike, QueuedPublication } from './types.js';

@@ -1,0 +1,1 @@
+function e(e,t={},...n){let r=document.createElement(e);return t.className&&(r.className=t.className),t.testid&&(r.dataset.testid=t.testid),t.text!==void 0&&(r.textContent=t.text),r.append(...n),r}function t(e){let t=0;for(let n of e)t=t*31+n.codePointAt(0)>>>0;return`hsl(${t%360} 70% 55%)`}export{t as n,e as t};

@@ -1,0 +1,290 @@
+// The demo web app driven in real Chromium (Debian's, through playwright-core), one scenario per run:
+//   node browser_demo.mjs <scenario> '<json options>'
+// options: {base, chromium, artifacts, room, users: {alice: pw, bob: pw}}
+// Prints one JSON line with what it observed; exits 1 with the reason when an expectation fails.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [scenario, raw] = process.argv.slice(2);
+const options = JSON.parse(raw);
+mkdirSync(options.artifacts, { recursive: true });
+
+const STEP_TIMEOUT = 20_000;
+
+function fail(message) {
+  throw new Error(`${scenario}: ${message}`);
+}
+
+async function open(browser, user) {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  const errors = [];
+  page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
+  await page.goto(options.base + '/');
+  await page.getByTestId('login-user').fill(user);
+  await page.getByTestId('login-password').fill(options.users[user]);
+  await page.getByTestId('login-submit').click();
+  await connected(page);
+  return { context, page, errors, user };
+}
+
+async function connected(page) {
+  await page.waitForFunction(
+    () => document.querySelector('[data-testid="connection-state"]')?.textContent?.trim() === 'connected',
+    null,
+    { timeout: STEP_TIMEOUT },
+  );
+}
+
+async function shot(page, name) {
+  const path = join(options.artifacts, `${name}.png`);
+  await page.screenshot({ path });
+  return path;
+}
+
+async function chatTexts(page) {
+  return page.$$eval('[data-testid="chat-log"] li', (items) =>
+    items.map((li) => li.querySelector('.text')?.textContent ?? ''),
+  );
+}
+
+async function pendingCount(page) {
+  return Number((await page.getByTestId('chat-pending').textContent())?.trim());
+}
+
+async function waitFor(what, check, timeout = STEP_TIMEOUT) {
+  const deadline = Date.now() + timeout;
+  let last;
+  while (Date.now() < deadline) {
+    last = await check();
+    if (last === true) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function chatOffline(browser) {
+  const room = options.room;
+  const a = await open(browser, 'alice');
+  const b = await open(browser, 'bob');
+  for (const side of [a, b]) {
+    await side.page.getByTestId('nav-chat').click();
+    await side.page.getByTestId(`chat-room-${room}`).click();
+  }
+  // The app must load from the service worker after a reload while offline.
+  await a.page.waitForSelector('[data-testid="sw-ready"][data-ready="true"]', { state: 'attached' });
+
+  await a.context.setOffline(true);
+  await waitFor('alice to notice she is offline', async () =>
+    (await a.page.getByTestId('connection-state').textContent())?.trim() !== 'connected' ? true : 'connected',
+  );
+  const sent = Array.from({ length: 20 }, (_, n) => `offline message ${n + 1} ${room}`);
+  for (const text of sent) {
+    await a.page.getByTestId('chat-input').fill(text);
+    await a.page.getByTestId('chat-input').press('Enter');
+  }
+  await waitFor('20 queued publications', async () => ((await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page)));
+  const offlineShot = await shot(a.page, 'chat-offline-queue');
+
+  await a.page.reload();
+  await a.page.getByTestId('chat-pending').waitFor();
+  await waitFor('the queue to survive the reload', async () =>
+    (await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page),
+  );
+  const stillOffline = (await a.page.getByTestId('connection-state').textContent())?.trim();
+
+  await a.context.setOffline(false);
+  await connected(a.page);
+  await waitFor('the queue to drain', async () => ((await pendingCount(a.page)) === 0 ? true : await pendingCount(a.page)), 30_000);
+
+  const mine = (texts) => texts.filter((t) => t.endsWith(` ${room}`));
+  await waitFor('bob to see all 20', async () => {
+    const seen = mine(await chatTexts(b.page));
+    return seen.length >= 20 ? true : seen.length;
+  }, 30_000);
+  // A late straggler (a double) would show up here.
+  await new Promise((r) => setTimeout(r, 1000));
+  const bobSaw = mine(await chatTexts(b.page));
+  const aliceSees = mine(await chatTexts(a.page));
+  await b.page.reload();
+  await connected(b.page);
+  await b.page.getByTestId(`chat-room-${room}`).click();
+  await waitFor('bob history after reload', async () => {
+    const seen = mine(await chatTexts(b.page));
+    return seen.length >= 20 ? true : seen.length;
+  });
+  const bobHistory = mine(await chatTexts(b.page));
+  const screenshots = [offlineShot, await shot(a.page, 'chat-alice'), await shot(b.page, 'chat-bob')];
+  return { sent, bobSaw, aliceSees, bobHistory, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+// The document's text: the lines without the remote carets' name labels (widgets inside .cm-content).
+async function editorText(page) {
+  return page.$$eval('[data-testid="editor"] .cm-content .cm-line', (lines) =>
+    lines
+      .map((line) => {
+        const copy = line.cloneNode(true);
+        for (const widget of copy.querySelectorAll('.cm-ySelectionCaret, .cm-ySelectionInfo, .cm-widgetBuffer')) widget.remove();
+        return copy.textContent.replace(/[\u200b\u2060]/g, '');
+      })
+      .join('\n'),
+  );
+}
+
+async function editorConverges(browser) {
+  const a = await open(browser, 'alice');
+  const b = await open(browser, 'bob');
+  for (const side of [a, b]) {
+    await side.page.getByTestId('nav-editor').click();
+    await side.page.locator('[data-testid="editor"] .cm-content').waitFor();
+  }
+  // y-websocket has synced when the editor is editable and both see the same (possibly empty) text.
+  await waitFor('both editors synced', async () => (await editorText(a.page)) === (await editorText(b.page)) || 'differ');
+  const marker = options.room;
+  await a.page.locator('[data-testid="editor"] .cm-content').click();
+  await b.page.locator('[data-testid="editor"] .cm-content').click();
+  await Promise.all([
+    a.page.keyboard.type(` alpha-${marker} one two three`, { delay: 15 }),
+    b.page.keyboard.type(` beta-${marker} four five six`, { delay: 15 }),
+  ]);
+  await waitFor('the editors to converge', async () => {
+    const [ta, tb] = [await editorText(a.page), await editorText(b.page)];
+    return ta === tb && ta.includes(`alpha-${marker} one two three`) && ta.includes(`beta-${marker} four five six`)
+      ? true
+      : { alice: ta.slice(-120), bob: tb.slice(-120) };
+  });
+  const remoteCursors = await a.page.locator('[data-testid="editor"] .cm-ySelectionCaret').count();
+  const screenshots = [await shot(a.page, 'editor-alice'), await shot(b.page, 'editor-bob')];
+  return { alice: await editorText(a.page), bob: await editorText(b.page), remoteCursors, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+async function boardUpdates(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  const symbol = options.symbol;
+  const price = () => a.page.getByTestId(`board-price-${symbol}`).textContent();
+  await waitFor('a first price', async () => (Number.parseFloat((await price()) ?? '') > 0 ? true : await price()));
+  const first = (await price())?.trim();
+  await waitFor('the price to change', async () => ((await price())?.trim() !== first ? true : first));
+  const second = (await price())?.trim();
+  await waitFor('device telemetry in the IoT panel', async () => {
+    const text = (await a.page.getByTestId('iot-log').textContent()) ?? '';
+    return text.includes(options.iot_marker) ? true : text.slice(-80);
+  });
+  const status = {};
+  for (const name of ['stream-ingest', 'mqtt-bridge', 'sim-engine', 'collab']) {
+    status[name] = (await a.page.getByTestId(`service-status-${name}`).first().textContent())?.trim();
+  }
+  return { first, second, status, errors: a.errors, screenshots: [await shot(a.page, 'board')] };
+}
+
+async function entities(page) {
+  return page.$$eval('[data-testid="world-entities"] li', (items) =>
+    items.map((li) => ({ id: li.dataset.entity, x: Number(li.dataset.x), y: Number(li.dataset.y) })),
+  );
+}
+
+async function worldMoves(browser) {
+  const a = await open(browser, 'alice');
+  const b = await open(browser, 'bob');
+  for (const side of [a, b]) {
+    await side.page.getByTestId('nav-world').click();
+    await side.page.getByTestId('world-canvas').waitFor();
+  }
+  // Bob appears with his first input; then alice watches him move right.
+  await b.page.getByTestId('world-canvas').click();
+  await b.page.keyboard.press('ArrowUp');
+  let bobId;
+  await waitFor('bob in alice\'s world', async () => {
+    const found = (await entities(a.page)).find((e) => e.id.includes('bob'));
+    bobId = found?.id;
+    return found ? true : await entities(a.page);
+  });
+  const before = (await entities(a.page)).find((e) => e.id === bobId);
+  for (let n = 0; n < 8; n++) {
+    await b.page.keyboard.press('ArrowRight');
+    await new Promise((r) => setTimeout(r, 60));
+  }
+  await waitFor('bob to move right in alice\'s world', async () => {
+    const now = (await entities(a.page)).find((e) => e.id === bobId);
+    return now && now.x > before.x + 3 ? true : now;
+  });
+  const after = (await entities(a.page)).find((e) => e.id === bobId);
+  const screenshots = [await shot(a.page, 'world-alice'), await shot(b.page, 'world-bob')];
+  return { bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+async function storedSession(page) {
+  return page.evaluate(() => JSON.parse(localStorage.getItem('tsunagu.session') ?? 'null'));
+}
+
+function claims(token) {
+  return JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString());
+}
+
+// The platform issues short-lived access tokens here (TSUNAGU_AUTH_ACCESS_TOKEN_TTL): the app must
+// refresh before expiry and keep its connection, then publish with the new token.
+async function sessionRefresh(browser) {
+  const a = await open(browser, 'alice');
+  const states = [];
+  await a.page.exposeFunction('recordState', (state) => states.push(state));
+  await a.page.evaluate(() => {
+    const indicator = document.querySelector('[data-testid="connection-state"]');
+    new MutationObserver(() => window.recordState(indicator.textContent.trim())).observe(indicator, {
+      childList: true,
+      characterData: true,
+      subtree: true,
+    });
+  });
+  const first = await storedSession(a.page);
+  const expiresAt = claims(first.access_token).exp * 1000;
+  const lifetime = expiresAt - Date.now();
+  await waitFor('a refreshed access token', async () => {
+    const now = await storedSession(a.page);
+    return now.access_token !== first.access_token ? true : 'not yet';
+  }, lifetime + 10_000);
+  const refreshedAt = Date.now();
+  const second = await storedSession(a.page);
+  // Past the first token's expiry: the connection must still stand (the SDK sent the new token).
+  await new Promise((r) => setTimeout(r, Math.max(0, expiresAt - Date.now()) + 3000));
+  const state = (await a.page.getByTestId('connection-state').textContent())?.trim();
+  await a.page.getByTestId('nav-chat').click();
+  await a.page.getByTestId(`chat-room-${options.room}`).click();
+  const text = `after refresh ${options.room}`;
+  await a.page.getByTestId('chat-input').fill(text);
+  await a.page.getByTestId('chat-input').press('Enter');
+  await waitFor('the message sent with the refreshed token', async () => {
+    const texts = await chatTexts(a.page);
+    return (await pendingCount(a.page)) === 0 && texts.includes(text) ? true : texts.slice(-3);
+  });
+  return {
+    refreshedBeforeExpiry: refreshedAt < expiresAt,
+    sameUser: claims(second.access_token).sub === 'alice',
+    newRefreshToken: second.refresh_token !== first.refresh_token,
+    stateAfterExpiry: state,
+    states,
+    errors: a.errors,
+    screenshots: [],
+  };
+}
+
+const scenarios = { session: sessionRefresh, 'chat-offline': chatOffline, editor: editorConverges, board: boardUpdates, world: worldMoves };
+
+const browser = await chromium.launch({
+  executablePath: options.chromium,
+  // Root in CI containers has no user namespaces for the sandbox.
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+});
+let code = 0;
+try {
+  const result = await scenarios[scenario](browser);
+  console.log(JSON.stringify(result));
+} catch (error) {
+  console.error(String(error?.stack ?? error));
+  code = 1;
+} finally {
+  await browser.close();
+}
+process.exit(code);

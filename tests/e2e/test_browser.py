@@ -1,0 +1,173 @@
+"""The demo web app in real Chromium against `tsunagu run` on the real stack (Kafka, Redis, PostgreSQL,
+Mosquitto): chat survives going offline and a reload, the editor converges, the board ticks, the world moves.
+Screenshots of each view land in tests/e2e/artifacts/ (CI keeps them)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import paho.mqtt.client as mqtt
+import pytest
+
+JS = Path(__file__).parent / "js"
+ARTIFACTS = Path(os.environ.get("TSUNAGU_ARTIFACTS", Path(__file__).parent / "artifacts"))
+USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+ACCESS_TOKEN_TTL = 20
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    from tsunagu_core.testing import require_stack
+
+    from tsunagu.browser import find_chromium
+
+    require_stack("the browser tests")
+    found = find_chromium()
+    if found is None:
+        pytest.fail("no Chromium: run `python -m tsunagu.browser` (make test does) or set TSUNAGU_CHROMIUM")
+    return found
+
+
+@pytest.fixture(scope="module")
+def platform(chromium: str, start_module_service: Any, pick_port: Any) -> Iterator[dict[str, Any]]:
+    """`tsunagu run` on the real engines, in a PostgreSQL schema of its own, with names no other run uses."""
+    from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN, REDIS_URL
+
+    run = uuid.uuid4().hex[:8]
+    schema = f"browser_{run}"
+    asyncio.run(_sql(POSTGRES_DSN, f"CREATE SCHEMA {schema}"))
+    room = f"e2e{run}"
+    ports = {name: pick_port() for name in ("AUTH", "PRESENCE", "COLLAB", "INGEST", "MQTT_BRIDGE", "SIM", "AUDIT")}
+    env = {f"TSUNAGU_{name}_PORT": str(port) for name, port in ports.items()} | {
+        "TSUNAGU_BUS": "kafka",
+        "TSUNAGU_BROKER": "redis",
+        "TSUNAGU_DATABASE": "postgres",
+        "TSUNAGU_REDIS_URL": REDIS_URL,
+        "TSUNAGU_KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP,
+        "TSUNAGU_POSTGRES_DSN": f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}search_path={schema}",
+        # audit-log keeps its tables in a schema of its own choosing: this run's, not `public`
+        "TSUNAGU_AUDIT_SCHEMA_NAME": schema,
+        "TSUNAGU_NODE_NAME": f"browser-{run}",
+        # short-lived access tokens, so the app's refresh before expiry happens during the tests
+        "TSUNAGU_AUTH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL),
+        "TSUNAGU_MQTT_BRIDGE_FILTERS": json.dumps([f"demo-{run}/#"]),
+        "TSUNAGU_SIM_ROOMS": json.dumps([{"room": room, "kind": "avatar", "tick_hz": 20}]),
+        "TSUNAGU_GATEWAY_WEB_DEMO": json.dumps(
+            {
+                "chat_rooms": [f"chat:{room}"],
+                "editor_doc": room,
+                "ticker_symbols": ["TSU", "NGU", "KFK"],
+                "iot_channels": [f"mqtt:demo-{run}/telemetry"],
+                "world_room": room,
+            }
+        ),
+    }
+    process = start_module_service(["run"], env)
+    try:
+        process.wait_healthy(90)
+        process.wait_ready(60)
+        yield {"base": process.base, "room": room, "run": run, "chromium": chromium}
+    finally:
+        process.stop()
+        asyncio.run(_sql(POSTGRES_DSN, f"DROP SCHEMA {schema} CASCADE"))
+
+
+def _size(path: str) -> int:
+    return Path(path).stat().st_size
+
+
+async def _sql(dsn: str, statement: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def scenario(name: str, platform: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    options = {
+        "base": platform["base"],
+        "chromium": platform["chromium"],
+        "artifacts": str(ARTIFACTS),
+        "room": platform["room"],
+        "users": USERS,
+        **extra,
+    }
+    node = await asyncio.create_subprocess_exec(
+        "node", "browser_demo.mjs", name, json.dumps(options),
+        cwd=JS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(node.communicate(), 150)
+    except TimeoutError:
+        node.kill()
+        raise AssertionError(f"browser scenario {name} hung") from None
+    assert node.returncode == 0, err.decode()[-3000:]
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["errors"] == [], result["errors"]
+    sizes = {shot: size for shot in result["screenshots"] if (size := await asyncio.to_thread(_size, shot)) < 10_000}
+    assert not sizes, f"screenshots suspiciously small: {sizes}"
+    return result
+
+
+async def test_chat_messages_sent_offline_survive_a_reload_and_arrive_once_in_order(platform) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("chat-offline", platform)
+    assert result["stillOffline"] != "connected"
+    assert result["bobSaw"] == result["sent"], "bob must see each of the 20 exactly once, in order"
+    assert result["aliceSees"] == result["sent"]
+    assert result["bobHistory"] == result["sent"], "history after a reload has no doubles either"
+
+
+async def test_the_session_is_refreshed_before_the_token_expires_and_the_connection_stays(platform) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("session", platform)
+    assert result["refreshedBeforeExpiry"] and result["sameUser"] and result["newRefreshToken"]
+    assert result["stateAfterExpiry"] == "connected"
+    assert set(result["states"]) <= {"connected"}, f"the connection dropped: {result['states']}"
+
+
+async def test_two_editors_typing_at_once_converge(platform) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("editor", platform)
+    assert result["alice"] == result["bob"]
+    assert result["remoteCursors"] >= 1, "alice sees bob's cursor"
+
+
+async def test_the_board_ticks_and_shows_device_telemetry(platform) -> None:  # type: ignore[no-untyped-def]
+    marker = f"reading-{platform['run']}"
+    stop = threading.Event()
+    device = threading.Thread(target=_device, args=(f"demo-{platform['run']}/telemetry", marker, stop), daemon=True)
+    device.start()
+    try:
+        result = await scenario("board", platform, symbol="TSU", iot_marker=marker)
+    finally:
+        stop.set()
+        device.join(5)
+    assert result["first"] != result["second"]
+    assert result["status"] == {"stream-ingest": "up", "mqtt-bridge": "up", "sim-engine": "up", "collab": "up"}
+
+
+def _device(topic: str, marker: str, stop: threading.Event) -> None:
+    """A paho-mqtt device publishing telemetry to Mosquitto until told to stop."""
+    url = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
+    host, port = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(host, int(port))
+    client.loop_start()
+    n = 0
+    while not stop.wait(0.5):
+        n += 1
+        client.publish(topic, json.dumps({"device": "sensor-1", "temperature": 20 + n % 5, "note": marker}), qos=1)
+    client.loop_stop()
+    client.disconnect()
+
+
+async def test_the_world_shows_the_other_tab_moving(platform) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("world", platform)
+    assert result["after"]["x"] > result["before"]["x"]

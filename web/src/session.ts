@@ -1,0 +1,200 @@
+/** Login session: tokens from auth, kept in localStorage and refreshed before they expire.
+ *
+ * Refresh tokens rotate (each refresh returns a new one and retires the old), so tabs refresh one at a
+ * time (Web Locks) and adopt a newer session another tab stored instead of spending a retired token. */
+
+const STORAGE_KEY = 'tsunagu.session';
+const LOCK_NAME = 'tsunagu.session.refresh';
+/** Refresh once this share of the access token's life has passed. */
+const REFRESH_AT = 0.75;
+const RETRY_MS = 5000;
+
+export interface StoredSession {
+  user: string;
+  access_token: string;
+  refresh_token: string;
+  issued_at: number; // ms since the epoch
+  expires_at: number; // ms since the epoch
+}
+
+interface TokenResponse {
+  access_token: string;
+  refresh_token: string;
+  expires_in: number;
+}
+
+/** auth refused the credentials or the refresh token: the user must log in again. */
+export class SessionExpired extends Error {}
+
+/** A network error or an auth outage: try again later, keep the session. */
+export class AuthUnavailable extends Error {}
+
+function readStored(): StoredSession | null {
+  const raw = localStorage.getItem(STORAGE_KEY);
+  if (!raw) return null;
+  try {
+    const value = JSON.parse(raw) as StoredSession;
+    return value.access_token && value.refresh_token ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+function subject(token: string, fallback: string): string {
+  try {
+    const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(payload)) as { sub?: unknown };
+    return typeof claims.sub === 'string' && claims.sub ? claims.sub : fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+async function post(url: string, body: unknown): Promise<TokenResponse> {
+  let response: Response;
+  try {
+    response = await fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+  } catch (error) {
+    throw new AuthUnavailable(`auth is not reachable (${String(error)})`);
+  }
+  if (response.ok) return (await response.json()) as TokenResponse;
+  let message = `HTTP ${response.status}`;
+  try {
+    const detail = (await response.json()) as { error_description?: string; message?: string; detail?: unknown };
+    message = detail.error_description ?? detail.message ?? (typeof detail.detail === 'string' ? detail.detail : message);
+  } catch {
+    // not JSON: keep the status
+  }
+  if (response.status === 400 || response.status === 401 || response.status === 403) throw new SessionExpired(message);
+  throw new AuthUnavailable(message);
+}
+
+function withLock<T>(work: () => Promise<T>): Promise<T> {
+  if ('locks' in navigator && navigator.locks) return navigator.locks.request(LOCK_NAME, work) as Promise<T>;
+  return work();
+}
+
+export class Session {
+  private current: StoredSession | null = readStored();
+  private refreshing: Promise<string> | null = null;
+  private timer: number | undefined;
+  private readonly listeners = new Set<(session: StoredSession | null) => void>();
+
+  constructor(private readonly authUrl: string) {
+    // Another tab logged out, logged in or refreshed.
+    window.addEventListener('storage', (event) => {
+      if (event.key !== STORAGE_KEY) return;
+      const next = readStored();
+      const changedUser = next?.user !== this.current?.user;
+      this.current = next;
+      if (changedUser) this.emit();
+      else this.schedule();
+    });
+    window.addEventListener('online', () => this.schedule());
+  }
+
+  get user(): string | null {
+    return this.current?.user ?? null;
+  }
+
+  get accessToken(): string | null {
+    return this.current?.access_token ?? null;
+  }
+
+  get loggedIn(): boolean {
+    return this.current !== null;
+  }
+
+  /** Called with the new session on login, null on logout (also from another tab). */
+  onChange(listener: (session: StoredSession | null) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async login(username: string, password: string): Promise<void> {
+    const tokens = await post(`${this.authUrl}/v1/token`, { grant_type: 'password', username, password });
+    this.store(tokens, username);
+    this.emit();
+  }
+
+  logout(): void {
+    window.clearTimeout(this.timer);
+    this.current = null;
+    localStorage.removeItem(STORAGE_KEY);
+    this.emit();
+  }
+
+  /** A valid access token, refreshed first when it is (nearly) expired; what the SDKs' getToken use. */
+  async token(): Promise<string> {
+    const now = Date.now();
+    if (!this.current) throw new SessionExpired('not logged in');
+    if (now < this.refreshAfter(this.current)) return this.current.access_token;
+    return this.refresh();
+  }
+
+  /** Exchanges the refresh token for new tokens; one refresh at a time, across tabs. */
+  refresh(): Promise<string> {
+    if (!this.refreshing) {
+      this.refreshing = withLock(async () => {
+        const stored = readStored();
+        if (!stored || stored.user !== this.current?.user) throw new SessionExpired('logged out');
+        // Another tab refreshed while this one waited for the lock.
+        if (stored.refresh_token !== this.current?.refresh_token && Date.now() < this.refreshAfter(stored)) {
+          this.current = stored;
+          return stored.access_token;
+        }
+        const tokens = await post(`${this.authUrl}/v1/refresh`, { refresh_token: stored.refresh_token });
+        this.store(tokens, stored.user);
+        return tokens.access_token;
+      })
+        .catch((error: unknown) => {
+          if (error instanceof SessionExpired) this.logout();
+          throw error;
+        })
+        .finally(() => {
+          this.refreshing = null;
+          this.schedule();
+        });
+    }
+    return this.refreshing;
+  }
+
+  /** Keeps the access token fresh in the background: refresh at 75% of its life, waiting while offline. */
+  schedule(): void {
+    window.clearTimeout(this.timer);
+    const session = this.current;
+    if (!session || this.refreshing) return;
+    const delay = Math.max(0, this.refreshAfter(session) - Date.now());
+    this.timer = window.setTimeout(() => {
+      if (!navigator.onLine) return; // the 'online' event schedules again
+      this.refresh().catch((error: unknown) => {
+        if (error instanceof AuthUnavailable) this.timer = window.setTimeout(() => this.schedule(), RETRY_MS);
+      });
+    }, Math.min(delay, 2 ** 31 - 1));
+  }
+
+  private refreshAfter(session: StoredSession): number {
+    return session.issued_at + (session.expires_at - session.issued_at) * REFRESH_AT;
+  }
+
+  private store(tokens: TokenResponse, username: string): void {
+    const now = Date.now();
+    this.current = {
+      user: subject(tokens.access_token, username),
+      access_token: tokens.access_token,
+      refresh_token: tokens.refresh_token,
+      issued_at: now,
+      expires_at: now + tokens.expires_in * 1000,
+    };
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(this.current));
+    this.schedule();
+  }
+
+  private emit(): void {
+    for (const listener of this.listeners) listener(this.current);
+  }
+}

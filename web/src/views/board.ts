@@ -1,0 +1,170 @@
+/** Board: live tickers (last price and a sparkline per symbol) and the latest IoT telemetry. */
+
+import type { PublicationContext, Subscription } from 'centrifuge';
+
+import { serviceBanner } from '../services';
+import { el, type AppContext, type View } from './view';
+
+const SPARK_POINTS = 60;
+const IOT_KEEP = 20;
+
+interface Tick {
+  offset: number;
+  price: number;
+}
+
+class Ticker {
+  readonly element: HTMLElement;
+  private readonly price: HTMLElement;
+  private readonly change: HTMLElement;
+  private readonly canvas: HTMLCanvasElement;
+  private ticks: Tick[] = [];
+
+  constructor(readonly symbol: string) {
+    this.price = el('span', { className: 'price', testid: `board-price-${symbol}`, text: '–' });
+    this.change = el('span', { className: 'change' });
+    this.canvas = el('canvas', { className: 'spark' });
+    this.canvas.width = 240;
+    this.canvas.height = 48;
+    this.element = el(
+      'li',
+      { className: 'ticker' },
+      el('span', { className: 'symbol', text: symbol }),
+      this.price,
+      this.change,
+      this.canvas,
+    );
+    this.element.dataset.symbol = symbol;
+  }
+
+  /** Adds a tick in offset order, ignoring one already seen (history and live overlap). */
+  add(offset: number, data: unknown): void {
+    const price = Number((data as { price?: unknown } | null)?.price);
+    if (!Number.isFinite(price) || this.ticks.some((t) => t.offset === offset)) return;
+    this.ticks.push({ offset, price });
+    this.ticks.sort((a, b) => a.offset - b.offset);
+    if (this.ticks.length > SPARK_POINTS) this.ticks.splice(0, this.ticks.length - SPARK_POINTS);
+    this.render();
+  }
+
+  private render(): void {
+    const last = this.ticks[this.ticks.length - 1];
+    this.price.textContent = String(last.price);
+    const first = this.ticks[0].price;
+    const delta = last.price - first;
+    this.change.textContent = `${delta >= 0 ? '▲' : '▼'} ${Math.abs(delta).toFixed(2)}`;
+    this.change.dataset.dir = delta >= 0 ? 'up' : 'down';
+
+    const g = this.canvas.getContext('2d');
+    if (!g) return;
+    const { width, height } = this.canvas;
+    g.clearRect(0, 0, width, height);
+    if (this.ticks.length < 2) return;
+    const prices = this.ticks.map((t) => t.price);
+    const lo = Math.min(...prices);
+    const span = Math.max(...prices) - lo || 1;
+    g.strokeStyle = delta >= 0 ? '#22c55e' : '#ef4444';
+    g.lineWidth = 2;
+    g.beginPath();
+    prices.forEach((p, i) => {
+      const x = (i / (SPARK_POINTS - 1)) * (width - 4) + 2;
+      const y = height - 3 - ((p - lo) / span) * (height - 6);
+      if (i === 0) g.moveTo(x, y);
+      else g.lineTo(x, y);
+    });
+    g.stroke();
+  }
+}
+
+export class BoardView implements View {
+  private readonly subs: Subscription[] = [];
+
+  constructor(root: HTMLElement, context: AppContext) {
+    const { config, services, client } = context;
+    const tickers = el('ul', { className: 'tickers' });
+    const iotLog = el('ol', { className: 'iot-log', testid: 'iot-log' });
+    root.append(
+      el(
+        'div',
+        { className: 'board' },
+        el(
+          'div',
+          { className: 'panel' },
+          el('h2', { text: 'Tickers' }),
+          serviceBanner(services, ['stream-ingest'], 'no new prices arrive.'),
+          tickers,
+        ),
+        el(
+          'div',
+          { className: 'panel' },
+          el('h2', { text: 'IoT telemetry' }),
+          serviceBanner(services, ['mqtt-bridge'], 'no device telemetry arrives.'),
+          iotLog,
+        ),
+      ),
+    );
+
+    for (const symbol of config.ticker_symbols) {
+      const ticker = new Ticker(symbol);
+      tickers.append(ticker.element);
+      this.follow(client.getSubscription(config.ticker_prefix + symbol), config.ticker_prefix + symbol, context, (o, d) =>
+        ticker.add(o, d),
+      );
+    }
+
+    const seen = new Set<string>();
+    const addIot = (channel: string, offset: number, data: unknown): void => {
+      const id = `${channel}#${offset}`;
+      if (seen.has(id)) return;
+      seen.add(id);
+      const li = el(
+        'li',
+        {},
+        el('span', { className: 'channel', text: channel.replace(/^mqtt:/, '') }),
+        el('code', { text: typeof data === 'string' ? data : JSON.stringify(data) }),
+      );
+      li.dataset.offset = String(offset);
+      li.dataset.channel = channel;
+      let before: Element | null = null; // newest first
+      for (const node of iotLog.children) {
+        if (Number((node as HTMLElement).dataset.offset) < offset) {
+          before = node;
+          break;
+        }
+      }
+      iotLog.insertBefore(li, before);
+      while (iotLog.children.length > IOT_KEEP) iotLog.lastElementChild!.remove();
+    };
+    for (const channel of config.iot_channels) {
+      this.follow(client.getSubscription(channel), channel, context, (o, d) => addIot(channel, o, d));
+    }
+  }
+
+  show(): void {
+    // Subscriptions stay live while hidden, so the board is current when shown again.
+  }
+
+  /** Subscribes; on every (re)subscribe loads the channel's recent history, then live publications. */
+  private follow(
+    existing: Subscription | null,
+    channel: string,
+    context: AppContext,
+    add: (offset: number, data: unknown) => void,
+  ): void {
+    const sub = existing ?? context.client.newSubscription(channel);
+    sub.on('publication', (ctx: PublicationContext) => {
+      if (ctx.offset !== undefined) add(ctx.offset, ctx.data);
+    });
+    sub.on('subscribed', () => {
+      sub
+        .history({ limit: 10, reverse: true })
+        .then((history) => {
+          for (const p of history.publications.reverse()) if (p.offset !== undefined) add(p.offset, p.data);
+        })
+        .catch((error: unknown) => console.warn(`history of ${channel}`, error));
+    });
+    sub.on('error', (ctx) => console.warn(`${channel}:`, ctx.error));
+    sub.subscribe();
+    this.subs.push(sub);
+  }
+}

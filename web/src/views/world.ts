@@ -1,0 +1,219 @@
+/** World: sim-engine's room state (keyframes replace, deltas merge, `gone` removes) drawn on a canvas;
+ * the arrow keys move this user's avatar by publishing absolute positions to `sim:<room>.input`. */
+
+import type { Subscription } from 'centrifuge';
+
+import { serviceBanner } from '../services';
+import { el, userColor, type AppContext, type View } from './view';
+
+const WORLD = 100;
+const STEP = 1.5; // units per key press
+/** The engine refuses moves faster than its max_speed (10 units/s, plus one tick of slack). */
+const SPEED = 8; // units per second this client allows itself
+const SLACK = 0.5;
+
+interface Entity {
+  x: number;
+  y: number;
+  z: number;
+  r: number;
+  extra: Record<string, unknown>;
+}
+
+interface Frame {
+  type?: unknown;
+  q?: unknown;
+  e?: Record<string, unknown>;
+  gone?: unknown;
+}
+
+const clamp = (v: number): number => Math.min(WORLD, Math.max(0, v));
+const round2 = (v: number): number => Math.round(v * 100) / 100;
+
+export class WorldView implements View {
+  private readonly entities = new Map<string, Entity>();
+  private readonly canvas = el('canvas', { className: 'world', testid: 'world-canvas' });
+  private readonly list = el('ul', { className: 'world-entities', testid: 'world-entities' });
+  private readonly info = el('p', { className: 'meta' });
+  private readonly sub: Subscription;
+  private readonly inputChannel: string;
+  private visible = false;
+  private drawQueued = false;
+  private tick = 0;
+  /** Where this user wants the avatar; sent in steps the engine accepts. */
+  private target: [number, number] | null = null;
+  private sent: { x: number; y: number; at: number } | null = null;
+  private sendTimer: number | undefined;
+
+  constructor(
+    root: HTMLElement,
+    private readonly context: AppContext,
+  ) {
+    const { config, services, client } = context;
+    const room = config.world_room;
+    this.inputChannel = `sim:${room}.input`;
+    this.canvas.width = 600;
+    this.canvas.height = 600;
+    this.canvas.tabIndex = 0;
+    root.append(
+      el(
+        'div',
+        { className: 'panel world-panel' },
+        el('h2', { text: `World “${room}”` }),
+        serviceBanner(services, ['sim-engine'], 'the world does not move.'),
+        el('p', { className: 'hint', text: 'Arrow keys move your avatar.' }),
+        this.canvas,
+        this.info,
+        this.list,
+      ),
+    );
+    const channel = `sim:${room}`;
+    this.sub = client.getSubscription(channel) ?? client.newSubscription(channel);
+    this.sub.on('publication', (ctx) => this.apply(ctx.data));
+    this.sub.on('error', (ctx) => console.warn(`${channel}:`, ctx.error));
+    this.sub.subscribe();
+    window.addEventListener('keydown', (event) => this.onKey(event));
+    this.draw();
+  }
+
+  show(): void {
+    this.visible = true;
+    this.canvas.focus();
+    this.draw();
+  }
+
+  hide(): void {
+    this.visible = false;
+  }
+
+  private apply(data: unknown): void {
+    if (typeof data !== 'object' || data === null) return; // binary rooms send base64 strings: not shown here
+    const frame = data as Frame;
+    const q = typeof frame.q === 'number' ? frame.q : 0.01;
+    if (frame.type === 'keyframe') this.entities.clear();
+    for (const [id, value] of Object.entries(frame.e ?? {})) {
+      if (!Array.isArray(value) || value.length < 4) continue;
+      const [x, y, z, r, extra] = value as [number, number, number, number, Record<string, unknown>?];
+      this.entities.set(id, { x: x * q, y: y * q, z: z * q, r: r / 100, extra: extra ?? {} });
+    }
+    if (Array.isArray(frame.gone)) for (const id of frame.gone) this.entities.delete(String(id));
+    this.tick = Number((data as { tick?: unknown }).tick) || this.tick;
+    this.renderList();
+    if (!this.drawQueued && this.visible) {
+      this.drawQueued = true;
+      requestAnimationFrame(() => {
+        this.drawQueued = false;
+        this.draw();
+      });
+    }
+  }
+
+  private renderList(): void {
+    const items = [...this.entities.entries()]
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([id, e]) => {
+        const li = el('li', { text: `${id} (${e.x.toFixed(1)}, ${e.y.toFixed(1)})` });
+        li.dataset.entity = id;
+        li.dataset.x = String(round2(e.x));
+        li.dataset.y = String(round2(e.y));
+        return li;
+      });
+    this.list.replaceChildren(...items);
+    this.info.textContent = `tick ${this.tick} · ${this.entities.size} avatar${this.entities.size === 1 ? '' : 's'}`;
+  }
+
+  private draw(): void {
+    const g = this.canvas.getContext('2d');
+    if (!g) return;
+    const { width, height } = this.canvas;
+    const scale = width / WORLD;
+    g.fillStyle = '#0b1220';
+    g.fillRect(0, 0, width, height);
+    g.strokeStyle = '#1e293b';
+    g.lineWidth = 1;
+    for (let i = 10; i < WORLD; i += 10) {
+      g.beginPath();
+      g.moveTo(i * scale, 0);
+      g.lineTo(i * scale, height);
+      g.moveTo(0, i * scale);
+      g.lineTo(width, i * scale);
+      g.stroke();
+    }
+    g.font = '12px system-ui, sans-serif';
+    g.textAlign = 'center';
+    for (const [id, e] of this.entities) {
+      const x = e.x * scale;
+      const y = height - e.y * scale; // y grows upwards
+      const me = id === this.context.user;
+      g.fillStyle = userColor(id);
+      g.beginPath();
+      g.arc(x, y, me ? 9 : 7, 0, Math.PI * 2);
+      g.fill();
+      if (me) {
+        g.strokeStyle = '#f8fafc';
+        g.lineWidth = 2;
+        g.stroke();
+      }
+      g.fillStyle = '#e2e8f0';
+      g.fillText(id, x, y - 13);
+    }
+  }
+
+  // input
+
+  private onKey(event: KeyboardEvent): void {
+    if (!this.visible) return;
+    const target = event.target as HTMLElement | null;
+    if (target && (target.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(target.tagName))) return;
+    const moves: Record<string, [number, number]> = {
+      ArrowLeft: [-STEP, 0],
+      ArrowRight: [STEP, 0],
+      ArrowUp: [0, STEP],
+      ArrowDown: [0, -STEP],
+    };
+    const move = moves[event.key];
+    if (!move) return;
+    event.preventDefault();
+    if (!this.target) {
+      const mine = this.entities.get(this.context.user);
+      this.target = mine ? [mine.x, mine.y] : [20 + Math.random() * 60, 20 + Math.random() * 60];
+    }
+    this.target = [clamp(this.target[0] + move[0]), clamp(this.target[1] + move[1])];
+    this.flush();
+  }
+
+  /** Sends the target, or the furthest point towards it the engine's speed limit allows now. */
+  private flush(): void {
+    window.clearTimeout(this.sendTimer);
+    if (!this.target) return;
+    const now = performance.now();
+    const mine = this.entities.get(this.context.user);
+    // Where the engine has the avatar: what was just sent, else the last frame (also after a refused move).
+    const from =
+      this.sent && (now - this.sent.at < 500 || !mine)
+        ? this.sent
+        : mine
+          ? { x: mine.x, y: mine.y, at: this.sent?.at ?? now - 1000 }
+          : null;
+    let [x, y] = this.target;
+    if (from) {
+      const allowed = (SPEED * (now - from.at)) / 1000 + SLACK;
+      const distance = Math.hypot(x - from.x, y - from.y);
+      if (distance > allowed) {
+        x = from.x + ((x - from.x) * allowed) / distance;
+        y = from.y + ((y - from.y) * allowed) / distance;
+      }
+    }
+    x = round2(clamp(x));
+    y = round2(clamp(y));
+    if (!from || Math.hypot(x - from.x, y - from.y) >= 0.01) {
+      this.sent = { x, y, at: now };
+      this.context.client.publish(this.inputChannel, { p: [x, y, 0] }).catch((error: unknown) => {
+        console.warn('world input', error);
+      });
+    }
+    if (Math.hypot(x - this.target[0], y - this.target[1]) >= 0.01) {
+      this.sendTimer = window.setTimeout(() => this.flush(), 100);
+    }
+  }
+}
