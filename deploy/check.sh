@@ -14,7 +14,7 @@
 #   guards       values the chart must refuse, and a disabled service that must vanish
 #   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
 #                oldest and newest Kubernetes supported; custom resources (ServiceMonitor,
-#                PrometheusRule, HTTPRoute) have no schema there and are skipped, and said so
+#                PrometheusRule, HTTPRoute, Certificate) have no schema there and are skipped, and said so
 #   alert rules  promtool check rules and promtool test rules (deploy/observability/rules/tests):
 #                each alert firing and quiet
 #   dashboards   the Grafana dashboards are generate_dashboards.py's output, valid (unique ids, grid,
@@ -238,6 +238,9 @@ guards() {
     expect_render_failure "HTTPRoute without a parent Gateway" \
         "httpRoute.parentRefs must name at least one Gateway" \
         --set services.ws-gateway.httpRoute.enabled=true || rc=1
+    expect_render_failure "cert-manager Certificates without an issuer" \
+        "tls.certManager.issuerRef.name must name an Issuer or ClusterIssuer" \
+        --set tls.enabled=true --set tls.certManager.enabled=true || rc=1
     # A disabled service leaves no object behind, and the gateway's NetworkPolicy drops it. (The alert
     # rules are left out: they are the same text for any set of services and may name any of them.)
     output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \

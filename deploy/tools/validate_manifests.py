@@ -25,6 +25,7 @@ SKIPPED_CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("cert-manager.io/v1", "Certificate"),
 }
 
 

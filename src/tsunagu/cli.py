@@ -16,9 +16,10 @@ from typing import Any
 import jwt
 import uvicorn
 from pydantic_settings import BaseSettings
-from tsunagu_core.config import ConfigError, CoreSettings, load_settings, render_config_docs
+from tsunagu_core.config import ConfigError, CoreSettings, TlsSettings, load_settings, render_config_docs
 from tsunagu_core.lifecycle import Runtime
 from tsunagu_core.telemetry import setup_logging, setup_tracing
+from tsunagu_core.tls import ServerTls, uvicorn_options
 
 from tsunagu.services import SERVICES
 
@@ -40,12 +41,14 @@ DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_
 
 
 def _base_url(service: str, host: str | None = None) -> str:
-    """Where an embedded service answers, as a client on this machine reaches it."""
+    """Where an embedded service answers, as a client on this machine reaches it (https when the
+    services serve TLS: TSUNAGU_SERVER_TLS_CERT_FILE)."""
     settings = load_settings(SERVICES[service].settings)
     chosen = host or settings.host
     if chosen in ("0.0.0.0", "::", ""):
         chosen = "127.0.0.1"
-    return f"http://{chosen}:{settings.port}"
+    scheme = "https" if load_settings(TlsSettings).server_tls_cert_file else "http"
+    return f"{scheme}://{chosen}:{settings.port}"
 
 
 def _auth_base_url(host: str | None = None) -> str:
@@ -104,7 +107,9 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: object, host: str, port: int, core: CoreSettings) -> uvicorn.Config:
+def _uvicorn_config(
+    app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -113,11 +118,14 @@ def _uvicorn_config(app: object, host: str, port: int, core: CoreSettings) -> uv
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(core.shutdown_grace),
+        **(uvicorn_options(server_tls) if server_tls is not None else {}),
     )
 
 
-async def _serve_all(servers: Sequence[uvicorn.Server]) -> int:
+async def _serve_all(servers: Sequence[uvicorn.Server], server_tls: ServerTls | None = None, reload: float = 0) -> int:
+    """Serve until SIGINT/SIGTERM; with `server_tls`, a rotated certificate is loaded every `reload` seconds."""
     loop = asyncio.get_running_loop()
+    watcher = asyncio.create_task(server_tls.watch(reload)) if server_tls is not None else None
 
     def stop() -> None:
         for server in servers:
@@ -126,6 +134,8 @@ async def _serve_all(servers: Sequence[uvicorn.Server]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
     results = await asyncio.gather(*(server.serve() for server in servers), return_exceptions=True)
+    if watcher is not None:
+        watcher.cancel()
     failed = [r for r in results if isinstance(r, BaseException)]
     for server in servers:
         if not server.started:
@@ -140,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(core, "tsunagu")
     setup_tracing(core, "tsunagu")
     runtime = Runtime(core)
+    server_tls = ServerTls.from_settings(core)
+    scheme = "https" if server_tls is not None else "http"
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker}")
     for entry in SERVICES.values():
@@ -147,8 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
         host = args.host or settings.host
         app = entry.factory(runtime, settings)
-        servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core)))
-        print(f"  {entry.name:<14} http://{host}:{port}/  (/healthz /readyz /metrics)")
+        servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core, server_tls)))
+        print(f"  {entry.name:<14} {scheme}://{host}:{port}/  (/healthz /readyz /metrics)")
     gateway_url = _base_url("ws-gateway", args.host)
     if args.port:
         gateway_url = gateway_url.rsplit(":", 1)[0] + f":{args.port}"
@@ -162,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
-    return asyncio.run(_serve_all(servers))
+    return asyncio.run(_serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -173,10 +185,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_tracing(core, entry.name)
     port = args.port or settings.port
     host = args.host or settings.host
+    server_tls = ServerTls.from_settings(core)
     app = entry.factory(Runtime(core), settings)
-    print(f"tsunagu serve {entry.name}: http://{host}:{port}/ (bus={core.bus} broker={core.broker})")
+    scheme = "https" if server_tls is not None else "http"
+    print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
     sys.stdout.flush()
-    return asyncio.run(_serve_all([_EmbeddedServer(_uvicorn_config(app, host, port, core))]))
+    server = _EmbeddedServer(_uvicorn_config(app, host, port, core, server_tls))
+    return asyncio.run(_serve_all([server], server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:
@@ -249,7 +264,8 @@ def _token_from_auth(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from tsunagu import stack
 
-    return stack.main([args.action, *(["--purge"] if args.purge else []), *args.components])
+    flags = [*(["--purge"] if args.purge else []), *(["--tls"] if args.tls else [])]
+    return stack.main([args.action, *flags, *args.components])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status", "env"])
     stack.add_argument("components", nargs="*", help="redis kafka postgres mqtt prometheus (default: all)")
     stack.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
+    stack.add_argument("--tls", action="store_true", help="with env: the TLS-only ports, mTLS with the dev PKI")
     stack.set_defaults(func=cmd_stack)
 
     token = commands.add_parser("token", help="a development connection token for the gateway")

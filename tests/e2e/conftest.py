@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,9 +25,11 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: the process serves https (TSUNAGU_SERVER_TLS_*); its health is asked with this context."""
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+        self.tls = tls
+        self.base = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}"
         # A file, not a pipe: nobody reads a pipe while the test runs, and a chatty process (`tsunagu run`
         # logs for eight services) blocks in its logging once the pipe's 64 KiB are full.
         self.log = tempfile.TemporaryFile(mode="w+", prefix="tsunagu-e2e-")  # noqa: SIM115 (closed by the fixture)
@@ -45,7 +48,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"exited with {self.process.returncode}: {self.output()}")
             try:
-                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.base + "/healthz", timeout=1, verify=self.tls or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -53,7 +56,7 @@ class ServiceProcess:
         raise AssertionError(f"{self.base} never became healthy")
 
     def readiness(self) -> httpx.Response:
-        return httpx.get(self.base + "/readyz", timeout=5)
+        return httpx.get(self.base + "/readyz", timeout=5, verify=self.tls or True)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -98,9 +101,11 @@ def start_module_service() -> Iterator[object]:
 def _service_starter() -> Iterator[object]:
     started: list[ServiceProcess] = []
 
-    def start(args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> ServiceProcess:
+    def start(
+        args: list[str], env: dict[str, str] | None = None, port: int | None = None, tls: ssl.SSLContext | None = None
+    ) -> ServiceProcess:
         chosen = port or free_port()
-        service = ServiceProcess([*args, "--port", str(chosen)], env or {}, chosen)
+        service = ServiceProcess([*args, "--port", str(chosen)], env or {}, chosen, tls)
         started.append(service)
         return service
 

@@ -95,8 +95,13 @@ def test_kafka_server_properties_use_configured_ports(tmp_path: Path) -> None:
     assert props["process.roles"] == "broker,controller"
     assert props["node.id"] == "1"
     assert props["controller.quorum.voters"] == "1@127.0.0.1:19193"
-    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19192,CONTROLLER://127.0.0.1:19193"
-    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19192"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19192,CONTROLLER://127.0.0.1:19193,SSL://127.0.0.1:9094"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19192,SSL://127.0.0.1:9094"
+    # the SSL listener: the dev PKI's PEM key store, client certificates required
+    assert props["ssl.keystore.type"] == props["ssl.truststore.type"] == "PEM"
+    assert props["ssl.keystore.location"] == str(tmp_path / "s" / "tls" / "server" / "keystore.pem")
+    assert props["ssl.truststore.location"] == str(tmp_path / "s" / "tls" / "ca.crt")
+    assert props["ssl.client.auth"] == "required"
     assert props["controller.listener.names"] == "CONTROLLER"
     assert props["log.dirs"] == str(tmp_path / "s" / "kafka" / "data")
     assert props["offsets.topic.replication.factor"] == "1"
@@ -156,6 +161,8 @@ def test_redis_mosquitto_postgres_configs(tmp_path: Path) -> None:
     assert "daemonize no" in redis
     assert "appendonly no" in redis
     assert f"dir {tmp_path / 'redis'}" in redis
+    assert "tls-port 6380" in redis and "tls-auth-clients yes" in redis
+    assert f"tls-ca-cert-file {tmp_path / 'tls' / 'ca.crt'}" in redis
 
     mqtt = stack.mosquitto_conf(settings, user="mosquitto").splitlines()
     assert "listener 11883 127.0.0.1" in mqtt
@@ -164,11 +171,33 @@ def test_redis_mosquitto_postgres_configs(tmp_path: Path) -> None:
     assert f"persistence_location {tmp_path / 'mqtt' / 'data'}/" in mqtt
     assert "user mosquitto" in mqtt
     assert not any(line.startswith("user") for line in stack.mosquitto_conf(settings).splitlines())
+    assert "listener 8883 127.0.0.1" not in mqtt
+    tls_mqtt = stack.mosquitto_conf(settings, tls=tmp_path / "mqtt" / "tls").splitlines()
+    listener = tls_mqtt.index("listener 8883 127.0.0.1")
+    # the TLS options follow their listener; the plaintext one stays without them
+    assert tls_mqtt[listener + 1 :][:6] == [
+        f"cafile {tmp_path / 'mqtt' / 'tls' / 'ca.crt'}",
+        f"certfile {tmp_path / 'mqtt' / 'tls' / 'tls.crt'}",
+        f"keyfile {tmp_path / 'mqtt' / 'tls' / 'tls.key'}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "persistence true",
+    ]
+    assert tls_mqtt.index("listener 11883 127.0.0.1") < listener
 
-    postgres = stack.postgres_conf(settings, tmp_path / "run")
+    postgres = stack.postgres_conf(settings, tmp_path / "run", tmp_path / "pg")
     assert "listen_addresses = '127.0.0.1'" in postgres
     assert "port = 15433" in postgres
     assert f"unix_socket_directories = '{tmp_path / 'run'}'" in postgres
+    assert "ssl = on" in postgres and f"hba_file = '{tmp_path / 'pg' / 'pg_hba.conf'}'" in postgres
+    hba = stack.postgres_hba().splitlines()
+    # the TLS role: by certificate over TLS, refused without TLS, before the password rule for everyone
+    assert (
+        hba.index("hostssl all tsunagu_tls 127.0.0.1/32 cert map=tsunagu")
+        < hba.index("host all tsunagu_tls 0.0.0.0/0 reject")
+        < hba.index("host all all 127.0.0.1/32 scram-sha-256")
+    )
+    assert "tsunagu tsunagu-dev-client tsunagu_tls" in stack.postgres_ident()
 
 
 def test_connection_env() -> None:
@@ -189,6 +218,40 @@ def test_connection_env() -> None:
     }
 
 
+def test_tls_env_points_at_the_tls_only_ports_with_the_dev_pki(tmp_path: Path) -> None:
+    settings = StackSettings(dir=tmp_path, redis_tls_port=7380, kafka_tls_port=7094, mqtt_tls_port=7884)
+    env = stack.tls_connection_env(settings)
+    assert env["TSUNAGU_REDIS_URL"] == "rediss://127.0.0.1:7380/0"
+    assert (env["TSUNAGU_KAFKA_BOOTSTRAP"], env["TSUNAGU_KAFKA_SECURITY_PROTOCOL"]) == ("127.0.0.1:7094", "SSL")
+    assert env["TSUNAGU_MQTT_URL"] == "mqtts://127.0.0.1:7884"
+    assert env["TSUNAGU_POSTGRES_DSN"] == "postgresql://tsunagu_tls@127.0.0.1:5432/tsunagu?sslmode=verify-full"
+    assert env["TSUNAGU_TLS_CA_FILE"] == str(tmp_path / "tls" / "ca.crt")
+    assert env["TSUNAGU_TLS_CERT_FILE"] == str(tmp_path / "tls" / "client" / "tls.crt")
+    assert env["TSUNAGU_SERVER_TLS_CERT_FILE"] == str(tmp_path / "tls" / "server" / "tls.crt")
+    assert env["TSUNAGU_SERVER_TLS_CLIENT_CA_FILE"] == env["TSUNAGU_TLS_CA_FILE"]
+
+
+def test_the_dev_pki_is_made_once_and_its_certificates_verify(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from tsunagu.devpki import ensure_dev_pki
+
+    pki, created = ensure_dev_pki(tmp_path / "tls")
+    assert created and ensure_dev_pki(tmp_path / "tls") == (pki, False)
+    assert oct(pki.server_key.stat().st_mode & 0o777) == "0o600"
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    client = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    client.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert client.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "tsunagu-dev-client"
+    # the PEM key store Kafka reads: key, then the chain up to the CA
+    assert pki.server_pem.read_text().count("BEGIN CERTIFICATE") == 2
+
+
 def test_env_command_prints_exports(capsys: pytest.CaptureFixture[str]) -> None:
     assert stack.main(["env"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -197,6 +260,10 @@ def test_env_command_prints_exports(capsys: pytest.CaptureFixture[str]) -> None:
     assert "export TSUNAGU_POSTGRES_DSN=postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu" in lines
     assert all(line.startswith("export TSUNAGU_") for line in lines)
     assert len(lines) == 5
+    assert stack.main(["env", "--tls"]) == 0
+    tls = capsys.readouterr().out.splitlines()
+    assert "export TSUNAGU_REDIS_URL=rediss://127.0.0.1:6380/0" in tls
+    assert "export TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL" in tls
 
 
 def test_component_selection() -> None:

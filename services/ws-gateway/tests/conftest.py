@@ -17,6 +17,7 @@ from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import MemoryBus
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.tls import ServerTls, uvicorn_options
 from tsunagu_ws_gateway.app import create_app
 from tsunagu_ws_gateway.config import GatewaySettings
 
@@ -36,14 +37,15 @@ class RunningGateway:
     port: int
     server: uvicorn.Server
     broker: Broker
+    tls: bool = False
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/connection/websocket"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/connection/websocket"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 def free_port() -> int:
@@ -59,13 +61,19 @@ class _QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(broker: Broker | None = None, **overrides: Any) -> AsyncIterator[RunningGateway]:
+async def running_gateway(
+    broker: Broker | None = None, server_tls: ServerTls | None = None, **overrides: Any
+) -> AsyncIterator[RunningGateway]:
+    """`server_tls`: serve https/wss with it, as `tsunagu serve` does with TSUNAGU_SERVER_TLS_*."""
     options: dict[str, Any] = {"token_hmac_secret": SECRET, "api_key": API_KEY, **overrides}
     settings = GatewaySettings(**options)
     engine = broker or MemoryBroker()
     runtime = Runtime(CoreSettings(node_name="test-node"), bus=MemoryBus(), broker=engine)
     port = free_port()
-    config = uvicorn.Config(create_app(runtime, settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    tls_options = uvicorn_options(server_tls) if server_tls is not None else {}
+    config = uvicorn.Config(
+        create_app(runtime, settings), host="127.0.0.1", port=port, log_config=None, lifespan="on", **tls_options
+    )
     server = _QuietServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -73,7 +81,7 @@ async def running_gateway(broker: Broker | None = None, **overrides: Any) -> Asy
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield RunningGateway(port, server, engine)
+        yield RunningGateway(port, server, engine, tls=server_tls is not None)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)

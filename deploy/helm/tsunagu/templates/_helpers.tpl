@@ -159,6 +159,22 @@ key: api-key
 {{- end }}
 {{- end }}
 
+{{/* The MLLP port of a service that listens for HL7 v2 (stream-ingest with mllp.enabled), else nothing. */}}
+{{- define "tsunagu.mllp" -}}
+{{- if and .mllp .mllp.enabled }}{{ int .mllp.port }}{{ end -}}
+{{- end }}
+
+{{/* How the services reach one another: https when the chart turns TLS on. Argument: dict root, name. */}}
+{{- define "tsunagu.serviceUrl" -}}
+{{- $svc := index .root.Values.services .name -}}
+{{- printf "%s://%s:%v" (ternary "https" "http" .root.Values.tls.enabled) (include "tsunagu.componentName" .) $svc.port -}}
+{{- end }}
+
+{{/* The Secret holding a service's certificate (tls.crt, tls.key, ca.crt). Argument: dict root, name. */}}
+{{- define "tsunagu.tlsSecretName" -}}
+{{- index (.root.Values.tls.secretNames | default dict) .name | default (printf "%s-tls" (include "tsunagu.componentName" .)) -}}
+{{- end }}
+
 {{/*
 A service's ServiceAccount, ConfigMap, Deployment, Service, NetworkPolicy and ServiceMonitor.
 Argument: dict root, name, uses, calls (see the top of this file).
@@ -270,6 +286,11 @@ spec:
             - name: http
               containerPort: {{ $port }}
               protocol: TCP
+            {{- with (include "tsunagu.mllp" $svc) }}
+            - name: mllp
+              containerPort: {{ . }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ $fullname }}
@@ -300,16 +321,19 @@ spec:
             httpGet:
               path: /healthz
               port: http
+              scheme: {{ ternary "HTTPS" "HTTP" $values.tls.enabled }}
             {{- toYaml $values.probes.startup | nindent 12 }}
           livenessProbe:
             httpGet:
               path: /healthz
               port: http
+              scheme: {{ ternary "HTTPS" "HTTP" $values.tls.enabled }}
             {{- toYaml $values.probes.liveness | nindent 12 }}
           readinessProbe:
             httpGet:
               path: /readyz
               port: http
+              scheme: {{ ternary "HTTPS" "HTTP" $values.tls.enabled }}
             {{- toYaml $values.probes.readiness | nindent 12 }}
           {{- if gt $preStop 0 }}
           lifecycle:
@@ -324,10 +348,21 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- if $values.tls.enabled }}
+            - name: tls
+              mountPath: /etc/tsunagu/tls
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: {{ $values.tmpVolume.sizeLimit }}
+        {{- if $values.tls.enabled }}
+        - name: tls
+          secret:
+            secretName: {{ include "tsunagu.tlsSecretName" $ctx }}
+            defaultMode: 0440
+        {{- end }}
       {{- with ($svc.nodeSelector | default $values.nodeSelector) }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -366,6 +401,12 @@ spec:
       port: {{ $port }}
       targetPort: http
       protocol: TCP
+    {{- with (include "tsunagu.mllp" $svc) }}
+    - name: mllp
+      port: {{ . }}
+      targetPort: mllp
+      protocol: TCP
+    {{- end }}
 {{- if $values.networkPolicy.enabled }}
 {{- $np := $values.networkPolicy }}
 ---
@@ -401,6 +442,16 @@ spec:
         - podSelector:
             matchLabels:
               {{- include "tsunagu.selectorLabels" (dict "root" $root "name" "ws-gateway") | nindent 14 }}
+    {{- end }}
+    {{- with (include "tsunagu.mllp" $svc) }}
+    # HL7 v2 senders (MLLP).
+    - ports:
+        - protocol: TCP
+          port: {{ . }}
+      {{- with $svc.mllp.from }}
+      from:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
     {{- end }}
     # Prometheus scraping /metrics.
     - ports:
@@ -449,6 +500,16 @@ spec:
   endpoints:
     - port: http
       path: /metrics
+      {{- if $values.tls.enabled }}
+      scheme: https
+      tlsConfig:
+        # the service's own Secret: Prometheus trusts its CA (and could present a client certificate)
+        ca:
+          secret:
+            name: {{ include "tsunagu.tlsSecretName" $ctx }}
+            key: ca.crt
+        serverName: {{ $fullname }}
+      {{- end }}
       interval: {{ $values.monitoring.interval }}
       scrapeTimeout: {{ $values.monitoring.scrapeTimeout }}
       relabelings:
@@ -497,7 +558,7 @@ metadata:
 {{- end }}
 {{- /* The gateway trusts the keys auth publishes, and auth's audience, when auth is deployed. */}}
 {{- if and (eq $name "ws-gateway") $root.Values.services.auth.enabled }}
-{{- $authUrl := printf "http://%s:%v" (include "tsunagu.componentName" (dict "root" $root "name" "auth")) $root.Values.services.auth.port }}
+{{- $authUrl := include "tsunagu.serviceUrl" (dict "root" $root "name" "auth") }}
 {{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_JWKS_URL" (printf "%s/.well-known/jwks.json" $authUrl) }}
 {{- $_ := set $data "TSUNAGU_GATEWAY_TOKEN_AUDIENCE" (index ($root.Values.services.auth.config | default dict) "TSUNAGU_AUTH_AUDIENCE" | default "tsunagu") }}
 {{- end }}
@@ -507,10 +568,29 @@ metadata:
 {{- range $other := list "auth" "collab" "stream-ingest" "mqtt-bridge" "sim-engine" }}
 {{- $otherSvc := index $root.Values.services $other }}
 {{- if $otherSvc.enabled }}
-{{- $_ := set $probed $other (printf "http://%s:%v" (include "tsunagu.componentName" (dict "root" $root "name" $other)) $otherSvc.port) }}
+{{- $_ := set $probed $other (include "tsunagu.serviceUrl" (dict "root" $root "name" $other)) }}
 {{- end }}
 {{- end }}
 {{- $_ := set $data "TSUNAGU_GATEWAY_WEB_SERVICE_URLS" (toJson $probed) }}
+{{- if $root.Values.services.collab.enabled }}
+{{- $_ := set $data "TSUNAGU_GATEWAY_COLLAB_URL" (include "tsunagu.serviceUrl" (dict "root" $root "name" "collab")) }}
+{{- end }}
+{{- end }}
+{{- /* TLS: the mounted Secret is the service's identity towards everything, and what it serves with. */}}
+{{- if $root.Values.tls.enabled }}
+{{- $dir := "/etc/tsunagu/tls" }}
+{{- $_ := set $data "TSUNAGU_TLS_CA_FILE" (printf "%s/ca.crt" $dir) }}
+{{- $_ := set $data "TSUNAGU_TLS_CERT_FILE" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $data "TSUNAGU_TLS_KEY_FILE" (printf "%s/tls.key" $dir) }}
+{{- $_ := set $data "TSUNAGU_SERVER_TLS_CERT_FILE" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $data "TSUNAGU_SERVER_TLS_KEY_FILE" (printf "%s/tls.key" $dir) }}
+{{- $_ := set $data "TSUNAGU_SERVER_TLS_CLIENT_CA_FILE" (printf "%s/ca.crt" $dir) }}
+{{- $_ := set $data "TSUNAGU_SERVER_TLS_CLIENT_AUTH" $root.Values.tls.clientAuth }}
+{{- $_ := set $data "TSUNAGU_KAFKA_SECURITY_PROTOCOL" $root.Values.tls.kafkaSecurityProtocol }}
+{{- end }}
+{{- with (include "tsunagu.mllp" $svc) }}
+{{- $_ := set $data "TSUNAGU_INGEST_MLLP_PORT" . }}
+{{- $_ := set $data "TSUNAGU_INGEST_MLLP_HOST" "0.0.0.0" }}
 {{- end }}
 {{- /* The service's own settings come last and win. */}}
 {{- range $key, $value := ($svc.config | default dict) }}

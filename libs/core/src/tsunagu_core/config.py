@@ -23,7 +23,55 @@ class ConfigError(Exception):
     """Configuration that a service cannot start with; the message is one line for the operator."""
 
 
-class CoreSettings(BaseSettings):
+class TlsSettings(BaseSettings):
+    """TLS of every service: towards the infrastructure it connects to (mTLS) and on the port it serves.
+
+    TLS is chosen per connection by its address: `rediss://`, `TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL`,
+    `sslmode=` in the PostgreSQL DSN, `mqtts://`; these files are then the trust anchor and identity.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TSUNAGU_", extra="ignore")
+
+    tls_ca_file: str = Field(
+        "",
+        description="PEM file of the CA(s) the servers' certificates are checked against (a Secret's `ca.crt`);"
+        " empty: the system's trust store.",
+    )
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) this service presents to Redis, Kafka, PostgreSQL and the MQTT broker"
+        " (mTLS; a Secret's `tls.crt`); empty: no client certificate.",
+    )
+    tls_key_file: str = Field("", description="PEM private key of `TSUNAGU_TLS_CERT_FILE` (a Secret's `tls.key`).")
+    tls_check_hostname: bool = Field(
+        True, description="Check that a server's certificate names the host connected to (off only for debugging)."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = Field(
+        "PLAINTEXT",
+        description="`SSL`: Kafka over TLS with the `TSUNAGU_TLS_*` files (mTLS when a certificate is set).",
+    )
+    server_tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) a service serves HTTPS/WSS with (a Secret's `tls.crt`); reloaded when the"
+        " file changes, without dropping connections. Empty: plain HTTP (TLS ends at the ingress).",
+    )
+    server_tls_key_file: str = Field("", description="PEM private key of `TSUNAGU_SERVER_TLS_CERT_FILE`.")
+    server_tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA(s) whose client certificates a service accepts (client-certificate authentication);"
+        " empty: clients are not asked for one.",
+    )
+    server_tls_client_auth: Literal["optional", "required"] = Field(
+        "optional",
+        description="With a client CA: `optional` also lets clients without a certificate in (they use a JWT);"
+        " `required` refuses the TLS handshake without a valid one.",
+    )
+    server_tls_reload_interval: float = Field(
+        2.0, gt=0, le=3600, description="Seconds between checks whether the server certificate files changed."
+    )
+
+
+class CoreSettings(TlsSettings):
     """Shared by every service: which engines to use and how to reach the infrastructure."""
 
     model_config = SettingsConfigDict(env_prefix="TSUNAGU_", extra="ignore")

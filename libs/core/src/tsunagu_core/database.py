@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
+from tsunagu_core.config import TlsSettings
+from tsunagu_core.tls import postgres_ssl
+
 log = logging.getLogger("tsunagu.database")
 
 MIGRATIONS_TABLE = """
-CREATE TABLE IF NOT EXISTS tsunagu_migrations (
+CREATE TABLE IF NOT EXISTS {table} (
     service text NOT NULL,
     version integer NOT NULL,
     name text NOT NULL,
@@ -49,16 +53,25 @@ class Postgres:
         min_size: int = 1,
         max_size: int = 10,
         command_timeout: float = 10.0,
+        tls: TlsSettings | None = None,
+        schema: str | None = None,
     ) -> None:
+        """`schema`: where the migration history lives, next to the tables of a service that keeps them in
+        a schema of its own (else the first schema of the search path, which may not be the same)."""
         versions = [m.version for m in migrations]
         if versions != sorted(set(versions)):
             raise ValueError(f"{service}: migration versions must be unique and ascending: {versions}")
         self.dsn = dsn
         self.service = service
+        self.schema = schema
+        self.migrations_table = f'"{schema}".tsunagu_migrations' if schema else "tsunagu_migrations"
         self.migrations = tuple(migrations)
         self.min_size = min_size
         self.max_size = max_size
         self.command_timeout = command_timeout
+        # `sslmode=require|verify-ca|verify-full` in the DSN: TLS with the TSUNAGU_TLS_* CA and client
+        # certificate (checked here, so a missing file stops the service at start with one line)
+        self.ssl: ssl.SSLContext | None = postgres_ssl(dsn, tls)
         self._pool: asyncpg.Pool | None = None
 
     @property
@@ -70,6 +83,7 @@ class Postgres:
     async def start(self) -> None:
         pool = await asyncpg.create_pool(
             self.dsn,
+            ssl=self.ssl,
             min_size=self.min_size,
             max_size=self.max_size,
             command_timeout=self.command_timeout,
@@ -87,8 +101,11 @@ class Postgres:
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", lock_key)
             try:
-                await conn.execute(MIGRATIONS_TABLE)
-                rows = await conn.fetch("SELECT version FROM tsunagu_migrations WHERE service = $1", self.service)
+                if self.schema:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                table = self.migrations_table
+                await conn.execute(MIGRATIONS_TABLE.format(table=table))
+                rows = await conn.fetch(f"SELECT version FROM {table} WHERE service = $1", self.service)
                 applied = {row["version"] for row in rows}
                 for migration in self.migrations:
                     if migration.version in applied:
@@ -96,7 +113,7 @@ class Postgres:
                     async with conn.transaction():
                         await conn.execute(migration.sql)
                         await conn.execute(
-                            "INSERT INTO tsunagu_migrations (service, version, name) VALUES ($1, $2, $3)",
+                            f"INSERT INTO {table} (service, version, name) VALUES ($1, $2, $3)",
                             self.service,
                             migration.version,
                             migration.name,

@@ -209,11 +209,11 @@ def migrations(schema: str) -> list[Migration]:
 
 
 def database_for(dsn: str, schema: str) -> Postgres:
-    """The `database` dependency of audit-log; each schema has its own migration history."""
+    """The `database` dependency of audit-log; each schema has its own migration history, kept in it."""
     if not IDENTIFIER.match(schema):
         raise ValueError(f"not a plain PostgreSQL schema name: {schema!r}")
     service = "audit-log" if schema == "public" else f"audit-log/{schema}"
-    return Postgres(dsn, service=service, migrations=migrations(schema), max_size=8)
+    return Postgres(dsn, service=service, migrations=migrations(schema), max_size=8, schema=schema)
 
 
 def _row(record: asyncpg.Record) -> Row:

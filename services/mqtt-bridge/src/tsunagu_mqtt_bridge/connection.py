@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from gmqtt import Client, Message, Subscription
 from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv50
 from gmqtt.storage import PersistentStorage
 from prometheus_client import Gauge
+from tsunagu_core.tls import client_context
 
 from tsunagu_mqtt_bridge.mapping import BrokerAddress
 
@@ -29,6 +32,9 @@ log = logging.getLogger("tsunagu.mqtt_bridge.connection")
 CONNECTED = Gauge("tsunagu_mqtt_connected", "1 while the bridge holds an MQTT connection")
 
 MessageHandler = Callable[[str, bytes, int, dict[str, Any]], Awaitable[int]]
+
+
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class MqttError(Exception):
@@ -88,11 +94,14 @@ class MqttConnection:
         handler: MessageHandler,
     ) -> None:
         self.address = address
+        # mqtts://: TLS with the TSUNAGU_TLS_* CA and client certificate (mTLS to a broker that requires one)
+        self.ssl: ssl.SSLContext | bool = client_context() if address.ssl else False
         self.client_id = client_id
         self.keepalive = keepalive
         self.topic_filters = list(subscriptions)
         self.handler = handler
         self.connected = asyncio.Event()
+        self._handshake_lost = asyncio.Event()
         self._store = _InflightStore()
         self._client = _Client(
             client_id,
@@ -115,10 +124,40 @@ class MqttConnection:
     # Dependency protocol (lifecycle.Runtime retries start() with backoff until it succeeds).
 
     async def start(self) -> None:
-        await self._client.connect(
-            self.address.host, self.address.port, ssl=self.address.ssl, keepalive=self.keepalive, version=MQTTv50
+        """Connect once; the runtime retries with backoff. gmqtt waits for a CONNACK forever and
+        reconnects by itself meanwhile, also when the broker drops every handshake (a plaintext client on
+        its TLS-only port): the first attempt's loss, or a 10 s wait, ends it with the reason instead."""
+        where = f"MQTT broker at {self.address.host}:{self.address.port}"
+        self._handshake_lost.clear()
+        connect = asyncio.ensure_future(
+            self._client.connect(
+                self.address.host, self.address.port, ssl=self.ssl, keepalive=self.keepalive, version=MQTTv50
+            )
         )
-        self._started = True
+        lost = asyncio.ensure_future(self._handshake_lost.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {connect, lost}, timeout=HANDSHAKE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+        if connect in done and connect.exception() is None:
+            self._started = True
+            return
+        connect.cancel()
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()  # stops gmqtt's own reconnecting until the next start()
+        error = connect.exception() if connect.done() and not connect.cancelled() else None
+        if isinstance(error, ssl.SSLError):
+            raise MqttError(f"{where}: TLS handshake failed: {error} (check TSUNAGU_TLS_*)") from None
+        if error is not None:
+            raise MqttError(f"{where}: {error!r}") from None
+        if not self.address.ssl:
+            hint = "the port requires TLS? use mqtts://"
+        else:
+            hint = "check TSUNAGU_TLS_* and the broker's certificate"
+        what = "closed the connection during" if lost in done else f"did not answer within {HANDSHAKE_TIMEOUT:.0f}s of"
+        raise MqttError(f"{where} {what} the MQTT handshake: {hint}")
 
     async def ping(self) -> None:
         if not self.is_connected:
@@ -158,6 +197,8 @@ class MqttConnection:
         )
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
+        if not self.connected.is_set():
+            self._handshake_lost.set()
         self.connected.clear()
         CONNECTED.set(0)
         log.warning("MQTT connection lost; reconnecting")

@@ -44,6 +44,7 @@ from tsunagu_core import topics
 from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions, StreamPosition
 from tsunagu_core.bus import Bus
 from tsunagu_core.envelope import publish_event
+from tsunagu_core.tls import client_context
 from tsunagu_core.wire.events_pb2 import CollabUpdate
 
 from tsunagu_ws_gateway.channels import Principal
@@ -149,7 +150,7 @@ class CollabHub:
     async def start(self) -> None:
         self._inner = self.broker.handler
         self.broker.set_handler(self)
-        self._http = httpx.AsyncClient(base_url=self.gateway.settings.collab_url, timeout=10.0)
+        self._http = httpx.AsyncClient(base_url=self.gateway.settings.collab_url, timeout=10.0, verify=client_context())
         self._ticker = asyncio.create_task(self._tick(), name="collab-keepalive")
 
     @asynccontextmanager

@@ -15,6 +15,16 @@ from tsunagu_core.config import ServiceSettings
 Access = Literal["none", "anonymous", "authenticated", "claim"]
 
 
+class CertificateIdentity(BaseModel):
+    """Who a client certificate stands for (client-certificate authentication instead of a JWT)."""
+
+    model_config = {"extra": "forbid"}
+
+    match: str = Field(min_length=1, description="glob over the certificate's names, e.g. `device-*`")
+    user: str = Field("{name}", min_length=1)
+    channels: list[str] = Field(default_factory=list)
+
+
 class ChannelOptions(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -80,6 +90,10 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "sio": ChannelOptions(),
     # Ephemeral signals such as typing indicators: nothing kept, nothing to recover.
     "typing": ChannelOptions(history_size=0, recovery=False),
+    # HL7 v2 messages received by stream-ingest's MLLP listener, by type and patient or location.
+    "hl7": ChannelOptions(allow_publish="none", history_size=1000, history_ttl=86400),
+    # FHIR subscription notifications, one channel per subscription id (fhir/ endpoints relay them).
+    "fhir": ChannelOptions(allow_publish="none", history_size=1000, history_ttl=86400),
 }
 
 
@@ -110,6 +124,17 @@ class GatewaySettings(ServiceSettings):
     )
     token_audience: str = Field("", description="Required `aud` claim of tokens; empty: not checked.")
     allow_anonymous: bool = Field(False, description="Accept connections without a token (user id empty).")
+    client_cert_identities: list[CertificateIdentity] = Field(
+        default_factory=list,
+        description='JSON list of `{"match", "user", "channels"}`: a client connecting over TLS with a certificate'
+        " from `TSUNAGU_SERVER_TLS_CLIENT_CA_FILE` and no token is this user when `match` (a glob) matches one of"
+        " the certificate's names (URI SANs, DNS SANs, CN); `{name}` in `user` and `channels` is that name.",
+    )
+    api_client_certs: list[str] = Field(
+        default_factory=list,
+        description="JSON list of globs: backends whose client certificate has a matching name may call the server"
+        " API without `X-API-Key`.",
+    )
     api_key: str = Field("", description="`X-API-Key` of the server API at `/api/*`; empty: the API is off.")
     namespaces: dict[str, ChannelOptions] = Field(
         default_factory=lambda: dict(DEFAULT_NAMESPACES),
@@ -172,6 +197,18 @@ class GatewaySettings(ServiceSettings):
     web_demo: dict[str, Any] = Field(
         default_factory=lambda: dict(WEB_DEMO),
         description="JSON object merged into `/web/config.json`: the demo's rooms, document, symbols, channels.",
+    )
+    fhir_binding_token_ttl: float = Field(
+        300.0, gt=0, le=86400, description="Seconds a FHIR `$get-ws-binding-token` token (and its binding) lives."
+    )
+    fhir_heartbeat_period: float = Field(
+        60.0, gt=0, le=3600, description="Seconds without a notification after which `/fhir/ws` sends a heartbeat."
+    )
+    fhir_notify_secret: str = Field(
+        "", description="Bearer secret FHIR servers may use on `POST /fhir/notify` (the `X-API-Key` works too)."
+    )
+    fhir_websocket_url: str = Field(
+        "", description="`websocket-url` of binding tokens; empty: `/fhir/ws` on the host the client asked."
     )
 
     @field_validator("namespaces")

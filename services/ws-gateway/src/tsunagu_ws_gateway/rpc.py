@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
+from tsunagu_core.tls import client_context
 
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codes import ReplyError
@@ -33,7 +34,8 @@ class RpcRouter:
         if url is None:
             raise ReplyError(codes.METHOD_NOT_FOUND, f"no backend serves {method!r}")
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
+            # TLS backends: the platform CA, and our client certificate when a backend asks (mTLS)
+            self._client = httpx.AsyncClient(timeout=self.timeout, verify=client_context())
         body = orjson.dumps({"method": method, "user": user, "client": client, "data": data})
         try:
             response = await self._client.post(url, content=body, headers={"content-type": "application/json"})

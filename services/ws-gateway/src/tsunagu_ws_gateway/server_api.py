@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from tsunagu_core.broker import BrokerError, StreamPosition
 
+from tsunagu_ws_gateway.certificates import api_certificate
 from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ReplyError
 from tsunagu_ws_gateway.session import Gateway
@@ -225,10 +226,15 @@ def build_router() -> APIRouter:
     async def call(method: str, request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         api_key = gateway.settings.api_key
-        if not api_key:
-            return JSONResponse({"error": "the server API is off: set TSUNAGU_GATEWAY_API_KEY"}, status_code=503)
+        if not api_key and not gateway.settings.api_client_certs:
+            return JSONResponse(
+                {"error": "the server API is off: set TSUNAGU_GATEWAY_API_KEY (or _API_CLIENT_CERTS)"}, status_code=503
+            )
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("apikey ")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        # a backend with an allowed client certificate (mTLS) needs no key
+        if not hmac.compare_digest(given.encode(), api_key.encode()) and not api_certificate(
+            gateway.settings, request.scope
+        ):
             return JSONResponse({"error": "missing or wrong X-API-Key"}, status_code=401)
         try:
             body = orjson.loads(await request.body() or b"{}")

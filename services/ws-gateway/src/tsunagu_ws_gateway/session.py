@@ -109,9 +109,17 @@ class TokenBucket:
 
 class ClientSession:
     def __init__(
-        self, gateway: Gateway, transport: Transport, *, codec: Codec = JSON, transport_name: str = "websocket"
+        self,
+        gateway: Gateway,
+        transport: Transport,
+        *,
+        codec: Codec = JSON,
+        transport_name: str = "websocket",
+        certificate_grant: ConnectionGrant | None = None,
     ) -> None:
         self.gateway = gateway
+        # Who the connection's client certificate says it is (mTLS): used when connect carries no token.
+        self.certificate_grant = certificate_grant
         self.settings = gateway.settings
         self.node = gateway.node
         self.transport = transport
@@ -189,17 +197,22 @@ class ClientSession:
             raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
         if token:
             grant = await self.gateway.verifier.verify_connection(token)
-            if await self.gateway.revoked.refuses(grant):
-                raise ProtocolError(codes.TOKEN_REVOKED)
+        elif self.certificate_grant is not None:
+            grant = self.certificate_grant
         elif self.settings.allow_anonymous:
             grant = ConnectionGrant(user="")
         else:
             raise ProtocolError(codes.INVALID_TOKEN, "a connection token is required")
+        authenticated = bool(token) or self.certificate_grant is not None
+        if authenticated and await self.gateway.revoked.refuses(grant):
+            raise ProtocolError(codes.TOKEN_REVOKED)
         self.grant = grant
         self.user = grant.user
         self.session_id = grant.session_id
         self.conn_info = grant.info
-        self.principal = Principal(user=grant.user, channel_patterns=grant.channel_patterns, authenticated=bool(token))
+        self.principal = Principal(
+            user=grant.user, channel_patterns=grant.channel_patterns, authenticated=authenticated
+        )
         self.expires_at = grant.expires_at
         self.connected = True
         self.node.connecting.discard(self)

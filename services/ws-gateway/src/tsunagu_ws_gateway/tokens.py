@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jwt
 import orjson
+from tsunagu_core.tls import client_context
 
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.protocol.codes import INVALID_TOKEN, PERMISSION_DENIED, TOKEN_EXPIRED, ProtocolError, ReplyError
@@ -53,12 +54,14 @@ class JwksKeys:
         self.keys: dict[str, tuple[Any, list[str]]] = {}
         self.fetched_at = 0.0
         self._lock = asyncio.Lock()
+        # an https JWKS URL is checked against the platform CA (TSUNAGU_TLS_CA_FILE), with our certificate
+        self._tls = client_context()
 
     async def refresh(self) -> None:
         async with self._lock:
             self.fetched_at = time.monotonic()
             try:
-                async with httpx.AsyncClient(timeout=self.timeout) as http:
+                async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as http:
                     response = await http.get(self.url)
                 response.raise_for_status()
                 keyset = jwt.PyJWKSet.from_dict(response.json())

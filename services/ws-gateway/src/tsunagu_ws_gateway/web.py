@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
+from tsunagu_core.tls import client_context
 
 from tsunagu_ws_gateway.config import WEB_DEMO, GatewaySettings
 
@@ -43,7 +44,7 @@ class ServiceProbe:
 
     async def _probe(self, base: str) -> str:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT)
+            self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT, verify=client_context())
         try:
             response = await self._client.get(base.rstrip("/") + "/readyz")
         except httpx.HTTPError:

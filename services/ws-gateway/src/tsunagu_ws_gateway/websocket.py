@@ -16,6 +16,7 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from tsunagu_ws_gateway.certificates import certificate_grant
 from tsunagu_ws_gateway.hub import DISCONNECTS
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codec import Codec
@@ -122,7 +123,9 @@ async def native_endpoint(websocket: WebSocket) -> None:
     transport = SocketTransport(websocket, settings.send_buffer_bytes, codec)
     transport.reader = asyncio.current_task()
     transport.writer = asyncio.create_task(transport.write_loop(), name="ws-writer")
-    session = ClientSession(gateway, transport, codec=codec)
+    session = ClientSession(
+        gateway, transport, codec=codec, certificate_grant=certificate_grant(settings, websocket.scope)
+    )
     try:
         while transport.closing is None:
             message = await websocket.receive()

@@ -30,6 +30,7 @@ from tsunagu_core.bus.base import (
     encode_key,
     handle_with_retry,
 )
+from tsunagu_core.config import TlsSettings
 from tsunagu_core.telemetry import BUS_CONSUMER_LAG, BUS_PUBLISH_ERRORS, BUS_PUBLISHED, inject_trace_headers
 
 log = logging.getLogger("tsunagu.bus.kafka")
@@ -45,13 +46,18 @@ class KafkaBus(Bus):
         replication: int = 1,
         extra_config: Mapping[str, Any] | None = None,
         stats_interval: float = 10.0,
+        tls: TlsSettings | None = None,
     ) -> None:
+        from tsunagu_core.tls import kafka_config
+
         self.bootstrap = bootstrap
         self.stats_interval = stats_interval
         self.client_id = client_id
         self.partitions = partitions
         self.replication = replication
-        self.extra_config = dict(extra_config or {})
+        # TLS from TSUNAGU_KAFKA_SECURITY_PROTOCOL and TSUNAGU_TLS_* (a ConfigError when a file is missing)
+        self.extra_config = {**kafka_config(tls), **(extra_config or {})}
+        self.last_error = ""
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._poller: threading.Thread | None = None
@@ -59,7 +65,17 @@ class KafkaBus(Bus):
         self._consumers: set[_KafkaConsumer] = set()
 
     def _common_config(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "client.id": self.client_id, **self.extra_config}
+        return {
+            "bootstrap.servers": self.bootstrap,
+            "client.id": self.client_id,
+            "error_cb": self._on_error,
+            **self.extra_config,
+        }
+
+    def _on_error(self, error: KafkaError) -> None:
+        # librdkafka says why a broker connection failed (e.g. a plaintext client on an SSL listener)
+        # only here; ping() quotes it.
+        self.last_error = error.str()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -105,7 +121,22 @@ class KafkaBus(Bus):
         try:
             await asyncio.to_thread(admin.list_topics, timeout=3)
         except KafkaException as exc:
-            raise BusError(f"Kafka at {self.bootstrap} does not answer: {exc.args[0]}") from None
+            cause = f" ({self.last_error})" if self.last_error else ""
+            raise BusError(
+                f"Kafka at {self.bootstrap} does not answer: {exc.args[0]}{cause}{self._tls_hint(exc)}"
+            ) from None
+
+    def _tls_hint(self, exc: KafkaException) -> str:
+        """What a failed transport most likely means when the two sides disagree about TLS."""
+        error = exc.args[0] if exc.args else None
+        if not isinstance(error, KafkaError) or error.code() not in (
+            KafkaError._TRANSPORT,
+            KafkaError._ALL_BROKERS_DOWN,
+        ):
+            return ""
+        if self.extra_config.get("security.protocol", "PLAINTEXT") == "PLAINTEXT":
+            return "; if the listener is SSL-only, set TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL (and TSUNAGU_TLS_*)"
+        return "; if the listener is not SSL, TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL is wrong, else check TSUNAGU_TLS_*"
 
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         admin = self._admin or AdminClient(self._common_config())
