@@ -12,9 +12,11 @@ from typing import Any
 from fastapi import FastAPI
 from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
+from tsunagu_core.tls import ServerTls
 
 from tsunagu_stream_ingest.config import IngestSettings
 from tsunagu_stream_ingest.demo_feed import DemoTicker, demo_mapping
+from tsunagu_stream_ingest.hl7_feed import Hl7Feed, MllpListener
 from tsunagu_stream_ingest.ingest import Relay
 
 SERVICE = "stream-ingest"
@@ -92,9 +94,51 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[relaying, demo_quotes])
+    # HL7 v2 over MLLP (hl7_feed.py): a dependency, so /readyz says whether the port listens.
+    needs: tuple[str, ...] = NEEDS
+    listener: MllpListener | None = None
+    # MLLP over TLS with the service's server certificate; a rotated one is loaded into the live context.
+    mllp_tls = ServerTls.from_settings(runtime.settings) if settings.mllp_port and settings.mllp_tls else None
+    if settings.mllp_port:
+        feed = Hl7Feed(
+            runtime.bus,
+            runtime.broker,
+            history_size=settings.mllp_history_size,
+            history_ttl=settings.mllp_history_ttl,
+            max_bytes=settings.mllp_max_message_bytes,
+        )
+        listener = MllpListener(
+            feed,
+            settings.mllp_host,
+            settings.mllp_port,
+            idle_timeout=settings.mllp_idle_timeout,
+            before_start=lambda: runtime.wait_ready(NEEDS),
+            ssl_context=mllp_tls.context if mllp_tls is not None else None,
+        )
+        runtime.add_dependency("hl7-mllp", listener)
+        needs = (*NEEDS, "hl7-mllp")
+
+    @asynccontextmanager
+    async def mllp() -> AsyncIterator[None]:
+        watcher = None
+        if mllp_tls is not None:
+            interval = runtime.settings.server_tls_reload_interval
+            watcher = asyncio.create_task(mllp_tls.watch(interval), name="stream-ingest-mllp-tls")
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if listener is not None:
+                await listener.close()  # before the bus and broker close
+
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[relaying, demo_quotes, mllp])
     app.state.settings = settings
     app.state.relay = relay
+    app.state.mllp = listener
+    app.state.mllp_tls = mllp_tls
 
     @app.get("/v1/mappings", tags=["stream-ingest"])
     async def mappings() -> dict[str, Any]:

@@ -48,6 +48,31 @@ class IngestSettings(ServiceSettings):
         default_factory=lambda: ["TSU", "NGU", "KFK"], description="JSON list of the demo's symbols (the record keys)."
     )
     demo_feed_rate: float = Field(4.0, gt=0, le=100, description="Demo quotes per second per symbol.")
+    mllp_port: int = Field(
+        0, ge=0, le=65535, description="TCP port of the HL7 v2 MLLP listener (the standard one is 2575); 0 = off."
+    )
+    mllp_host: str = Field("127.0.0.1", min_length=1, description="Address the MLLP listener binds to.")
+    mllp_max_message_bytes: int = Field(
+        524_288,
+        ge=1024,
+        le=786_432,
+        description="Largest HL7 message accepted; a larger one gets AR. At most 768 KiB: the message is kept whole"
+        " in its audit event, and Kafka takes records up to 1 MB.",
+    )
+    mllp_idle_timeout: float = Field(
+        600.0, gt=0, description="Seconds an MLLP connection may stay without a message before it is closed."
+    )
+    mllp_tls: bool = Field(
+        True,
+        description="Serve MLLP over TLS with the server certificate (`TSUNAGU_SERVER_TLS_*`, client certificates"
+        " included) when one is configured; false: plain MLLP even then (e.g. TLS ends at a sidecar).",
+    )
+    mllp_history_size: int = Field(
+        1000, ge=1, le=100_000, description="Publications kept per `hl7:` channel (as the gateway's `hl7` namespace)."
+    )
+    mllp_history_ttl: float = Field(
+        86400.0, gt=0, description="Seconds an `hl7:` channel's history is kept (as the gateway's `hl7` namespace)."
+    )
 
     @field_validator("mappings", mode="before")
     @classmethod
