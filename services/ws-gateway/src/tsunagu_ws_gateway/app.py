@@ -17,6 +17,7 @@ from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.collab import CollabHub, collab_endpoint
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
+from tsunagu_ws_gateway.fhir import build_fhir_router
 from tsunagu_ws_gateway.forwarding import build_forwarders
 from tsunagu_ws_gateway.graphql_api import build_graphql_router
 from tsunagu_ws_gateway.hub import Node
@@ -93,6 +94,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.mount("/socket.io", build_socketio_app(gateway))
     app.include_router(build_graphql_router(settings))
     app.include_router(build_router())
+    app.include_router(build_fhir_router(gateway, settings))
     if settings.web_enabled:
         probe = serve_web_app(app, settings)
         app.state.web_probe = probe
