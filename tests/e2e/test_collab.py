@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import uvicorn
 from pycrdt import Doc, Provider, Text
 from tsunagu_collab.app import create_app as collab_app
 from tsunagu_collab.config import CollabSettings
@@ -30,9 +29,11 @@ from tsunagu_core.broker import MemoryBroker
 from tsunagu_core.bus import MemoryBus
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.testing import serving
+from tsunagu_core.testing_clients import WebsocketChannel
 from tsunagu_ws_gateway.app import create_app as gateway_app
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES, ChannelOptions, GatewaySettings
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 SECRET = "e2e-collab-secret-long-enough-for-hs256"
 JS = Path(__file__).parent / "js"
@@ -50,25 +51,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-
 @contextlib.asynccontextmanager
 async def serve(app: Any, port: int) -> AsyncIterator[None]:
-    server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(app, port):
         yield
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 async def y_client(url: str, room: str, tok: str, letter: str, count: int, expect: int, timeout: float = 40) -> Any:
@@ -89,34 +75,6 @@ async def y_client(url: str, room: str, tok: str, letter: str, count: int, expec
     out, err = await process.communicate()
     assert process.returncode == 0, (out.decode(), err.decode()[-2000:])
     return json.loads(out.decode().strip().splitlines()[-1])
-
-
-class WebsocketChannel:
-    """pycrdt's Channel over a `websockets` client connection."""
-
-    def __init__(self, websocket: ClientConnection, path: str) -> None:
-        self.websocket = websocket
-        self._path = path
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def __aiter__(self) -> WebsocketChannel:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self.recv()
-        except Exception:
-            raise StopAsyncIteration from None
-
-    async def send(self, message: bytes) -> None:
-        await self.websocket.send(message)
-
-    async def recv(self) -> bytes:
-        message = await self.websocket.recv()
-        return message if isinstance(message, bytes) else message.encode()
 
 
 async def wait_text(ytext: Text, length: int, timeout: float = 20) -> str:

@@ -18,12 +18,13 @@ import asyncpg
 import hl7
 import httpx
 import jwt
-from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from centrifuge import Client
 from confluent_kafka.admin import AdminClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hl7.mllp import open_hl7_connection
 from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN
+from tsunagu_core.testing_clients import Inbox
 
 from tsunagu.devpki import issue, make_ca, write_pair
 
@@ -33,21 +34,6 @@ MLLP_SEND = Path(sys.executable).with_name("mllp_send")
 
 def token(user: str) -> str:
     return jwt.encode({"sub": user, "channels": ["hl7:*"], "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.data: list[Any] = []
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.data.append(ctx.pub.data)
-
-    async def wait_for(self, count: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.data) < count:
-            got = [(m.get("type"), m.get("control_id")) for m in self.data]
-            assert time.monotonic() < deadline, f"{count} publications expected, got {got}"
-            await asyncio.sleep(0.02)
 
 
 def adt(sender: str, control: str, patient: str, ward: str, event: str = "A01") -> str:
@@ -193,8 +179,8 @@ async def test_a_stock_mllp_client_feeds_subscribers_and_the_audit_log(  # type:
         assert [msa(a)[:2] for a in acks] == [("AA", f"{run}-10"), ("AR", "")]
 
         # Subscribers got each accepted message once, in order.
-        await admissions.wait_for(3)
-        await vitals.wait_for(3)
+        await admissions.wait_for(3, timeout=15)
+        await vitals.wait_for(3, timeout=15)
         await asyncio.sleep(0.5)
         assert [(m["type"], m["control_id"]) for m in admissions.data] == [
             ("ADT^A01", f"{run}-1"),

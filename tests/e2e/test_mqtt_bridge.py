@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import jwt
 import paho.mqtt.client as mqtt
-from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from centrifuge import Client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tsunagu_core.broker.redis import RedisBroker
 from tsunagu_core.testing import REDIS_URL
+from tsunagu_core.testing_clients import Inbox
 
 SECRET = "e2e-mqtt-secret-long-enough-for-hs256"
 MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
@@ -31,19 +32,6 @@ MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
 def token(user: str) -> str:
     claims = {"sub": user, "channels": ["mqtt:*"], "exp": int(time.time()) + 600}
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.data: list[Any] = []
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.data.append(ctx.pub.data)
-
-    async def wait_for(self, count: int, timeout: float = 20.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.data) < count:
-                await asyncio.sleep(0.02)
 
 
 class Device:
@@ -133,11 +121,11 @@ async def test_telemetry_commands_and_requests_across_gateways_and_a_bridge_cras
     for n in range(40):
         device.client.publish(f"{prefix}/lamp/telemetry", json.dumps({"n": n}), qos=1)
     for inbox in inboxes:
-        await inbox.wait_for(40)
+        await inbox.wait_for(40, timeout=20)
         assert inbox.data == [{"n": n} for n in range(40)]
     # Non-JSON bytes reach JSON clients as the string of their base64 (the gateway's rule).
     device.client.publish(f"{prefix}/lamp/telemetry", b"\xff\x00", qos=1)
-    await inboxes[0].wait_for(41)
+    await inboxes[0].wait_for(41, timeout=20)
     assert inboxes[0].data[-1] == "/wA="
 
     # Device request/response as a client RPC through the gateway.

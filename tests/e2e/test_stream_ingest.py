@@ -6,33 +6,20 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any
 
 import httpx
 import jwt
-from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from centrifuge import Client
 from confluent_kafka import Producer
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.testing import KAFKA_BOOTSTRAP
+from tsunagu_core.testing_clients import Inbox
 
 SECRET = "e2e-ingest-secret-long-enough-for-hs256"
 
 
 def token(user: str) -> str:
     return jwt.encode({"sub": user, "channels": ["stream:*"], "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.data: list[Any] = []
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.data.append(ctx.pub.data)
-
-    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.data) < count:
-                await asyncio.sleep(0.02)
 
 
 def produce(producer: Producer, topic: str, numbers: range, key: str = "EURUSD") -> None:

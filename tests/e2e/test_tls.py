@@ -24,7 +24,7 @@ import hl7  # type: ignore[import-untyped]
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from centrifuge import Client
 from confluent_kafka import Producer
 from hl7.mllp import open_hl7_connection  # type: ignore[import-untyped]
 from pycrdt import Doc, Provider, Text
@@ -32,8 +32,9 @@ from tsunagu_core.bus.base import BusError
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.config import TlsSettings
 from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.testing_clients import Inbox, WebsocketChannel
 from tsunagu_core.tls import client_context, kafka_config
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from tsunagu.devpki import DevPki, issue, load_ca, write_pair
 from tsunagu.stack import load_settings, tls_connection_env
@@ -144,19 +145,6 @@ async def _sql(env: dict[str, str], statement: str) -> None:
         await connection.execute(statement)
     finally:
         await connection.close()
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.data: list[Any] = []
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.data.append(ctx.pub.data)
-
-    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.data) < count:
-                await asyncio.sleep(0.02)
 
 
 async def login(platform: dict[str, Any], env: dict[str, str]) -> str:
@@ -363,31 +351,6 @@ def _device_publishes(env: dict[str, str], topic: str, payload: dict[str, Any]) 
     finally:
         device.loop_stop()
         device.disconnect()
-
-
-class WebsocketChannel:
-    """pycrdt's Channel over a `websockets` client connection."""
-
-    def __init__(self, websocket: ClientConnection, path: str) -> None:
-        self.websocket = websocket
-        self._path = path
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def __aiter__(self) -> WebsocketChannel:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            message = await self.websocket.recv()
-        except Exception:
-            raise StopAsyncIteration from None
-        return message if isinstance(message, bytes) else message.encode()
-
-    async def send(self, message: bytes) -> None:
-        await self.websocket.send(message)
 
 
 async def _stored_text(platform: dict[str, Any], env: dict[str, str], doc: str) -> str:

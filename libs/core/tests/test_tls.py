@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from tsunagu_core.config import ConfigError, TlsSettings
+from tsunagu_core.testing import free_port, serving
 from tsunagu_core.tls import (
     ServerTls,
     client_context,
@@ -114,33 +113,11 @@ async def echo(websocket: WebSocket) -> None:
 APP = Starlette(routes=[Route("/whoami", whoami), WebSocketRoute("/echo", echo)])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-
 @contextlib.asynccontextmanager
-async def serving(server_tls: ServerTls) -> AsyncIterator[int]:
+async def serving_with(server_tls: ServerTls) -> AsyncIterator[int]:
     port = free_port()
-    config = uvicorn.Config(APP, host="127.0.0.1", port=port, log_config=None, **uvicorn_options(server_tls))
-    server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(APP, port, **uvicorn_options(server_tls)):
         yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 def server_tls(pki: DevPki, client_auth: str = "optional") -> ServerTls:
@@ -162,7 +139,7 @@ async def served_common_name(port: int, context: ssl.SSLContext) -> str:
 
 
 async def test_https_knows_the_client_certificate_and_plain_http_gets_nowhere(pki: DevPki) -> None:
-    async with serving(server_tls(pki)) as port:
+    async with serving_with(server_tls(pki)) as port:
         assert await get(port, client_tls(pki)) == {
             "scheme": "https",
             "peer": ["spiffe://tsunagu.dev/tsunagu-dev-client", "tsunagu-dev-client"],
@@ -180,7 +157,7 @@ async def test_https_knows_the_client_certificate_and_plain_http_gets_nowhere(pk
 
 
 async def test_required_client_auth_refuses_a_client_without_a_certificate(pki: DevPki) -> None:
-    async with serving(server_tls(pki, "required")) as port:
+    async with serving_with(server_tls(pki, "required")) as port:
         assert (await get(port, client_tls(pki)))["peer"]
         with pytest.raises(httpx.HTTPError):
             await get(port, client_tls(pki, certificate=False))
@@ -188,7 +165,7 @@ async def test_required_client_auth_refuses_a_client_without_a_certificate(pki: 
 
 async def test_a_rotated_certificate_is_served_to_new_clients_while_open_sockets_stay(pki: DevPki) -> None:
     tls = server_tls(pki)
-    async with serving(tls) as port:
+    async with serving_with(tls) as port:
         context = client_tls(pki)
         socket_before = await websockets.connect(f"wss://127.0.0.1:{port}/echo", ssl=context)
         assert await socket_before.recv() == "hello tsunagu-dev-client"
@@ -238,7 +215,7 @@ async def test_a_stopping_server_does_not_wait_for_idle_keep_alive_clients(pki: 
     """An idle TLS client never answers close_notify; the server must not sit out asyncio's 30 s for it."""
     async with httpx.AsyncClient(verify=client_tls(pki)) as http:
         started = asyncio.get_running_loop().time()
-        async with serving(server_tls(pki)) as port:
+        async with serving_with(server_tls(pki)) as port:
             assert (await http.get(f"https://127.0.0.1:{port}/whoami")).status_code == 200
             started = asyncio.get_running_loop().time()
         # left `serving` (the server stopped) while `http` still holds its connection, idle

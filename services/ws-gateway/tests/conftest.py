@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import MemoryBus
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.testing import free_port, serving
 from tsunagu_core.tls import ServerTls, uvicorn_options
 from tsunagu_ws_gateway.app import create_app
 from tsunagu_ws_gateway.config import GatewaySettings
@@ -48,18 +47,6 @@ class RunningGateway:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-
 @contextlib.asynccontextmanager
 async def running_gateway(
     broker: Broker | None = None, server_tls: ServerTls | None = None, **overrides: Any
@@ -71,20 +58,8 @@ async def running_gateway(
     runtime = Runtime(CoreSettings(node_name="test-node"), bus=MemoryBus(), broker=engine)
     port = free_port()
     tls_options = uvicorn_options(server_tls) if server_tls is not None else {}
-    config = uvicorn.Config(
-        create_app(runtime, settings), host="127.0.0.1", port=port, log_config=None, lifespan="on", **tls_options
-    )
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(create_app(runtime, settings), port, **tls_options) as server:
         yield RunningGateway(port, server, engine, tls=server_tls is not None)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture

@@ -7,8 +7,13 @@ real Redis or Kafka from skipped into required: if a server does not answer then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import uvicorn
 
 from tsunagu_core.broker import ClientInfo, Publication
 
@@ -48,3 +53,35 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _InProcessServer(uvicorn.Server):
+    """A uvicorn server that leaves the test's signal handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, port: int, **options: Any) -> AsyncIterator[uvicorn.Server]:
+    """Serve an ASGI app on 127.0.0.1:`port` in the running loop until the block ends; `options` go to
+    `uvicorn.Config` (e.g. `tsunagu_core.tls.uvicorn_options(...)` for https/wss)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **options)
+    server = _InProcessServer(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
