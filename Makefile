@@ -74,13 +74,14 @@ stack-down: install
 stack-status: install
 	$(UV) run tsunagu stack status
 
-# The stack is brought down whatever the tests did, and the tests' exit code is kept.
+# The stack is brought down whatever the tests did (also when only part of it came up), and the
+# first failing exit code is kept.
 test: install js-install lint js-test ## everything, on the real stack: lint, unit, JS unit, e2e (with Chromium), deploy checks
 	$(UV) run python -m tsunagu.browser
-	$(UV) run tsunagu stack up
 	@status=0; \
+	$(UV) run tsunagu stack up || status=$$?; \
 	eval "$$($(UV) run tsunagu stack env)"; \
-	TSUNAGU_TEST_STACK=1 $(UV) run pytest libs services tests $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 0 ]; then TSUNAGU_TEST_STACK=1 $(UV) run pytest libs services tests $(PYTEST_ARGS) || status=$$?; fi; \
 	if [ $$status -eq 0 ]; then bash deploy/check.sh || status=$$?; fi; \
 	$(UV) run tsunagu stack down || true; \
 	exit $$status
@@ -93,4 +94,4 @@ bench: install js-install ## benchmarks (engines on the real stack, gateway broa
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
-		&& $(UV) run python bench/ingest.py
+		&& $(UV) run python bench/ingest.py && $(UV) run python bench/hl7.py && $(UV) run python bench/fhir.py

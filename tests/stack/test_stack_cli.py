@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,28 @@ def test_run_points_the_gateway_at_the_embedded_services_on_their_ports(monkeypa
     assert "collab_url" not in development_defaults("ws-gateway")
     # auth lets the web app on the gateway's origin log in
     assert "http://127.0.0.1:9999" in development_defaults("auth", gateway_port=9999)["cors_origins"]
+
+
+def test_servers_that_drop_root_live_where_their_user_can_reach(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Mosquitto and PostgreSQL read their files as their own users: under a private parent (a clone in
+    `mktemp -d`) the state directory is out of their reach, so they get a directory in /var/tmp."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    settings = StackSettings(dir=private / "clone" / ".stack")
+    monkeypatch.setattr(stack, "_is_root", lambda: True)
+    mqtt, postgres, redis = stack.Mqtt(settings), stack.Postgres(settings), stack.Redis(settings)
+    assert mqtt.home.parent == postgres.home.parent == Path("/var/tmp")
+    assert mqtt.home.name.startswith("tsunagu-mqtt-") and postgres.home.name.startswith("tsunagu-postgres-")
+    assert mqtt.log.parent == mqtt.home
+    assert redis.home == settings.dir / "redis", "redis runs as root: it stays in the state directory"
+    open_parent = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        open_parent.chmod(0o755)
+        reachable = StackSettings(dir=open_parent / ".stack")
+        assert stack.Mqtt(reachable).home == open_parent / ".stack" / "mqtt"
+    finally:
+        open_parent.rmdir()
+    data = mqtt.home / "data"
+    assert f"persistence_location {data}/" in stack.mosquitto_conf(settings, data=data).splitlines()
