@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import jwt
 from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from tsunagu_core.testing_clients import subscribed
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 JS_DIR = Path(__file__).parent / "js"
@@ -63,7 +64,7 @@ async def test_one_channel_reaches_every_protocol_in_order(start_service, real_e
     native = Client(f"{ws}/connection/websocket", token=token("ann"))
     await native.connect()
     inbox = Inbox()
-    await native.new_subscription(channel, events=inbox).subscribe()
+    await subscribed(native, channel, inbox)
     clients = await asyncio.gather(
         _start("jsonrpc_client.mjs", f"{ws}/rpc", "rpc-user", channel),
         _start("graphql_client.mjs", f"{ws}/graphql", "gql-user", channel),

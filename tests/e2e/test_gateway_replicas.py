@@ -16,6 +16,7 @@ from tsunagu_core.bus import BusMessage
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.envelope import envelope_of, payload_of
 from tsunagu_core.testing import KAFKA_BOOTSTRAP
+from tsunagu_core.testing_clients import subscribed
 from tsunagu_core.wire.events_pb2 import GatewayEvent
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
@@ -61,9 +62,8 @@ async def test_replicas_share_channels_and_recover_across_a_restart(start_servic
     await ann.connect()
     await bob.connect()
     ann_inbox, bob_inbox = Inbox(), Inbox()
-    await ann.new_subscription(channel, events=ann_inbox, recoverable=True).subscribe()
-    bob_sub = bob.new_subscription(channel, events=bob_inbox)
-    await bob_sub.subscribe()
+    await subscribed(ann, channel, ann_inbox, recoverable=True)
+    bob_sub = await subscribed(bob, channel, bob_inbox)
 
     for n in range(5):
         await bob_sub.publish({"n": n})

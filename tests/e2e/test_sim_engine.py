@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import jwt
 from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from tsunagu_core.testing_clients import subscribed
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 
@@ -85,9 +86,9 @@ async def test_avatars_across_two_gateways_refusals_and_resume_after_kill(  # ty
     await bob.connect()
     try:
         ann_state, bob_state, ann_replies = Inbox(), Inbox(), Inbox()
-        await ann.new_subscription(f"sim:{room}", events=ann_state).subscribe()
-        await bob.new_subscription(f"sim:{room}", events=bob_state).subscribe()
-        await ann.new_subscription("replies:sim#ann", events=ann_replies).subscribe()
+        await subscribed(ann, f"sim:{room}", ann_state)
+        await subscribed(bob, f"sim:{room}", bob_state)
+        await subscribed(ann, "replies:sim#ann", ann_replies)
         inputs = f"sim:{room}.input"
         # Keyframes arrive without any input: a late joiner waits at most one keyframe interval.
         await ann_state.wait(lambda f: f["type"] == "keyframe")

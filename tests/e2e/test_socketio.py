@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+from tsunagu_core.testing_clients import subscribed
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 JS = Path(__file__).parent / "js"
@@ -43,9 +44,8 @@ async def test_socketio_clients_across_replicas_recover_and_share_the_native_str
 
     native = Client(f"ws://127.0.0.1:{second.port}/connection/websocket", token=token("nat", [channel]))
     inbox = Inbox()
-    sub = native.new_subscription(channel, inbox)
     await native.connect()
-    await sub.subscribe()
+    await subscribed(native, channel, inbox)
 
     node = await asyncio.create_subprocess_exec(
         "node", "socketio_client.mjs", f"http://127.0.0.1:{first.port}", f"http://127.0.0.1:{second.port}",

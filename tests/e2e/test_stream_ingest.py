@@ -13,7 +13,7 @@ from centrifuge import Client
 from confluent_kafka import Producer
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.testing import KAFKA_BOOTSTRAP
-from tsunagu_core.testing_clients import Inbox
+from tsunagu_core.testing_clients import Inbox, subscribed
 
 SECRET = "e2e-ingest-secret-long-enough-for-hs256"
 
@@ -59,7 +59,7 @@ async def test_records_reach_stock_clients_in_order_once_across_a_crash(start_se
     ann = Client(url, token=token("ann"))
     await ann.connect()
     inbox = Inbox()
-    await ann.new_subscription(channel, events=inbox).subscribe()
+    await subscribed(ann, channel, inbox)
 
     producer = Producer({"bootstrap.servers": KAFKA_BOOTSTRAP, "enable.idempotence": True})
     await asyncio.to_thread(produce, producer, topic, range(50))
@@ -69,8 +69,7 @@ async def test_records_reach_stock_clients_in_order_once_across_a_crash(start_se
     # A late subscriber gets the current value from the channel's history.
     bob = Client(url, token=token("bob"))
     await bob.connect()
-    late = bob.new_subscription(channel)
-    await late.subscribe()
+    late = await subscribed(bob, channel)
     last = await late.history(limit=1, reverse=True)
     assert [p.data for p in last.publications] == [{"n": 49}]
 

@@ -32,7 +32,7 @@ from tsunagu_core.bus.base import BusError
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.config import TlsSettings
 from tsunagu_core.redis_pool import connect_redis
-from tsunagu_core.testing_clients import Inbox, WebsocketChannel
+from tsunagu_core.testing_clients import Inbox, WebsocketChannel, subscribed
 from tsunagu_core.tls import client_context, kafka_config
 from websockets.asyncio.client import connect
 
@@ -167,8 +167,7 @@ async def test_chat_feeds_telemetry_documents_and_audit_over_tls_everywhere(plat
 
     # chat: the server API over https publishes, Redis (TLS) fans out and keeps history
     chat, chat_inbox = f"chat:tls-{run}", Inbox()
-    subscription = client.new_subscription(chat, chat_inbox)
-    await subscription.subscribe()
+    subscription = await subscribed(client, chat, chat_inbox)
     async with httpx.AsyncClient(verify=context) as http:
         for n in range(3):
             published = await http.post(
@@ -183,7 +182,7 @@ async def test_chat_feeds_telemetry_documents_and_audit_over_tls_everywhere(plat
 
     # a live feed: records produced to Kafka over SSL reach the client through stream-ingest
     feed, feed_inbox = f"stream:{platform['topic']}.ACME", Inbox()
-    await client.new_subscription(feed, feed_inbox).subscribe()
+    await subscribed(client, feed, feed_inbox)
     producer = Producer(
         {"bootstrap.servers": tls_env["TSUNAGU_KAFKA_BOOTSTRAP"], **kafka_config(_tls_settings(tls_env))}
     )
@@ -198,7 +197,7 @@ async def test_chat_feeds_telemetry_documents_and_audit_over_tls_everywhere(plat
     # IoT: a paho-mqtt device with its certificate publishes to Mosquitto's TLS listener
     device_topic = f"tls-{run}/sensor-1/telemetry"
     telemetry = Inbox()
-    await client.new_subscription(f"mqtt:{device_topic}", telemetry).subscribe()
+    await subscribed(client, f"mqtt:{device_topic}", telemetry)
     await asyncio.to_thread(_device_publishes, tls_env, device_topic, {"temperature": 22.5})
     await telemetry.wait_for(1)
     assert telemetry.data == [{"temperature": 22.5}]
@@ -238,9 +237,7 @@ async def test_hl7_over_mllp_and_fhir_notifications_over_tls(platform, tls_env) 
     await client.connect()
     admissions = Inbox()
     patient = f"P{run}"
-    subscription = client.new_subscription(f"hl7:adt.patient.{patient}", admissions)
-    await subscription.subscribe()
-    await subscription.ready()
+    await subscribed(client, f"hl7:adt.patient.{patient}", admissions)
 
     message = (
         f"MSH|^~\\&|ADT1|GOODHEALTH|TSUNAGU|HOSP|20250102030405||ADT^A01^ADT_A01|tls-{run}|P|2.5.1\r"
@@ -443,7 +440,7 @@ async def test_a_renewed_gateway_certificate_is_served_without_dropping_connecti
     client = Client(platform["wss"] + "/connection/websocket", token=token, ssl_context=context)
     await client.connect()
     channel = f"chat:renew-{platform['run']}"
-    await client.new_subscription(channel, inbox).subscribe()
+    await subscribed(client, channel, inbox)
 
     pki = DevPki(Path(tls_env["TSUNAGU_TLS_CA_FILE"]).parent)
     renewed, key = issue(load_ca(pki), "renewed.localhost", server=True, dns=("localhost",), ips=("127.0.0.1",))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from centrifuge import PublicationContext, SubscriptionEventHandler  # type: ignore[import-untyped]
+from centrifuge import Client, PublicationContext, Subscription, SubscriptionEventHandler  # type: ignore[import-untyped]
 from websockets.asyncio.client import ClientConnection
 
 
@@ -25,6 +25,17 @@ class Inbox(SubscriptionEventHandler):
         while len(self.data) < count:
             assert loop.time() < deadline, f"{count} publications expected within {timeout:.0f}s, got {self.data}"
             await asyncio.sleep(0.02)
+
+
+async def subscribed(
+    client: Client, channel: str, events: SubscriptionEventHandler | None = None, **options: Any
+) -> Subscription:
+    """A subscription the server has confirmed: centrifuge-python's subscribe() only sends the command, so
+    a publication made right after it may come before the subscription exists and never arrive."""
+    subscription = client.new_subscription(channel, events, **options)
+    await subscription.subscribe()
+    await subscription.ready(timeout=10)
+    return subscription
 
 
 class WebsocketChannel:
