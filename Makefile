@@ -94,4 +94,4 @@ bench: install js-install ## benchmarks (engines on the real stack, gateway broa
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
-		&& $(UV) run python bench/ingest.py && $(UV) run python bench/hl7.py && $(UV) run python bench/fhir.py
+		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py

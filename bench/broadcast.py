@@ -7,7 +7,8 @@ in the same run:
 - centrifugo: Centrifugo v6 built from the Go module proxy with `go install`, memory engine,
   history 100 and recovery on, like ours;
 - tsunagu: `tsunagu serve ws-gateway`, memory engines, default namespace (history 100, recovery);
-- plain: bench/plain_broadcast.py, python-websockets with a per-subscriber `await send()` loop.
+- plain: bench/plain_broadcast.py, python-websockets with a per-subscriber `await send()` loop;
+then Centrifugo and tsunagu once more serving wss:// (a development certificate), the same load.
 Prints a Markdown table. Needs Go (present on this machine) and `taskset` (util-linux).
 """
 
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
+
+from tsunagu.devpki import DevPki, ensure_dev_pki
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".cache" / "bin"
@@ -66,9 +69,16 @@ def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) 
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def centrifugo_config(port: int, directory: Path) -> Path:
+def centrifugo_config(port: int, directory: Path, pki: DevPki | None) -> Path:
+    http_server: dict[str, object] = {"address": "127.0.0.1", "port": port}
+    if pki is not None:
+        http_server["tls"] = {
+            "enabled": True,
+            "cert_pem": str(pki.server_cert),
+            "key_pem": str(pki.server_key),
+        }
     config = {
-        "http_server": {"address": "127.0.0.1", "port": port},
+        "http_server": http_server,
         "log": {"level": "error"},
         "usage_stats": {"disabled": True},
         "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"]},
@@ -87,13 +97,18 @@ def centrifugo_config(port: int, directory: Path) -> Path:
     return path
 
 
-def server_command(name: str, port: int, directory: Path) -> tuple[list[str], dict[str, str]]:
+def server_command(name: str, port: int, directory: Path, pki: DevPki | None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if name == "reference":
         return [str(BIN / "loadgen"), "-serve", f"127.0.0.1:{port}"], env
     if name == "centrifugo":
-        return [str(BIN / "centrifugo"), "--config", str(centrifugo_config(port, directory))], env
+        return [str(BIN / "centrifugo"), "--config", str(centrifugo_config(port, directory, pki))], env
     if name == "tsunagu":
+        if pki is not None:
+            env |= {
+                "TSUNAGU_SERVER_TLS_CERT_FILE": str(pki.server_cert),
+                "TSUNAGU_SERVER_TLS_KEY_FILE": str(pki.server_key),
+            }
         env |= {
             "TSUNAGU_BUS": "memory",
             "TSUNAGU_BROKER": "memory",
@@ -114,11 +129,12 @@ def bench_token() -> str:
 
 
 @contextlib.contextmanager
-def pinned_server(name: str) -> Iterator[tuple[int, int]]:
-    """One server under test on CPU 0, on a free port: yields (port, pid); stopped (killed if need be) after."""
+def pinned_server(name: str, pki: DevPki | None = None) -> Iterator[tuple[int, int]]:
+    """One server under test on CPU 0, on a free port: yields (port, pid); stopped (killed if need be) after.
+    With `pki`, it serves wss:// with that PKI's server certificate."""
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
-        command, env = server_command(name, port, Path(directory))
+        command, env = server_command(name, port, Path(directory), pki)
         server = subprocess.Popen(
             ["taskset", "-c", "0", *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -133,11 +149,13 @@ def pinned_server(name: str) -> Iterator[tuple[int, int]]:
                 server.kill()
 
 
-def measure(name: str, clients: int, seconds: float, window: int) -> dict[str, float]:
-    with pinned_server(name) as (port, _):
+def measure(name: str, clients: int, seconds: float, window: int, pki: DevPki | None = None) -> dict[str, float]:
+    with pinned_server(name, pki) as (port, _):
         time.sleep(1.0)
+        url = f"{'wss' if pki else 'ws'}://127.0.0.1:{port}/connection/websocket"
+        trust = ["-ca", str(pki.ca_cert)] if pki else []
         load = subprocess.run(
-            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"ws://127.0.0.1:{port}/connection/websocket",
+            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", url, *trust,
              "-token", bench_token(), "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window)],
             capture_output=True, text=True, timeout=seconds + 120,
         )  # fmt: skip
@@ -189,23 +207,30 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32, help="publish commands in flight")
     parser.add_argument("--servers", nargs="*", default=["reference", "centrifugo", "tsunagu", "plain"])
     parser.add_argument("--idle-clients", type=int, default=10_000, help="0 skips the idle-memory scenario")
+    parser.add_argument(
+        "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
+    )
     args = parser.parse_args()
     ensure_tools()
     print(f"\nbroadcast: {args.clients} subscribers, one channel, ~200 B, {args.seconds:.0f} s of publishing; "
           f"{os.cpu_count()} cores: server on CPU 0, load on CPU 1\n")  # fmt: skip
     print("| server | deliveries/s | publishes/s | delivered/expected | disconnects |")
     print("|---|---:|---:|---:|---:|")
-    for name in args.servers:
-        try:
-            r = measure(name, args.clients, args.seconds, args.window)
-        except RuntimeError as exc:
-            print(f"| {name} | failed: {exc} | | | |")
-            continue
-        print(
-            f"| {name} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
-            f"{int(r['delivered']):,}/{int(r['expected']):,} | {int(r['disconnected_during_run'])} |",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory() as tls_dir:
+        pki, _ = ensure_dev_pki(Path(tls_dir))
+        runs = [(name, None) for name in args.servers] + [(name, pki) for name in args.tls_servers]
+        for name, tls in runs:
+            label = f"{name} (wss://, TLS 1.3)" if tls else name
+            try:
+                r = measure(name, args.clients, args.seconds, args.window, tls)
+            except RuntimeError as exc:
+                print(f"| {label} | failed: {exc} | | | |")
+                continue
+            print(
+                f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
+                f"{int(r['delivered']):,}/{int(r['expected']):,} | {int(r['disconnected_during_run'])} |",
+                flush=True,
+            )
     if args.idle_clients:
         print(f"\nidle authenticated connections: {args.idle_clients}, server RSS growth per connection\n")
         print("| server | KB per connection | seconds to connect all |")

@@ -10,6 +10,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -47,7 +49,19 @@ func main() {
 	payload := flag.Int("payload", 200, "approximate publication size in bytes")
 	window := flag.Int("window", 8, "publish commands in flight")
 	idle := flag.Duration("idle", 0, "only connect the clients (no subscription), hold them this long, then exit")
+	caFile := flag.String("ca", "", "PEM file of the CA that signed a wss:// server's certificate")
 	flag.Parse()
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			log.Fatalf("%s: no PEM certificate", *caFile)
+		}
+		tlsConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
 	if *serve != "" {
 		serveReference(*serve)
 		return
@@ -109,8 +123,11 @@ func holdIdle(url, token string, clients int, hold time.Duration) error {
 	return nil
 }
 
+// tlsConfig verifies wss:// servers (set by -ca); nil: the system roots.
+var tlsConfig *tls.Config
+
 func dial(url string) (*websocket.Conn, error) {
-	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 64 << 10}
+	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 64 << 10, TLSClientConfig: tlsConfig}
 	conn, _, err := dialer.Dial(url, http.Header{})
 	return conn, err
 }
