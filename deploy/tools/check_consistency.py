@@ -333,8 +333,10 @@ def check_rendered(
                 argv[:7] == ["tsunagu", "serve", name, "--port", str(port), "--host", "0.0.0.0"],
                 f"{where}: runs {argv}, expected tsunagu serve {name} --port {port} --host 0.0.0.0 ...",
             )
+            # the service's HTTP port first; stream-ingest may add its HL7 MLLP port (services.*.mllp)
+            container_ports = [(p.get("name"), p.get("containerPort")) for p in c.get("ports", [])]
             report.check(
-                [p.get("containerPort") for p in c.get("ports", [])] == [port],
+                container_ports[:1] == [("http", port)] and all(n == "mllp" for n, _ in container_ports[1:]),
                 f"{where}: containerPort {c.get('ports')} is not {port}",
             )
             report.check(
@@ -364,8 +366,9 @@ def check_rendered(
             svc = services.get(name)
             if report.check(svc is not None, f"{path.name}: Service of {name} is missing"):
                 assert svc is not None
+                service_ports = [(p.get("name"), p["port"]) for p in svc["spec"]["ports"]]
                 report.check(
-                    [p["port"] for p in svc["spec"]["ports"]] == [port],
+                    service_ports[:1] == [("http", port)] and all(n == "mllp" for n, _ in service_ports[1:]),
                     f"{path.name}: Service of {name} listens on {svc['spec']['ports']}, expected {port}",
                 )
         extra = sorted(set(deployments) - set(ports))

@@ -283,8 +283,10 @@ _SHORT_NAMES = {
     "stateOrProvinceName": "ST",
 }
 
-# Live TLS connections by client address: filled by the protocol classes, read by the middleware.
-_PEERS: dict[tuple[str, int], dict[str, Any]] = {}
+# Live TLS connections by (client host, client port, our port): filled by the protocol classes, read by
+# `scope_peer`. Our port is part of the key because one client address may hold connections to several
+# of the ports of one process (`tsunagu run`), e.g. behind a NAT.
+_PEERS: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
 def _tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
@@ -304,10 +306,11 @@ def _tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
     }
 
 
-def _address(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+def _address(transport: asyncio.BaseTransport) -> tuple[str, int, int] | None:
     peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), int(peer[1])
+    local = transport.get_extra_info("sockname")
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(local, tuple) and len(local) >= 2:
+        return str(peer[0]), int(peer[1]), int(local[1])
     return None
 
 
@@ -367,9 +370,9 @@ def scope_tls(scope: Mapping[str, Any]) -> dict[str, Any] | None:
     if "tls" in extensions:
         info: dict[str, Any] | None = extensions["tls"]
         return info
-    client = scope.get("client")
-    if client:
-        return _PEERS.get((str(client[0]), int(client[1])))
+    client, server = scope.get("client"), scope.get("server")
+    if client and server and len(server) >= 2 and server[1] is not None:
+        return _PEERS.get((str(client[0]), int(client[1]), int(server[1])))
     return None
 
 
@@ -394,6 +397,6 @@ def uvicorn_options(server_tls: ServerTls) -> dict[str, Any]:
     }
 
 
-def known_peers() -> Iterable[tuple[str, int]]:
-    """Client addresses of the live TLS connections (for tests and debugging)."""
+def known_peers() -> Iterable[tuple[str, int, int]]:
+    """(client host, client port, our port) of the live TLS connections (for tests and debugging)."""
     return list(_PEERS)
