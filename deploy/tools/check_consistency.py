@@ -336,7 +336,7 @@ def check_rendered(
             # the service's HTTP port first; stream-ingest may add its HL7 MLLP port (services.*.mllp)
             container_ports = [(p.get("name"), p.get("containerPort")) for p in c.get("ports", [])]
             report.check(
-                container_ports[:1] == [("http", port)] and all(n == "mllp" for n, _ in container_ports[1:]),
+                [p for _, p in container_ports[:1]] == [port] and all(n == "mllp" for n, _ in container_ports[1:]),
                 f"{where}: containerPort {c.get('ports')} is not {port}",
             )
             report.check(
@@ -368,7 +368,7 @@ def check_rendered(
                 assert svc is not None
                 service_ports = [(p.get("name"), p["port"]) for p in svc["spec"]["ports"]]
                 report.check(
-                    service_ports[:1] == [("http", port)] and all(n == "mllp" for n, _ in service_ports[1:]),
+                    [p for _, p in service_ports[:1]] == [port] and all(n == "mllp" for n, _ in service_ports[1:]),
                     f"{path.name}: Service of {name} listens on {svc['spec']['ports']}, expected {port}",
                 )
         extra = sorted(set(deployments) - set(ports))

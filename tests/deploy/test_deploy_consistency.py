@@ -205,3 +205,19 @@ def test_variables_the_code_does_not_read_are_caught(tmp_path: Path) -> None:
     assert report.problems == [
         "rendered.yaml: ConfigMap/x sets TSUNAGU_BUSS, which no settings class reads (docs/configuration.md)"
     ]
+
+
+def test_only_stream_ingest_s_mllp_port_may_follow_the_http_port(tmp_path: Path) -> None:
+    docs: list[dict[str, object]] = []
+    for name, port in SERVICES.items():
+        deployment = _deployment(name, port, ["tsunagu", "serve", name, "--port", str(port), "--host", "0.0.0.0"])
+        service = _service(name, port)
+        extra = {"name": "mllp" if name == "stream-ingest" else "debug", "containerPort": 2575}
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"].append(extra)  # type: ignore[index]
+        if name == "stream-ingest":
+            service["spec"]["ports"].append({"name": "mllp", "port": 2575})  # type: ignore[index]
+        docs += [deployment, service]
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    found = [p for p in problems(REPO, [rendered]) if "containerPort" in p or "listens on" in p]
+    assert len(found) == len(SERVICES) - 1 and not any("stream-ingest" in p for p in found), found
