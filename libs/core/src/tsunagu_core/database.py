@@ -13,8 +13,10 @@ import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from tsunagu_core.config import TlsSettings
 from tsunagu_core.tls import postgres_ssl
@@ -105,6 +107,8 @@ class Postgres:
                     await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 table = self.migrations_table
                 await conn.execute(MIGRATIONS_TABLE.format(table=table))
+                if self.schema:
+                    await self._adopt_earlier_history(conn, table)
                 rows = await conn.fetch(f"SELECT version FROM {table} WHERE service = $1", self.service)
                 applied = {row["version"] for row in rows}
                 for migration in self.migrations:
@@ -121,6 +125,20 @@ class Postgres:
                     log.info("%s: applied migration %d (%s)", self.service, migration.version, migration.name)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+
+    async def _adopt_earlier_history(self, conn: PoolConnectionProxy[Any], table: str) -> None:
+        """Earlier versions kept every history in the search path's table: a schema's rows found there
+        are copied into its own table once, so its applied migrations are not run again."""
+        own = await conn.fetchval(f"SELECT to_regclass('{table}')::oid")
+        shared = await conn.fetchval("SELECT to_regclass('tsunagu_migrations')::oid")
+        if shared is None or shared == own:
+            return
+        await conn.execute(
+            f"INSERT INTO {table} (service, version, name, applied_at) "
+            "SELECT service, version, name, applied_at FROM tsunagu_migrations WHERE service = $1 "
+            "ON CONFLICT DO NOTHING",
+            self.service,
+        )
 
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:
