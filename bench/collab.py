@@ -32,9 +32,10 @@ from tsunagu_collab.app import create_app as collab_app
 from tsunagu_collab.config import CollabSettings
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.testing_clients import WebsocketChannel
 from tsunagu_ws_gateway.app import create_app as gateway_app
 from tsunagu_ws_gateway.config import GatewaySettings
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 SECRET = "bench-collab-secret-long-enough-for-hs256"
 
@@ -48,29 +49,6 @@ def free_port() -> int:
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class Channel:
-    def __init__(self, websocket: ClientConnection, path: str) -> None:
-        self.websocket = websocket
-        self._path = path
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def __aiter__(self) -> Channel:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            message = await self.websocket.recv()
-        except Exception:
-            raise StopAsyncIteration from None
-        return message if isinstance(message, bytes) else message.encode()
-
-    async def send(self, message: bytes) -> None:
-        await self.websocket.send(message)
 
 
 class _Server(uvicorn.Server):
@@ -145,8 +123,8 @@ async def main(ops: int, late_mb: float) -> None:
         async with (
             connect(f"{base}/{doc_id}?token={token}", max_size=2**25) as ws1,
             connect(f"{base}/{doc_id}?token={token}", max_size=2**25) as ws2,
-            Provider(writer, Channel(ws1, doc_id)) as p1,
-            Provider(reader, Channel(ws2, doc_id)) as p2,
+            Provider(writer, WebsocketChannel(ws1, doc_id)) as p1,
+            Provider(reader, WebsocketChannel(ws2, doc_id)) as p2,
         ):
             await p1.synced.wait()
             await p2.synced.wait()
@@ -180,7 +158,7 @@ async def main(ops: int, late_mb: float) -> None:
         chunk = "lorem ipsum dolor sit amet " * 40
         async with (
             connect(f"{base}/{big_id}?token={token}", max_size=2**25) as ws,
-            Provider(big, Channel(ws, big_id)) as provider,
+            Provider(big, WebsocketChannel(ws, big_id)) as provider,
         ):
             await provider.synced.wait()
             while len(btext) < late_mb * 2**20:
@@ -197,7 +175,7 @@ async def main(ops: int, late_mb: float) -> None:
             started = time.perf_counter()
             async with (
                 connect(f"{base}/{big_id}?token={token}", max_size=2**25) as lws,
-                Provider(late, Channel(lws, big_id)),
+                Provider(late, WebsocketChannel(lws, big_id)),
             ):
                 await wait_length(ltext, len(btext), timeout=120)
                 joined = time.perf_counter() - started

@@ -2,7 +2,7 @@
 room, on the Tsunagu gateway (`/socket.io/`, Redis broker) and on a plain python-socketio server with
 its Redis manager (socketio.AsyncRedisManager), in the same run. Not in the Makefile.
 
-    eval "$(uv run tsunagu stack env)" && uv run python bench/socketio.py --clients 1000 --events 50
+    eval "$(uv run tsunagu stack env)" && uv run python bench/socketio_fanout.py --clients 1000 --events 50
 
 Both servers get the same requests: `join` room and `emit {room, event, args}` with an ack.
 """

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tsunagu_core import topics
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.envelope import wrap
-from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN
+from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN, drop_schema
 from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent
 
 
@@ -58,15 +58,6 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-async def drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.execute("DELETE FROM tsunagu_migrations WHERE service = $1", f"audit-log/{schema}")
-    finally:
-        await conn.close()
 
 
 async def tamper(schema: str, seq: int) -> None:

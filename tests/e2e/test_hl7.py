@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import hl7
 import httpx
 import jwt
@@ -23,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hl7.mllp import open_hl7_connection
-from tsunagu_core.testing import KAFKA_BOOTSTRAP, POSTGRES_DSN
+from tsunagu_core.testing import KAFKA_BOOTSTRAP, drop_schema
 from tsunagu_core.testing_clients import Inbox
 
 from tsunagu.devpki import issue, make_ca, write_pair
@@ -83,15 +82,6 @@ async def eventually(condition: Any, timeout: float, what: str) -> None:
                 return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-async def drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.execute("DELETE FROM tsunagu_migrations WHERE service = $1", f"audit-log/{schema}")
-    finally:
-        await conn.close()
 
 
 async def test_a_stock_mllp_client_feeds_subscribers_and_the_audit_log(  # type: ignore[no-untyped-def]

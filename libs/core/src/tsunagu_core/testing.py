@@ -85,3 +85,14 @@ async def serving(app: Any, port: int, **options: Any) -> AsyncIterator[uvicorn.
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+async def drop_schema(schema: str, dsn: str = POSTGRES_DSN) -> None:
+    """Remove a test's PostgreSQL schema with everything in it (audit-log's history lives there too)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await connection.close()
