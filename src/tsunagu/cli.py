@@ -1,29 +1,24 @@
-"""`tsunagu`: run the platform, one service, the local infrastructure, or regenerate the config docs."""
+"""`tsunagu`: run the platform, one service, the local infrastructure, or regenerate the config docs.
+
+This module imports only the standard library at the top: `tsunagu --help` and `tsunagu token` start
+as fast as Python does, and each command imports what it runs (`serve auth` loads auth alone).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
-
-import jwt
-import uvicorn
-from pydantic_settings import BaseSettings
-from tsunagu_core.config import ConfigError, CoreSettings, TlsSettings, load_settings, render_config_docs
-from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.telemetry import setup_logging, setup_tracing
-from tsunagu_core.tls import ServerTls, uvicorn_options
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from tsunagu.services import SERVICES
 
-CONFIG_DOCS = Path("docs/configuration.md")
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
+CONFIG_DOCS = "docs/configuration.md"
 
 # `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
 # secret and serves the server API with this key unless real ones are configured. Never in production:
@@ -43,6 +38,8 @@ DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_
 def _base_url(service: str, host: str | None = None) -> str:
     """Where an embedded service answers, as a client on this machine reaches it (https when the
     services serve TLS: TSUNAGU_SERVER_TLS_CERT_FILE)."""
+    from tsunagu_core.config import TlsSettings, load_settings
+
     settings = load_settings(SERVICES[service].settings)
     chosen = host or settings.host
     if chosen in ("0.0.0.0", "::", ""):
@@ -98,54 +95,16 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
     return defaults
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to us, so several can share one process and loop,
-    and a drained process exits 0 instead of re-raising SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _uvicorn_config(
-    app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
-) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(core.shutdown_grace),
-        **(uvicorn_options(server_tls) if server_tls is not None else {}),
-    )
-
-
-async def _serve_all(servers: Sequence[uvicorn.Server], server_tls: ServerTls | None = None, reload: float = 0) -> int:
-    """Serve until SIGINT/SIGTERM; with `server_tls`, a rotated certificate is loaded every `reload` seconds."""
-    loop = asyncio.get_running_loop()
-    watcher = asyncio.create_task(server_tls.watch(reload)) if server_tls is not None else None
-
-    def stop() -> None:
-        for server in servers:
-            server.should_exit = True
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
-    results = await asyncio.gather(*(server.serve() for server in servers), return_exceptions=True)
-    if watcher is not None:
-        watcher.cancel()
-    failed = [r for r in results if isinstance(r, BaseException)]
-    for server in servers:
-        if not server.started:
-            failed.append(RuntimeError(f"{server.config.host}:{server.config.port} did not start"))
-    for error in failed:
-        print(f"tsunagu: {error}", file=sys.stderr)
-    return 1 if failed else 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tsunagu_core.config import CoreSettings, load_settings
+    from tsunagu_core.lifecycle import Runtime
+    from tsunagu_core.telemetry import setup_logging, setup_tracing
+    from tsunagu_core.tls import ServerTls
+
+    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+
     core = load_settings(CoreSettings)
     setup_logging(core, "tsunagu")
     setup_tracing(core, "tsunagu")
@@ -159,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
         host = args.host or settings.host
         app = entry.factory(runtime, settings)
-        servers.append(_EmbeddedServer(_uvicorn_config(app, host, port, core, server_tls)))
+        servers.append(EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name))
         print(f"  {entry.name:<14} {scheme}://{host}:{port}/  (/healthz /readyz /metrics)")
     gateway_url = _base_url("ws-gateway", args.host)
     if args.port:
@@ -174,10 +133,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
-    return asyncio.run(_serve_all(servers, server_tls, core.server_tls_reload_interval))
+    return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tsunagu_core.config import CoreSettings, load_settings
+    from tsunagu_core.lifecycle import Runtime
+    from tsunagu_core.telemetry import setup_logging, setup_tracing
+    from tsunagu_core.tls import ServerTls
+
+    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+
     entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
     settings = load_settings(entry.settings)
@@ -190,11 +158,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheme = "https" if server_tls is not None else "http"
     print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
     sys.stdout.flush()
-    server = _EmbeddedServer(_uvicorn_config(app, host, port, core, server_tls))
-    return asyncio.run(_serve_all([server], server_tls, core.server_tls_reload_interval))
+    server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
+    return asyncio.run(serve_all([server], server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:
+    from tsunagu_core.config import CoreSettings, render_config_docs
+
     classes: list[tuple[str, type[BaseSettings]]] = [("Shared by every service", CoreSettings)]
     classes += [(entry.name, entry.settings) for entry in SERVICES.values()]
     from tsunagu.stack import StackSettings
@@ -205,6 +175,8 @@ def config_docs_text() -> str:
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
     text = config_docs_text()
+    from pathlib import Path
+
     target = Path(args.output)
     if args.check:
         current = target.read_text() if target.exists() else ""
@@ -216,6 +188,25 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     target.write_text(text)
     print(f"wrote {target}")
     return 0
+
+
+def _b64url(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def hs256_token(claims: dict[str, Any], secret: str) -> str:
+    """A compact HS256 JWT (RFC 7519). Written out here rather than through pyjwt, whose import (it loads
+    `cryptography`) would make `tsunagu token` ten times slower to start; the services verify with pyjwt."""
+    import hashlib
+    import hmac
+    import json
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}".encode()
+    signature = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -230,34 +221,56 @@ def cmd_token(args: argparse.Namespace) -> int:
         claims["channels"] = args.channels
     if args.subs:
         claims["subs"] = args.subs
-    print(jwt.encode(claims, secret, algorithm="HS256"))
+    print(hs256_token(claims, secret))
     return 0
 
 
-def _token_from_auth(args: argparse.Namespace) -> int:
-    import httpx
-
-    password = args.password or os.environ.get("TSUNAGU_TOKEN_PASSWORD")
-    if password is None and args.user == DEVELOPMENT_USER:
-        password = DEVELOPMENT_PASSWORD
-    if password is None:
+def _password_for(args: argparse.Namespace) -> str | None:
+    """--password, $TSUNAGU_TOKEN_PASSWORD, a development user's own password, or a prompt on a terminal."""
+    password: str | None = args.password or os.environ.get("TSUNAGU_TOKEN_PASSWORD")
+    if password is None and args.user in DEVELOPMENT_USERS:
+        print(f"tsunagu token: using the development password of {args.user}", file=sys.stderr)
+        password = DEVELOPMENT_USERS[args.user]
+    if password is None and sys.stdin.isatty():
         import getpass
 
         password = getpass.getpass(f"password of {args.user}: ")
+    return password
+
+
+def _token_from_auth(args: argparse.Namespace) -> int:
+    # urllib rather than httpx: one request does not justify httpx's import time in a CLI.
+    import json
+    import urllib.error
+    import urllib.request
+
+    password = _password_for(args)
+    if password is None:
+        print(
+            f"tsunagu token: no password for {args.user}: pass --password or set TSUNAGU_TOKEN_PASSWORD"
+            " (standard input is not a terminal, so there is no prompt)",
+            file=sys.stderr,
+        )
+        return 2
     if args.channels or args.subs:
         print(
             "tsunagu token: --channels/--subs are ignored with --auth-url (auth grants the user's own)", file=sys.stderr
         )
-    body = {"grant_type": "password", "username": args.user, "password": password}
+    body = json.dumps({"grant_type": "password", "username": args.user, "password": password}).encode()
+    request = urllib.request.Request(
+        args.auth_url.rstrip("/") + "/v1/token", data=body, headers={"content-type": "application/json"}
+    )
     try:
-        response = httpx.post(args.auth_url.rstrip("/") + "/v1/token", json=body, timeout=10)
-    except httpx.HTTPError as exc:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"tsunagu token: auth answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"tsunagu token: {args.auth_url} not reachable: {exc}", file=sys.stderr)
         return 1
-    if response.status_code != 200:
-        print(f"tsunagu token: auth answered {response.status_code}: {response.text}", file=sys.stderr)
-        return 1
-    print(response.json()["access_token"])
+    print(answer["access_token"])
     return 0
 
 
@@ -292,8 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="a development connection token for the gateway")
     token.add_argument("--user", required=True, help="user id (the `sub` claim)")
-    token.add_argument("--channels", nargs="*", default=[], help="channel patterns the user may use, e.g. 'chat:*'")
-    token.add_argument("--subs", nargs="*", default=[], help="channels to subscribe on the server side")
+    # `--channels a b`, `--channels a --channels b` and both mixed all grant every pattern given.
+    token.add_argument(
+        "--channels",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATTERN",
+        help="channel patterns the user may use, e.g. 'chat:*' (several after one flag, or the flag repeated)",
+    )
+    token.add_argument(
+        "--subs",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CHANNEL",
+        help="channels to subscribe on the server side",
+    )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
     token.add_argument("--auth-url", default=None, help="get a real token from auth at this URL (password grant)")
     token.add_argument(
@@ -303,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")
     docs.add_argument("--check", action="store_true", help="fail when the file is not current")
-    docs.add_argument("--output", default=str(CONFIG_DOCS))
+    docs.add_argument("--output", default=CONFIG_DOCS)
     docs.set_defaults(func=cmd_config_docs)
     return parser
 
@@ -312,7 +340,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except ConfigError as exc:
+    except Exception as exc:
+        # Only a command that loaded the configuration can raise ConfigError, so it is imported by then.
+        config = sys.modules.get("tsunagu_core.config")
+        if config is None or not isinstance(exc, config.ConfigError):
+            raise
         print(f"tsunagu: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -89,7 +89,7 @@ async def test_rooms_emits_acks_permissions_binary_and_server_emits() -> None:
 
             # server-side emit through the manager goes to the channel (and so to every replica)
             mount = next(r for r in gw.server.config.app.routes if getattr(r, "path", "") == "/socket.io")
-            server = mount.app.engineio_server  # our AsyncServer, with the channel manager
+            server = (await mount.app.app()).engineio_server  # our AsyncServer, with the channel manager
             await server.emit("chat", "from-api", room="lobby")
             for _ in range(200):
                 if len(got) >= 6:

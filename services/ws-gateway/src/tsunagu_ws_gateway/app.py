@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp
 from tsunagu_core import topics
 from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
@@ -16,10 +18,10 @@ from tsunagu_core.revocation_store import shared_revocation_store
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.collab import CollabHub, collab_endpoint
 from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.deferred import DeferredApp
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.fhir import build_fhir_router
 from tsunagu_ws_gateway.forwarding import build_forwarders
-from tsunagu_ws_gateway.graphql_api import build_graphql_router
 from tsunagu_ws_gateway.hub import Node
 from tsunagu_ws_gateway.jsonrpc_endpoint import jsonrpc_endpoint
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
@@ -27,7 +29,6 @@ from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
 from tsunagu_ws_gateway.signatures import SignatureVerifier
-from tsunagu_ws_gateway.socketio_bridge import build_socketio_app
 from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
 from tsunagu_ws_gateway.tokens import TokenVerifier
 from tsunagu_ws_gateway.web import serve_web_app
@@ -35,6 +36,7 @@ from tsunagu_ws_gateway.websocket import native_endpoint
 
 SERVICE = "ws-gateway"
 NEEDS = ("bus", "broker", "nonces", "revocations")
+WARM_DEFERRED_AFTER = 1.0
 
 
 def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
@@ -65,9 +67,24 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         feed = RevocationFeed(gateway.revoked, gateway.close_revoked)
         return await runtime.bus.consume([topics.AUTH_REVOCATIONS], f"ws-gateway-revocations-{node.id}", feed)
 
+    def graphql_app() -> ASGIApp:
+        from tsunagu_ws_gateway.graphql_api import build_graphql_app
+
+        return build_graphql_app(gateway, settings)
+
+    def socketio_app() -> ASGIApp:
+        from tsunagu_ws_gateway.socketio_bridge import build_socketio_app
+
+        app: ASGIApp = build_socketio_app(gateway)
+        return app
+
+    deferred = [DeferredApp("graphql", graphql_app), DeferredApp("socket.io", socketio_app)]
+
     @asynccontextmanager
     async def serve_clients() -> AsyncIterator[None]:
         await node.start()
+        # Built once the socket listens and the first reconnecting clients are in (deferred.py).
+        warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
         revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
         try:
             yield
@@ -76,6 +93,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
                 await revocations.result().stop()
             else:
                 revocations.cancel()
+            warming.cancel()
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
@@ -91,8 +109,9 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)
-    app.mount("/socket.io", build_socketio_app(gateway))
-    app.include_router(build_graphql_router(settings))
+    graphql, socketio = deferred
+    app.mount("/socket.io", socketio)
+    app.router.routes += [Route("/graphql", graphql, methods=["GET", "POST"]), WebSocketRoute("/graphql", graphql)]
     app.include_router(build_router())
     app.include_router(build_fhir_router(gateway, settings))
     if settings.web_enabled:

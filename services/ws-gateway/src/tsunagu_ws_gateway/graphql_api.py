@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 import strawberry
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.requests import HTTPConnection
 from graphql import GraphQLError
 from starlette.websockets import WebSocket
@@ -228,6 +228,14 @@ class GatewayGraphQLRouter(GraphQLRouter[GatewayContext, None]):
         except (ProtocolError, GraphQLError) as exc:
             raise ConnectionRejectionError({"message": str(exc)}) from None
         return {"client": context.bridge.session.id, "user": context.bridge.session.user}
+
+
+def build_graphql_app(gateway: Gateway, settings: GatewaySettings) -> FastAPI:
+    """`/graphql` as an app of its own (the gateway defers building it: deferred.py)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    app.include_router(build_graphql_router(settings))
+    return app
 
 
 def build_graphql_router(settings: GatewaySettings) -> GatewayGraphQLRouter:

@@ -1,0 +1,85 @@
+"""uvicorn for the CLI: servers that share one process and loop, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+
+import uvicorn
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.tls import ServerTls, uvicorn_options
+
+# Which service a log line of uvicorn's comes from: `tsunagu run` has eight servers in one process.
+_SERVING = contextvars.ContextVar("tsunagu_serving", default="")
+
+
+class _NameTheService(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = _SERVING.get()
+        if name and not getattr(record, "tsunagu_named", False):
+            record.msg = f"[{name}] {record.msg}"
+            record.tsunagu_named = True
+        return True
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to us, so several can share one process and loop,
+    and a drained process exits 0 instead of re-raising SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, name: str = "") -> None:
+        super().__init__(config)
+        self.name = name
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        _SERVING.set(self.name)
+        await super().serve(sockets)
+
+
+def uvicorn_config(
+    app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(core.shutdown_grace),
+        **(uvicorn_options(server_tls) if server_tls is not None else {}),
+    )
+
+
+async def serve_all(servers: Sequence[EmbeddedServer], server_tls: ServerTls | None = None, reload: float = 0) -> int:
+    """Serve until SIGINT/SIGTERM; with `server_tls`, a rotated certificate is loaded every `reload` seconds."""
+    if len(servers) > 1:
+        logging.getLogger("uvicorn.error").addFilter(_NameTheService())
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.create_task(server_tls.watch(reload)) if server_tls is not None else None
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    results = await asyncio.gather(*(server.serve() for server in servers), return_exceptions=True)
+    if watcher is not None:
+        watcher.cancel()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    for server in servers:
+        if not server.started:
+            failed.append(RuntimeError(f"{server.config.host}:{server.config.port} did not start"))
+    for error in failed:
+        print(f"tsunagu: {error}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,16 @@
+import { Centrifuge } from "centrifuge";
+import WebSocket from "ws";
+const [url, token, channel, seconds] = process.argv.slice(2);
+const received = [];
+const events = [];
+const client = new Centrifuge(url, { token, websocket: WebSocket, minReconnectDelay: 100, maxReconnectDelay: 500 });
+const sub = client.newSubscription(channel, { recoverable: true, positioned: true });
+sub.on("publication", (ctx) => received.push(ctx.data.n));
+sub.on("subscribed", (ctx) => { events.push({ recovered: ctx.recovered, wasRecovering: ctx.wasRecovering, pos: ctx.streamPosition }); console.error("subscribed", JSON.stringify(ctx.streamPosition), ctx.recovered); });
+sub.on("subscribing", (ctx) => console.error("subscribing", ctx.code, ctx.reason));
+client.on("disconnected", (ctx) => console.error("disconnected", ctx.code, ctx.reason));
+client.on("connecting", (ctx) => console.error("connecting", ctx.code, ctx.reason));
+client.connect(); sub.subscribe();
+await sub.ready(5000);
+console.log("READY");
+setTimeout(() => { console.log(JSON.stringify({ received, events })); process.exit(0); }, Number(seconds) * 1000);
