@@ -136,7 +136,10 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
     prefix = str(cls.model_config.get("env_prefix", ""))
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a check across fields: its message names the variables itself
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         variable = f"{prefix}{field}".upper()
         given = error.get("input")
         shown = f"={given!r}" if isinstance(given, str | int | float) else ""

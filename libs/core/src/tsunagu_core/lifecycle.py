@@ -162,11 +162,14 @@ def create_service_app(
     needs: Sequence[str] = (),
     hooks: Sequence[ServiceHook] = (),
     version: str = "0.1.0",
+    warnings: Callable[[], dict[str, str]] | None = None,
 ) -> FastAPI:
     """A FastAPI app with the health, readiness and metrics endpoints every service exposes.
 
     `hooks` are entered in order once the runtime is acquired (the service's own consumers and
-    background work) and left in reverse order when the service stops.
+    background work) and left in reverse order when the service stops. `warnings` names what is
+    configured so that the service runs but cannot do its job (a gateway with no token key): logged
+    at start and shown in `/readyz` under `warnings`, without failing readiness.
     """
 
     @asynccontextmanager
@@ -176,6 +179,8 @@ def create_service_app(
             async with contextlib.AsyncExitStack() as stack:
                 for hook in hooks:
                     await stack.enter_async_context(hook())
+                for topic, warning in (warnings() if warnings is not None else {}).items():
+                    log.warning("%s: %s: %s", service, topic, warning)
                 log.info("%s started", service)
                 yield
                 runtime.draining = True
@@ -195,7 +200,10 @@ def create_service_app(
     async def readyz() -> JSONResponse:
         ready, checks = await runtime.readiness(needs)
         status = "ready" if ready else ("draining" if runtime.draining else "not ready")
-        body = {"status": status, "service": service, "checks": checks}
+        body: dict[str, object] = {"status": status, "service": service, "checks": checks}
+        noted = warnings() if warnings is not None else {}
+        if noted:
+            body["warnings"] = noted
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"])

@@ -30,7 +30,7 @@ from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.session import Gateway
 from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
-from tsunagu_ws_gateway.tokens import TokenVerifier
+from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.web import serve_web_app
 from tsunagu_ws_gateway.websocket import native_endpoint
 
@@ -101,7 +101,16 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
                 await app.state.web_probe.close()
 
     collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients, collab.lifespan])
+
+    def warnings() -> dict[str, str]:
+        # Anonymous clients and client certificates need no key; everyone else does.
+        if gateway.verifier.configured or settings.allow_anonymous or settings.client_cert_identities:
+            return {}
+        return {"tokens": NO_TOKEN_KEY_HINT}
+
+    app = create_service_app(
+        service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients, collab.lifespan], warnings=warnings
+    )
     app.state.settings = settings
     app.state.gateway = gateway
     app.state.collab = collab

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from tsunagu_core.broker import ClientInfo, PublishOptions
 from tsunagu_core.config import ServiceSettings
@@ -144,13 +144,21 @@ class GatewaySettings(ServiceSettings):
     pong_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to wait for a pong before closing (3012).")
     connect_timeout: float = Field(10.0, gt=0, le=600, description="Seconds a socket may stay without connecting.")
     max_frame_bytes: int = Field(65536, ge=256, description="Largest client frame; larger closes with 1009.")
-    max_commands_per_frame: int = Field(100, ge=1, description="Commands allowed in one frame.")
+    max_commands_per_frame: int = Field(
+        256,
+        ge=2,
+        description="Commands carried out from one frame; those after them get error 111. Stock SDKs send connect"
+        " and every subscription made before it in one frame, so this must exceed `MAX_CHANNELS_PER_CLIENT`.",
+    )
     send_buffer_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, description="Bytes queued for one client before it is disconnected as slow (3008)."
     )
     max_channels_per_client: int = Field(128, ge=1, description="Subscriptions one connection may hold (106).")
     commands_per_second: float = Field(
-        200.0, gt=0, description="Sustained commands per second per connection (burst: 2 s worth); then 3013."
+        200.0,
+        gt=0,
+        description="Sustained commands per second per connection (burst: 2 s worth); commands over it get error"
+        " 111, and a client that goes on sending a burst's worth more is disconnected with 3013.",
     )
     allowed_origins: list[str] = Field(
         default_factory=list, description="JSON list of allowed `Origin` values; empty: any origin."
@@ -210,6 +218,16 @@ class GatewaySettings(ServiceSettings):
     fhir_websocket_url: str = Field(
         "", description="`websocket-url` of binding tokens; empty: `/fhir/ws` on the host the client asked."
     )
+
+    @model_validator(mode="after")
+    def _a_frame_holds_every_subscription(self) -> GatewaySettings:
+        if self.max_commands_per_frame <= self.max_channels_per_client:
+            raise ValueError(
+                f"TSUNAGU_GATEWAY_MAX_COMMANDS_PER_FRAME={self.max_commands_per_frame} must exceed"
+                f" TSUNAGU_GATEWAY_MAX_CHANNELS_PER_CLIENT={self.max_channels_per_client}: stock SDKs send connect"
+                " and every subscription made before it in one frame"
+            )
+        return self
 
     @field_validator("namespaces")
     @classmethod

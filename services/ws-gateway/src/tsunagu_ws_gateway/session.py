@@ -41,6 +41,8 @@ VERSION = "tsunagu 0.1.0"
 PUBLISH_RPC = "$publish"
 # Subscribe flag a client sets to get error 112 instead of `recovered: false` (it reloads state itself).
 REJECT_UNRECOVERED_FLAG = 2
+# What the session asks a decoder for: all commands of a frame (the frame's size limits their number).
+UNCOUNTED = 1 << 30
 COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
 COMMAND_ERRORS = Counter("tsunagu_gateway_command_errors_total", "Client commands answered with an error", ["code"])
 
@@ -139,17 +141,38 @@ class ClientSession:
         self.pong_deadline: float | None = None
         self.expires_at: float | None = None
         self.limiter = TokenBucket(self.settings.commands_per_second, 2 * self.settings.commands_per_second)
+        self.refused_in_a_row = 0
         self.node.connecting.add(self)
 
     # feeding
 
     async def handle_frame(self, frame: bytes | str) -> None:
-        for command in self.codec.decode_commands(frame, self.settings.max_commands_per_frame):
-            if not self.limiter.take():
-                raise ProtocolError(codes.TOO_MANY_REQUESTS_DISCONNECT)
-            await self.handle_command(command)
+        """Every command of one frame, in order. A command over a limit (more than
+        `max_commands_per_frame` in this frame, or over the connection's rate) is answered with error
+        111 and the others are carried out, as Centrifugo does; a client that keeps sending into a
+        closed rate limit for more than a burst's worth is disconnected (3013)."""
+        limit = self.settings.max_commands_per_frame
+        # The frame size bounds how many commands a frame holds; the decoder does not count them.
+        for index, command in enumerate(self.codec.decode_commands(frame, UNCOUNTED)):
+            if index >= limit:
+                self._refuse(command, f"more than {limit} commands in one frame")
+            elif not self.limiter.take():
+                self.refused_in_a_row += 1
+                if self.refused_in_a_row > self.limiter.capacity:
+                    raise ProtocolError(codes.TOO_MANY_REQUESTS_DISCONNECT)
+                self._refuse(command, f"more than {self.settings.commands_per_second:g} commands a second")
+            else:
+                self.refused_in_a_row = 0
+                await self.handle_command(command)
             if self.closed:
                 return
+
+    def _refuse(self, command: dict[str, Any], detail: str) -> None:
+        command_id = command.get("id", 0)
+        COMMAND_ERRORS.labels(str(codes.TOO_MANY_REQUESTS.code)).inc()
+        if command_id:  # a pong or a send has no reply to carry the error
+            error = codes.ErrorCode(codes.TOO_MANY_REQUESTS.code, f"{codes.TOO_MANY_REQUESTS.message}: {detail}")
+            self.transport.send(self.codec.error_reply(command_id, error, temporary=True))
 
     async def handle_command(self, command: dict[str, Any]) -> None:
         command_id: int = command.get("id", 0)

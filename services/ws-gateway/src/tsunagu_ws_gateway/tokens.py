@@ -17,13 +17,27 @@ import orjson
 from tsunagu_core.tls import client_context
 
 from tsunagu_ws_gateway.config import GatewaySettings
-from tsunagu_ws_gateway.protocol.codes import INVALID_TOKEN, PERMISSION_DENIED, TOKEN_EXPIRED, ProtocolError, ReplyError
+from tsunagu_ws_gateway.protocol.codes import (
+    INVALID_TOKEN,
+    PERMISSION_DENIED,
+    TOKEN_EXPIRED,
+    Disconnect,
+    ProtocolError,
+    ReplyError,
+)
 
 LEEWAY_SECONDS = 5
 # An unknown kid refetches the JWKS at most this often, so garbage tokens cannot hammer auth.
 JWKS_MIN_REFETCH_SECONDS = 5.0
 
 log = logging.getLogger("tsunagu.gateway.tokens")
+
+# A gateway with no key refuses every token; the close reason says why, so a newcomer sees more than 3500.
+NO_TOKEN_KEY = Disconnect(INVALID_TOKEN.code, "invalid token: the gateway has no key to verify tokens")
+NO_TOKEN_KEY_HINT = (
+    "no key verifies tokens: set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET, TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY or"
+    " TSUNAGU_GATEWAY_TOKEN_JWKS_URL; until then every connection with a token is refused (3500)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +119,11 @@ class TokenVerifier:
         return [found, *self.keys] if found is not None else self.keys
 
     async def _decode(self, token: str) -> dict[str, Any]:
+        if not self.configured:
+            raise ProtocolError(NO_TOKEN_KEY, NO_TOKEN_KEY_HINT)
         keys = await self._candidate_keys(token)
         if not keys:
-            raise ProtocolError(INVALID_TOKEN, "no key verifies this token (unknown kid, or no key configured)")
+            raise ProtocolError(INVALID_TOKEN, "no key verifies this token (its kid is not in the JWKS)")
         last_error: Exception | None = None
         for key, algorithms in keys:
             try:
