@@ -13,6 +13,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from tsunagu_core.deployment import (
+    DEVELOPMENT_API_KEY,
+    DEVELOPMENT_INTERNAL_TOKEN,
+    DEVELOPMENT_TOKEN_SECRET,
+    DEVELOPMENT_USERS,
+)
+
 from tsunagu.services import SERVICES
 
 if TYPE_CHECKING:
@@ -20,17 +27,18 @@ if TYPE_CHECKING:
 
 CONFIG_DOCS = "docs/configuration.md"
 
-# `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
-# secret and serves the server API with this key unless real ones are configured. Never in production:
-# `tsunagu serve` has no such defaults.
-DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
-DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
-
-
-# The demo's users: two, so two browser tabs can chat and see each other's avatar.
-DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+# `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with these
+# public secrets, serves the server API with this key and the internal APIs with this token unless
+# real ones are configured. `tsunagu serve` has no such defaults, and TSUNAGU_ENV=production refuses
+# them (tsunagu_core.deployment).
 DEVELOPMENT_USER = "alice"
 DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
+# What development_defaults may add that is a secret: `tsunagu run` refuses to serve them beyond
+# loopback without --expose-development-secrets.
+SECRET_DEFAULTS = {
+    "ws-gateway": {"token_hmac_secret": "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "api_key": "TSUNAGU_GATEWAY_API_KEY"},
+    "auth": {"admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY", "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS"},
+}
 # The web app's world (sim-engine) room.
 DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_timeout": 600}}
 
@@ -95,6 +103,42 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
     return defaults
 
 
+def development_core_defaults() -> dict[str, Any]:
+    """The shared settings `tsunagu run` adds: the internal APIs' token, which the gateway then sends."""
+    if _unset("TSUNAGU_INTERNAL_TOKEN", "TSUNAGU_INTERNAL_PEERS"):
+        return {"internal_token": DEVELOPMENT_INTERNAL_TOKEN}
+    return {}
+
+
+def refuse_development_secrets(core: Any, settings: Any, service: str) -> None:
+    """TSUNAGU_ENV=production: a setting holding one of the public development secrets stops the start."""
+    from tsunagu_core.config import ConfigError
+    from tsunagu_core.deployment import development_secrets_in
+
+    if core.env != "production":
+        return
+    found = development_secrets_in(core) + development_secrets_in(settings)
+    if found:
+        raise ConfigError(
+            f"{service}: TSUNAGU_ENV=production with the public development secret in {', '.join(found)}:"
+            " configure real secrets"
+        )
+
+
+def refuse_exposed_secrets(exposed: dict[str, str], hosts: dict[str, str]) -> None:
+    """`tsunagu run` beyond loopback with development secrets in use (hosts: service -> listen address)."""
+    from tsunagu_core.config import ConfigError
+    from tsunagu_core.deployment import is_loopback
+
+    public = sorted({host for host in hosts.values() if not is_loopback(host)})
+    if exposed and public:
+        raise ConfigError(
+            f"tsunagu run on {', '.join(public)} would serve the public development secrets of"
+            f" {', '.join(sorted(set(exposed.values())))} to the network: configure real ones, listen on"
+            " 127.0.0.1, or pass --expose-development-secrets"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -103,9 +147,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, metrics_server, serve_all, uvicorn_config
 
-    core = load_settings(CoreSettings)
+    core_defaults = development_core_defaults()
+    core = load_settings(CoreSettings, **core_defaults)
+    chosen = {}
+    exposed = {"internal_token": "TSUNAGU_INTERNAL_TOKEN"} if core_defaults else {}
+    hosts = {}
+    for entry in SERVICES.values():
+        defaults = development_defaults(entry.name, args.host, args.port)
+        settings = load_settings(entry.settings, **defaults)
+        refuse_development_secrets(core, settings, entry.name)
+        exposed |= {key: variable for key, variable in SECRET_DEFAULTS.get(entry.name, {}).items() if key in defaults}
+        hosts[entry.name] = args.host or settings.host
+        chosen[entry.name] = settings
+    if not args.expose_development_secrets:
+        refuse_exposed_secrets(exposed, hosts)
     setup_logging(core, "tsunagu")
     setup_tracing(core, "tsunagu")
     runtime = Runtime(core)
@@ -113,13 +170,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     scheme = "https" if server_tls is not None else "http"
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker}")
+    probes = "/healthz /readyz" if core.metrics_port else "/healthz /readyz /metrics"
     for entry in SERVICES.values():
-        settings = load_settings(entry.settings, **development_defaults(entry.name, args.host, args.port))
+        settings = chosen[entry.name]
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
-        host = args.host or settings.host
+        host = hosts[entry.name]
         app = entry.factory(runtime, settings)
         servers.append(EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name))
-        print(f"  {entry.name:<14} {scheme}://{host}:{port}/  (/healthz /readyz /metrics)")
+        print(f"  {entry.name:<14} {scheme}://{host}:{port}/  ({probes})")
+    if core.metrics_port:
+        # One registry per process: one listener has the metrics of every embedded service.
+        servers.append(metrics_server(core, args.host or "127.0.0.1", server_tls))
+        print(f"  {'metrics':<14} {scheme}://{args.host or '127.0.0.1'}:{core.metrics_port}/metrics")
     gateway_url = _base_url("ws-gateway", args.host)
     if args.port:
         gateway_url = gateway_url.rsplit(":", 1)[0] + f":{args.port}"
@@ -132,6 +194,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         users = ", ".join(f"{user!r} (password {password!r})" for user, password in DEVELOPMENT_USERS.items())
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
+    if core_defaults:
+        print(f"    internal API token: {DEVELOPMENT_INTERNAL_TOKEN} (set TSUNAGU_INTERNAL_TOKEN to replace it)")
     sys.stdout.flush()
     return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
 
@@ -144,11 +208,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, metrics_server, serve_all, uvicorn_config
 
     entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
     settings = load_settings(entry.settings)
+    refuse_development_secrets(core, settings, entry.name)
     setup_logging(core, entry.name)
     setup_tracing(core, entry.name)
     port = args.port or settings.port
@@ -157,9 +222,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = entry.factory(Runtime(core), settings)
     scheme = "https" if server_tls is not None else "http"
     print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
+    servers = [EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)]
+    if core.metrics_port:
+        servers.append(metrics_server(core, host, server_tls))
+        print(f"  /metrics on {scheme}://{host}:{core.metrics_port}/metrics")
     sys.stdout.flush()
-    server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
-    return asyncio.run(serve_all([server], server_tls, core.server_tls_reload_interval))
+    return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:
@@ -202,6 +270,7 @@ def hs256_token(claims: dict[str, Any], secret: str) -> str:
     import hashlib
     import hmac
     import json
+
     header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
     payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
     signing_input = f"{header}.{payload}".encode()
@@ -288,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="all services in one process with embedded engines")
     run.add_argument("--host", default=None, help="interface for every service (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=None, help="gateway port (default 8080)")
+    run.add_argument(
+        "--expose-development-secrets",
+        action="store_true",
+        help="allow a non-loopback --host although the public development secrets are in use (a trusted LAN only)",
+    )
     run.set_defaults(func=cmd_run)
 
     serve = commands.add_parser("serve", help="one service as its own process")

@@ -14,6 +14,7 @@ from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
 from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRegistry
 from tsunagu_core.revocation_store import shared_revocation_store
+from tsunagu_core.service_auth import service_headers
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.collab import CollabHub, collab_endpoint
@@ -41,7 +42,7 @@ WARM_DEFERRED_AFTER = 1.0
 
 def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     node = Node(settings, runtime.broker, runtime.settings.node_name)
-    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout)
+    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout, service_headers(runtime.settings))
     # Nonces of signed publications are shared by every replica when they share Redis.
     nonces: NonceRegistry = (
         RedisNonceRegistry(runtime.settings.redis_url) if runtime.settings.broker == "redis" else MemoryNonceRegistry()
@@ -100,7 +101,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             if settings.web_enabled:
                 await app.state.web_probe.close()
 
-    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
+    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name, service_headers(runtime.settings))
 
     def warnings() -> dict[str, str]:
         # Anonymous clients and client certificates need no key; everyone else does.

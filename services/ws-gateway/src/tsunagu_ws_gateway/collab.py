@@ -135,8 +135,10 @@ def _empty_awareness() -> bytes:
 class CollabHub:
     """The documents open on this node; sits in front of the node's broker handler for `collab:` channels."""
 
-    def __init__(self, gateway: Gateway, bus: Bus, node_name: str) -> None:
+    def __init__(self, gateway: Gateway, bus: Bus, node_name: str, headers: dict[str, str] | None = None) -> None:
         self.gateway = gateway
+        # collab's API is internal: the platform's service credential (tsunagu_core.service_auth).
+        self.headers = headers or {}
         self.broker: Broker = gateway.broker
         self.bus = bus
         self.node_name = node_name
@@ -150,7 +152,9 @@ class CollabHub:
     async def start(self) -> None:
         self._inner = self.broker.handler
         self.broker.set_handler(self)
-        self._http = httpx.AsyncClient(base_url=self.gateway.settings.collab_url, timeout=10.0, verify=client_context())
+        self._http = httpx.AsyncClient(
+            base_url=self.gateway.settings.collab_url, timeout=10.0, verify=client_context(), headers=self.headers
+        )
         self._ticker = asyncio.create_task(self._tick(), name="collab-keepalive")
 
     @asynccontextmanager

@@ -17,10 +17,12 @@ log = logging.getLogger("tsunagu.gateway.rpc")
 
 
 class RpcRouter:
-    def __init__(self, routes: Mapping[str, str], timeout: float) -> None:
+    def __init__(self, routes: Mapping[str, str], timeout: float, headers: Mapping[str, str] | None = None) -> None:
         # Longest prefix first, so `sim.admin.` wins over `sim.`.
         self.routes = sorted(routes.items(), key=lambda item: len(item[0]), reverse=True)
         self.timeout = timeout
+        # The platform's service credential (tsunagu_core.service_auth): the backends' APIs are internal.
+        self.headers = {"content-type": "application/json", **(headers or {})}
         self._client: httpx.AsyncClient | None = None
 
     def route(self, method: str) -> str | None:
@@ -38,7 +40,7 @@ class RpcRouter:
             self._client = httpx.AsyncClient(timeout=self.timeout, verify=client_context())
         body = orjson.dumps({"method": method, "user": user, "client": client, "data": data})
         try:
-            response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
+            response = await self._client.post(url, content=body, headers=self.headers)
         except httpx.HTTPError as exc:
             log.warning("rpc %s to %s failed: %r", method, url, exc)
             raise ReplyError(codes.INTERNAL, f"backend unreachable: {exc!r}") from None
