@@ -212,7 +212,8 @@ async def test_the_gateways_rpc_reaches_mqtt_bridge_with_the_token_and_a_forged_
         await asyncio.to_thread(service.wait_ready, 90)
     device = await asyncio.to_thread(Responder, int(MQTT_URL.rsplit(":", 1)[1].strip("/")), f"{prefix}/valve/state")
     try:
-        forged = {"method": "mqtt.request", "user": "plant-admin", "client": "x", "data": {"topic": f"{prefix}/valve/state"}}
+        topic = f"{prefix}/valve/state"
+        forged = {"method": "mqtt.request", "user": "plant-admin", "client": "x", "data": {"topic": topic}}
         async with httpx.AsyncClient(timeout=10) as http:
             refused = await http.post(f"http://127.0.0.1:{bridge_port}/mqtt.request", json=forged)
         assert refused.status_code == 401, refused.text
