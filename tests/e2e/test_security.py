@@ -21,9 +21,13 @@ from centrifuge import Client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pycrdt import Doc, Provider, Text
-from tsunagu_core.deployment import DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, DEVELOPMENT_TOKEN_SECRET
 from tsunagu_core.testing_clients import WebsocketChannel
 from websockets.asyncio.client import connect
+
+from tsunagu.cli import DEVELOPMENT_API_KEY, DEVELOPMENT_TOKEN_SECRET
+
+# What `tsunagu run` prints as its internal API token (tsunagu_core.deployment).
+DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
 
 SERVICE_PORTS = {
     "auth": "TSUNAGU_AUTH_PORT",

@@ -44,7 +44,7 @@ class Auth:
 
     async def user(self) -> str:
         name = f"u{uuid.uuid4().hex[:10]}"
-        async with self.client(**{"x-api-key": ADMIN_KEY}) as admin:
+        async with self.client(authorization=f"Bearer {ADMIN_KEY}") as admin:
             created = await admin.post("/v1/users", json={"username": name, "password": PASSWORD, "channels": ["*"]})
         assert created.status_code == 201, created.text
         return name

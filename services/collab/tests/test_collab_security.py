@@ -16,11 +16,10 @@ from tsunagu_core import topics
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.envelope import publish_event
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.service_auth import service_headers
 from tsunagu_core.wire.events_pb2 import CollabUpdate
 
 TOKEN = "collab-internal-token"
-PLATFORM = service_headers(CoreSettings(internal_token=TOKEN))
+PLATFORM = {"authorization": f"Bearer {TOKEN}"}
 
 
 @asynccontextmanager

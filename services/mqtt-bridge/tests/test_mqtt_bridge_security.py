@@ -9,7 +9,6 @@ import pytest
 from fastapi.testclient import TestClient
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.service_auth import service_headers
 from tsunagu_mqtt_bridge.app import create_app
 from tsunagu_mqtt_bridge.config import MqttBridgeSettings
 
@@ -34,7 +33,7 @@ def test_a_forged_device_request_is_refused() -> None:
             answer = client.post("/mqtt.request", json=forged, headers=headers)
             assert answer.status_code == 401, answer.text
         # the gateway's call gets through to the handler (here: a bad topic, answered 400)
-        platform = service_headers(CoreSettings(internal_token=TOKEN))
+        platform = {"authorization": f"Bearer {TOKEN}"}
         bad = {"user": "ann", "client": "c", "data": {"topic": "a/+/b"}}
         assert client.post("/mqtt.request", json=bad, headers=platform).status_code == 400
         assert client.get("/healthz").status_code == 200
@@ -42,9 +41,10 @@ def test_a_forged_device_request_is_refused() -> None:
 
 def test_an_oversized_request_gets_413() -> None:
     with bridge(http_max_body_bytes=4096) as client:
-        body = {"user": "ann", "client": "c", "data": {"topic": "a/b", "payload": "x" * 100_000}}
-        answer = client.post("/mqtt.request", json=body, headers=service_headers(CoreSettings(internal_token=TOKEN)))
-        assert answer.status_code == 413
+        # a small payload in a large body: what is refused is the body, before it is parsed
+        body = {"user": "ann", "client": "c", "data": {"topic": "a/+/b", "payload": "x", "padding": "x" * 100_000}}
+        answer = client.post("/mqtt.request", json=body, headers={"authorization": f"Bearer {TOKEN}"})
+        assert answer.status_code == 413 and answer.json()["error"] == "payload_too_large"
         assert client.get("/healthz").status_code == 200
 
 

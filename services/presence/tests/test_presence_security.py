@@ -7,7 +7,6 @@ import pytest
 from fastapi.testclient import TestClient
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.service_auth import service_headers
 from tsunagu_presence.app import create_app
 from tsunagu_presence.config import PresenceSettings
 
@@ -23,7 +22,7 @@ def test_online_status_and_channel_members_need_the_credential() -> None:
         ):
             for headers in ({}, {"authorization": "Bearer guessed"}):
                 assert client.get(path, headers=headers).status_code == 401, path
-            assert client.get(path, headers=service_headers(CoreSettings(internal_token=TOKEN))).status_code == 200
+            assert client.get(path, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
         assert client.get("/readyz").status_code == 200
 
 

@@ -9,12 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.service_auth import service_headers
 from tsunagu_sim_engine.app import create_app
 from tsunagu_sim_engine.config import SimSettings
 
 TOKEN = "sim-internal-token"
-PLATFORM = service_headers(CoreSettings(internal_token=TOKEN))
+PLATFORM = {"authorization": f"Bearer {TOKEN}"}
 
 
 def test_rooms_cannot_be_created_deleted_or_read_without_the_credential() -> None:

@@ -15,12 +15,11 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.service_auth import service_headers
 from tsunagu_stream_ingest.app import create_app
 from tsunagu_stream_ingest.config import IngestSettings
 
 TOKEN = "ingest-internal-token"
-PLATFORM = service_headers(CoreSettings(internal_token=TOKEN))
+PLATFORM = {"authorization": f"Bearer {TOKEN}"}
 ADT = (
     "MSH|^~\\&|ADT1|GOODHEALTH|TSUNAGU|HOSP|20250102030405||ADT^A01^ADT_A01|ATTACK-1|P|2.5.1\r"
     "EVN|A01|20250102030000\r"
