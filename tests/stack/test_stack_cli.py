@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,18 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("TSUNAGU_STACK_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
+
+
+HELP_WITHOUT_LOADING_THE_STACK = """
+import sys
+from tsunagu.cli import main
+try:
+    main(["stack", "--help"])
+except SystemExit as exc:
+    loaded = [name for name in ("tsunagu.stack.settings", "tsunagu.stack.commands", "pydantic") if name in sys.modules]
+    assert not loaded, loaded
+    raise
+"""
 
 
 def _free_port() -> int:
@@ -272,6 +286,53 @@ def test_env_command_prints_exports(capsys: pytest.CaptureFixture[str]) -> None:
     tls = capsys.readouterr().out.splitlines()
     assert "export TSUNAGU_REDIS_URL=rediss://127.0.0.1:6380/0" in tls
     assert "export TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL" in tls
+
+
+def test_env_engines_points_the_services_engines_at_the_stack(capsys: pytest.CaptureFixture[str]) -> None:
+    """`eval "$(tsunagu stack env --engines)"` alone is enough to run services on the stack."""
+    assert main(["env", "--engines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["export TSUNAGU_BUS=kafka", "export TSUNAGU_BROKER=redis", "export TSUNAGU_DATABASE=postgres"]
+    assert "export TSUNAGU_REDIS_URL=redis://127.0.0.1:6379/0" in lines and len(lines) == 8
+    assert main(["env", "--tls", "--engines"]) == 0
+    tls = capsys.readouterr().out.splitlines()
+    assert "export TSUNAGU_REDIS_URL=rediss://127.0.0.1:6380/0" in tls and "export TSUNAGU_BUS=kafka" in tls
+
+
+@pytest.mark.parametrize(("flags", "engines"), [("", "memory memory memory"), ("--engines", "kafka redis postgres")])
+def test_after_the_eval_a_service_reads_these_engines(flags: str, engines: str) -> None:
+    """What a service's settings say after `eval "$(tsunagu stack env ...)"` in a shell."""
+    read = "from tsunagu_core.config import CoreSettings as C; c = C(); print(c.bus, c.broker, c.database, c.redis_url)"
+    script = f'eval "$({sys.executable} -m tsunagu stack env {flags})" && {sys.executable} -c "{read}"'
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TSUNAGU_")}
+    result = subprocess.run(["bash", "-c", script], env=clean, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [*engines.split(), "redis://127.0.0.1:6379/0"]
+
+
+def test_help_lists_the_exit_codes_and_engines(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text and "--engines" in text
+    codes = {line.split()[0]: line for line in text.split("exit codes:", 1)[1].splitlines() if line.strip()}
+    assert set(codes) == {"0", "1", "2", "3", "130"}
+    assert "status" in codes["3"] and "does not answer" in codes["3"]
+    # `tsunagu stack --help` is the same parser's help, loading none of the stack
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_LOADING_THE_STACK], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exit codes:" in result.stdout and "--engines" in result.stdout
+
+
+def test_tsunagu_stack_forwards_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from tsunagu.cli import main as tsunagu_main
+
+    with pytest.raises(SystemExit) as exited:
+        tsunagu_main(["stack", "env", "--tls", "--engines"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "export TSUNAGU_KAFKA_SECURITY_PROTOCOL=SSL" in lines and "export TSUNAGU_DATABASE=postgres" in lines
 
 
 def test_component_selection() -> None:
