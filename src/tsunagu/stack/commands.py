@@ -44,11 +44,10 @@ def _port_conflict(component: Component) -> StackError | None:
         port = getattr(component.settings, field)
         if not proc.port_in_use(port):
             continue
-        owner = proc.port_owner(port)
-        who = f"pid {owner[0]} ({owner[1]})" if owner else "another process"
+        who = proc.port_user(port)
         variable = f"TSUNAGU_STACK_{field.upper()}"
         hint = f"; stop it or set {variable} to a free port"
-        if owner and component.service and any(name in owner[1] for name in component.exe_names):
+        if component.service and any(name in who for name in component.exe_names):
             hint = (
                 f"; if it is the system service of the Debian package, stop it with "
                 f"`service {component.service} stop`, or set {variable} to a free port"

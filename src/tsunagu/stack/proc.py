@@ -157,6 +157,12 @@ def port_owner(port: int) -> tuple[int, str] | None:
     return None
 
 
+def port_user(port: int) -> str:
+    """Who listens on `port`, for an error message: `pid N (command line)`, or "another process"."""
+    owner = port_owner(port)
+    return f"pid {owner[0]} ({owner[1]})" if owner else "another process"
+
+
 # --- logs and tools ----------------------------------------------------------------------------
 
 

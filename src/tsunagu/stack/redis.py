@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -72,6 +73,16 @@ class Redis(Component):
             return False
 
 
+# Servers a test started and did not stop are killed when its interpreter exits: none outlives the run.
+_started: set[PrivateRedis] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_started):
+        server.kill()
+
+
 class PrivateRedis:
     """A redis-server of one test's own, on a free port with its files in `directory`: for the tests that
     kill or restart Redis, which must never touch the shared one.
@@ -125,6 +136,9 @@ class PrivateRedis:
         binary = redis_server()
         if binary is None:
             raise StackError("redis-server not found: install package redis-server (`tsunagu stack up redis` does)")
+        if proc.port_in_use(self.port):
+            # else PING would be answered by whoever holds it
+            raise StackError(f"port {HOST}:{self.port} is already in use by {proc.port_user(self.port)}")
         self.data.mkdir(parents=True, exist_ok=True)
         proc.write_if_changed(
             self.conf, redis_server_conf(self.port, self.data, appendonly=self.appendonly, extra=self.config)
@@ -139,11 +153,15 @@ class PrivateRedis:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        _started.add(self)
         deadline = time.monotonic() + self.start_timeout
-        while not ping(self.port, 1.0):
+        while True:
             code = self._process.poll()
+            if code is None and ping(self.port, 1.0):
+                return self
             if code is not None:
                 self._process = None
+                _started.discard(self)
                 # Redis says what it refused in its last lines (a config line and why, a port in use)
                 reason = "; ".join(proc.tail(self.log, offset, lines=3)) or "no output"
                 raise StackError(f"redis-server exited with code {code} before answering: {reason}", self.log, offset)
@@ -152,7 +170,6 @@ class PrivateRedis:
                 late = f"redis-server not answering on {HOST}:{self.port} after {self.start_timeout:.0f}s"
                 raise StackError(late, self.log, offset)
             time.sleep(0.05)
-        return self
 
     def kill(self) -> None:
         """kill -9 the server (and an append-only-file rewrite it forked): no shutdown, nothing more written."""
@@ -162,6 +179,7 @@ class PrivateRedis:
             os.killpg(self._process.pid, signal.SIGKILL)
         self._process.wait()
         self._process = None
+        _started.discard(self)
 
     def restart(self) -> PrivateRedis:
         """kill -9, then start again on the same port with the same data directory."""
