@@ -8,8 +8,11 @@ Standard library only: the CLI imports this module before any service.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+# Not `typing.TYPE_CHECKING`: the CLI imports this module, and importing typing costs its start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
 DEVELOPMENT_API_KEY = "tsunagu-development-api-key"

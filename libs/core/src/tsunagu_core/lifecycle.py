@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tsunagu_core import service_auth, topics
@@ -164,6 +164,7 @@ def create_service_app(
     hooks: Sequence[ServiceHook] = (),
     version: str = "0.1.0",
     warnings: Callable[[], dict[str, str]] | None = None,
+    index: bool = True,
     internal_api: bool = False,
     max_body_bytes: int | None = None,
     body_error: Callable[[int], dict[str, Any]] = default_error,
@@ -173,9 +174,10 @@ def create_service_app(
     `hooks` are entered in order once the runtime is acquired (the service's own consumers and
     background work) and left in reverse order when the service stops. `warnings` names what is
     configured so that the service runs but cannot do its job (a gateway with no token key): logged
-    at start and shown in `/readyz` under `warnings`, without failing readiness.
+    at start and shown in `/readyz` under `warnings`, without failing readiness. `index`: a small page
+    at `/` that links the service's endpoints (off where the service serves something else there).
 
-    `internal_api`: every route but `/healthz` and `/readyz` (and `/metrics` on this port) needs the
+    `internal_api`: every route but `/`, `/healthz` and `/readyz` (and `/metrics` on this port) needs the
     platform's service credential (service_auth.py); with none configured the API is open, which
     `TSUNAGU_ENV=production` refuses. `max_body_bytes`: request bodies over it get 413 (`body_error`
     is the JSON answered) before they are read. `TSUNAGU_METRICS_PORT` set: no `/metrics` here, the
@@ -215,6 +217,22 @@ def create_service_app(
     app.state.runtime = runtime
     app.state.service = service
 
+    if index:
+
+        @app.get("/", include_in_schema=False)
+        async def index_page() -> HTMLResponse:
+            links = "".join(
+                f'<li><a href="{path}">{path}</a> {what}</li>'
+                for path, what in (
+                    ("/healthz", "alive"),
+                    ("/readyz", "dependencies answer (503 with the reason otherwise)"),
+                    ("/metrics", "Prometheus metrics" if not core.metrics_port else "on TSUNAGU_METRICS_PORT"),
+                    ("/docs", "the HTTP API (OpenAPI; /openapi.json)"),
+                )
+            )
+            title = f"tsunagu {service}"
+            return HTMLResponse(f"<!doctype html><title>{title}</title><h1>{title}</h1><ul>{links}</ul>")
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": service}
@@ -229,7 +247,7 @@ def create_service_app(
             body["warnings"] = found
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    open_paths = set(service_auth.PROBE_PATHS)
+    open_paths = set(service_auth.PROBE_PATHS) | ({"/"} if index else set())
     if not core.metrics_port:
         open_paths.add("/metrics")
 
