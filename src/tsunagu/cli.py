@@ -11,13 +11,6 @@ import os
 import sys
 import time
 
-from tsunagu_core.deployment import (
-    DEVELOPMENT_API_KEY,
-    DEVELOPMENT_INTERNAL_TOKEN,
-    DEVELOPMENT_TOKEN_SECRET,
-    DEVELOPMENT_USERS,
-)
-
 from tsunagu.services import SERVICES, TYPE_CHECKING, ServiceEntry
 
 if TYPE_CHECKING:
@@ -34,7 +27,15 @@ LISTEN_BACKLOG = 2048
 # `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with these
 # public secrets, serves the server API with this key and the internal APIs with this token unless
 # real ones are configured. `tsunagu serve` has no such defaults, and TSUNAGU_ENV=production refuses
-# them (tsunagu_core.deployment).
+# them wherever they appear (refuse_development_secrets).
+DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
+DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
+DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
+# The demo's users: two, so two browser tabs can chat and see each other's avatar.
+DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+DEVELOPMENT_SECRETS = frozenset(
+    {DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, *DEVELOPMENT_USERS.values()}
+)
 DEVELOPMENT_USER = "alice"
 DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
 # What development_defaults may add that is a secret: `tsunagu run` refuses to serve them beyond
@@ -121,7 +122,7 @@ def refuse_development_secrets(core: Any, settings: Any, service: str) -> None:
 
     if core.env != "production":
         return
-    found = development_secrets_in(core) + development_secrets_in(settings)
+    found = development_secrets_in(core, DEVELOPMENT_SECRETS) + development_secrets_in(settings, DEVELOPMENT_SECRETS)
     if found:
         raise ConfigError(
             f"{service}: TSUNAGU_ENV=production with the public development secret in {', '.join(found)}:"

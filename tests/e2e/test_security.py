@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 
 from tsunagu.cli import DEVELOPMENT_API_KEY, DEVELOPMENT_TOKEN_SECRET
 
-# What `tsunagu run` prints as its internal API token (tsunagu_core.deployment).
+# What `tsunagu run` prints as its internal API token (tsunagu.cli).
 DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
 
 SERVICE_PORTS = {

@@ -16,7 +16,7 @@ import pytest
 import websockets
 from fastapi import FastAPI, Request, WebSocket
 from tsunagu_core.config import ConfigError, CoreSettings, TlsSettings
-from tsunagu_core.deployment import DEVELOPMENT_API_KEY, development_secrets_in, is_loopback
+from tsunagu_core.deployment import development_secrets_in, is_loopback
 from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
 from tsunagu_core.proxies import TrustedProxies
 from tsunagu_core.service_auth import service_headers
@@ -202,9 +202,10 @@ def test_the_client_address_comes_from_trusted_proxies_only() -> None:
 
 
 def test_development_secrets_are_found_wherever_they_sit() -> None:
-    core = CoreSettings(internal_token=DEVELOPMENT_API_KEY)
-    assert development_secrets_in(core) == ["TSUNAGU_INTERNAL_TOKEN"]
-    assert development_secrets_in(CoreSettings(internal_token="a real one")) == []
+    public = {"a-public-development-secret"}
+    core = CoreSettings(internal_token="a-public-development-secret", internal_peers=["a-public-development-secret"])
+    assert development_secrets_in(core, public) == ["TSUNAGU_INTERNAL_TOKEN", "TSUNAGU_INTERNAL_PEERS[0]"]
+    assert development_secrets_in(CoreSettings(internal_token="a real one"), public) == []
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.1.2.3")
 

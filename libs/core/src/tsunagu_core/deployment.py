@@ -1,28 +1,15 @@
-"""Development secrets, and what a deployment told it is production (`TSUNAGU_ENV=production`) refuses.
+"""What a deployment told it is production (`TSUNAGU_ENV=production`) checks: development secrets in
+its settings, and whether an address is loopback.
 
-`tsunagu run` fills in the development secrets below when nothing else is configured; they are
-public (they are in this file), so a production deployment that still holds one refuses to start,
-and `tsunagu run` refuses to serve them on a non-loopback interface unless told so explicitly.
-Standard library only: the CLI imports this module before any service.
+The development secrets themselves belong to `tsunagu run` (src/tsunagu/cli.py, which must start
+without importing this package); they are public, so a production deployment that still holds one
+refuses to start, and `tsunagu run` refuses to serve them on a non-loopback interface unless told so.
 """
 
 from __future__ import annotations
 
-# Not `typing.TYPE_CHECKING`: the CLI imports this module, and importing typing costs its start-up.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from typing import Any
-
-DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
-DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
-DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
-# The demo's users: two, so two browser tabs can chat and see each other's avatar.
-DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
-
-DEVELOPMENT_SECRETS = frozenset(
-    {DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, *DEVELOPMENT_USERS.values()}
-)
+from collections.abc import Collection, Iterator
+from typing import Any
 
 
 def is_loopback(host: str) -> bool:
@@ -50,12 +37,12 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
         yield from _strings(value.model_dump(), path)
 
 
-def development_secrets_in(settings: Any) -> list[str]:
-    """The environment variables of a pydantic-settings object that hold a development secret."""
+def development_secrets_in(settings: Any, secrets: Collection[str]) -> list[str]:
+    """The environment variables of a pydantic-settings object that hold one of `secrets`."""
     prefix = str(settings.model_config.get("env_prefix", ""))
     found = []
     for name in type(settings).model_fields:
         for path, text in _strings(getattr(settings, name), f"{prefix}{name}".upper()):
-            if text in DEVELOPMENT_SECRETS:
+            if text in secrets:
                 found.append(path)
     return found
