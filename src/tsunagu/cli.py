@@ -151,6 +151,8 @@ def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> so
         chosen_port = port or int(os.environ.get(f"{entry.env_prefix}PORT") or entry.port)
     except ValueError:
         return None
+    if not 0 < chosen_port < 65536:
+        return None
     chosen_host = host or os.environ.get(f"{entry.env_prefix}HOST") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in chosen_host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
