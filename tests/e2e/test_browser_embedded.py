@@ -84,6 +84,7 @@ async def test_the_board_shows_the_demo_device_and_its_answer_to_a_command(embed
     assert "setpoint 23.5 °C" in result["state"], "the state channel shows what the device did"
     assert not result["banner"], "nothing is missing"
     assert set(result["status"].values()) == {"up"}, result["status"]
+    assert "MQTT connection lost" not in embedded["process"].output(), "the bridge kept its broker connection"
 
 
 async def test_a_locked_login_says_it_is_locked_and_for_how_long(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
