@@ -1,9 +1,13 @@
 """`make run` on a machine with nothing installed: `tsunagu run` with no TSUNAGU_* variable at all (memory
 engines, the embedded MQTT broker, the demo device), every service ready, and the Board in real Chromium
-showing the device's telemetry and its answer to a command; a locked login says so and for how long."""
+showing the device's telemetry and its answer to a command; a locked login says so and for how long; a
+chat message from the server API shows who (the server) and when."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,3 +101,35 @@ async def test_a_locked_login_says_it_is_locked_and_for_how_long(embedded, brows
     assert locked.startswith(f"Too many failed logins: {user} is locked for "), locked
     # auth locks for its 300 s window: "4 min 5x s", counted down from Retry-After
     assert " min " in locked and "(until " in locked, locked
+
+
+async def test_a_chat_message_from_the_server_api_shows_its_author_and_time(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
+    from tsunagu.cli import DEVELOPMENT_API_KEY
+
+    platform = {**embedded, "chromium": browser}
+    result = await scenario("chat-server", platform, api_key=DEVELOPMENT_API_KEY)
+    assert result["shown"]["user"] == "server" and result["shown"]["server"] is True
+    assert re.fullmatch(r"\d{1,2}:\d{2}( [AP]M)?", result["shown"]["time"]), result["shown"]
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them."""
+    children = []
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{thread}/children") as listing:
+            children += [int(child) for child in listing.read().split()]
+    return children
+
+
+# Last: it breaks this module's platform.
+async def test_the_board_names_the_missing_broker_when_the_embedded_one_is_gone(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
+    """The embedded broker (the platform's own child process) dies: the Board says mqtt-bridge runs but
+    cannot reach the MQTT broker, and why, rather than that mqtt-bridge is not running."""
+    process = embedded["process"].process
+    brokers = _children(process.pid)
+    assert len(brokers) == 1, f"one child process, the broker: {brokers}"
+    os.kill(brokers[0], signal.SIGKILL)
+    result = await scenario("missing-broker", {**embedded, "chromium": browser})
+    assert result["status"] == "waiting"
+    assert result["banner"].startswith("mqtt-bridge runs but cannot reach the MQTT broker ("), result["banner"]
+    assert "not running" not in result["banner"]

@@ -277,6 +277,50 @@ async function loginLocked(browser) {
   return { messages, errors, screenshots: [await shot(page, 'login-locked')] };
 }
 
+// A backend publishes to a chat room through the server API with only `{text}`: the room shows it
+// from "server", at the time it arrived.
+async function chatFromServer(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-chat').click();
+  await a.page.getByTestId(`chat-room-${options.room}`).click();
+  await a.page.waitForFunction(() => document.querySelector('.chat-main h2')?.textContent?.startsWith('#'));
+  // The subscription must stand before the publication, or it only comes from history.
+  await new Promise((r) => setTimeout(r, 1000));
+  const text = `from a backend ${Date.now()}`;
+  const response = await fetch(`${options.base}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': options.api_key },
+    body: JSON.stringify({ channel: `chat:${options.room}`, data: { text } }),
+  });
+  if (!response.ok) fail(`server API publish: HTTP ${response.status} ${await response.text()}`);
+  let shown;
+  await waitFor('the backend message in the room', async () => {
+    shown = await a.page.$$eval(
+      '[data-testid="chat-log"] li',
+      (items, wanted) =>
+        items
+          .filter((li) => li.querySelector('.text')?.textContent === wanted)
+          .map((li) => ({ user: li.querySelector('.user')?.textContent, time: li.querySelector('time')?.textContent, server: li.classList.contains('from-server') })),
+      text,
+    );
+    return shown.length ? true : 'not yet';
+  });
+  return { shown: shown[0], errors: a.errors, screenshots: [await shot(a.page, 'chat-server')] };
+}
+
+// The platform lost its MQTT broker: the Board says what mqtt-bridge is missing, not that it is not running.
+async function missingBroker(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  const banner = a.page.getByTestId('banner-mqtt-bridge');
+  await waitFor('the banner naming the missing broker', async () => {
+    const text = (await banner.isVisible()) ? ((await banner.textContent()) ?? '') : 'hidden';
+    return text.includes('cannot reach') ? true : text;
+  }, 30_000);
+  const status = (await a.page.getByTestId('service-status-mqtt-bridge').textContent())?.trim();
+  return { banner: (await banner.textContent()).trim(), status, errors: a.errors, screenshots: [await shot(a.page, 'board-no-broker')] };
+}
+
 async function storedSession(page) {
   return page.evaluate(() => JSON.parse(localStorage.getItem('tsunagu.session') ?? 'null'));
 }
@@ -339,6 +383,8 @@ const scenarios = {
   world: worldMoves,
   device: deviceCommand,
   'login-locked': loginLocked,
+  'chat-server': chatFromServer,
+  'missing-broker': missingBroker,
 };
 
 const browser = await chromium.launch({

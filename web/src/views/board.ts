@@ -13,6 +13,7 @@ const IOT_KEEP = 20;
 const DEVICE_TIMEOUT = 5;
 
 interface DeviceState {
+  ts?: unknown;
   temperature?: unknown;
   setpoint?: unknown;
   heating?: unknown;
@@ -63,8 +64,16 @@ class DevicePanel {
     );
   }
 
+  private shownAt = 0;
+
+  /** Shows a state (a reading, the state channel, an answer) unless a newer one is shown already. */
   showState(data: unknown): void {
-    if (typeof data === 'object' && data !== null) this.state.textContent = describeState(data as DeviceState);
+    if (typeof data !== 'object' || data === null) return;
+    const state = data as DeviceState;
+    const at = typeof state.ts === 'number' ? state.ts : 0;
+    if (at && at < this.shownAt) return; // history arriving after live news
+    this.shownAt = Math.max(this.shownAt, at);
+    this.state.textContent = describeState(state);
   }
 
   /** Sends `{setpoint}` to the device's command topic and shows what the device answered. */
@@ -222,6 +231,9 @@ export class BoardView implements View {
       const id = `${channel}#${offset}`;
       if (seen.has(id)) return;
       seen.add(id);
+      // The device's own readings keep its panel current between commands.
+      const from = (data as { device?: unknown } | null)?.device;
+      if (device && from === config.device?.name) device.showState(data);
       const li = el(
         'li',
         {},
@@ -245,12 +257,7 @@ export class BoardView implements View {
     }
     if (device && config.device) {
       const channel = config.device.state_channel;
-      let latest = -1;
-      this.follow(client.getSubscription(channel), channel, context, (offset, data) => {
-        if (offset <= latest) return; // history after a live one: keep the newest
-        latest = offset;
-        device.showState(data);
-      });
+      this.follow(client.getSubscription(channel), channel, context, (_offset, data) => device.showState(data));
     }
   }
 
