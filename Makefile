@@ -10,7 +10,7 @@ PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=
 
-.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit e2e stack-up stack-down stack-status bench deploy-check
+.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit stack-up stack-down stack-status bench deploy-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -45,14 +45,14 @@ proto-check: install ## fail when the committed generated code differs from prot
 docs: install ## regenerate docs/configuration.md from the settings classes
 	$(UV) run tsunagu config-docs
 
-docs-check: install
+docs-check: install ## fail when docs/configuration.md differs from the settings classes
 	$(UV) run tsunagu config-docs --check
 
 web: js-install ## rebuild the demo web app into the gateway's static files (committed: `make run` needs no Node)
 	npm run build --prefix web
 
 # The committed build must be what the sources build to, byte for byte.
-web-check: js-install
+web-check: js-install ## typecheck the web app and the offline client; fail when the committed build is stale
 	npm run typecheck --prefix web
 	npm run typecheck --prefix clients/js
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
@@ -68,10 +68,10 @@ unit: install ## unit tests only (memory engines; no servers)
 stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus)
 	$(UV) run tsunagu stack up
 
-stack-down: install
+stack-down: install ## stop the local infrastructure (its data stays under .stack/)
 	$(UV) run tsunagu stack down
 
-stack-status: install
+stack-status: install ## what of the local infrastructure runs (exit 3: nothing does)
 	$(UV) run tsunagu stack status
 
 # The stack is brought down whatever the tests did (also when only part of it came up), and the

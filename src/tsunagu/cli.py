@@ -10,12 +10,14 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
-from tsunagu.services import SERVICES
+from tsunagu.services import SERVICES, TYPE_CHECKING, ServiceEntry
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Sequence
+    from typing import Any
+
     from pydantic_settings import BaseSettings
     from tsunagu_core.tls import ServerTls
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from tsunagu.serving import EmbeddedServer
 
 CONFIG_DOCS = "docs/configuration.md"
+# As uvicorn's default: connections that arrive while a service starts wait here.
+LISTEN_BACKLOG = 2048
 
 # `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
 # secret and serves the server API with this key unless real ones are configured. Never in production:
@@ -210,7 +214,32 @@ async def _serve_run_mode(
         await asyncio.to_thread(mqtt.stop)
 
 
+def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> socket.socket | None:
+    """The service's listening socket, opened before the service is imported (seconds of Python imports).
+    A client that reconnects to a restarting process meanwhile waits in the listen backlog and is served
+    once the app is up, instead of being refused and backing off further each time (as the SDKs do).
+    None when the address cannot be told yet (a malformed variable: the settings then say what is wrong)."""
+    import socket
+
+    try:
+        chosen_port = port or int(os.environ.get(f"{entry.env_prefix}PORT") or entry.port)
+    except ValueError:
+        return None
+    chosen_host = host or os.environ.get(f"{entry.env_prefix}HOST") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in chosen_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((chosen_host, chosen_port))
+    except OSError as exc:
+        listener.close()
+        raise SystemExit(f"tsunagu serve {entry.name}: cannot listen on {chosen_host}:{chosen_port}: {exc}") from None
+    listener.listen(LISTEN_BACKLOG)
+    return listener
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    listener = _listen_early(SERVICES[args.service], args.host, args.port)
     import asyncio
 
     from tsunagu_core.config import CoreSettings, load_settings
@@ -233,6 +262,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
     sys.stdout.flush()
     server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
+    if listener is not None and listener.getsockname()[1] != port:  # the settings chose otherwise after all
+        listener.close()
+        listener = None
+    server.listener = listener
     return asyncio.run(serve_all([server], server_tls, core.server_tls_reload_interval))
 
 
