@@ -16,13 +16,19 @@ function fail(message) {
   throw new Error(`${scenario}: ${message}`);
 }
 
-async function open(browser, user) {
+// The app's page in a fresh browser context, not logged in; page errors are collected.
+async function visit(browser) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
   await page.goto(options.base + '/');
+  return { context, page, errors };
+}
+
+async function open(browser, user) {
+  const { context, page, errors } = await visit(browser);
   await page.getByTestId('login-user').fill(user);
   await page.getByTestId('login-password').fill(options.users[user]);
   await page.getByTestId('login-submit').click();
@@ -259,12 +265,7 @@ async function deviceCommand(browser) {
 
 // A user who failed too often is told the login is locked and for how long, not that auth is unreachable.
 async function loginLocked(browser) {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
-  const page = await context.newPage();
-  page.setDefaultTimeout(STEP_TIMEOUT);
-  const errors = [];
-  page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
-  await page.goto(options.base + '/');
+  const { page, errors } = await visit(browser);
   const message = page.getByTestId('login-error');
   const messages = [];
   for (let attempt = 0; attempt <= options.max_failures; attempt++) {
