@@ -101,10 +101,14 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
     elif service == "stream-ingest":
         if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
             defaults["demo_feed"] = True
-    elif service == "mqtt-bridge" and _unset("TSUNAGU_MQTT_URL", "TSUNAGU_MQTT_BRIDGE_SHARE_GROUP"):
-        # One bridge on the embedded broker: no shared subscription, which replicas need and rumqttd
-        # mishandles (its router panics when a persistent session in a share group disconnects).
-        defaults["share_group"] = ""
+    elif service == "mqtt-bridge" and _unset("TSUNAGU_MQTT_URL"):
+        # The embedded broker (rumqttd) disconnects a client that acknowledges out of order.
+        if _unset("TSUNAGU_MQTT_BRIDGE_ACK_IN_ORDER"):
+            defaults["ack_in_order"] = True
+        # One bridge there: no shared subscription, which replicas need and rumqttd mishandles (its
+        # router panics when a persistent session in a share group disconnects).
+        if _unset("TSUNAGU_MQTT_BRIDGE_SHARE_GROUP"):
+            defaults["share_group"] = ""
     elif service == "sim-engine" and _unset("TSUNAGU_SIM_ROOMS"):
         defaults["rooms"] = [DEMO_ROOM]
     return defaults

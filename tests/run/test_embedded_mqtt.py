@@ -138,11 +138,14 @@ async def test_the_bridge_keeps_its_connection_to_a_strict_broker(
     broker: EmbeddedMqttBroker, client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     """rumqttd disconnects a client whose PUBACKs come out of order; the bridge's relays finish in any
-    order (one queue per topic), so it must acknowledge in arrival order to stay connected."""
+    order (one queue per topic), so with `ack_in_order` (run mode's setting) it acknowledges in arrival
+    order and stays connected."""
     caplog.set_level(logging.WARNING, logger="tsunagu.mqtt_bridge.connection")
     prefix = uuid.uuid4().hex[:8]
     runtime = Runtime(CoreSettings(bus="memory", broker="memory", mqtt_url=broker.url))
-    settings = MqttBridgeSettings(filters=[f"{prefix}/#"], share_group="", client_id=f"bridge-{prefix}")
+    settings = MqttBridgeSettings(
+        filters=[f"{prefix}/#"], share_group="", client_id=f"bridge-{prefix}", ack_in_order=True
+    )
     app = create_app(runtime, settings)
     async with app.router.lifespan_context(app):
         await runtime.wait_ready(("bus", "broker", "mqtt"), timeout=10)

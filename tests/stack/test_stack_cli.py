@@ -345,7 +345,7 @@ def test_run_routes_device_requests_to_the_bridge_and_keeps_it_alone_on_the_embe
     monkeypatch.delenv("TSUNAGU_MQTT_URL", raising=False)
     monkeypatch.setenv("TSUNAGU_MQTT_BRIDGE_PORT", "18185")
     assert development_defaults("ws-gateway")["rpc_routes"] == {"mqtt.": "http://127.0.0.1:18185"}
-    assert development_defaults("mqtt-bridge") == {"share_group": ""}
+    assert development_defaults("mqtt-bridge") == {"share_group": "", "ack_in_order": True}
     # A real broker keeps the bridge's shared subscription (replicas split the load there).
     monkeypatch.setenv("TSUNAGU_MQTT_URL", "mqtt://broker.internal:1883")
     assert development_defaults("mqtt-bridge") == {}

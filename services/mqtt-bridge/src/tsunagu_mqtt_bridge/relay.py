@@ -6,9 +6,11 @@ topic, so one topic's messages reach its channel in the order the MQTT broker se
 different topics are published in parallel. A broker failure is retried with backoff (the message
 stays unacknowledged, so the MQTT broker keeps it) rather than dropped.
 
-`handle` also returns in arrival order, whatever order the relays finish in: MQTT requires PUBACKs
-in the order the PUBLISHes came [MQTT-4.6.0-2], and a strict broker (rumqttd) disconnects a client
-that acknowledges out of order.
+With `ack_in_order`, `handle` also returns in arrival order, whatever order the relays finish in: MQTT
+requires PUBACKs in the order the PUBLISHes came [MQTT-4.6.0-2], and a strict broker (rumqttd, the one
+`tsunagu run` embeds) disconnects a client that acknowledges out of order. Off (the default, as before
+the setting existed), each message is acknowledged as soon as it is relayed, which Mosquitto accepts;
+one slow relay then holds one slot of the broker's in-flight window (Mosquitto's 20), not all of them.
 """
 
 from __future__ import annotations
@@ -93,17 +95,16 @@ class Relay:
         self._workers = []
 
     async def handle(self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
-        """gmqtt's on_message: returns the PUBACK reason code once the message is taken care of and every
-        message that arrived before it was acknowledged."""
-        loop = asyncio.get_running_loop()
+        """gmqtt's on_message: returns the PUBACK reason code once the message is taken care of (and, with
+        `ack_in_order`, every message that arrived before it was acknowledged)."""
+        if not self.settings.ack_in_order:
+            await self._take(topic, payload, properties)
+            return int(PubRecReasonCode.SUCCESS)
         # Taken before the first await: tasks start in arrival order, so this chain is arrival order.
-        previous, turn = self._last_ack, loop.create_future()
+        previous, turn = self._last_ack, asyncio.get_running_loop().create_future()
         self._last_ack = turn
         try:
-            if topic.startswith(self.response_root):
-                self._answer(topic, payload, properties)
-            else:
-                await self._relayed(topic, payload, bool(properties.get("retain")), loop)
+            await self._take(topic, payload, properties)
             if previous is not None:
                 await asyncio.shield(previous)
             return int(PubRecReasonCode.SUCCESS)
@@ -113,10 +114,15 @@ class Relay:
             if self._last_ack is turn:
                 self._last_ack = None
 
-    async def _relayed(self, topic: str, payload: bytes, retained: bool, loop: asyncio.AbstractEventLoop) -> None:
+    async def _take(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        """An answer to `mqtt.request` is handed to its waiter; anything else is relayed to its channel."""
+        if topic.startswith(self.response_root):
+            self._answer(topic, payload, properties)
+            return
         if not self._queues:
             raise RuntimeError("relay not started")
-        done: asyncio.Future[None] = loop.create_future()
+        retained = bool(properties.get("retain"))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Enqueued before the first await: queue order is arrival order.
         shard = zlib.crc32(topic.encode()) % len(self._queues)
         self._queues[shard].put_nowait(_Item(topic, payload, retained, time.perf_counter(), done))
