@@ -119,12 +119,14 @@ def _development_credentials(host: str | None) -> list[str]:
     gateway, auth = development_defaults("ws-gateway", host), development_defaults("auth", host)
     lines = []
     if "token_hmac_secret" in gateway:
-        lines.append("    token:     uv run tsunagu token --user alice --channels 'chat:*'")
-        lines.append("               (signed with a development secret; set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET)")
+        lines.append(
+            "    tokens:      uv run tsunagu token --user alice --channels 'chat:*'"
+            "  (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET)"
+        )
     if "api_key" in gateway:
-        lines.append(f"    server API (X-API-Key):          {DEVELOPMENT_API_KEY}  (set TSUNAGU_GATEWAY_API_KEY)")
+        lines.append(f"    server API:  X-API-Key: {DEVELOPMENT_API_KEY}  (set TSUNAGU_GATEWAY_API_KEY)")
     if "admin_api_key" in auth:
-        lines.append(f"    auth admin (Authorization: Bearer): {DEVELOPMENT_API_KEY}  (set TSUNAGU_AUTH_ADMIN_API_KEY)")
+        lines.append(f"    auth admin:  Authorization: Bearer {DEVELOPMENT_API_KEY}  (set TSUNAGU_AUTH_ADMIN_API_KEY)")
     return lines
 
 

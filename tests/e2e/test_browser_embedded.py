@@ -75,6 +75,9 @@ def test_run_with_nothing_configured_is_ready_with_its_own_mqtt_broker(embedded)
     output = embedded["process"].output()
     assert "bus=memory broker=memory database=memory" in output
     assert "(embedded, MQTT 5" in output and "demo-thermostat" in output
+    # Every development secret in effect is named with the variable that replaces it.
+    for variable in ("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "TSUNAGU_GATEWAY_API_KEY", "TSUNAGU_AUTH_ADMIN_API_KEY"):
+        assert f"(set {variable})" in output, variable
     bridge = httpx.get(embedded["base"] + "/web/services", timeout=5).json()["mqtt-bridge"]
     assert bridge == {"state": "up"}
 
