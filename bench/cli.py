@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from record import record  # noqa: E402
+from record import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,10 +81,11 @@ def main() -> None:
         "max_s": max(runs),
     }
     baseline = figures["python -c 'import tsunagu'"]["median_s"]
-    print(f"{'command':<58} {'median':>8} {'min':>8} {'max':>8}  × python start")
+    print(f"{'command':<58} {'median':>8} {'min':>8} {'max':>8}  x python start")
     for name, figure in figures.items():
         ratio = figure["median_s"] / baseline
-        print(f"{name:<58} {figure['median_s']:>7.3f}s {figure['min_s']:>7.3f}s {figure['max_s']:>7.3f}s  {ratio:>6.1f}")
+        times = " ".join(f"{figure[key]:>7.3f}s" for key in ("median_s", "min_s", "max_s"))
+        print(f"{name:<58} {times}  {ratio:>6.1f}")
     path = record("cli", {"runs": args.runs}, figures)
     print(f"raw results: {path.relative_to(REPO)}")
 

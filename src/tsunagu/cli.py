@@ -281,7 +281,7 @@ def config_docs_text() -> str:
     classes: list[tuple[str, type[BaseSettings]]] = [("Shared by every service", CoreSettings)]
     classes += [(entry.name, entry.settings) for entry in SERVICES.values()]
     from tsunagu.embedded_mqtt import RunSettings
-    from tsunagu.stack import StackSettings
+    from tsunagu.stack.settings import StackSettings
 
     classes.append(("Run mode (`tsunagu run`)", RunSettings))
     classes.append(("Local infrastructure (`tsunagu stack`)", StackSettings))
@@ -391,10 +391,9 @@ def _token_from_auth(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from tsunagu import stack
+    from tsunagu.stack import cli as stack_cli
 
-    flags = [*(["--purge"] if args.purge else []), *(["--tls"] if args.tls else [])]
-    return stack.main([args.action, *flags, *args.components])
+    return stack_cli.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,11 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=cmd_serve)
 
-    stack = commands.add_parser("stack", help="the real local infrastructure on loopback")
-    stack.add_argument("action", choices=["up", "down", "status", "env"])
-    stack.add_argument("components", nargs="*", help="redis kafka postgres mqtt prometheus (default: all)")
-    stack.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
-    stack.add_argument("--tls", action="store_true", help="with env: the TLS-only ports, mTLS with the dev PKI")
+    from tsunagu.stack import cli as stack_cli  # argparse only: the stack itself loads when it runs
+
+    stack = commands.add_parser(
+        "stack",
+        help="the real local infrastructure on loopback",
+        description=stack_cli.DESCRIPTION,
+        epilog=stack_cli.EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stack_cli.add_arguments(stack)
     stack.set_defaults(func=cmd_stack)
 
     token = commands.add_parser("token", help="a development connection token for the gateway")

@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,8 +23,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import redis
 from centrifuge import Client, PublicationContext, SubscribedContext, SubscriptionEventHandler
+
+from tsunagu.stack.redis import PrivateRedis
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 API_KEY = "e2e"
@@ -240,53 +238,15 @@ async def test_subscribers_of_a_killed_gateway_recover_on_the_other_replica(  # 
     assert_js_recovered(js_summary, count)
 
 
-@dataclass
-class PrivateRedis:
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A redis-server of this test's own (the shared stack's must not be killed), with AOF fsynced on every
     write so that a SIGKILL loses nothing that was acknowledged."""
-
-    port: int
-    home: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.home), "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, socket_timeout=0.5).ping()
-                return
-            except redis.RedisError:
-                assert time.monotonic() < deadline, "private redis-server did not start"
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-
-@pytest.fixture
-def private_redis(pick_port: Any) -> Iterator[PrivateRedis]:
     from tsunagu_core.testing import require_stack
 
     require_stack("a private redis-server")
-    home = Path(tempfile.mkdtemp(prefix="tsunagu-e2e-redis-"))
-    server = PrivateRedis(pick_port(), home)
-    server.start()
-    try:
+    with PrivateRedis(tmp_path / "redis", appendonly=True, config=["appendfsync always"]) as server:
         yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            server.kill()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 async def test_subscribers_recover_everything_across_a_redis_restart(  # type: ignore[no-untyped-def]
