@@ -107,7 +107,8 @@ async def test_tsunagu_run_does_not_serve_its_development_secrets_to_the_network
     assert await asyncio.to_thread(exposed.process.wait, 60) == 2
     message = exposed.output()
     assert "would serve the public development secrets" in message, message
-    for variable in ("TSUNAGU_GATEWAY_API_KEY", "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "TSUNAGU_INTERNAL_TOKEN"):
+    secrets = ("TSUNAGU_GATEWAY_API_KEY", "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "TSUNAGU_INTERNAL_TOKEN")
+    for variable in (*secrets, "TSUNAGU_MQTT_URL"):  # the embedded MQTT broker has no authentication
         assert variable in message
     # told explicitly, on a trusted network
     allowed = start_service(["run", "--host", "0.0.0.0", "--expose-development-secrets"], quiet_env(ports))
