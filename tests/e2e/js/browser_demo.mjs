@@ -6,6 +6,8 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
+import { LossyProxy } from './lossy_proxy.mjs';
+
 const [scenario, raw] = process.argv.slice(2);
 const options = JSON.parse(raw);
 mkdirSync(options.artifacts, { recursive: true });
@@ -16,19 +18,24 @@ function fail(message) {
   throw new Error(`${scenario}: ${message}`);
 }
 
-// The app's page in a fresh browser context, not logged in; page errors are collected.
-async function visit(browser) {
+// The app's page at `base` in a fresh browser context, not logged in; page errors are collected.
+async function visit(browser, base = options.base) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  return { context, ...(await tab(context, base)) };
+}
+
+// Another page of `context` (same origin: same storage, same session, if any).
+async function tab(context, base = options.base) {
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
-  await page.goto(options.base + '/');
-  return { context, page, errors };
+  await page.goto(base + '/');
+  return { page, errors };
 }
 
-async function open(browser, user) {
-  const { context, page, errors } = await visit(browser);
+async function open(browser, user, base = options.base) {
+  const { context, page, errors } = await visit(browser, base);
   await page.getByTestId('login-user').fill(user);
   await page.getByTestId('login-password').fill(options.users[user]);
   await page.getByTestId('login-submit').click();
@@ -60,37 +67,63 @@ async function pendingCount(page) {
   return Number((await page.getByTestId('chat-pending').textContent())?.trim());
 }
 
-async function waitFor(what, check, timeout = STEP_TIMEOUT) {
+// Polls `check` until it returns true; what it returned last, or true.
+async function poll(check, timeout) {
   const deadline = Date.now() + timeout;
   let last;
   while (Date.now() < deadline) {
     last = await check();
-    if (last === true) return;
+    if (last === true) return true;
     await new Promise((r) => setTimeout(r, 100));
   }
-  fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+  return last;
+}
+
+async function waitFor(what, check, timeout = STEP_TIMEOUT) {
+  const last = await poll(check, timeout);
+  if (last !== true) fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function enterChat(page) {
+  await page.getByTestId('nav-chat').click();
+  await page.getByTestId(`chat-room-${options.room}`).click();
+}
+
+async function send(page, text) {
+  await page.getByTestId('chat-input').fill(text);
+  await page.getByTestId('chat-input').press('Enter');
+}
+
+async function connectionState(page) {
+  return (await page.getByTestId('connection-state').textContent())?.trim();
+}
+
+// What bob's room shows of `texts` (in the order shown) once it holds as many, and after a second
+// more, in which a late double would arrive; then the same from the room's history, after a reload.
+async function seenByBob(b, belongs, count) {
+  const mine = async () => (await chatTexts(b.page)).filter(belongs);
+  await waitFor(`bob to see all ${count}`, async () => ((await mine()).length >= count ? true : await mine()), 30_000);
+  await new Promise((r) => setTimeout(r, 1000));
+  const live = await mine();
+  await b.page.reload();
+  await connected(b.page);
+  await b.page.getByTestId(`chat-room-${options.room}`).click();
+  await waitFor('bob\'s history after a reload', async () => ((await mine()).length >= count ? true : await mine()));
+  return { live, history: await mine() };
 }
 
 async function chatOffline(browser) {
   const room = options.room;
   const a = await open(browser, 'alice');
   const b = await open(browser, 'bob');
-  for (const side of [a, b]) {
-    await side.page.getByTestId('nav-chat').click();
-    await side.page.getByTestId(`chat-room-${room}`).click();
-  }
+  for (const side of [a, b]) await enterChat(side.page);
   // The app must load from the service worker after a reload while offline.
   await a.page.waitForSelector('[data-testid="sw-ready"][data-ready="true"]', { state: 'attached' });
 
   await a.context.setOffline(true);
-  await waitFor('alice to notice she is offline', async () =>
-    (await a.page.getByTestId('connection-state').textContent())?.trim() !== 'connected' ? true : 'connected',
-  );
+  await waitFor('alice to notice she is offline', async () => ((await connectionState(a.page)) !== 'connected' ? true : 'connected'));
   const sent = Array.from({ length: 20 }, (_, n) => `offline message ${n + 1} ${room}`);
-  for (const text of sent) {
-    await a.page.getByTestId('chat-input').fill(text);
-    await a.page.getByTestId('chat-input').press('Enter');
-  }
+  for (const text of sent) await send(a.page, text);
   await waitFor('20 queued publications', async () => ((await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page)));
   const offlineShot = await shot(a.page, 'chat-offline-queue');
 
@@ -99,31 +132,117 @@ async function chatOffline(browser) {
   await waitFor('the queue to survive the reload', async () =>
     (await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page),
   );
-  const stillOffline = (await a.page.getByTestId('connection-state').textContent())?.trim();
+  const stillOffline = await connectionState(a.page);
 
   await a.context.setOffline(false);
   await connected(a.page);
   await waitFor('the queue to drain', async () => ((await pendingCount(a.page)) === 0 ? true : await pendingCount(a.page)), 30_000);
 
-  const mine = (texts) => texts.filter((t) => t.endsWith(` ${room}`));
-  await waitFor('bob to see all 20', async () => {
-    const seen = mine(await chatTexts(b.page));
-    return seen.length >= 20 ? true : seen.length;
-  }, 30_000);
-  // A late straggler (a double) would show up here.
-  await new Promise((r) => setTimeout(r, 1000));
-  const bobSaw = mine(await chatTexts(b.page));
-  const aliceSees = mine(await chatTexts(a.page));
-  await b.page.reload();
-  await connected(b.page);
-  await b.page.getByTestId(`chat-room-${room}`).click();
-  await waitFor('bob history after reload', async () => {
-    const seen = mine(await chatTexts(b.page));
-    return seen.length >= 20 ? true : seen.length;
-  });
-  const bobHistory = mine(await chatTexts(b.page));
+  const mine = (text) => text.endsWith(` ${room}`);
+  const bob = await seenByBob(b, mine, 20);
+  const aliceSees = (await chatTexts(a.page)).filter(mine);
   const screenshots = [offlineShot, await shot(a.page, 'chat-alice'), await shot(b.page, 'chat-bob')];
-  return { sent, bobSaw, aliceSees, bobHistory, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
+  return { sent, bobSaw: bob.live, aliceSees, bobHistory: bob.history, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+// Alice's page reaches the gateway through a LossyProxy that loses the gateway's reply to her second
+// message together with her connection, after the gateway applied it: her outbox, never told, resends
+// it once she is reconnected, and bob must see it once, between the first and the third.
+async function outboxLostAck(browser) {
+  const tag = `lost ack ${options.room} #`;
+  const proxy = await LossyProxy.start(options.proxy_port, options.base);
+  try {
+    const a = await open(browser, 'alice', proxy.base);
+    const b = await open(browser, 'bob');
+    for (const side of [a, b]) await enterChat(side.page);
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    proxy.loseReplyTo((publish) => publish.text === sent[1]);
+    for (const text of sent) await send(a.page, text);
+    await waitFor('alice\'s queue to drain', async () => ((await pendingCount(a.page)) === 0 ? true : await pendingCount(a.page)), 30_000);
+    const mine = (text) => text.startsWith(tag);
+    const bob = await seenByBob(b, mine, sent.length);
+    return {
+      sent,
+      bobSaw: bob.live,
+      bobHistory: bob.history,
+      aliceSees: (await chatTexts(a.page)).filter(mine),
+      connections: proxy.connections,
+      publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)),
+      errors: [...a.errors, ...b.errors],
+      screenshots: [await shot(a.page, 'outbox-lost-ack-alice'), await shot(b.page, 'outbox-lost-ack-bob')],
+    };
+  } finally {
+    await proxy.close();
+  }
+}
+
+// Two tabs of alice's (one context: one origin, one IndexedDB outbox) both queue messages offline,
+// then come back at once. The proxy holds the gateway's first reply until both tabs are connected and
+// flushing, so both tabs want to send at the same moment: the Web Lock must leave it to one of them.
+async function outboxTwoTabs(browser) {
+  const tag = `two tabs ${options.room} `;
+  const lockName = 'tsunagu-outbox-alice:flush';
+  const proxy = await LossyProxy.start(options.proxy_port, options.base);
+  try {
+    const one = await open(browser, 'alice', proxy.base);
+    const two = { ...(await tab(one.context, proxy.base)), context: one.context };
+    const b = await open(browser, 'bob');
+    await connected(two.page);
+    for (const side of [one, two, b]) await enterChat(side.page);
+    await one.context.setOffline(true);
+    for (const side of [one, two]) {
+      await waitFor('alice\'s tabs to notice they are offline', async () => ((await connectionState(side.page)) !== 'connected' ? true : 'connected'));
+    }
+    const sent = { one: [], two: [] };
+    for (let n = 1; n <= 6; n++) {
+      for (const [name, side] of [['one', one], ['two', two]]) {
+        const text = `${tag}${name} #${n}`;
+        await send(side.page, text);
+        sent[name].push(text);
+      }
+    }
+    const total = sent.one.length + sent.two.length;
+    for (const side of [one, two]) {
+      await waitFor(`both tabs to show the ${total} queued`, async () => ((await pendingCount(side.page)) === total ? true : await pendingCount(side.page)));
+    }
+    const offlineShot = await shot(two.page, 'outbox-two-tabs-queued');
+
+    const release = proxy.holdReplies();
+    await one.context.setOffline(false);
+    for (const side of [one, two]) await connected(side.page);
+    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag)).length;
+    let locks;
+    // Until a first message is out and the other tab waits for the lock (or, with no lock, a while:
+    // then both tabs have sent the first message).
+    await poll(async () => {
+      locks = await one.page.evaluate(async (name) => {
+        const all = await navigator.locks.query();
+        const ours = (list) => list.filter((lock) => lock.name === name).map((lock) => lock.clientId);
+        return { held: ours(all.held), waiting: ours(all.pending) };
+      }, lockName);
+      return onTheWire() > 0 && locks.held.length > 0 && locks.waiting.length > 0 ? true : locks;
+    }, 5000);
+    const inFlightWhileHeld = onTheWire();
+    release();
+
+    for (const side of [one, two]) {
+      await waitFor('the shared queue to drain', async () => ((await pendingCount(side.page)) === 0 ? true : await pendingCount(side.page)), 30_000);
+    }
+    const mine = (text) => text.startsWith(tag);
+    const bob = await seenByBob(b, mine, total);
+    return {
+      sent,
+      bobSaw: bob.live,
+      bobHistory: bob.history,
+      locks,
+      inFlightWhileHeld,
+      publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)),
+      errors: [...one.errors, ...two.errors, ...b.errors],
+      screenshots: [offlineShot, await shot(b.page, 'outbox-two-tabs-bob')],
+    };
+  } finally {
+    await proxy.close();
+  }
 }
 
 // The document's text: the lines without the remote carets' name labels (widgets inside .cm-content).
@@ -379,6 +498,8 @@ async function sessionRefresh(browser) {
 const scenarios = {
   session: sessionRefresh,
   'chat-offline': chatOffline,
+  'outbox-lost-ack': outboxLostAck,
+  'outbox-two-tabs': outboxTwoTabs,
   editor: editorConverges,
   board: boardUpdates,
   world: worldMoves,
