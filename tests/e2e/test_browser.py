@@ -136,6 +136,20 @@ async def test_two_tabs_share_one_outbox_and_one_flushes_at_a_time(platform, sce
     assert locks["held"][0] not in locks["waiting"]
 
 
+async def test_a_message_in_flight_when_its_tab_crashed_is_resent_by_another_tab_once(platform, scenario) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("outbox-crashed-tab", platform, proxy_port=platform["proxy_port"])
+    sent, publishes = result["sent"], result["publishes"]
+    assert result["bobSaw"] == sent, "bob sees each message once, in order"
+    assert result["bobHistory"] == sent
+    assert result["twoSees"] == sent
+    first = [p for p in publishes if p["text"] == sent[0]]
+    assert [p["fate"] for p in first] == ["reply lost", "delivered"], f"the other tab must resend it: {publishes}"
+    lost, resent = first
+    assert lost["offset"] > 0 and resent["connection"] != lost["connection"]
+    assert resent["key"] == lost["key"] and (resent["offset"], resent["epoch"]) == (lost["offset"], lost["epoch"])
+    assert [p["text"] for p in publishes if p is not lost] == sent, "the rest went once, in order"
+
+
 async def test_the_session_is_refreshed_before_the_token_expires_and_the_connection_stays(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("session", platform)
     assert result["refreshedBeforeExpiry"] and result["sameUser"] and result["newRefreshToken"]

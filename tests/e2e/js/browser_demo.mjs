@@ -495,11 +495,57 @@ async function sessionRefresh(browser) {
   };
 }
 
+// Alice's tab crashes with her first message on the wire, its reply held back by the proxy: the gateway
+// applied it, the tab never heard. Her other tab, opened meanwhile and waiting for the flush lock, gets
+// it when the crashed tab's locks go with it, resends what the outbox still holds (the first message with
+// its key), and bob sees each message once, in order.
+async function outboxCrashedTab(browser) {
+  const tag = `crashed tab ${options.room} #`;
+  const proxy = await LossyProxy.start(options.proxy_port, options.base);
+  try {
+    const one = await open(browser, 'alice', proxy.base);
+    const b = await open(browser, 'bob');
+    for (const side of [one, b]) await enterChat(side.page);
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    const release = proxy.holdReplies();
+    for (const text of sent) await send(one.page, text);
+    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag));
+    await waitFor('the first message on the wire', async () => onTheWire().length > 0 || onTheWire());
+    const two = { ...(await tab(one.context, proxy.base)), context: one.context };
+    await connected(two.page);
+    await waitFor('the new tab to wait for the flush lock', async () => {
+      const locks = await two.page.evaluate(() => navigator.locks.query());
+      return locks.pending.some((lock) => lock.name === 'tsunagu-outbox-alice:flush') || locks;
+    });
+    const crashed = new Promise((resolve) => one.page.once('crash', resolve));
+    const devtools = await one.context.newCDPSession(one.page);
+    devtools.send('Page.crash').catch(() => {}); // never answered: the renderer is gone
+    await crashed;
+    await waitFor('the crashed tab\'s connection to close', async () => proxy.open === 1 || proxy.open);
+    release();
+    await waitFor('the new tab to send what the crashed one left', async () => ((await pendingCount(two.page)) === 0 ? true : await pendingCount(two.page)), 30_000);
+    const mine = (text) => text.startsWith(tag);
+    const bob = await seenByBob(b, mine, sent.length);
+    return {
+      sent,
+      bobSaw: bob.live,
+      bobHistory: bob.history,
+      twoSees: (await chatTexts(two.page)).filter(mine),
+      publishes: onTheWire(),
+      errors: [...one.errors, ...two.errors, ...b.errors],
+      screenshots: [await shot(two.page, 'outbox-crashed-tab-other'), await shot(b.page, 'outbox-crashed-tab-bob')],
+    };
+  } finally {
+    await proxy.close();
+  }
+}
+
 const scenarios = {
   session: sessionRefresh,
   'chat-offline': chatOffline,
   'outbox-lost-ack': outboxLostAck,
   'outbox-two-tabs': outboxTwoTabs,
+  'outbox-crashed-tab': outboxCrashedTab,
   editor: editorConverges,
   board: boardUpdates,
   world: worldMoves,

@@ -243,11 +243,11 @@ export class LossyProxy {
       const gate = replies.length > 0 ? this.gate : null;
       toClient = toClient.then(async () => {
         if (gate) await gate;
-        if (client.destroyed) return;
-        client.write(raw);
+        const gone = client.destroyed;
+        if (!gone) client.write(raw);
         for (const { publish } of replies) {
-          publish.fate = 'delivered';
-          publish.repliedAt = Date.now();
+          publish.fate = gone ? 'reply lost' : 'delivered';
+          if (!gone) publish.repliedAt = Date.now();
         }
       });
     };
