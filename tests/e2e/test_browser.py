@@ -98,21 +98,36 @@ async def test_chat_messages_sent_offline_survive_a_reload_and_arrive_once_in_or
     assert result["bobHistory"] == result["sent"], "history after a reload has no doubles either"
 
 
+def _resent_once(publishes: list[dict[str, Any]], text: str, sent: list[str]) -> None:
+    """On the wire: `text` was applied (the gateway answered an offset), its reply never reached the page,
+    and the outbox resent it on a new connection with the same key, answered with the original offset;
+    every other message went once, in order. Without that resend, "bob saw it once" would prove nothing."""
+    attempts = [p for p in publishes if p["text"] == text]
+    assert [p["fate"] for p in attempts] == ["reply lost", "delivered"], f"the outbox must resend it: {publishes}"
+    lost, resent = attempts
+    assert lost["offset"] > 0, "the gateway applied it before its reply was lost"
+    assert resent["key"] == lost["key"], "the resend carries the same idempotency key"
+    assert resent["connection"] != lost["connection"], "resent on a new connection"
+    assert (resent["offset"], resent["epoch"]) == (lost["offset"], lost["epoch"]), "acknowledged as the original"
+    assert [p["text"] for p in publishes if p is not lost] == sent, "every other message went once, in order"
+
+
 async def test_a_message_whose_acknowledgement_was_lost_is_resent_and_still_arrives_once(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("outbox-lost-ack", platform, proxy_port=platform["proxy_port"])
-    sent, publishes = result["sent"], result["publishes"]
+    sent = result["sent"]
     assert result["bobSaw"] == sent, "bob sees the resent message once, in its place"
     assert result["bobHistory"] == sent
     assert result["aliceSees"] == sent
-    # What went over the wire: without a resend that the gateway recognised, the above proves nothing.
-    second = [p for p in publishes if p["text"] == sent[1]]
-    assert [p["fate"] for p in second] == ["reply lost", "delivered"], f"the outbox must resend it: {publishes}"
-    lost, resent = second
-    assert lost["offset"] > 0, "the gateway applied it before its reply was lost"
-    assert resent["key"] == lost["key"], "the resend carries the same idempotency key"
-    assert resent["connection"] != lost["connection"], "resent on the new connection"
-    assert (resent["offset"], resent["epoch"]) == (lost["offset"], lost["epoch"]), "acknowledged as the original"
-    assert [p["text"] for p in publishes if p is not lost] == sent, "every other message went once, in order"
+    _resent_once(result["publishes"], sent[1], sent)
+
+
+async def test_a_message_in_flight_when_its_tab_crashed_is_resent_by_another_tab_once(platform, scenario) -> None:  # type: ignore[no-untyped-def]
+    result = await scenario("outbox-crashed-tab", platform, proxy_port=platform["proxy_port"])
+    sent = result["sent"]
+    assert result["bobSaw"] == sent, "bob sees each message once, in order"
+    assert result["bobHistory"] == sent
+    assert result["twoSees"] == sent
+    _resent_once(result["publishes"], sent[0], sent)
 
 
 async def test_two_tabs_share_one_outbox_and_one_flushes_at_a_time(platform, scenario) -> None:  # type: ignore[no-untyped-def]
@@ -134,20 +149,6 @@ async def test_two_tabs_share_one_outbox_and_one_flushes_at_a_time(platform, sce
     locks = result["locks"]
     assert len(locks["held"]) == 1 and locks["waiting"], f"one tab flushes, the other waits for the lock: {locks}"
     assert locks["held"][0] not in locks["waiting"]
-
-
-async def test_a_message_in_flight_when_its_tab_crashed_is_resent_by_another_tab_once(platform, scenario) -> None:  # type: ignore[no-untyped-def]
-    result = await scenario("outbox-crashed-tab", platform, proxy_port=platform["proxy_port"])
-    sent, publishes = result["sent"], result["publishes"]
-    assert result["bobSaw"] == sent, "bob sees each message once, in order"
-    assert result["bobHistory"] == sent
-    assert result["twoSees"] == sent
-    first = [p for p in publishes if p["text"] == sent[0]]
-    assert [p["fate"] for p in first] == ["reply lost", "delivered"], f"the other tab must resend it: {publishes}"
-    lost, resent = first
-    assert lost["offset"] > 0 and resent["connection"] != lost["connection"]
-    assert resent["key"] == lost["key"] and (resent["offset"], resent["epoch"]) == (lost["offset"], lost["epoch"])
-    assert [p["text"] for p in publishes if p is not lost] == sent, "the rest went once, in order"
 
 
 async def test_the_session_is_refreshed_before_the_token_expires_and_the_connection_stays(platform, scenario) -> None:  # type: ignore[no-untyped-def]

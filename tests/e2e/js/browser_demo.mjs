@@ -24,13 +24,13 @@ async function visit(browser, base = options.base) {
   return { context, ...(await tab(context, base)) };
 }
 
-// Another page of `context` (same origin: same storage, same session, if any).
-async function tab(context, base = options.base) {
+// Another page of `context` (same origin: same storage, same session, if any), at `path`.
+async function tab(context, base = options.base, path = '/') {
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
-  await page.goto(base + '/');
+  await page.goto(base + path);
   return { page, errors };
 }
 
@@ -145,50 +145,77 @@ async function chatOffline(browser) {
   return { sent, bobSaw: bob.live, aliceSees, bobHistory: bob.history, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
 }
 
-// Alice's page reaches the gateway through a LossyProxy that loses the gateway's reply to her second
-// message together with her connection, after the gateway applied it: her outbox, never told, resends
-// it once she is reconnected, and bob must see it once, between the first and the third.
-async function outboxLostAck(browser) {
-  const tag = `lost ack ${options.room} #`;
+// Alice through a LossyProxy (listening on options.proxy_port), bob straight to the gateway, both in
+// the chat room; `run(proxy, alice, bob)` does the rest. The proxy closes whatever happens.
+async function throughProxy(browser, run) {
   const proxy = await LossyProxy.start(options.proxy_port, options.base);
   try {
-    const a = await open(browser, 'alice', proxy.base);
-    const b = await open(browser, 'bob');
-    for (const side of [a, b]) await enterChat(side.page);
-    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
-    proxy.loseReplyTo((publish) => publish.text === sent[1]);
-    for (const text of sent) await send(a.page, text);
-    await waitFor('alice\'s queue to drain', async () => ((await pendingCount(a.page)) === 0 ? true : await pendingCount(a.page)), 30_000);
-    const mine = (text) => text.startsWith(tag);
-    const bob = await seenByBob(b, mine, sent.length);
-    return {
-      sent,
-      bobSaw: bob.live,
-      bobHistory: bob.history,
-      aliceSees: (await chatTexts(a.page)).filter(mine),
-      connections: proxy.connections,
-      publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)),
-      errors: [...a.errors, ...b.errors],
-      screenshots: [await shot(a.page, 'outbox-lost-ack-alice'), await shot(b.page, 'outbox-lost-ack-bob')],
-    };
+    const alice = await open(browser, 'alice', proxy.base);
+    const bob = await open(browser, 'bob');
+    for (const side of [alice, bob]) await enterChat(side.page);
+    return await run(proxy, alice, bob);
   } finally {
     await proxy.close();
   }
 }
 
-// Two tabs of alice's (one context: one origin, one IndexedDB outbox) both queue messages offline,
-// then come back at once. The proxy holds the gateway's first reply until both tabs are connected and
-// flushing, so both tabs want to send at the same moment: the Web Lock must leave it to one of them.
-async function outboxTwoTabs(browser) {
-  const tag = `two tabs ${options.room} `;
-  const lockName = 'tsunagu-outbox-alice:flush';
-  const proxy = await LossyProxy.start(options.proxy_port, options.base);
-  try {
-    const one = await open(browser, 'alice', proxy.base);
-    const two = { ...(await tab(one.context, proxy.base)), context: one.context };
-    const b = await open(browser, 'bob');
-    await connected(two.page);
-    for (const side of [one, two, b]) await enterChat(side.page);
+// Another tab of alice's (logged in: it shares the first tab's storage), connected, on `view`.
+async function aliceTab(alice, base, view = 'chat') {
+  const other = { ...(await tab(alice.context, base, `/#${view}`)), context: alice.context };
+  await connected(other.page);
+  if (view === 'chat') await enterChat(other.page);
+  return other;
+}
+
+const FLUSH_LOCK = 'tsunagu-outbox-alice:flush';
+
+// The clients holding and waiting for the outbox's flush lock (the lock manager is the origin's: all tabs).
+async function flushLock(page) {
+  return page.evaluate(async (name) => {
+    const all = await navigator.locks.query();
+    const ours = (list) => list.filter((lock) => lock.name === name).map((lock) => lock.clientId);
+    return { held: ours(all.held), waiting: ours(all.pending) };
+  }, FLUSH_LOCK);
+}
+
+async function drained(page, what) {
+  await waitFor(what, async () => ((await pendingCount(page)) === 0 ? true : await pendingCount(page)), 30_000);
+}
+
+// What bob saw of the messages starting with `tag` (live, then from history), and their publishes on the wire.
+async function delivered(proxy, tag, bob, count) {
+  const seen = await seenByBob(bob, (text) => text.startsWith(tag), count);
+  return { bobSaw: seen.live, bobHistory: seen.history, publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)) };
+}
+
+// The proxy loses the gateway's reply to alice's second message together with her connection, after the
+// gateway applied it: her outbox, never told, resends it once she is reconnected, and bob must see it
+// once, between the first and the third.
+function outboxLostAck(browser) {
+  return throughProxy(browser, async (proxy, a, b) => {
+    const tag = `lost ack ${options.room} #`;
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    proxy.loseReplyTo((publish) => publish.text === sent[1]);
+    for (const text of sent) await send(a.page, text);
+    await drained(a.page, 'alice\'s queue to drain');
+    return {
+      sent,
+      ...(await delivered(proxy, tag, b, sent.length)),
+      aliceSees: (await chatTexts(a.page)).filter((text) => text.startsWith(tag)),
+      errors: [...a.errors, ...b.errors],
+      screenshots: [await shot(a.page, 'outbox-lost-ack-alice'), await shot(b.page, 'outbox-lost-ack-bob')],
+    };
+  });
+}
+
+// Two tabs of alice's (one context: one origin, one IndexedDB outbox) both queue messages offline, then
+// come back at once. The proxy holds the gateway's first reply until both tabs are connected and one
+// waits for the other's flush lock, so both want to send at the same moment: the Web Lock must leave it
+// to one of them (without it both send the first message).
+function outboxTwoTabs(browser) {
+  return throughProxy(browser, async (proxy, one, b) => {
+    const tag = `two tabs ${options.room} `;
+    const two = await aliceTab(one, proxy.base);
     await one.context.setOffline(true);
     for (const side of [one, two]) {
       await waitFor('alice\'s tabs to notice they are offline', async () => ((await connectionState(side.page)) !== 'connected' ? true : 'connected'));
@@ -212,37 +239,60 @@ async function outboxTwoTabs(browser) {
     for (const side of [one, two]) await connected(side.page);
     const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag)).length;
     let locks;
-    // Until a first message is out and the other tab waits for the lock (or, with no lock, a while:
-    // then both tabs have sent the first message).
+    // Until a first message is out and the other tab waits for the lock (with no lock: 5 s, by which
+    // time both tabs have sent it).
     await poll(async () => {
-      locks = await one.page.evaluate(async (name) => {
-        const all = await navigator.locks.query();
-        const ours = (list) => list.filter((lock) => lock.name === name).map((lock) => lock.clientId);
-        return { held: ours(all.held), waiting: ours(all.pending) };
-      }, lockName);
+      locks = await flushLock(one.page);
       return onTheWire() > 0 && locks.held.length > 0 && locks.waiting.length > 0 ? true : locks;
     }, 5000);
     const inFlightWhileHeld = onTheWire();
     release();
-
-    for (const side of [one, two]) {
-      await waitFor('the shared queue to drain', async () => ((await pendingCount(side.page)) === 0 ? true : await pendingCount(side.page)), 30_000);
-    }
-    const mine = (text) => text.startsWith(tag);
-    const bob = await seenByBob(b, mine, total);
+    for (const side of [one, two]) await drained(side.page, 'the shared queue to drain');
     return {
       sent,
-      bobSaw: bob.live,
-      bobHistory: bob.history,
+      ...(await delivered(proxy, tag, b, total)),
       locks,
       inFlightWhileHeld,
-      publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)),
       errors: [...one.errors, ...two.errors, ...b.errors],
       screenshots: [offlineShot, await shot(b.page, 'outbox-two-tabs-bob')],
     };
-  } finally {
-    await proxy.close();
-  }
+  });
+}
+
+// Alice's tab crashes with her first message on the wire, its reply held back by the proxy: the gateway
+// applied it, the tab never heard. Her other tab, on the Board until then, opens the chat (and so the
+// outbox) meanwhile and waits for the flush lock; it gets it when the crashed tab's locks go with it,
+// resends what the outbox still holds (the first message with its key), and bob sees each once, in order.
+function outboxCrashedTab(browser) {
+  return throughProxy(browser, async (proxy, one, b) => {
+    const tag = `crashed tab ${options.room} #`;
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    // Open before the reply is held: the SDK gives up on a reply after 5 s and would resend by itself.
+    const two = await aliceTab(one, proxy.base, 'board');
+    const release = proxy.holdReplies();
+    for (const text of sent) await send(one.page, text);
+    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag)).length;
+    await waitFor('the first message on the wire', async () => onTheWire() > 0 || onTheWire());
+    await enterChat(two.page);
+    await waitFor('the other tab to wait for the flush lock', async () => {
+      const locks = await flushLock(two.page);
+      return locks.waiting.length > 0 || locks;
+    });
+    const crashed = new Promise((resolve) => one.page.once('crash', resolve));
+    const devtools = await one.context.newCDPSession(one.page);
+    devtools.send('Page.crash').catch(() => {}); // never answered: the renderer is gone
+    await crashed;
+    await waitFor('the crashed tab\'s connection to close', async () => proxy.open === 1 || proxy.open);
+    release();
+    await drained(two.page, 'the other tab to send what the crashed one left');
+    return {
+      sent,
+      ...(await delivered(proxy, tag, b, sent.length)),
+      twoSees: (await chatTexts(two.page)).filter((text) => text.startsWith(tag)),
+      errors: [...one.errors, ...two.errors, ...b.errors],
+      screenshots: [await shot(two.page, 'outbox-crashed-tab-other'), await shot(b.page, 'outbox-crashed-tab-bob')],
+    };
+  });
 }
 
 // The document's text: the lines without the remote carets' name labels (widgets inside .cm-content).
@@ -493,51 +543,6 @@ async function sessionRefresh(browser) {
     errors: a.errors,
     screenshots: [],
   };
-}
-
-// Alice's tab crashes with her first message on the wire, its reply held back by the proxy: the gateway
-// applied it, the tab never heard. Her other tab, opened meanwhile and waiting for the flush lock, gets
-// it when the crashed tab's locks go with it, resends what the outbox still holds (the first message with
-// its key), and bob sees each message once, in order.
-async function outboxCrashedTab(browser) {
-  const tag = `crashed tab ${options.room} #`;
-  const proxy = await LossyProxy.start(options.proxy_port, options.base);
-  try {
-    const one = await open(browser, 'alice', proxy.base);
-    const b = await open(browser, 'bob');
-    for (const side of [one, b]) await enterChat(side.page);
-    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
-    const release = proxy.holdReplies();
-    for (const text of sent) await send(one.page, text);
-    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag));
-    await waitFor('the first message on the wire', async () => onTheWire().length > 0 || onTheWire());
-    const two = { ...(await tab(one.context, proxy.base)), context: one.context };
-    await connected(two.page);
-    await waitFor('the new tab to wait for the flush lock', async () => {
-      const locks = await two.page.evaluate(() => navigator.locks.query());
-      return locks.pending.some((lock) => lock.name === 'tsunagu-outbox-alice:flush') || locks;
-    });
-    const crashed = new Promise((resolve) => one.page.once('crash', resolve));
-    const devtools = await one.context.newCDPSession(one.page);
-    devtools.send('Page.crash').catch(() => {}); // never answered: the renderer is gone
-    await crashed;
-    await waitFor('the crashed tab\'s connection to close', async () => proxy.open === 1 || proxy.open);
-    release();
-    await waitFor('the new tab to send what the crashed one left', async () => ((await pendingCount(two.page)) === 0 ? true : await pendingCount(two.page)), 30_000);
-    const mine = (text) => text.startsWith(tag);
-    const bob = await seenByBob(b, mine, sent.length);
-    return {
-      sent,
-      bobSaw: bob.live,
-      bobHistory: bob.history,
-      twoSees: (await chatTexts(two.page)).filter(mine),
-      publishes: onTheWire(),
-      errors: [...one.errors, ...two.errors, ...b.errors],
-      screenshots: [await shot(two.page, 'outbox-crashed-tab-other'), await shot(b.page, 'outbox-crashed-tab-bob')],
-    };
-  } finally {
-    await proxy.close();
-  }
 }
 
 const scenarios = {
