@@ -1,5 +1,7 @@
 """The demo web app in real Chromium against `tsunagu run` on the real stack (Kafka, Redis, PostgreSQL,
 Mosquitto): chat survives going offline and a reload, the editor converges, the board ticks, the world moves.
+The chat's offline outbox is also driven through a proxy that loses replies (js/lossy_proxy.mjs): a lost
+acknowledgement, a crashed tab and two tabs flushing at once still deliver every message once, in order.
 Screenshots of each view land in tests/e2e/artifacts/ (CI keeps them)."""
 
 from __future__ import annotations
