@@ -56,19 +56,18 @@ async def test_commands_past_the_frame_limit_get_error_111_and_the_connection_st
 async def test_over_the_command_rate_gets_111_then_3013_when_the_client_keeps_on(  # type: ignore[no-untyped-def]
     start_gateway, token
 ) -> None:
-    async with start_gateway(commands_per_second=5) as gw:
-        async with websockets.connect(gw.ws_url) as ws:
-            await ws.send(json.dumps({"id": 1, "connect": {"token": token("ann", ["*"])}}))
-            await replies(ws, 1)
-            await ws.send("\n".join(json.dumps({"id": 2 + n, "ping": {}}) for n in range(12)))
-            got = await replies(ws, 12)
-            codes = [r.get("error", {}).get("code") for r in got]
-            assert codes.count(None) == 9 and codes[9:] == [111, 111, 111]  # burst 10: connect + 9 pings
-            await ws.send("\n".join(json.dumps({"id": 100 + n, "ping": {}}) for n in range(20)))
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 3013
+    async with start_gateway(commands_per_second=5) as gw, websockets.connect(gw.ws_url) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {"token": token("ann", ["*"])}}))
+        await replies(ws, 1)
+        await ws.send("\n".join(json.dumps({"id": 2 + n, "ping": {}}) for n in range(12)))
+        got = await replies(ws, 12)
+        codes = [r.get("error", {}).get("code") for r in got]
+        assert codes.count(None) == 9 and codes[9:] == [111, 111, 111]  # burst 10: connect + 9 pings
+        await ws.send("\n".join(json.dumps({"id": 100 + n, "ping": {}}) for n in range(20)))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3013
 
 
 def test_a_frame_limit_below_the_channel_limit_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:

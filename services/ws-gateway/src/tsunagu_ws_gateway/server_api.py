@@ -16,7 +16,7 @@ from tsunagu_core.broker import BrokerError, StreamPosition
 from tsunagu_ws_gateway.certificates import api_certificate
 from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ReplyError
-from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.core.gateway import Gateway
 
 ApiMethod = Callable[[Gateway, dict[str, Any]], Awaitable[dict[str, Any]]]
 
