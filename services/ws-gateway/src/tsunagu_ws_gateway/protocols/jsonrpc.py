@@ -1,6 +1,6 @@
 """`GET /rpc`: JSON-RPC 2.0 over WebSocket, on an ordinary client session (protocols/base.py).
 
-Methods: `auth(token)` (unless the socket came with `?token=`), `subscribe(channel)` -> subscription
+Methods: `auth(token)` (unless the socket came with `?token=` or a client certificate an identity takes), `subscribe(channel)` -> subscription
 id (the channel), `unsubscribe(subscription)`, `publish(channel, data)`, `history(channel, limit)`,
 `presence(channel)`, `rpc(method, data)`. Publications arrive as notifications
 `subscription {subscription, result: {channel, offset, data}}`; a subscription the server ends is
@@ -88,8 +88,9 @@ class JsonRpcConnection:
     # the socket loop's handler
 
     async def on_open(self) -> None:
-        if not self.token:
-            return
+        peer = self.adapter.session.connection.peer
+        if not self.token and (peer.certificate is None or not self.gateway.settings.client_cert_identities):
+            return  # the client authenticates with `auth`
         try:
             await self.adapter.connect(self.token)
         except Refused as refused:

@@ -344,7 +344,17 @@ class SocketIOBridge:
 
     def close_later(self, sid: str, disconnect: codes.Disconnect) -> None:
         log.info("closing socket.io client %s: %s", sid, disconnect.reason)
-        task = asyncio.get_running_loop().create_task(self.server.disconnect(sid))
+        eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+
+        async def close() -> None:
+            # The Socket.IO DISCONNECT, then the Engine.IO session under it: a client that ignores the
+            # first (a revoked one, say) does not keep a socket open.
+            await self.server.disconnect(sid)
+            if eio_sid is not None:
+                with contextlib.suppress(Exception):
+                    await self.server.eio.disconnect(eio_sid)
+
+        task = asyncio.get_running_loop().create_task(close())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -96,18 +95,8 @@ class Gate:
 
 async def _deny(scope: Scope, receive: Receive, send: Send, refused: Refused) -> None:
     response = PlainTextResponse(refused.detail, refused.status)
-    if scope["type"] == "http":
+    # Starlette renders a response to a WebSocket handshake as the denial-response extension's messages.
+    if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
         await response(scope, receive, send)
-    elif "websocket.http.response" in scope.get("extensions", {}):
-        await response(scope, receive, _denial(send))
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": refused.detail[:120]})
-
-
-def _denial(send: Send) -> Send:
-    async def wrapped(message: Any) -> None:
-        # An HTTP response to a WebSocket handshake travels as the denial-response extension's messages.
-        kind = message["type"].replace("http.response", "websocket.http.response")
-        await send({**message, "type": kind})
-
-    return wrapped

@@ -576,6 +576,8 @@ class FhirSocket:
                 reply = await link.bridge.connect(record.jwt)
             except Refused as refused:  # an invalid or revoked credential: this token is no good, the socket is
                 detail = refused.detail
+                if refused.status in (429, 503):  # a connection limit, a draining node: try again later
+                    raise FhirError(refused.status, "throttled", f"cannot bind now: {detail}") from None
                 raise FhirError(401, "security", f"the token behind this binding is not accepted: {detail}") from None
             if not reply.ok:
                 raise FhirError(401, "security", f"the token behind this binding is not accepted: {_message(reply)}")
