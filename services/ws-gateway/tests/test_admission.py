@@ -144,7 +144,9 @@ def device(pki: DevPki, directory: Path, name: str) -> ssl.SSLContext:
     cert, key = issue(load_ca(pki), name, client=True)
     write_pair(cert, key, directory / f"{name}.crt", directory / f"{name}.key")
     settings = TlsSettings(
-        tls_ca_file=str(pki.ca_cert), tls_cert_file=str(directory / f"{name}.crt"), tls_key_file=str(directory / f"{name}.key")
+        tls_ca_file=str(pki.ca_cert),
+        tls_cert_file=str(directory / f"{name}.crt"),
+        tls_key_file=str(directory / f"{name}.key"),
     )
     return client_context(settings)
 

@@ -6,7 +6,8 @@ screened and counted by admission's gate, `connection_init`'s token admitted by 
   graphql-transport-ws protocol; `connection_init`'s payload carries the JWT as `{token}`. Close codes
   are the protocol's (strawberry speaks it): 4400 bad message, 4401 subscribe before the ack, 4403
   admission refused (a bad, expired or revoked token, a connection limit), 4408 no connection_init in
-  time, 4409 a repeated operation id, 4429 a second connection_init; a connection the gateway ends for its own reasons closes with the native code
+  time, 4409 a repeated operation id, 4429 a second connection_init; a connection the gateway ends for
+  its own reasons closes with the native code
   (3008 slow, 3500 revoked, ...).
 - `query { history(channel, limit) { publications { offset data } offset epoch } presence(channel) { client user } }`
   and `mutation { publish(channel, data) { offset epoch } }`, over WebSocket or as HTTP POST with

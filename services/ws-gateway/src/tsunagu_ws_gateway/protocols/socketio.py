@@ -346,13 +346,27 @@ class SocketIOBridge:
         log.info("closing socket.io client %s: %s", sid, disconnect.reason)
         eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
 
+        slow = disconnect is codes.SLOW
+
         async def close() -> None:
             # The Socket.IO DISCONNECT, then the Engine.IO session under it: a client that ignores the
-            # first (a revoked one, say) does not keep a socket open.
-            await self.server.disconnect(sid)
-            if eio_sid is not None:
-                with contextlib.suppress(Exception):
-                    await self.server.eio.disconnect(eio_sid)
+            # first (a revoked one, say) does not keep a socket open, and one that does not poll is not
+            # waited for (Engine.IO's own disconnect waits until its queue is read).
+            if not slow:
+                await self.server.disconnect(sid)
+            engine = self.server.eio
+            socket = engine.sockets.get(eio_sid) if eio_sid is not None else None
+            if socket is None:
+                return
+            if slow:
+                while not socket.queue.empty():
+                    socket.queue.get_nowait()
+                    socket.queue.task_done()
+            with contextlib.suppress(Exception):
+                await socket.close(wait=False, abort=slow, reason=engine.reason.SERVER_DISCONNECT)
+            engine.sockets.pop(eio_sid, None)
+            with contextlib.suppress(Exception):
+                socket.queue.put_nowait(None)  # ends a writer waiting for packets
 
         task = asyncio.get_running_loop().create_task(close())
         self._tasks.add(task)
