@@ -4,7 +4,8 @@ Methods: `auth(token)` (unless the socket came with `?token=` or a client certif
 takes), `subscribe(channel)` -> subscription id (the channel), `unsubscribe(subscription)`,
 `publish(channel, data)`, `history(channel, limit)`, `presence(channel)`, `rpc(method, data)`.
 Publications arrive as notifications `subscription {subscription, result: {channel, offset, data}}`;
-a subscription the server ends is announced as `unsubscribed {subscription, code, reason}`. Error codes: protocol/jsonrpc.py.
+a subscription the server ends is announced as `unsubscribed {subscription, code, reason}`.
+Error codes: protocol/jsonrpc.py.
 """
 
 from __future__ import annotations
