@@ -114,8 +114,10 @@ class OpenDoc:
     offset: int = 0
     epoch: str = ""
     awareness: dict[int, tuple[int, str, float]] = field(default_factory=dict)  # id -> clock, state, seen
-    # At most the encoded document's size (updates applied since it was last measured added up).
+    # At most the encoded document's size (updates applied since it was last measured added up), and the
+    # bytes of this node's clients' updates on their way through Kafka and collab.
     size: int = 0
+    unconfirmed: int = 0
 
 
 def _channel(doc: str) -> str:
@@ -323,6 +325,8 @@ class CollabHub:
             log.warning("ignoring a bad publication on collab:%s: %r", state.name, exc)
             return
         state.size += len(event.update)
+        if event.node == self.node_name:
+            state.unconfirmed = max(0, state.unconfirmed - len(event.update))
         frame = yp.sync_update(event.update)
         for conn in list(state.connections):
             if conn.id != event.client_id:
@@ -476,12 +480,13 @@ class CollabHub:
             self._deny_once(conn, f"read-only: no write permission for collab:{conn.doc}")
             return
         limit = self.settings.collab_max_document_bytes
-        if state.size + len(update) > limit:
+        if state.size + state.unconfirmed + len(update) > limit:
             state.size = len(state.ydoc.get_update())  # measured again: the estimate only ever grows
-            if state.size + len(update) > limit:
+            if state.size + state.unconfirmed + len(update) > limit:
                 COLLAB_REFUSED.inc()
                 self._deny_once(conn, f"collab:{conn.doc} is at its size limit of {limit} bytes")
                 return
+        state.unconfirmed += len(update)
         if conn.pending_bytes + len(update) > self.settings.send_buffer_bytes:
             # Kafka does not keep up with this client: it reconnects and resyncs (its updates are in its
             # next sync step), instead of growing our buffer.
@@ -526,6 +531,8 @@ class CollabHub:
                 except Exception as exc:
                     if attempt == PUBLISH_ATTEMPTS:
                         log.warning("collab:%s: update not accepted by the bus: %r", conn.doc, exc)
+                        if conn.state is not None:  # it will not come back: no longer counts towards the cap
+                            conn.state.unconfirmed = max(0, conn.state.unconfirmed - sum(map(len, batch)))
                         conn.close(yp.CLOSE_UNAVAILABLE, "updates cannot be stored now; reconnect")
                         return
                     await asyncio.sleep(delay)
