@@ -10,16 +10,12 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 
-JS = Path(__file__).parent / "js"
-ARTIFACTS = Path(os.environ.get("TSUNAGU_ARTIFACTS", Path(__file__).parent / "artifacts"))
-USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
 ACCESS_TOKEN_TTL = 20
 
 
@@ -80,10 +76,6 @@ def platform(chromium: str, start_module_service: Any, pick_port: Any) -> Iterat
         asyncio.run(_sql(POSTGRES_DSN, f"DROP SCHEMA {schema} CASCADE"))
 
 
-def _size(path: str) -> int:
-    return Path(path).stat().st_size
-
-
 async def _sql(dsn: str, statement: str) -> None:
     connection = await asyncpg.connect(dsn)
     try:
@@ -92,33 +84,7 @@ async def _sql(dsn: str, statement: str) -> None:
         await connection.close()
 
 
-async def scenario(name: str, platform: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    options = {
-        "base": platform["base"],
-        "chromium": platform["chromium"],
-        "artifacts": str(ARTIFACTS),
-        "room": platform["room"],
-        "users": USERS,
-        **extra,
-    }
-    node = await asyncio.create_subprocess_exec(
-        "node", "browser_demo.mjs", name, json.dumps(options),
-        cwd=JS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(node.communicate(), 150)
-    except TimeoutError:
-        node.kill()
-        raise AssertionError(f"browser scenario {name} hung") from None
-    assert node.returncode == 0, err.decode()[-3000:]
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    assert result["errors"] == [], result["errors"]
-    sizes = {shot: size for shot in result["screenshots"] if (size := await asyncio.to_thread(_size, shot)) < 10_000}
-    assert not sizes, f"screenshots suspiciously small: {sizes}"
-    return result
-
-
-async def test_chat_messages_sent_offline_survive_a_reload_and_arrive_once_in_order(platform) -> None:  # type: ignore[no-untyped-def]
+async def test_chat_messages_sent_offline_survive_a_reload_and_arrive_once_in_order(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("chat-offline", platform)
     assert result["stillOffline"] != "connected"
     assert result["bobSaw"] == result["sent"], "bob must see each of the 20 exactly once, in order"
@@ -126,20 +92,20 @@ async def test_chat_messages_sent_offline_survive_a_reload_and_arrive_once_in_or
     assert result["bobHistory"] == result["sent"], "history after a reload has no doubles either"
 
 
-async def test_the_session_is_refreshed_before_the_token_expires_and_the_connection_stays(platform) -> None:  # type: ignore[no-untyped-def]
+async def test_the_session_is_refreshed_before_the_token_expires_and_the_connection_stays(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("session", platform)
     assert result["refreshedBeforeExpiry"] and result["sameUser"] and result["newRefreshToken"]
     assert result["stateAfterExpiry"] == "connected"
     assert set(result["states"]) <= {"connected"}, f"the connection dropped: {result['states']}"
 
 
-async def test_two_editors_typing_at_once_converge(platform) -> None:  # type: ignore[no-untyped-def]
+async def test_two_editors_typing_at_once_converge(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("editor", platform)
     assert result["alice"] == result["bob"]
     assert result["remoteCursors"] >= 1, "alice sees bob's cursor"
 
 
-async def test_the_board_ticks_and_shows_device_telemetry(platform) -> None:  # type: ignore[no-untyped-def]
+async def test_the_board_ticks_and_shows_device_telemetry(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     marker = f"reading-{platform['run']}"
     stop = threading.Event()
     device = threading.Thread(target=_device, args=(f"demo-{platform['run']}/telemetry", marker, stop), daemon=True)
@@ -168,6 +134,7 @@ def _device(topic: str, marker: str, stop: threading.Event) -> None:
     client.disconnect()
 
 
-async def test_the_world_shows_the_other_tab_moving(platform) -> None:  # type: ignore[no-untyped-def]
+async def test_the_world_shows_the_other_tab_moving(platform, scenario) -> None:  # type: ignore[no-untyped-def]
     result = await scenario("world", platform)
+    assert {"alice", "bob"} <= set(result["joined"]), "each avatar joins when its user opens the world"
     assert result["after"]["x"] > result["before"]["x"]

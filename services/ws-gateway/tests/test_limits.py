@@ -38,10 +38,8 @@ async def test_connect_with_120_subscriptions_in_one_frame_subscribes_all(gatewa
 async def test_commands_past_the_frame_limit_get_error_111_and_the_connection_stays(  # type: ignore[no-untyped-def]
     start_gateway, token
 ) -> None:
-    async with (
-        start_gateway(max_commands_per_frame=10, max_channels_per_client=8) as gw,
-        websockets.connect(gw.ws_url) as ws,
-    ):
+    settings = {"max_commands_per_frame": 10, "max_channels_per_client": 8}
+    async with start_gateway(**settings) as gw, websockets.connect(gw.ws_url) as ws:
         commands = [{"id": 1, "connect": {"token": token("ann", ["*"])}}]
         commands += [{"id": 2 + n, "subscribe": {"channel": f"news{n}"}} for n in range(14)]
         await ws.send("\n".join(json.dumps(c) for c in commands))

@@ -16,13 +16,19 @@ function fail(message) {
   throw new Error(`${scenario}: ${message}`);
 }
 
-async function open(browser, user) {
+// The app's page in a fresh browser context, not logged in; page errors are collected.
+async function visit(browser) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
   await page.goto(options.base + '/');
+  return { context, page, errors };
+}
+
+async function open(browser, user) {
+  const { context, page, errors } = await visit(browser);
   await page.getByTestId('login-user').fill(user);
   await page.getByTestId('login-password').fill(options.users[user]);
   await page.getByTestId('login-submit').click();
@@ -193,7 +199,13 @@ async function worldMoves(browser) {
     await side.page.getByTestId('nav-world').click();
     await side.page.getByTestId('world-canvas').waitFor();
   }
-  // Bob appears with his first input; then alice watches him move right.
+  // Both avatars join when the view opens, before any key press; then alice watches bob move right.
+  let joined;
+  await waitFor('both avatars on join, with no key pressed', async () => {
+    const ids = (await entities(a.page)).map((e) => e.id);
+    joined = ids;
+    return ids.includes('alice') && ids.includes('bob') ? true : ids;
+  });
   await b.page.getByTestId('world-canvas').click();
   await b.page.keyboard.press('ArrowUp');
   let bobId;
@@ -213,7 +225,101 @@ async function worldMoves(browser) {
   });
   const after = (await entities(a.page)).find((e) => e.id === bobId);
   const screenshots = [await shot(a.page, 'world-alice'), await shot(b.page, 'world-bob')];
-  return { bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
+  return { joined, bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+// `tsunagu run` with nothing configured: the demo device's telemetry on the Board, and a setpoint sent
+// from the Board's device panel answered by the device itself (MQTT 5 request/response).
+async function deviceCommand(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  await waitFor('the demo device telemetry', async () => {
+    const text = (await a.page.getByTestId('iot-log').textContent()) ?? '';
+    return text.includes('demo-thermostat') && text.includes('temperature') ? true : text.slice(-80);
+  });
+  const telemetry = await a.page.$$eval('[data-testid="iot-log"] li', (items) => items.length);
+  await waitFor('the device state', async () => {
+    const text = (await a.page.getByTestId('device-state').textContent()) ?? '';
+    return text.includes('setpoint') ? true : text;
+  });
+  const setpoint = options.setpoint;
+  await a.page.getByTestId('device-setpoint').fill(String(setpoint));
+  await a.page.getByTestId('device-send').click();
+  const answer = a.page.getByTestId('device-answer');
+  await waitFor('the device to answer', async () =>
+    (await answer.getAttribute('data-state')) !== 'pending' ? true : await answer.textContent(),
+  );
+  const answered = { state: await answer.getAttribute('data-state'), text: (await answer.textContent())?.trim() };
+  await waitFor('the device state channel to show the new setpoint', async () => {
+    const text = (await a.page.getByTestId('device-state').textContent()) ?? '';
+    return text.includes(`setpoint ${setpoint.toFixed(1)} °C`) ? true : text;
+  });
+  const state = (await a.page.getByTestId('device-state').textContent())?.trim();
+  const banner = await a.page.getByTestId('banner-mqtt-bridge').isVisible();
+  const status = {};
+  for (const name of ['auth', 'collab', 'stream-ingest', 'mqtt-bridge', 'sim-engine']) {
+    status[name] = (await a.page.getByTestId(`service-status-${name}`).first().textContent())?.trim();
+  }
+  return { telemetry, answered, state, banner, status, errors: a.errors, screenshots: [await shot(a.page, 'board-device')] };
+}
+
+// A user who failed too often is told the login is locked and for how long, not that auth is unreachable.
+async function loginLocked(browser) {
+  const { page, errors } = await visit(browser);
+  const message = page.getByTestId('login-error');
+  const messages = [];
+  for (let attempt = 0; attempt <= options.max_failures; attempt++) {
+    await page.getByTestId('login-user').fill(options.user);
+    await page.getByTestId('login-password').fill('not the password');
+    await page.getByTestId('login-submit').click();
+    await waitFor(`the answer to attempt ${attempt + 1}`, async () => ((await message.textContent())?.trim() ? true : 'empty'));
+    messages.push((await message.textContent()).trim());
+  }
+  return { messages, errors, screenshots: [await shot(page, 'login-locked')] };
+}
+
+// A backend publishes to a chat room through the server API with only `{text}`: the room shows it
+// from "server", at the time it arrived.
+async function chatFromServer(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-chat').click();
+  await a.page.getByTestId(`chat-room-${options.room}`).click();
+  await a.page.waitForFunction(() => document.querySelector('.chat-main h2')?.textContent?.startsWith('#'));
+  // The subscription must stand before the publication, or it only comes from history.
+  await new Promise((r) => setTimeout(r, 1000));
+  const text = `from a backend ${Date.now()}`;
+  const response = await fetch(`${options.base}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': options.api_key },
+    body: JSON.stringify({ channel: `chat:${options.room}`, data: { text } }),
+  });
+  if (!response.ok) fail(`server API publish: HTTP ${response.status} ${await response.text()}`);
+  let shown;
+  await waitFor('the backend message in the room', async () => {
+    shown = await a.page.$$eval(
+      '[data-testid="chat-log"] li',
+      (items, wanted) =>
+        items
+          .filter((li) => li.querySelector('.text')?.textContent === wanted)
+          .map((li) => ({ user: li.querySelector('.user')?.textContent, time: li.querySelector('time')?.textContent, server: li.classList.contains('from-server') })),
+      text,
+    );
+    return shown.length ? true : 'not yet';
+  });
+  return { shown: shown[0], errors: a.errors, screenshots: [await shot(a.page, 'chat-server')] };
+}
+
+// The platform lost its MQTT broker: the Board says what mqtt-bridge is missing, not that it is not running.
+async function missingBroker(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  const banner = a.page.getByTestId('banner-mqtt-bridge');
+  await waitFor('the banner naming the missing broker', async () => {
+    const text = (await banner.isVisible()) ? ((await banner.textContent()) ?? '') : 'hidden';
+    return text.includes('cannot reach') ? true : text;
+  }, 30_000);
+  const status = (await a.page.getByTestId('service-status-mqtt-bridge').textContent())?.trim();
+  return { banner: (await banner.textContent()).trim(), status, errors: a.errors, screenshots: [await shot(a.page, 'board-no-broker')] };
 }
 
 async function storedSession(page) {
@@ -270,7 +376,17 @@ async function sessionRefresh(browser) {
   };
 }
 
-const scenarios = { session: sessionRefresh, 'chat-offline': chatOffline, editor: editorConverges, board: boardUpdates, world: worldMoves };
+const scenarios = {
+  session: sessionRefresh,
+  'chat-offline': chatOffline,
+  editor: editorConverges,
+  board: boardUpdates,
+  world: worldMoves,
+  device: deviceCommand,
+  'login-locked': loginLocked,
+  'chat-server': chatFromServer,
+  'missing-broker': missingBroker,
+};
 
 const browser = await chromium.launch({
   executablePath: options.chromium,

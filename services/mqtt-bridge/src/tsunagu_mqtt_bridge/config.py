@@ -32,6 +32,13 @@ class MqttBridgeSettings(ServiceSettings):
     relay_workers: int = Field(
         32, ge=1, le=1024, description="Parallel relays to channels; messages of one topic keep their order."
     )
+    ack_in_order: bool = Field(
+        False,
+        description="Acknowledge MQTT messages in the order they arrived, as MQTT 5 requires and strict brokers"
+        " (rumqttd, `tsunagu run`'s embedded one, which turns this on) enforce by disconnecting. Off: each as soon"
+        " as it is relayed, which Mosquitto accepts and which keeps its in-flight window from waiting on the"
+        " slowest relay (higher throughput).",
+    )
     max_payload_bytes: int = Field(
         65536, ge=1, description="Largest MQTT payload relayed to a channel; larger ones are rejected and counted."
     )

@@ -151,7 +151,14 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             return {}
         return {"tokens": NO_TOKEN_KEY_HINT}
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients], warnings=warnings)
+    app = create_service_app(
+        service=SERVICE,
+        runtime=runtime,
+        needs=NEEDS,
+        hooks=[serve_clients],
+        warnings=warnings,
+        index=not settings.web_enabled,  # the demo web app is at / otherwise
+    )
     app.state.settings = settings
     app.state.server_options = server_options(settings)
     app.state.gateway = gateway

@@ -43,6 +43,14 @@ DELIVERY_LAG = Histogram(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """A join or leave that reached a subscriber while it was still subscribing (sent after its reply)."""
+
+    join: bool
+    info: ClientInfo
+
+
 @dataclass(slots=True)
 class Subscription:
     channel: str
@@ -50,7 +58,7 @@ class Subscription:
     recoverable: bool
     join_leave: bool = False
     buffering: bool = True
-    buffer: list[Publication] = field(default_factory=list)
+    buffer: list[Publication | PresenceEvent] = field(default_factory=list)
     expires_at: float | None = None
     chan_info: bytes = b""
 
@@ -238,15 +246,20 @@ class Node:
             return
         frames: dict[Any, bytes] = {}
         for session, subscription in list(state.subscribers.items()):
-            if subscription.join_leave and not subscription.buffering and session.id != info.client:
-                sink = session.sink
-                renderer = sink.renderer
-                frame = frames.get(renderer)
-                if frame is None:
-                    frame = renderer.join_push(channel, info) if join else renderer.leave_push(channel, info)
-                    frames[renderer] = frame
-                if frame:
-                    sink.deliver(frame)
+            if not subscription.join_leave:
+                continue
+            if subscription.buffering:
+                # After its subscribe reply, as publications are: a subscriber's own join comes this way.
+                subscription.buffer.append(PresenceEvent(join, info))
+                continue
+            sink = session.sink
+            renderer = sink.renderer
+            frame = frames.get(renderer)
+            if frame is None:
+                frame = renderer.join_push(channel, info) if join else renderer.leave_push(channel, info)
+                frames[renderer] = frame
+            if frame:
+                sink.deliver(frame)
 
     async def on_resubscribed(self) -> None:
         """The fan-out link was down, so publications may be missing: recoverable subscribers resubscribe

@@ -45,6 +45,9 @@ class RpcRouter:
 
     def authorize(self, method: str, data: Any, caller: Caller) -> RpcRoute:
         """The method's route if `caller` may call it with `data`; ReplyError 104 or 103 otherwise."""
+        if not self.routes:
+            # As Centrifugo without an RPC proxy: nothing on this gateway answers RPCs at all.
+            raise ReplyError(codes.NOT_AVAILABLE, "no RPC backend is configured (TSUNAGU_GATEWAY_RPC_ROUTES)")
         route = self.routes.get(method)
         if route is None:
             raise ReplyError(codes.METHOD_NOT_FOUND, f"no backend serves {method[:64]!r}")

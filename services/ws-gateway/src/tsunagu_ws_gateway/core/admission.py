@@ -21,7 +21,6 @@ from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
 from tsunagu_ws_gateway.core.registry import REFUSALS, Registry
 from tsunagu_ws_gateway.core.transport import Peer
-from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
 from tsunagu_ws_gateway.revocations import RevocationList
 from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
@@ -113,7 +112,7 @@ class Admission:
         elif self.settings.allow_anonymous:
             return Admitted(ANONYMOUS, authenticated=False, credential="anonymous")
         else:
-            raise Refused(Refusal.INVALID_TOKEN, "a connection token is required", codes.INVALID_TOKEN)
+            raise Refused(Refusal.NO_CREDENTIAL)
         try:
             revoked = await self.revoked.refuses(grant)
         except ProtocolError:

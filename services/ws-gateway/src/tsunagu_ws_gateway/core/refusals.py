@@ -18,6 +18,8 @@ class Kind:
 
 class Refusal(Enum):
     INVALID_TOKEN = Kind("invalid token", codes.INVALID_TOKEN, 401)
+    # No token, no certificate an identity takes, anonymous clients off (native: 3501, as Centrifugo).
+    NO_CREDENTIAL = Kind("a connection token is required", codes.BAD_REQUEST_DISCONNECT, 401)
     TOKEN_EXPIRED = Kind("token expired", codes.INVALID_TOKEN, 401)  # native: error 109, not a close
     REVOKED = Kind("token revoked", codes.TOKEN_REVOKED, 401)
     ORIGIN = Kind("origin not allowed", codes.Disconnect(1008, "origin not allowed"), 403)

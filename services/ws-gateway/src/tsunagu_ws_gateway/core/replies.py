@@ -24,6 +24,7 @@ from tsunagu_ws_gateway.protocol.codes import Disconnect, ErrorCode
 
 class SubscribeResult(TypedDict, total=False):
     recoverable: bool
+    positioned: bool
     epoch: str
     offset: int
     recovered: bool

@@ -22,13 +22,14 @@ from tsunagu_core.broker import BrokerError, ClientInfo
 from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent
 
 from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.config import ChannelOptions
 from tsunagu_ws_gateway.core import commands as cmd
 from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
 from tsunagu_ws_gateway.core.replies import ConnectResult, PublishResult, Sink, SubscribeResult
 from tsunagu_ws_gateway.core.transport import Connection
 from tsunagu_ws_gateway.forwarding import Sender
-from tsunagu_ws_gateway.hub import Subscription
+from tsunagu_ws_gateway.hub import PresenceEvent, Subscription
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
@@ -47,6 +48,7 @@ UNCOUNTED = 1 << 30
 UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
 COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
 COMMAND_ERRORS = Counter("tsunagu_gateway_command_errors_total", "Client commands answered with an error", ["code"])
+PRESENCE_AVAILABLE: dict[str, Any] = {"available": lambda o: o.presence, "what": "presence is off"}
 
 
 class Session:
@@ -190,14 +192,10 @@ class Session:
             case cmd.History():
                 return await self._history(command)
             case cmd.Presence():
-                options = self._channel_access(command.channel, "allow_presence")
-                if not options.presence:
-                    raise ReplyError(codes.NOT_AVAILABLE, "presence is off in this namespace")
+                self._channel_access(command.channel, "allow_presence", **PRESENCE_AVAILABLE)
                 return {"presence": await self.gateway.broker.presence(command.channel)}
             case cmd.PresenceStats():
-                options = self._channel_access(command.channel, "allow_presence")
-                if not options.presence:
-                    raise ReplyError(codes.NOT_AVAILABLE, "presence is off in this namespace")
+                self._channel_access(command.channel, "allow_presence", **PRESENCE_AVAILABLE)
                 stats = await self.gateway.broker.presence_stats(command.channel)
                 return {"num_clients": stats.num_clients, "num_users": stats.num_users}
             case cmd.Ping():
@@ -269,7 +267,7 @@ class Session:
         self.grant = grant
         self.expires_at = grant.expires_at
         self.principal = admitted.principal
-        return {"client": self.id, "version": VERSION, **self._expiry()}
+        return self._expiry()
 
     # subscriptions
 
@@ -317,10 +315,14 @@ class Session:
             subscription.buffering = False
             buffered, subscription.buffer = subscription.buffer, []
             renderer, deliver = self.sink.renderer, self.sink.deliver
-            for publication in buffered:
-                if recoverable and publication.offset <= last_offset:
-                    continue  # part of the recovered history or older than the position the client starts at
-                frame = renderer.publication_push(channel, publication)
+            for event in buffered:
+                if isinstance(event, PresenceEvent):
+                    frame = (renderer.join_push if event.join else renderer.leave_push)(channel, event.info)
+                elif not recoverable or event.offset > last_offset:
+                    # (the others are part of the recovered history or older than where the client starts)
+                    frame = renderer.publication_push(channel, event)
+                else:
+                    continue
                 if frame:
                     deliver(frame)
             self.node.go_live(channel, self)
@@ -344,7 +346,13 @@ class Session:
         if since is None:
             top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
             position = top.position
-            return {"recoverable": True, "epoch": position.epoch, "offset": position.offset}, position.offset
+            fresh: SubscribeResult = {
+                "recoverable": True,
+                "positioned": True,
+                "epoch": position.epoch,
+                "offset": position.offset,
+            }
+            return fresh, position.offset
         history = await broker.history(channel, since=since, limit=options.history_size, meta_ttl=meta_ttl)
         position = history.position
         publications = history.publications if position.epoch == since.epoch else []
@@ -358,14 +366,18 @@ class Session:
             raise ReplyError(codes.UNRECOVERABLE_POSITION)
         result: SubscribeResult = {
             "recoverable": True,
+            "positioned": True,
             "epoch": position.epoch,
-            "offset": position.offset,
-            "recovered": recovered,
             "was_recovering": True,
-            "publications": publications,
         }
-        last = max([position.offset, *(p.offset for p in publications)])
-        return result, last
+        if recovered:
+            # As Centrifugo: the client's own offset, and the publications that carry it to the top.
+            result |= {"offset": since.offset, "recovered": True, "publications": publications}
+        else:
+            # Publications only where the stream is continuous: a client told `recovered: false` reloads its
+            # state, and a partial history would look like all there is.
+            result["offset"] = position.offset
+        return result, position.offset
 
     def client_info(self, subscription: Subscription | None = None) -> ClientInfo:
         return ClientInfo(
@@ -427,10 +439,20 @@ class Session:
 
     # publications, history, presence
 
-    def _channel_access(self, channel: str, access_of: str) -> Any:
+    def _channel_access(
+        self,
+        channel: str,
+        access_of: str,
+        available: Callable[[ChannelOptions], bool] | None = None,
+        what: str = "",
+    ) -> Any:
+        """The channel's options if this session may do `access_of` there; a feature the namespace does
+        not have (`available` false) is 108 before any permission check, as Centrifugo answers."""
         if not channel:
             raise ReplyError(codes.BAD_REQUEST, "a channel is required")
         options = self.gateway.policy.options(channel)
+        if available is not None and not available(options):
+            raise ReplyError(codes.NOT_AVAILABLE, f"{what} in this namespace")
         subscribed = channel in self.subscriptions
         access = getattr(options, access_of)
         # A subscription granted by a subscription token also lets its holder read history and presence.
@@ -499,9 +521,7 @@ class Session:
 
     async def _history(self, command: cmd.History) -> dict[str, Any]:
         channel = command.channel
-        options = self._channel_access(channel, "allow_history")
-        if options.history_size == 0:
-            raise ReplyError(codes.NOT_AVAILABLE, "this channel keeps no history")
+        options = self._channel_access(channel, "allow_history", available=lambda o: o.history_size > 0, what="no history")
         limit = options.history_size if command.limit < 0 else min(command.limit, options.history_size)
         history = await self.gateway.broker.history(channel, since=command.since, limit=limit, reverse=command.reverse)
         return {

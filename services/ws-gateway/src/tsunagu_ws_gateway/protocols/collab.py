@@ -80,6 +80,7 @@ _EMPTY_UPDATE = b"\x00\x00"
 RENDERER = AdapterRenderer("collab", lambda channel, pub: b"")
 REFUSAL_CODES = {
     Refusal.INVALID_TOKEN: yp.CLOSE_UNAUTHORIZED,
+    Refusal.NO_CREDENTIAL: yp.CLOSE_UNAUTHORIZED,
     Refusal.TOKEN_EXPIRED: yp.CLOSE_UNAUTHORIZED,
     Refusal.REVOKED: yp.CLOSE_UNAUTHORIZED,
     Refusal.ORIGIN: yp.CLOSE_FORBIDDEN,

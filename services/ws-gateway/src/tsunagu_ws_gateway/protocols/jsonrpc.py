@@ -33,7 +33,7 @@ log = logging.getLogger("tsunagu.gateway.jsonrpc")
 RENDERER = AdapterRenderer("jsonrpc", jsonrpc.publication_notification)
 UNAUTHORIZED = jsonrpc.gateway_error(codes.UNAUTHORIZED.code, "unauthorized: call auth first or pass ?token=")
 # Refusals a client may answer with another `auth` (the socket stays open).
-CREDENTIAL_REFUSALS = (Refusal.INVALID_TOKEN, Refusal.TOKEN_EXPIRED, Refusal.REVOKED)
+CREDENTIAL_REFUSALS = (Refusal.INVALID_TOKEN, Refusal.NO_CREDENTIAL, Refusal.TOKEN_EXPIRED, Refusal.REVOKED)
 
 Handler = Callable[["JsonRpcConnection", dict[str, Any]], Awaitable[Any]]
 
