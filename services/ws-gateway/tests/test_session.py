@@ -27,7 +27,7 @@ async def test_connect_subscribe_publish_and_the_publication_comes_back() -> Non
     await session.handle_frame(frame({"id": 2, "subscribe": {"channel": "chat:a"}}), JSON)
     [subscribed] = out.take()
     epoch = subscribed["subscribe"]["epoch"]
-    assert subscribed == {"id": 2, "subscribe": {"recoverable": True, "epoch": epoch, "offset": 0}}
+    assert subscribed == {"id": 2, "subscribe": {"recoverable": True, "positioned": True, "epoch": epoch}}  # 0 omitted
     await session.handle_frame(frame({"id": 3, "publish": {"channel": "chat:a", "data": {"text": "hi"}}}), JSON)
     got = out.take()
     push = next(g for g in got if "push" in g)

@@ -13,7 +13,6 @@ from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.core.session import Session
 from tsunagu_ws_gateway.protocol import codes
 
-
 log = logging.getLogger("tsunagu.gateway.control")
 
 

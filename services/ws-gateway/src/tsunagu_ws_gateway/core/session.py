@@ -521,7 +521,9 @@ class Session:
 
     async def _history(self, command: cmd.History) -> dict[str, Any]:
         channel = command.channel
-        options = self._channel_access(channel, "allow_history", available=lambda o: o.history_size > 0, what="no history")
+        options = self._channel_access(
+            channel, "allow_history", available=lambda o: o.history_size > 0, what="no history"
+        )
         limit = options.history_size if command.limit < 0 else min(command.limit, options.history_size)
         history = await self.gateway.broker.history(channel, since=command.since, limit=limit, reverse=command.reverse)
         return {
