@@ -171,11 +171,12 @@ async def serve_websocket(
         return
     try:
         await websocket.accept(subprotocol=subprotocol)
+        handler = handler_of(connection)
     except BaseException:
         gateway.registry.close(connection)
         raise
     transport.start()
     try:
-        await serve(connection, handler_of(connection), transport.received(), gateway.registry)
+        await serve(connection, handler, transport.received(), gateway.registry)
     finally:
         await transport.finish()
