@@ -21,6 +21,7 @@ from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
 from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRegistry
 from tsunagu_core.revocation_store import shared_revocation_store
+from tsunagu_core.service_auth import service_headers
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
@@ -79,7 +80,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     _keep_tokens_out_of_logs()
     node = Node(settings, runtime.broker, runtime.settings.node_name)
     policy = ChannelPolicy(settings.namespaces)
-    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout, policy)
+    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout, policy, service_headers(runtime.settings))
     # Nonces of signed publications are shared by every replica when they share Redis.
     nonces: NonceRegistry = (
         RedisNonceRegistry(runtime.settings.redis_url) if runtime.settings.broker == "redis" else MemoryNonceRegistry()
@@ -98,7 +99,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         build_forwarders(runtime.bus, command_timeout=settings.command_timeout),
     )
     node.on_command = control_handler(gateway)
-    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
+    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name, service_headers(runtime.settings))
 
     async def follow_revocations() -> Subscription:
         await runtime.wait_ready(["bus"])

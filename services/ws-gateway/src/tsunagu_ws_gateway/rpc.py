@@ -37,10 +37,18 @@ class Caller(Protocol):
 
 
 class RpcRouter:
-    def __init__(self, routes: Mapping[str, RpcRoute], timeout: float, policy: ChannelPolicy | None = None) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, RpcRoute],
+        timeout: float,
+        policy: ChannelPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.routes = dict(routes)
         self.timeout = timeout
         self.policy = policy or ChannelPolicy({})
+        # The platform's service credential (tsunagu_core.service_auth): the backends' APIs are internal.
+        self.headers = {"content-type": "application/json", **(headers or {})}
         self._client: httpx.AsyncClient | None = None
 
     def authorize(self, method: str, data: Any, caller: Caller) -> RpcRoute:
@@ -70,7 +78,7 @@ class RpcRouter:
         except TypeError as exc:
             raise ReplyError(codes.BAD_REQUEST, f"data cannot be sent: {exc}") from None
         try:
-            response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
+            response = await self._client.post(url, content=body, headers=self.headers)
         except httpx.HTTPError as exc:
             log.warning("rpc %s to %s failed: %r", method, url, exc)
             raise ReplyError(codes.INTERNAL, f"backend unreachable: {exc!r}") from None

@@ -99,9 +99,10 @@ class Unavailable(Exception):
     pass
 
 
-def collab_client(settings: GatewaySettings) -> httpx.AsyncClient:
-    """The one HTTP client of the gateway towards collab (documents' state)."""
-    return httpx.AsyncClient(base_url=settings.collab_url, timeout=10.0, verify=client_context())
+def collab_client(settings: GatewaySettings, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """The one HTTP client of the gateway towards collab (documents' state), with the platform's service
+    credential in `headers` (collab's API is internal)."""
+    return httpx.AsyncClient(base_url=settings.collab_url, timeout=10.0, verify=client_context(), headers=headers)
 
 
 @dataclass(eq=False, slots=True)
@@ -236,9 +237,11 @@ class CollabConnection:
 class CollabHub:
     """The documents open on this node; the node hands it the publications of `collab:` channels."""
 
-    def __init__(self, gateway: Gateway, bus: Bus, node_name: str) -> None:
+    def __init__(self, gateway: Gateway, bus: Bus, node_name: str, headers: dict[str, str] | None = None) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
+        # collab's API is internal: the platform's service credential (tsunagu_core.service_auth).
+        self.headers = headers or {}
         self.broker: Broker = gateway.broker
         self.bus = bus
         self.node_name = node_name
@@ -250,7 +253,7 @@ class CollabHub:
     # lifecycle
 
     async def start(self) -> None:
-        self._http = collab_client(self.settings)
+        self._http = collab_client(self.settings, self.headers)
         self._ticker = asyncio.create_task(self._tick(), name="collab-keepalive")
 
     @asynccontextmanager
