@@ -92,8 +92,10 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
             names = ("auth", "collab", "stream-ingest", "mqtt-bridge", "sim-engine")
             defaults["web_service_urls"] = {name: _base_url(name, host) for name in names}
         if _unset("TSUNAGU_GATEWAY_RPC_ROUTES"):
-            # The Board asks the demo device through `mqtt.request` (MQTT 5 request/response).
-            defaults["rpc_routes"] = {"mqtt.": _base_url("mqtt-bridge", host)}
+            # The Board asks the demo device through `mqtt.request` (MQTT 5 request/response); a caller must
+            # be allowed to publish to the device's topic, as for a command.
+            request = {"url": _base_url("mqtt-bridge", host) + "/mqtt.request", "publish_to": "mqtt:{topic}"}
+            defaults["rpc_routes"] = {"mqtt.request": {**request, "allow": "authenticated"}}
     elif service == "auth":
         if _unset("TSUNAGU_AUTH_ADMIN_API_KEY"):
             defaults["admin_api_key"] = DEVELOPMENT_API_KEY

@@ -52,6 +52,8 @@ class EmbeddedServer(uvicorn.Server):
 def uvicorn_config(
     app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
 ) -> uvicorn.Config:
+    # A service may ask for server options of its own (the gateway: the largest WebSocket message).
+    own: dict[str, object] = getattr(getattr(app, "state", None), "server_options", None) or {}
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -64,6 +66,7 @@ def uvicorn_config(
         proxy_headers=False,
         timeout_graceful_shutdown=int(core.shutdown_grace),
         **(uvicorn_options(server_tls) if server_tls is not None else {}),
+        **own,  # type: ignore[arg-type]
     )
 
 
