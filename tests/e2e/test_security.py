@@ -212,7 +212,9 @@ async def test_the_gateways_rpc_reaches_mqtt_bridge_with_the_token_and_a_forged_
             **real_env,
             **internal,
             "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": secret,
-            "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps({"mqtt.": f"http://127.0.0.1:{bridge_port}"}),
+            "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps(
+                {"mqtt.request": {"url": f"http://127.0.0.1:{bridge_port}/mqtt.request", "allow": "authenticated"}}
+            ),
         },
     )
     for service in (bridge, gateway):
