@@ -28,6 +28,7 @@ from tsunagu_core.broker.base import (
     HistoryResult,
     Publication,
     PublishOptions,
+    PublishRequest,
     PublishResult,
     StreamPosition,
 )
@@ -69,6 +70,42 @@ end
 redis.call('publish', ARGV[6], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
 if ARGV[8] == '1' then redis.call('set', KEYS[3], offset .. ':' .. epoch, 'PX', ARGV[5]) end
 return {offset, epoch, 0}
+"""
+
+# Many publications in one call: the steps of _PUBLISH for each, in order. ARGV[1] is the count and
+# ARGV[2] the epoch a stream starts with; then 7 arguments per publication, 3 keys each.
+_PUBLISH_MANY = """
+local results = {}
+for i = 0, tonumber(ARGV[1]) - 1 do
+  local a = 2 + i * 7
+  local k = i * 3
+  local body, size, idempotent = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 7] == '1'
+  local seen = false
+  if idempotent then seen = redis.call('get', KEYS[k + 3]) end
+  if seen then
+    local sep = string.find(seen, ':', 1, true)
+    results[i + 1] = {tonumber(string.sub(seen, 1, sep - 1)), string.sub(seen, sep + 1), 1}
+  else
+    local offset = 0
+    local epoch = ''
+    if size > 0 then
+      epoch = redis.call('hget', KEYS[k + 2], 'e')
+      if not epoch then
+        epoch = ARGV[2]
+        redis.call('hset', KEYS[k + 2], 'e', epoch)
+        redis.call('del', KEYS[k + 1])
+      end
+      offset = redis.call('hincrby', KEYS[k + 2], 's', 1)
+      redis.call('xadd', KEYS[k + 1], 'MAXLEN', '=', size, '0-' .. offset, 'd', body)
+      if tonumber(ARGV[a + 3]) > 0 then redis.call('pexpire', KEYS[k + 1], ARGV[a + 3]) end
+      if tonumber(ARGV[a + 4]) > 0 then redis.call('pexpire', KEYS[k + 2], ARGV[a + 4]) end
+    end
+    redis.call('publish', ARGV[a + 6], 'p' .. offset .. ':' .. epoch .. ':' .. body)
+    if idempotent then redis.call('set', KEYS[k + 3], offset .. ':' .. epoch, 'PX', ARGV[a + 5]) end
+    results[i + 1] = {offset, epoch, 0}
+  end
+end
+return results
 """
 
 _HISTORY = """
@@ -137,6 +174,8 @@ return 1
 
 
 POOL_WAIT_SECONDS = 10.0
+# Publications per script call of publish_many: bounds how long one call holds Redis (~1 ms).
+PUBLISH_MANY_CHUNK = 256
 
 
 def _ms(seconds: float) -> int:
@@ -192,6 +231,7 @@ class RedisBroker(Broker):
             raise BrokerError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
         self._publish_script = client.register_script(_PUBLISH)
+        self._publish_many_script = client.register_script(_PUBLISH_MANY)
         self._history_script = client.register_script(_HISTORY)
         self._presence_add = client.register_script(_PRESENCE_ADD)
         self._presence_get = client.register_script(_PRESENCE_GET)
@@ -340,6 +380,56 @@ class RedisBroker(Broker):
         if not duplicate:
             BROKER_PUBLISHED.inc()
         return PublishResult(int(offset), _text(epoch), duplicate=bool(duplicate))
+
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """One script call per `PUBLISH_MANY_CHUNK` publications, the chunks in one pipeline."""
+        if not requests:
+            return []
+        now_ms = int(time.time() * 1000)
+        epoch = uuid.uuid4().hex[:8]
+        calls: list[tuple[list[str], list[bytes | str | int]]] = []
+        for first in range(0, len(requests), PUBLISH_MANY_CHUNK):
+            chunk = requests[first : first + PUBLISH_MANY_CHUNK]
+            keys: list[str] = []
+            args: list[bytes | str | int] = [len(chunk), epoch]
+            for request in chunk:
+                options = request.options
+                channel = request.channel
+                keys += (
+                    self._key("h", channel),
+                    self._key("m", channel),
+                    self._key("i", channel) + f":{options.idempotency_key or ''}",
+                )
+                args += (
+                    encode_publication_body(
+                        Publication(data=request.data, info=options.info, tags=options.tags, time_ms=now_ms)
+                    ),
+                    options.history_size,
+                    _ms(options.history_ttl),
+                    _ms(options.meta_ttl),
+                    _ms(options.idempotency_ttl),
+                    self._fanout_name(channel),
+                    "1" if options.idempotency_key else "0",
+                )
+            calls.append((keys, args))
+        with BROKER_OP_SECONDS.labels("publish_many").time():
+            try:
+                if len(calls) == 1:
+                    replies = [await self._publish_many_script(keys=calls[0][0], args=calls[0][1])]
+                else:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for keys, args in calls:
+                        await self._publish_many_script(keys=keys, args=args, client=pipe)
+                    replies = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise BrokerError(f"publishing {len(requests)} publications failed: {exc}") from None
+        results = [
+            PublishResult(int(offset), _text(stream_epoch), duplicate=bool(duplicate))
+            for reply in replies
+            for offset, stream_epoch, duplicate in reply
+        ]
+        BROKER_PUBLISHED.inc(sum(1 for r in results if not r.duplicate))
+        return results
 
     def _queue_publish(self, keys: list[str], args: Sequence[bytes | str | int]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
