@@ -37,6 +37,7 @@ async def test_the_app_relays_while_running_and_flushes_held_values_on_stop() ->
             described = (await client.get("/v1/mappings")).json()
         assert described["group"] == "stream-ingest"
         assert described["mappings"][0]["topic"] == "app.prices"
+
         async def published() -> int:
             return (await runtime.broker.history(channel, limit=0)).position.offset
 

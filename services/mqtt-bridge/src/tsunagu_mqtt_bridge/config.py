@@ -30,7 +30,13 @@ class MqttBridgeSettings(ServiceSettings):
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
     reconnect_max: float = Field(10.0, gt=0, le=300, description="Longest wait in seconds between MQTT reconnects.")
     relay_workers: int = Field(
-        32, ge=1, le=1024, description="Parallel relays to channels; messages of one topic keep their order."
+        2,
+        ge=1,
+        le=1024,
+        description="Parallel relays to channels, each publishing batches; messages of one topic keep their order.",
+    )
+    relay_batch_size: int = Field(
+        500, ge=1, le=10_000, description="Most MQTT messages a relay publishes in one broker call."
     )
     max_payload_bytes: int = Field(
         65536, ge=1, description="Largest MQTT payload relayed to a channel; larger ones are rejected and counted."
