@@ -1,12 +1,16 @@
-"""Kafka record → WebSocket client latency through stream-ingest, and what conflation saves on a hot key.
+"""Kafka record → WebSocket client through stream-ingest: latency at a rate, sustained throughput, conflation.
 
 Starts `tsunagu serve ws-gateway` and `tsunagu serve stream-ingest` on the real stack (Kafka, Redis),
 connects `--subscribers` raw WebSocket clients spread over `--keys` instrument channels
-(`stream:<topic>.<key>`), and produces `--rate` JSON records a second for `--duration` seconds with
-confluent-kafka, each stamped with its send time; every client stamps each arrival (one process,
-one clock). Then it produces the same hot-key burst to a plain topic and to a conflated one
-(`--max-rate` per second) and counts what one subscriber of each receives.
-Prints p50/p90/p99/max latency in milliseconds and the frames/bytes with and without conflation.
+(`stream:<topic>.<key>`), and
+- latency: produces `--rate` JSON records a second for `--duration` seconds with confluent-kafka,
+  each stamped with its send time; every client stamps each arrival (one process, one clock);
+- sustained: produces `--burst` records as fast as the producer goes and measures how long until
+  every subscriber has its keys' last record (records relayed per second, end to end);
+- conflation: the same hot-key burst to a plain topic and to a conflated one (`--max-rate` per
+  second), counting what one subscriber of each receives.
+Defaults are the issue's targets: 500 subscribers over 100 keys, p99 at 10,000 records/s.
+Prints the figures and writes them to bench/results/<time>-ingest.json.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import uuid
 from pathlib import Path
 
 import jwt
+import orjson
 import websockets
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from recording import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -71,19 +77,21 @@ class Subscriber:
         self.frames = 0
         self.bytes = 0
         self.last: object = None
+        self.last_at = 0.0
 
     async def read(self) -> None:
         try:
             async for frame in self.ws:
-                raw = frame if isinstance(frame, str) else frame.decode()
+                raw = frame if isinstance(frame, bytes) else frame.encode()
                 arrived = time.time()
                 self.bytes += len(raw)
-                for line in raw.split("\n"):
-                    if '"pub"' not in line:
+                for line in raw.split(b"\n"):
+                    if b'"pub"' not in line:
                         continue
                     self.frames += 1
-                    data = json.loads(line)["push"]["pub"]["data"]
+                    data = orjson.loads(line)["push"]["pub"]["data"]
                     self.last = data
+                    self.last_at = arrived
                     if isinstance(data, dict) and "t" in data:
                         self.latencies.append((arrived - data["t"]) * 1000)
         except websockets.ConnectionClosed:
@@ -104,18 +112,19 @@ async def subscribe(port: int, channel: str) -> Subscriber:
     return Subscriber(ws)
 
 
-def produce(topic: str, keys: list[str], rate: float, duration: float, pad: int) -> int:
-    """Records at `rate` a second, keys round-robin, each with its send time; returns how many."""
-    producer = Producer({"bootstrap.servers": KAFKA, "linger.ms": 1, "enable.idempotence": True})
-    total = int(rate * duration)
+def produce(topic: str, keys: list[str], rate: float, duration: float, pad: int, *, burst: int = 0) -> int:
+    """Records at `rate` a second (`burst`: that many, unpaced), keys round-robin, each with its send
+    time; returns how many."""
+    producer = Producer({"bootstrap.servers": KAFKA, "linger.ms": 5, "enable.idempotence": True})
+    total = burst or int(rate * duration)
     started = time.perf_counter()
     filler = "x" * pad
     for n in range(total):
-        due = started + n / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        value = json.dumps({"t": time.time(), "n": n, "pad": filler}).encode()
+        if not burst:
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0.001:
+                time.sleep(delay)
+        value = orjson.dumps({"t": time.time(), "n": n, "pad": filler})
         while True:
             try:
                 producer.produce(topic, key=keys[n % len(keys)], value=value)
@@ -133,19 +142,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=2000, help="records a second")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of producing")
-    parser.add_argument("--subscribers", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=10_000, help="records a second in the latency run")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of producing in the latency run")
+    parser.add_argument("--burst", type=int, default=200_000, help="records of the sustained run (0: skip it)")
+    parser.add_argument("--subscribers", type=int, default=500)
     parser.add_argument("--keys", type=int, default=100, help="instrument keys (channels) the records spread over")
     parser.add_argument("--pad", type=int, default=100, help="filler bytes per record")
     parser.add_argument("--max-rate", type=float, default=10, help="conflation: publications a second per channel")
+    parser.add_argument("--consumers", type=int, default=1, help="TSUNAGU_INGEST_CONSUMERS")
     args = parser.parse_args()
+    recorder = Recorder("ingest", vars(args))
 
     run = uuid.uuid4().hex[:8]
-    feed, hot_raw, hot_conflated = f"bench.feed.{run}", f"bench.hot.{run}", f"bench.hotc.{run}"
+    feed, burst_feed = f"bench.feed.{run}", f"bench.burst.{run}"
+    hot_raw, hot_conflated = f"bench.hot.{run}", f"bench.hotc.{run}"
+    created = (feed, burst_feed, hot_raw, hot_conflated)
     admin = AdminClient({"bootstrap.servers": KAFKA})
-    for future in admin.create_topics([NewTopic(t, num_partitions=6) for t in (feed, hot_raw, hot_conflated)]).values():
+    for future in admin.create_topics([NewTopic(t, num_partitions=6) for t in created]).values():
         future.result()
 
     env = {
@@ -155,7 +169,12 @@ async def main() -> None:
         "TSUNAGU_KAFKA_BOOTSTRAP": KAFKA,
     }
     gateway_port, ingest_port = free_port(), free_port()
-    mappings = [{"topic": feed}, {"topic": hot_raw}, {"topic": hot_conflated, "max_rate": args.max_rate}]
+    mappings = [
+        {"topic": feed},
+        {"topic": burst_feed},
+        {"topic": hot_raw},
+        {"topic": hot_conflated, "max_rate": args.max_rate},
+    ]
     processes = [
         serve("ws-gateway", gateway_port, {**env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET}),
         serve(
@@ -165,7 +184,7 @@ async def main() -> None:
                 **env,
                 "TSUNAGU_INGEST_MAPPINGS": json.dumps(mappings),
                 "TSUNAGU_INGEST_CONSUMER_GROUP": f"bench-ingest-{run}",
-                "TSUNAGU_INGEST_CONSUMERS": os.environ.get("BENCH_INGEST_CONSUMERS", "6"),
+                "TSUNAGU_INGEST_CONSUMERS": str(args.consumers),
                 "TSUNAGU_LOG_LEVEL": "warning",
             },
         ),
@@ -195,14 +214,30 @@ async def main() -> None:
             f" {args.subscribers} subscribers, {len(latencies)}/{expected} deliveries"
         )
         if latencies:
-            print(
-                f"  p50 {statistics.median(latencies):.1f} ms  p90 {percentile(latencies, 0.9):.1f} ms"
-                f"  p99 {percentile(latencies, 0.99):.1f} ms  max {max(latencies):.1f} ms"
+            figures = {
+                "p50_ms": statistics.median(latencies),
+                "p90_ms": percentile(latencies, 0.9),
+                "p99_ms": percentile(latencies, 0.99),
+                "max_ms": max(latencies),
+            }
+            print("  " + "  ".join(f"{name[:-3]} {value:.1f} ms" for name, value in figures.items()))
+            recorder.add(
+                f"record -> client p99 at {args.rate:.0f}/s",
+                figures["p99_ms"],
+                "ms",
+                records=sent,
+                deliveries=len(latencies),
+                expected=expected,
+                target="<= 50 ms at 10,000/s",
+                **figures,
             )
         for task in readers:
             task.cancel()
         for s in subscribers:
             await s.ws.close()
+
+        if args.burst:
+            await sustained(args, gateway_port, burst_feed, keys, recorder)
 
         hot_rate = min(args.rate, 1000.0)
         raw = await subscribe(gateway_port, f"stream:{hot_raw}.HOT")
@@ -226,6 +261,15 @@ async def main() -> None:
             f"  with max_rate {args.max_rate:g}/s: {conflated.frames} publications, {conflated.bytes} bytes sent"
             f" ({conflated.bytes / max(raw.bytes, 1):.1%}); last value n={last} (final record {total - 1})"
         )
+        recorder.add("hot key without conflation", raw.frames, "publications", bytes=raw.bytes, records=total)
+        recorder.add(
+            f"hot key with max_rate {args.max_rate:g}/s",
+            conflated.frames,
+            "publications",
+            bytes=conflated.bytes,
+            records=total,
+            last_value=last,
+        )
         for task in hot_readers:
             task.cancel()
     finally:
@@ -233,7 +277,52 @@ async def main() -> None:
             process.terminate()
         for process in processes:
             process.wait(20)
-        admin.delete_topics([feed, hot_raw, hot_conflated])
+        admin.delete_topics(list(created))
+        recorder.save()
+
+
+async def sustained(args: argparse.Namespace, port: int, topic: str, keys: list[str], recorder: Recorder) -> None:
+    """Records relayed a second when the producer outruns the relay: from the first record produced
+    until every subscriber holds the last record of its key."""
+    subscribers = [await subscribe(port, f"stream:{topic}.{keys[i % len(keys)]}") for i in range(args.subscribers)]
+    readers = [asyncio.create_task(s.read()) for s in subscribers]
+    await asyncio.sleep(1)
+    total = args.burst
+    last_of = {key: max(n for n in range(total - len(keys), total) if n % len(keys) == i) for i, key in enumerate(keys)}
+    started = time.time()
+    produced = await asyncio.to_thread(produce, topic, keys, 0, 0, args.pad, burst=total)
+    produced_in = time.time() - started
+
+    def done(s: Subscriber, i: int) -> bool:
+        return isinstance(s.last, dict) and s.last.get("n") == last_of[keys[i % len(keys)]]
+
+    deadline = time.monotonic() + 300
+    while not all(done(s, i) for i, s in enumerate(subscribers)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    finished = max(s.last_at for s in subscribers)
+    complete = all(done(s, i) for i, s in enumerate(subscribers))
+    elapsed = finished - started
+    frames = sum(s.frames for s in subscribers)
+    print(
+        f"sustained: {produced} records produced in {produced_in:.1f} s, all {args.subscribers} subscribers had"
+        f" their last record after {elapsed:.1f} s: {produced / elapsed:,.0f} records/s relayed,"
+        f" {frames:,} deliveries{'' if complete else ' (INCOMPLETE: some subscriber missed its last record)'}"
+    )
+    recorder.add(
+        "sustained relay (burst, end to end)",
+        produced / elapsed,
+        "records/s",
+        records=produced,
+        produced_seconds=produced_in,
+        seconds=elapsed,
+        deliveries=frames,
+        complete=complete,
+        target=">= 20,000/s",
+    )
+    for task in readers:
+        task.cancel()
+    for s in subscribers:
+        await s.ws.close()
 
 
 if __name__ == "__main__":

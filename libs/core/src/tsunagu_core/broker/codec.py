@@ -14,6 +14,22 @@ def info_from_wire(wire: broker_pb2.ClientInfo) -> ClientInfo:
     return ClientInfo(user=wire.user, client=wire.client, conn_info=wire.conn_info, chan_info=wire.chan_info)
 
 
+# A node decodes the same few publishers' infos over and over (a history read, a busy channel):
+# ClientInfo is immutable, so one instance per distinct info is shared.
+_INFOS: dict[tuple[str, str, bytes, bytes], ClientInfo] = {}
+_INFOS_KEPT = 4096
+
+
+def _shared_info(wire: broker_pb2.ClientInfo) -> ClientInfo:
+    key = (wire.user, wire.client, wire.conn_info, wire.chan_info)
+    info = _INFOS.get(key)
+    if info is None:
+        if len(_INFOS) >= _INFOS_KEPT:
+            _INFOS.clear()
+        info = _INFOS[key] = ClientInfo(*key)
+    return info
+
+
 def encode_publication_body(publication: Publication) -> bytes:
     """Everything but offset and epoch, which the engine assigns while storing."""
     wire = broker_pb2.BrokerPublication(data=publication.data, time_unix_ms=publication.time_ms)
@@ -29,8 +45,8 @@ def decode_publication_body(body: bytes, offset: int, epoch: str) -> Publication
         data=wire.data,
         offset=offset,
         epoch=epoch,
-        info=info_from_wire(wire.info) if wire.HasField("info") else None,
-        tags=dict(wire.tags),
+        info=_shared_info(wire.info) if wire.HasField("info") else None,
+        tags=dict(wire.tags) if wire.tags else {},
         time_ms=wire.time_unix_ms,
     )
 
