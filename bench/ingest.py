@@ -151,6 +151,10 @@ async def main() -> None:
     parser.add_argument("--pad", type=int, default=100, help="filler bytes per record")
     parser.add_argument("--max-rate", type=float, default=10, help="conflation: publications a second per channel")
     parser.add_argument("--consumers", type=int, default=1, help="TSUNAGU_INGEST_CONSUMERS")
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="TSUNAGU_INGEST_BATCH_SIZE (1: one record at a time)"
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy the relay and the gateway during the burst")
     args = parser.parse_args()
     recorder = Recorder("ingest", vars(args))
 
@@ -185,6 +189,7 @@ async def main() -> None:
                 "TSUNAGU_INGEST_MAPPINGS": json.dumps(mappings),
                 "TSUNAGU_INGEST_CONSUMER_GROUP": f"bench-ingest-{run}",
                 "TSUNAGU_INGEST_CONSUMERS": str(args.consumers),
+                "TSUNAGU_INGEST_BATCH_SIZE": str(args.batch_size),
                 "TSUNAGU_LOG_LEVEL": "warning",
             },
         ),
@@ -237,7 +242,7 @@ async def main() -> None:
             await s.ws.close()
 
         if args.burst:
-            await sustained(args, gateway_port, burst_feed, keys, recorder)
+            await sustained(args, gateway_port, ingest_port, processes, burst_feed, keys, recorder)
 
         hot_rate = min(args.rate, 1000.0)
         raw = await subscribe(gateway_port, f"stream:{hot_raw}.HOT")
@@ -281,17 +286,63 @@ async def main() -> None:
         recorder.save()
 
 
-async def sustained(args: argparse.Namespace, port: int, topic: str, keys: list[str], recorder: Recorder) -> None:
-    """Records relayed a second when the producer outruns the relay: from the first record produced
-    until every subscriber holds the last record of its key."""
+async def relayed_count(port: int, topic: str) -> float:
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tsunagu_ingest_records_total{") and f'mapping="{topic}"' in line and "published" in line
+    )
+
+
+async def sustained(
+    args: argparse.Namespace,
+    port: int,
+    ingest_port: int,
+    processes: list[subprocess.Popen[bytes]],
+    topic: str,
+    keys: list[str],
+    recorder: Recorder,
+) -> None:
+    """Records relayed a second when the producer outruns the relay: Kafka -> Redis as the relay's own
+    metrics count it, and end to end until every subscriber holds the last record of its key."""
     subscribers = [await subscribe(port, f"stream:{topic}.{keys[i % len(keys)]}") for i in range(args.subscribers)]
     readers = [asyncio.create_task(s.read()) for s in subscribers]
     await asyncio.sleep(1)
     total = args.burst
     last_of = {key: max(n for n in range(total - len(keys), total) if n % len(keys) == i) for i, key in enumerate(keys)}
+    profiles = []
+    if args.profile:
+        from recording import Profile
+
+        profiles = [
+            ("stream-ingest", Profile("ingest-stream-ingest", processes[1].pid, 15)),
+            ("ws-gateway", Profile("ingest-ws-gateway", processes[0].pid, 15)),
+        ]
     started = time.time()
-    produced = await asyncio.to_thread(produce, topic, keys, 0, 0, args.pad, burst=total)
+    producing = asyncio.create_task(asyncio.to_thread(produce, topic, keys, 0, 0, args.pad, burst=total))
+    relay_deadline = time.monotonic() + 300
+    while await relayed_count(ingest_port, topic) < total and time.monotonic() < relay_deadline:
+        await asyncio.sleep(0.05)
+    relayed_in = time.time() - started
+    produced = await producing
     produced_in = time.time() - started
+    print(f"sustained relay Kafka -> Redis: {produced} records in {relayed_in:.1f} s: {produced / relayed_in:,.0f}/s")
+    recorder.add(
+        "sustained relay Kafka -> Redis (burst, the relay's own count)",
+        produced / relayed_in,
+        "records/s",
+        records=produced,
+        seconds=relayed_in,
+        target=">= 20,000/s",
+    )
+    for name, profile in profiles:
+        shares = profile.finish()
+        print(f"  profile of {name} (self time): " + "; ".join(f"{share:.0%} {where}" for share, where in shares[:6]))
+        recorder.add(f"profile {name}", len(shares), "functions", svg=str(profile.svg), top=shares)
 
     def done(s: Subscriber, i: int) -> bool:
         return isinstance(s.last, dict) and s.last.get("n") == last_of[keys[i % len(keys)]]

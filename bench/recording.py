@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,46 @@ class Recorder:
         path.write_text(json.dumps(body, indent=2, default=str) + "\n")
         print(f"  raw results: {path.relative_to(RESULTS.parent.parent)}", flush=True)
         return path
+
+
+class Profile:
+    """`py-spy record` of a running process into bench/results/profiles/ (a flame graph SVG and the
+    collapsed stacks), and the functions where its samples end, for docs/benchmarks.md."""
+
+    def __init__(self, name: str, pid: int, seconds: float) -> None:
+        directory = RESULTS / "profiles"
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.raw = directory / f"{stamp}-{name}.txt"
+        self.svg = directory / f"{stamp}-{name}.svg"
+        spy = [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record"]
+        common = ["--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50", "--nonblocking"]
+        self.processes = [
+            subprocess.Popen([*spy, *common, "--format", "raw", "-o", str(self.raw)], stdout=subprocess.DEVNULL),
+            subprocess.Popen([*spy, *common, "--format", "flamegraph", "-o", str(self.svg)], stdout=subprocess.DEVNULL),
+        ]
+
+    def finish(self, top: int = 12) -> list[tuple[float, str]]:
+        for process in self.processes:
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        return leaf_share(self.raw, top)
+
+
+def leaf_share(raw: Path, top: int = 12) -> list[tuple[float, str]]:
+    """The share of samples per function where the stack ends (self time), from py-spy's raw format."""
+    if not raw.exists():
+        return []
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(number)
+        total += int(number)
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    return [(count / max(total, 1), name) for name, count in ranked]

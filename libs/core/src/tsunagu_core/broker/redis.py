@@ -23,14 +23,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from tsunagu_core.broker.base import (
     Broker,
     BrokerError,
     ClientInfo,
     HistoryResult,
-    Publication,
     PublishOptions,
     PublishRequest,
     PublishResult,
@@ -40,9 +39,9 @@ from tsunagu_core.broker.codec import (
     decode_client_info,
     decode_presence_event,
     decode_publication_body,
+    encode_body,
     encode_client_info,
     encode_presence_event,
-    encode_publication_body,
 )
 from tsunagu_core.redis_pool import connect_redis
 from tsunagu_core.telemetry import BROKER_OP_SECONDS, BROKER_PUBLISHED, BROKER_RESUBSCRIBES
@@ -166,7 +165,7 @@ return 1
 
 POOL_WAIT_SECONDS = 10.0
 # Publications per script call: bounds how long one call holds Redis (a few ms).
-PUBLISH_CHUNK = 256
+PUBLISH_CHUNK = 512
 _HEADER = struct.Struct(">IIII")
 
 
@@ -359,8 +358,7 @@ class RedisBroker(Broker):
                 await pubsub.unsubscribe(self._fanout_name(channel))
 
     def _pack(self, channel: str, data: bytes, options: PublishOptions, time_ms: int) -> bytes:
-        body = encode_publication_body(Publication(data=data, info=options.info, tags=options.tags, time_ms=time_ms))
-        return _pack_publication(channel, body, options)
+        return _pack_publication(channel, encode_body(data, options.info, options.tags, time_ms), options)
 
     async def publish(self, channel: str, data: bytes, options: PublishOptions = PublishOptions()) -> PublishResult:
         packed = self._pack(channel, data, options, int(time.time() * 1000))
@@ -401,15 +399,24 @@ class RedisBroker(Broker):
         if len(chunks) == 1:
             replies = [await self._publish_script(args=[self.prefix, epoch, chunks[0]])]
         else:
-            pipe = self.redis.pipeline(transaction=False)
-            for chunk in chunks:
-                await self._publish_script(args=[self.prefix, epoch, chunk], client=pipe)
-            replies = await pipe.execute()
+            # One connection keeps the chunks in order. EVALSHA directly: a pipeline of registered
+            # scripts asks SCRIPT EXISTS first, a round trip more per call.
+            try:
+                replies = await self._pipeline_publish(chunks, epoch)
+            except NoScriptError:
+                await self.redis.script_load(_PUBLISH)
+                replies = await self._pipeline_publish(chunks, epoch)
         return [
             PublishResult(int(flat[i]), _text(flat[i + 1]), duplicate=flat[i + 2] == 1)
             for flat in replies
             for i in range(0, len(flat), 3)
         ]
+
+    async def _pipeline_publish(self, chunks: list[bytes], epoch: str) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for chunk in chunks:
+            pipe.evalsha(self._publish_script.sha, 0, self.prefix, epoch, chunk)
+        return await pipe.execute()
 
     def _queue_publish(self, packed: bytes) -> asyncio.Future[PublishResult]:
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -236,7 +237,8 @@ class KafkaBus(Bus):
 
         trace = inject_trace_headers({})
         for index, event in enumerate(events):
-            headers = list({**trace, **event.headers}.items()) if event.headers else list(trace.items())
+            headers: dict[str, str | bytes | None] = {**trace, **event.headers} if event.headers else {**trace}
+            callback = functools.partial(on_delivery, index)
             while True:
                 try:
                     producer.produce(
@@ -244,7 +246,7 @@ class KafkaBus(Bus):
                         value=event.value,
                         key=encode_key(event.key),
                         headers=headers,
-                        on_delivery=lambda err, msg, index=index: on_delivery(index, err, msg),
+                        on_delivery=callback,
                     )
                     break
                 except BufferError:
