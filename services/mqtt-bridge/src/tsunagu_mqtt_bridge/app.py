@@ -51,6 +51,7 @@ def create_app(runtime: Runtime, settings: MqttBridgeSettings) -> FastAPI:
         client_id=client_id,
         session_expiry=settings.session_expiry,
         keepalive=settings.keepalive,
+        receive_maximum=settings.receive_maximum,
         reconnect_max=settings.reconnect_max,
         subscriptions=filters,
         handler=relay.handle,

@@ -39,7 +39,7 @@ RELAYED = Counter("tsunagu_mqtt_relayed_total", "MQTT messages published to thei
 REJECTED = Counter("tsunagu_mqtt_rejected_total", "MQTT messages or commands that could not be mapped", ["reason"])
 RELAY_SECONDS = Histogram(
     "tsunagu_mqtt_relay_seconds",
-    "From an MQTT message's arrival to the channel publication being accepted",
+    "From an MQTT message's arrival to the channel publication being accepted (per batch, its oldest message)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 PRESENCE = Counter("tsunagu_mqtt_presence_total", "Device presence changes pushed to channels", ["status"])
@@ -151,11 +151,9 @@ class Relay:
         if not requests:
             return
         await self._with_retry(lambda: self.broker.publish_many(requests))
-        now = time.perf_counter()
-        retained = 0
-        for item in relayed:
-            RELAY_SECONDS.observe(now - item.arrived)
-            retained += item.retained
+        # Once per batch, for its oldest message: an observation per message was 6% of the bridge's CPU.
+        RELAY_SECONDS.observe(time.perf_counter() - relayed[0].arrived)
+        retained = sum(item.retained for item in relayed)
         if retained:
             RELAYED.labels("true").inc(retained)
         if len(relayed) > retained:
