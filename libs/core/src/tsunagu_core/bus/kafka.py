@@ -71,6 +71,8 @@ class KafkaBus(Bus):
         # TLS from TSUNAGU_KAFKA_SECURITY_PROTOCOL and TSUNAGU_TLS_* (a ConfigError when a file is missing)
         self.extra_config = {**kafka_config(tls), **(extra_config or {})}
         self.last_error = ""
+        self._settled: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Delivery], Delivery | BusError]] = []
+        self._settled_lock = threading.Lock()
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._poller: threading.Thread | None = None
@@ -114,6 +116,30 @@ class KafkaBus(Bus):
         assert producer is not None
         while not self._closed.is_set():
             producer.poll(0.1)
+            self._hand_over_settled()
+        self._hand_over_settled()
+
+    def _on_settled(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Delivery], err: KafkaError | None, msg: Message
+    ) -> None:
+        """A delivery report (poll thread): kept until the poll returns, then handed to the loop with
+        the others of the same poll, one wake-up of the loop per poll instead of one per event."""
+        if err is not None:
+            outcome: Delivery | BusError = BusError(f"Kafka did not accept the event: {err.str()}")
+        else:
+            outcome = Delivery(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+        with self._settled_lock:
+            self._settled.append((loop, future, outcome))
+
+    def _hand_over_settled(self) -> None:
+        with self._settled_lock:
+            settled, self._settled = self._settled, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Delivery], Delivery | BusError]]] = {}
+        for loop, future, outcome in settled:
+            by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop that has closed meanwhile
+                loop.call_soon_threadsafe(_settle_all, outcomes)
 
     async def close(self) -> None:
         for consumer in list(self._consumers):
@@ -183,10 +209,7 @@ class KafkaBus(Bus):
             raise BusError("the Kafka bus is not started")
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[Delivery] = loop.create_future()
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, delivered, err, msg)
-
+        on_delivery = functools.partial(self._on_settled, loop, delivered)
         all_headers = inject_trace_headers(dict(headers or {}))
         while True:
             try:
@@ -330,13 +353,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _settle(future: asyncio.Future[Delivery], err: KafkaError | None, msg: Message) -> None:
-    if future.done():
-        return
-    if err is not None:
-        future.set_exception(BusError(f"Kafka did not accept the event: {err.str()}"))
-    else:
-        future.set_result(Delivery(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+def _settle_all(outcomes: list[tuple[asyncio.Future[Delivery], Delivery | BusError]]) -> None:
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, BusError):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _to_bus_message(msg: Message) -> BusMessage:
