@@ -84,6 +84,17 @@ async def bench_broker(label: str, broker: Broker, count: int) -> None:
                 "pub/s",
                 target=">= 50,000/s (Redis)",
             )
+        callers, each = 4, max(1, count // 2 // 128) * 128
+        started = time.perf_counter()
+        await asyncio.gather(*(batch_rate(broker.publish_many, each, 128) for _ in range(callers)))
+        total = callers * each
+        report(
+            f"{label} publish_many, {callers} callers x batches of 128",
+            total / (time.perf_counter() - started),
+            "pub/s",
+            note="as a batch consumer's partition workers call it",
+            target=">= 50,000/s (Redis)",
+        )
         reads = max(200, count // 20)
         report(
             f"{label} history read (100 publications)",

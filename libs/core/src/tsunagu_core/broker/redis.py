@@ -166,6 +166,8 @@ return 1
 POOL_WAIT_SECONDS = 10.0
 # Publications per script call: bounds how long one call holds Redis (a few ms).
 PUBLISH_CHUNK = 512
+# Auto-batching calls in flight at once (see RedisBroker.__init__).
+SENDERS = 2
 _HEADER = struct.Struct(">IIII")
 
 
@@ -216,10 +218,13 @@ class RedisBroker(Broker):
         self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        # Auto-pipelining: publishes issued while a round trip is in flight go out together in the
-        # next pipeline, so N concurrent publishers cost ~1 round trip instead of N.
+        # Auto-batching: publishes issued while a call is in flight go out together in the next script
+        # call, so N concurrent publishers cost ~1 round trip instead of N. Two senders let the client
+        # prepare one batch while Redis runs the other (one caller's publishes are never in two
+        # batches at once: it awaits each, so its order holds).
         self._queued: list[tuple[bytes, asyncio.Future[PublishResult]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders = 0
+        self._sender_tasks: set[asyncio.Task[None]] = set()
         self._direct = False
 
     # keys: the channel sits in a hash tag so one channel's keys share a Redis Cluster slot
@@ -364,7 +369,7 @@ class RedisBroker(Broker):
         packed = self._pack(channel, data, options, int(time.time() * 1000))
         with BROKER_OP_SECONDS.labels("publish").time():
             try:
-                if self._sender is None and not self._direct:
+                if not self._senders and not self._direct:
                     # Nothing in flight: go straight out, no hop through the sender task.
                     self._direct = True
                     try:
@@ -421,8 +426,11 @@ class RedisBroker(Broker):
     def _queue_publish(self, packed: bytes) -> asyncio.Future[PublishResult]:
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         self._queued.append((packed, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_queued(), name="redis-broker-publish")
+        if self._senders < SENDERS:
+            self._senders += 1
+            task = asyncio.create_task(self._send_queued(), name="redis-broker-publish")
+            self._sender_tasks.add(task)
+            task.add_done_callback(self._sender_tasks.discard)
         return future
 
     async def _send_queued(self) -> None:
@@ -442,11 +450,12 @@ class RedisBroker(Broker):
                     else:
                         future.set_result(result)
         finally:
-            self._sender = None
-            for _, future in self._queued:
-                if not future.done():
-                    future.set_exception(BrokerError("publish not sent: the broker is closing"))
-            self._queued = []
+            self._senders -= 1
+            if not self._senders:
+                for _, future in self._queued:
+                    if not future.done():
+                        future.set_exception(BrokerError("publish not sent: the broker is closing"))
+                self._queued = []
 
     async def publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         try:
