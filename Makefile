@@ -6,11 +6,13 @@ SHELL := /bin/bash
 UV ?= python3 -m uv
 PROTO_OUT := libs/core/src/tsunagu_core/wire
 PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
+# The Centrifugo client protocol as the gateway serves it (stock SDKs' wire format).
+CLIENT_PROTO_OUT := services/ws-gateway/src/tsunagu_ws_gateway/protocol/wire
 # mypy checks installed packages by name: the CLI, the core, and one per service.
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=
 
-.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit e2e stack-up stack-down stack-status bench deploy-check
+.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit stack-up stack-down stack-status bench deploy-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -36,23 +38,26 @@ fmt: install ## apply ruff's fixes and formatting
 
 proto: install ## regenerate the Python code of proto/ (committed)
 	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTO_FILES)
+	$(UV) run python -m grpc_tools.protoc -Iproto/centrifugal --python_out=$(CLIENT_PROTO_OUT) --pyi_out=$(CLIENT_PROTO_OUT) centrifuge_client.proto
 
 proto-check: install ## fail when the committed generated code differs from proto/
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
 	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$$tmp --pyi_out=$$tmp $(PROTO_FILES); \
-	for f in $$tmp/*; do cmp -s $$f $(PROTO_OUT)/$$(basename $$f) || { echo "$(PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done
+	for f in $$tmp/*; do cmp -s $$f $(PROTO_OUT)/$$(basename $$f) || { echo "$(PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done; \
+	rm -f $$tmp/*; $(UV) run python -m grpc_tools.protoc -Iproto/centrifugal --python_out=$$tmp --pyi_out=$$tmp centrifuge_client.proto; \
+	for f in $$tmp/*; do cmp -s $$f $(CLIENT_PROTO_OUT)/$$(basename $$f) || { echo "$(CLIENT_PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done
 
 docs: install ## regenerate docs/configuration.md from the settings classes
 	$(UV) run tsunagu config-docs
 
-docs-check: install
+docs-check: install ## fail when docs/configuration.md differs from the settings classes
 	$(UV) run tsunagu config-docs --check
 
 web: js-install ## rebuild the demo web app into the gateway's static files (committed: `make run` needs no Node)
 	npm run build --prefix web
 
 # The committed build must be what the sources build to, byte for byte.
-web-check: js-install
+web-check: js-install ## typecheck the web app and the offline client; fail when the committed build is stale
 	npm run typecheck --prefix web
 	npm run typecheck --prefix clients/js
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
@@ -68,10 +73,10 @@ unit: install ## unit tests only (memory engines; no servers)
 stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus)
 	$(UV) run tsunagu stack up
 
-stack-down: install
+stack-down: install ## stop the local infrastructure (its data stays under .stack/)
 	$(UV) run tsunagu stack down
 
-stack-status: install
+stack-status: install ## what of the local infrastructure runs (exit 3: nothing does)
 	$(UV) run tsunagu stack status
 
 # The stack is brought down whatever the tests did (also when only part of it came up), and the

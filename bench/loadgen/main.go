@@ -1,6 +1,7 @@
 // loadgen drives the broadcast benchmark: N subscribers on one channel of a server speaking the
 // Centrifugo client protocol (JSON), one publisher sending publish commands with a bounded window,
-// and a count of every publication that reaches every subscriber.
+// and a count of every publication that reaches every subscriber: each subscriber checks the sequence
+// numbers it receives, so lost, duplicated and reordered publications are counted, not only deliveries.
 //
 //	loadgen -url ws://127.0.0.1:8080/connection/websocket -token T -clients 1000 -duration 10s
 //	loadgen -serve 127.0.0.1:18099   # the reference server: pre-encoded frames, the tool's own ceiling
@@ -37,6 +38,68 @@ type result struct {
 	ConnectSeconds  float64 `json:"connect_seconds"`
 	PayloadBytes    int     `json:"payload_bytes"`
 	DisconnectedMid int64   `json:"disconnected_during_run"`
+	Lost            int64   `json:"lost"`
+	Duplicated      int64   `json:"duplicated"`
+	OutOfOrder      int64   `json:"out_of_order"`
+	SubscribersHurt int64   `json:"subscribers_with_a_problem"`
+}
+
+// firstSeq is the id (and sequence number) of the first publish command.
+const firstSeq = 10
+
+// ledger is one subscriber's record of the sequence numbers it received.
+type ledger struct {
+	seen       []uint64 // bit set over seq - firstSeq
+	last       int64
+	duplicated int64
+	outOfOrder int64
+}
+
+var seqMarker = []byte(`"seq":`)
+
+// record notes every `"seq":N` in one message (several publications may share it).
+func (l *ledger) record(data []byte) {
+	for {
+		at := bytes.Index(data, seqMarker)
+		if at < 0 {
+			return
+		}
+		data = data[at+len(seqMarker):]
+		var seq int64
+		digits := 0
+		for digits < len(data) && data[digits] >= '0' && data[digits] <= '9' {
+			seq = seq*10 + int64(data[digits]-'0')
+			digits++
+		}
+		data = data[digits:]
+		if digits == 0 || seq < firstSeq {
+			continue
+		}
+		index := uint64(seq - firstSeq)
+		for uint64(len(l.seen))*64 <= index {
+			l.seen = append(l.seen, 0)
+		}
+		word, bit := index/64, uint64(1)<<(index%64)
+		if l.seen[word]&bit != 0 {
+			l.duplicated++
+			continue
+		}
+		l.seen[word] |= bit
+		if seq < l.last {
+			l.outOfOrder++
+		}
+		l.last = seq
+	}
+}
+
+func (l *ledger) received(published int64) int64 {
+	var count int64
+	for index := uint64(0); index < uint64(published); index++ {
+		if index/64 < uint64(len(l.seen)) && l.seen[index/64]&(uint64(1)<<(index%64)) != 0 {
+			count++
+		}
+	}
+	return count
 }
 
 func main() {
@@ -191,8 +254,12 @@ func run(url, token string, clients int, channel string, duration time.Duration,
 	connectSeconds := time.Since(connectStart).Seconds()
 	running := atomic.Bool{}
 	running.Store(true)
-	for _, conn := range conns {
-		go func(conn *websocket.Conn) {
+	ledgers := make([]ledger, clients)
+	var readers sync.WaitGroup
+	for i, conn := range conns {
+		readers.Add(1)
+		go func(conn *websocket.Conn, book *ledger) {
+			defer readers.Done()
 			for {
 				_, data, err := conn.ReadMessage()
 				if err != nil {
@@ -204,12 +271,13 @@ func run(url, token string, clients int, channel string, duration time.Duration,
 				if n := bytes.Count(data, pubMarker); n > 0 {
 					delivered.Add(int64(n))
 					lastDelivery.Store(time.Now().UnixNano())
+					book.record(data)
 				}
 				if bytes.Equal(data, []byte("{}")) {
 					_ = conn.WriteMessage(websocket.TextMessage, []byte("{}"))
 				}
 			}
-		}(conn)
+		}(conn, &ledgers[i])
 	}
 
 	log.Printf("%d subscribers connected in %.2fs", clients, connectSeconds)
@@ -244,7 +312,7 @@ func run(url, token string, clients int, channel string, duration time.Duration,
 	start := time.Now()
 	deadline := start.Add(duration)
 	inFlight := 0
-	for id := 10; time.Now().Before(deadline); id++ {
+	for id := firstSeq; time.Now().Before(deadline); id++ {
 		if inFlight >= window {
 			select {
 			case <-acks:
@@ -272,7 +340,19 @@ func run(url, token string, clients int, channel string, duration time.Duration,
 	for _, conn := range conns {
 		conn.Close()
 	}
+	readers.Wait()
 	publisher.Close()
+	var lost, duplicated, outOfOrder, hurt int64
+	for i := range ledgers {
+		book := &ledgers[i]
+		missing := published.Load() - book.received(published.Load())
+		lost += missing
+		duplicated += book.duplicated
+		outOfOrder += book.outOfOrder
+		if missing > 0 || book.duplicated > 0 || book.outOfOrder > 0 {
+			hurt++
+		}
+	}
 	return &result{
 		Clients:         clients,
 		Published:       published.Load(),
@@ -284,6 +364,10 @@ func run(url, token string, clients int, channel string, duration time.Duration,
 		ConnectSeconds:  connectSeconds,
 		PayloadBytes:    payload,
 		DisconnectedMid: disconnected.Load(),
+		Lost:            lost,
+		Duplicated:      duplicated,
+		OutOfOrder:      outOfOrder,
+		SubscribersHurt: hurt,
 	}, nil
 }
 

@@ -10,7 +10,8 @@ import os
 import shutil
 import sys
 
-from tsunagu.stack import StackError, apt_install
+from tsunagu.stack.apt import apt_install
+from tsunagu.stack.settings import StackError
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 

@@ -10,15 +10,19 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
-from tsunagu.services import SERVICES
+from tsunagu.services import SERVICES, TYPE_CHECKING, ServiceEntry
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Sequence
+    from typing import Any
+
     from pydantic_settings import BaseSettings
 
 CONFIG_DOCS = "docs/configuration.md"
+# As uvicorn's default: connections that arrive while a service starts wait here.
+LISTEN_BACKLOG = 2048
 
 # `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
 # secret and serves the server API with this key unless real ones are configured. Never in production:
@@ -136,7 +140,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
+def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> socket.socket | None:
+    """The service's listening socket, opened before the service is imported (seconds of Python imports).
+    A client that reconnects to a restarting process meanwhile waits in the listen backlog and is served
+    once the app is up, instead of being refused and backing off further each time (as the SDKs do).
+    None when the address cannot be told yet (a malformed variable: the settings then say what is wrong)."""
+    import socket
+
+    try:
+        chosen_port = port or int(os.environ.get(f"{entry.env_prefix}PORT") or entry.port)
+    except ValueError:
+        return None
+    chosen_host = host or os.environ.get(f"{entry.env_prefix}HOST") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in chosen_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((chosen_host, chosen_port))
+    except OSError as exc:
+        listener.close()
+        raise SystemExit(f"tsunagu serve {entry.name}: cannot listen on {chosen_host}:{chosen_port}: {exc}") from None
+    listener.listen(LISTEN_BACKLOG)
+    return listener
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    listener = _listen_early(SERVICES[args.service], args.host, args.port)
     import asyncio
 
     from tsunagu_core.config import CoreSettings, load_settings
@@ -159,6 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
     sys.stdout.flush()
     server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
+    if listener is not None and listener.getsockname()[1] != port:  # the settings chose otherwise after all
+        listener.close()
+        listener = None
+    server.listener = listener
     return asyncio.run(serve_all([server], server_tls, core.server_tls_reload_interval))
 
 
@@ -167,7 +200,7 @@ def config_docs_text() -> str:
 
     classes: list[tuple[str, type[BaseSettings]]] = [("Shared by every service", CoreSettings)]
     classes += [(entry.name, entry.settings) for entry in SERVICES.values()]
-    from tsunagu.stack import StackSettings
+    from tsunagu.stack.settings import StackSettings
 
     classes.append(("Local infrastructure (`tsunagu stack`)", StackSettings))
     return render_config_docs(classes)
@@ -202,6 +235,7 @@ def hs256_token(claims: dict[str, Any], secret: str) -> str:
     import hashlib
     import hmac
     import json
+
     header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
     payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
     signing_input = f"{header}.{payload}".encode()
@@ -275,10 +309,9 @@ def _token_from_auth(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from tsunagu import stack
+    from tsunagu.stack import cli as stack_cli
 
-    flags = [*(["--purge"] if args.purge else []), *(["--tls"] if args.tls else [])]
-    return stack.main([args.action, *flags, *args.components])
+    return stack_cli.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,11 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=cmd_serve)
 
-    stack = commands.add_parser("stack", help="the real local infrastructure on loopback")
-    stack.add_argument("action", choices=["up", "down", "status", "env"])
-    stack.add_argument("components", nargs="*", help="redis kafka postgres mqtt prometheus (default: all)")
-    stack.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
-    stack.add_argument("--tls", action="store_true", help="with env: the TLS-only ports, mTLS with the dev PKI")
+    from tsunagu.stack import cli as stack_cli  # argparse only: the stack itself loads when it runs
+
+    stack = commands.add_parser(
+        "stack",
+        help="the real local infrastructure on loopback",
+        description=stack_cli.DESCRIPTION,
+        epilog=stack_cli.EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stack_cli.add_arguments(stack)
     stack.set_defaults(func=cmd_stack)
 
     token = commands.add_parser("token", help="a development connection token for the gateway")

@@ -35,6 +35,8 @@ class EmbeddedServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, name: str = "") -> None:
         super().__init__(config)
         self.name = name
+        # A socket already listening on the configured address (`tsunagu serve` binds before importing).
+        self.listener: socket.socket | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -42,6 +44,8 @@ class EmbeddedServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         _SERVING.set(self.name)
+        if sockets is None and self.listener is not None:
+            sockets = [self.listener]
         await super().serve(sockets)
 
 

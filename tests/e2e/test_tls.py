@@ -37,7 +37,7 @@ from tsunagu_core.tls import client_context, kafka_config
 from websockets.asyncio.client import connect
 
 from tsunagu.devpki import DevPki, issue, load_ca, write_pair
-from tsunagu.stack import load_settings, tls_connection_env
+from tsunagu.stack.settings import load_settings, tls_connection_env
 
 API_KEY = "e2e-tls-api-key"
 USER, PASSWORD = "tls-alice", "tls-alice-password-long-enough"

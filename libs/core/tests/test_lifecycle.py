@@ -93,3 +93,14 @@ def test_a_dependency_name_is_taken_once() -> None:
     runtime.add_dependency("cache", first)  # the same object again: fine (shared stores do this)
     with pytest.raises(ValueError, match="'cache' is already registered"):
         runtime.add_dependency("cache", MemoryBroker())
+
+
+def test_the_root_of_a_service_links_its_endpoints() -> None:
+    """What `tsunagu run` prints is a URL per service: opening it shows where to go, not a 404."""
+    app = create_service_app(service="presence", runtime=Runtime(CoreSettings()), needs=["bus"])
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "tsunagu presence" in page.text
+        for path in ("/healthz", "/readyz", "/metrics", "/docs"):
+            assert f'href="{path}"' in page.text
+            assert client.get(path).status_code == 200

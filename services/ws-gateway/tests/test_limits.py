@@ -38,37 +38,36 @@ async def test_connect_with_120_subscriptions_in_one_frame_subscribes_all(gatewa
 async def test_commands_past_the_frame_limit_get_error_111_and_the_connection_stays(  # type: ignore[no-untyped-def]
     start_gateway, token
 ) -> None:
-    async with start_gateway(max_commands_per_frame=10, max_channels_per_client=8) as gw:
-        async with websockets.connect(gw.ws_url) as ws:
-            commands = [{"id": 1, "connect": {"token": token("ann", ["*"])}}]
-            commands += [{"id": 2 + n, "subscribe": {"channel": f"news{n}"}} for n in range(14)]
-            await ws.send("\n".join(json.dumps(c) for c in commands))
-            got = await replies(ws, 15)
-            assert all("subscribe" in r for r in got[1:9])
-            assert got[9]["error"]["code"] == 106  # the 9th subscription: over the channel limit
-            assert [r["error"]["code"] for r in got[10:]] == [111] * 5
-            assert "more than 10 commands in one frame" in got[10]["error"]["message"]
-            await ws.send(json.dumps({"id": 99, "presence_stats": {"channel": "news0"}}))
-            (after,) = await replies(ws, 1)
-            assert after["id"] == 99  # still connected: answered (here with an error: no presence in news)
+    settings = {"max_commands_per_frame": 10, "max_channels_per_client": 8}
+    async with start_gateway(**settings) as gw, websockets.connect(gw.ws_url) as ws:
+        commands = [{"id": 1, "connect": {"token": token("ann", ["*"])}}]
+        commands += [{"id": 2 + n, "subscribe": {"channel": f"news{n}"}} for n in range(14)]
+        await ws.send("\n".join(json.dumps(c) for c in commands))
+        got = await replies(ws, 15)
+        assert all("subscribe" in r for r in got[1:9])
+        assert got[9]["error"]["code"] == 106  # the 9th subscription: over the channel limit
+        assert [r["error"]["code"] for r in got[10:]] == [111] * 5
+        assert "more than 10 commands in one frame" in got[10]["error"]["message"]
+        await ws.send(json.dumps({"id": 99, "presence_stats": {"channel": "news0"}}))
+        (after,) = await replies(ws, 1)
+        assert after["id"] == 99  # still connected: answered (here with an error: no presence in news)
 
 
 async def test_over_the_command_rate_gets_111_then_3013_when_the_client_keeps_on(  # type: ignore[no-untyped-def]
     start_gateway, token
 ) -> None:
-    async with start_gateway(commands_per_second=5) as gw:
-        async with websockets.connect(gw.ws_url) as ws:
-            await ws.send(json.dumps({"id": 1, "connect": {"token": token("ann", ["*"])}}))
-            await replies(ws, 1)
-            await ws.send("\n".join(json.dumps({"id": 2 + n, "ping": {}}) for n in range(12)))
-            got = await replies(ws, 12)
-            codes = [r.get("error", {}).get("code") for r in got]
-            assert codes.count(None) == 9 and codes[9:] == [111, 111, 111]  # burst 10: connect + 9 pings
-            await ws.send("\n".join(json.dumps({"id": 100 + n, "ping": {}}) for n in range(20)))
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 3013
+    async with start_gateway(commands_per_second=5) as gw, websockets.connect(gw.ws_url) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {"token": token("ann", ["*"])}}))
+        await replies(ws, 1)
+        await ws.send("\n".join(json.dumps({"id": 2 + n, "ping": {}}) for n in range(12)))
+        got = await replies(ws, 12)
+        codes = [r.get("error", {}).get("code") for r in got]
+        assert codes.count(None) == 9 and codes[9:] == [111, 111, 111]  # burst 10: connect + 9 pings
+        await ws.send("\n".join(json.dumps({"id": 100 + n, "ping": {}}) for n in range(20)))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3013
 
 
 def test_a_frame_limit_below_the_channel_limit_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,7 +216,7 @@ async def test_connecting_without_a_token(start_gateway, anonymous) -> None:  # 
         if anonymous:
             assert "connect" in json.loads(await ws.recv())
         else:
-            assert await close_code(ws) == 3500
+            assert await close_code(ws) == 3501  # no token with anonymous off: bad request, as Centrifugo
 
 
 async def test_presence_of_a_long_lived_subscriber_is_renewed(start_gateway, token, api_key) -> None:  # type: ignore[no-untyped-def]

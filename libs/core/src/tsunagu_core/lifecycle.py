@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tsunagu_core import topics
@@ -224,13 +224,15 @@ def create_service_app(
     hooks: Sequence[ServiceHook] = (),
     version: str = "0.1.0",
     warnings: Callable[[], dict[str, str]] | None = None,
+    index: bool = True,
 ) -> FastAPI:
     """A FastAPI app with the health, readiness and metrics endpoints every service exposes.
 
     `hooks` are entered in order once the runtime is acquired (the service's own consumers and
     background work) and left in reverse order when the service stops. `warnings` names what is
     configured so that the service runs but cannot do its job (a gateway with no token key): logged
-    at start and shown in `/readyz` under `warnings`, without failing readiness.
+    at start and shown in `/readyz` under `warnings`, without failing readiness. `index`: a small page
+    at `/` that links the service's endpoints (off where the service serves something else there).
     """
 
     @asynccontextmanager
@@ -252,6 +254,22 @@ def create_service_app(
     app = FastAPI(title=f"tsunagu {service}", version=version, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.service = service
+
+    if index:
+
+        @app.get("/", include_in_schema=False)
+        async def index_page() -> HTMLResponse:
+            links = "".join(
+                f'<li><a href="{path}">{path}</a> {what}</li>'
+                for path, what in (
+                    ("/healthz", "alive"),
+                    ("/readyz", "dependencies answer (503 with the reason otherwise)"),
+                    ("/metrics", "Prometheus metrics"),
+                    ("/docs", "the HTTP API (OpenAPI; /openapi.json)"),
+                )
+            )
+            title = f"tsunagu {service}"
+            return HTMLResponse(f"<!doctype html><title>{title}</title><h1>{title}</h1><ul>{links}</ul>")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

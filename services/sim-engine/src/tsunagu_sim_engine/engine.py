@@ -235,6 +235,7 @@ class SimEngine:
                 "tick": room.tick,
                 "entities": len(room.sent),
                 "overruns": room.overruns,
+                "skipped_ticks": room.skipped_ticks,
                 "last_tick_seconds": room.last_tick_seconds,
             }
             recent = sorted(room.recent_ticks)

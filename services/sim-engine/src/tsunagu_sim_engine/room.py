@@ -34,6 +34,9 @@ INPUTS = Counter("tsunagu_sim_inputs_total", "Inputs by outcome", ["kind", "outc
 
 ROOM_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 REPLIES = "replies:sim#{user}"
+TICKS_SKIPPED = Counter(
+    "tsunagu_sim_ticks_skipped_total", "Ticks not run because the loop fell too far behind to catch up", ["kind"]
+)
 MAX_CATCH_UP = 5
 
 
@@ -146,6 +149,7 @@ class Room:
         self.buckets: dict[str, tuple[float, float]] = {}
         self.seqs: dict[str, int] = {}
         self.overruns = 0
+        self.skipped_ticks = 0
         self.last_tick_seconds = 0.0
         self.recent_ticks: deque[float] = deque(maxlen=1024)  # durations of the last ticks, for percentiles
         self._entity_count = 0
@@ -365,6 +369,9 @@ class Room:
                     self.overruns += 1
                     TICK_OVERRUNS.labels(kind).inc()
                     if behind > MAX_CATCH_UP * self.dt:
+                        # The ticks not run (the schedule restarts from now); counted, not lost from sight.
+                        self.skipped_ticks += int(behind / self.dt)
+                        TICKS_SKIPPED.labels(kind).inc(int(behind / self.dt))
                         start = loop.time() - n * self.dt
         finally:
             self.close()

@@ -109,7 +109,12 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         return {"tokens": NO_TOKEN_KEY_HINT}
 
     app = create_service_app(
-        service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[serve_clients, collab.lifespan], warnings=warnings
+        service=SERVICE,
+        runtime=runtime,
+        needs=NEEDS,
+        hooks=[serve_clients, collab.lifespan],
+        warnings=warnings,
+        index=not settings.web_enabled,  # the demo web app is at / otherwise
     )
     app.state.settings = settings
     app.state.gateway = gateway

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,14 @@ DELIVERY_LAG = Histogram(
 DISCONNECTS = Counter("tsunagu_gateway_disconnects_total", "Connections closed by the server", ["code"])
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """A join or leave that reached a subscriber while it was still subscribing (sent after its reply)."""
+
+    join: bool
+    info: ClientInfo
+
+
 @dataclass(slots=True)
 class Subscription:
     channel: str
@@ -55,7 +63,7 @@ class Subscription:
     recoverable: bool
     join_leave: bool = False
     buffering: bool = True
-    buffer: list[Publication] = field(default_factory=list)
+    buffer: list[Publication | PresenceEvent] = field(default_factory=list)
     expires_at: float | None = None
     chan_info: bytes = b""
 
@@ -85,6 +93,7 @@ class Node:
         self.nodes: dict[str, dict[str, Any]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._control_ready = False
+        self._control_tasks: set[asyncio.Task[None]] = set()
         self.draining = False
 
     # lifecycle
@@ -210,12 +219,17 @@ class Node:
             return
         frames: dict[Codec, bytes] = {}
         for session, subscription in state.subscribers.items():
-            if subscription.join_leave and not subscription.buffering and session.id != info.client:
-                codec = session.codec
-                frame = frames.get(codec)
-                if frame is None:
-                    frame = frames[codec] = codec.join_push(channel, info) if join else codec.leave_push(channel, info)
-                session.transport.send(frame)
+            if not subscription.join_leave:
+                continue
+            if subscription.buffering:
+                # After its subscribe reply, as publications are: a subscriber's own join comes this way.
+                subscription.buffer.append(PresenceEvent(join, info))
+                continue
+            codec = session.codec
+            frame = frames.get(codec)
+            if frame is None:
+                frame = frames[codec] = codec.join_push(channel, info) if join else codec.leave_push(channel, info)
+            session.transport.send(frame)
 
     async def on_resubscribed(self) -> None:
         """The fan-out link was down, so publications may be missing: recoverable subscribers resubscribe
@@ -263,14 +277,24 @@ class Node:
             for session in self._matching(command):
                 session.transport.close(disconnect)
                 DISCONNECTS.labels(str(disconnect.code)).inc()
-        elif kind == "unsubscribe":
+        elif kind in ("unsubscribe", "subscribe"):
+            # Not awaited here: this runs inside the broker's delivery loop, and a subscribe waits for the
+            # broker to confirm its own subscription, which that same loop delivers (a Redis broker then
+            # stalled every channel's fan-out for 5 s and failed the subscribe).
             channel = str(command["channel"])
             for session in self._matching(command):
-                await session.server_unsubscribe(channel)
-        elif kind == "subscribe":
-            channel = str(command["channel"])
-            for session in self._matching(command):
-                await session.server_subscribe(channel)
+                act = session.server_subscribe if kind == "subscribe" else session.server_unsubscribe
+                self._run(act(channel), f"server {kind} of {session.id} to {channel}")
+
+    def _run(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(work, name=what)
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_done)
+
+    def _control_done(self, task: asyncio.Task[None]) -> None:
+        self._control_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s failed: %r", task.get_name(), task.exception())
 
     def _matching(self, command: dict[str, Any]) -> Iterable[ClientSession]:
         sessions = list(self.users.get(str(command.get("user", "")), ()))

@@ -30,6 +30,9 @@ class RpcRouter:
         return None
 
     async def call(self, method: str, data: Any, *, user: str, client: str) -> Any:
+        if not self.routes:
+            # As Centrifugo without an RPC proxy: nothing on this gateway answers RPCs at all.
+            raise ReplyError(codes.NOT_AVAILABLE, "no RPC backend is configured (TSUNAGU_GATEWAY_RPC_ROUTES)")
         url = self.route(method)
         if url is None:
             raise ReplyError(codes.METHOD_NOT_FOUND, f"no backend serves {method!r}")

@@ -194,7 +194,8 @@ async def _answer(method: ApiMethod, gateway: Gateway, body: dict[str, Any]) -> 
     try:
         return {"result": await method(gateway, body)}
     except ReplyError as exc:
-        return {"error": {"code": exc.error.code, "message": exc.detail or exc.error.message}}
+        message = f"{exc.error.message}: {exc.detail}" if exc.detail else exc.error.message
+        return {"error": {"code": exc.error.code, "message": message}}
     except BrokerError as exc:
         return {"error": {"code": codes.INTERNAL.code, "message": str(exc)}}
 

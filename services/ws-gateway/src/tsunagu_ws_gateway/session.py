@@ -21,10 +21,10 @@ from tsunagu_core.nonces import MemoryNonceRegistry
 from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent, Revocation
 
 from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
-from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.config import ChannelOptions, GatewaySettings
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.forwarding import Forwarder, Sender
-from tsunagu_ws_gateway.hub import Node, Subscription
+from tsunagu_ws_gateway.hub import Node, PresenceEvent, Subscription
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
@@ -45,6 +45,8 @@ REJECT_UNRECOVERED_FLAG = 2
 UNCOUNTED = 1 << 30
 COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
 COMMAND_ERRORS = Counter("tsunagu_gateway_command_errors_total", "Client commands answered with an error", ["code"])
+
+PRESENCE_AVAILABLE: dict[str, Any] = {"available": lambda o: o.presence, "what": "presence is off"}
 
 METHODS = (
     "connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats",
@@ -225,7 +227,8 @@ class ClientSession:
         elif self.settings.allow_anonymous:
             grant = ConnectionGrant(user="")
         else:
-            raise ProtocolError(codes.INVALID_TOKEN, "a connection token is required")
+            # Centrifugo's answer to a connect without a token when anonymous clients are not allowed.
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "a connection token is required")
         authenticated = bool(token) or self.certificate_grant is not None
         if authenticated and await self.gateway.revoked.refuses(grant):
             raise ProtocolError(codes.TOKEN_REVOKED)
@@ -284,7 +287,7 @@ class ClientSession:
         self.grant = grant
         self.expires_at = grant.expires_at
         self.principal = Principal(user=grant.user, channel_patterns=grant.channel_patterns, authenticated=True)
-        return {"client": self.id, "version": VERSION, **self._expiry()}
+        return self._expiry()
 
     # subscriptions
 
@@ -340,10 +343,13 @@ class ClientSession:
         def flush() -> None:
             subscription.buffering = False
             buffered, subscription.buffer = subscription.buffer, []
-            for publication in buffered:
-                if recoverable and publication.offset <= last_offset:
-                    continue  # part of the recovered history or older than the position the client starts at
-                self.transport.send(self.codec.publication_push(channel, publication))
+            for event in buffered:
+                if isinstance(event, PresenceEvent):
+                    push = self.codec.join_push if event.join else self.codec.leave_push
+                    self.transport.send(push(channel, event.info))
+                elif not recoverable or event.offset > last_offset:
+                    # (the others are part of the recovered history or older than where the client starts)
+                    self.transport.send(self.codec.publication_push(channel, event))
             self.node.go_live(channel, self)
 
         info = self.client_info(subscription)
@@ -366,8 +372,9 @@ class ClientSession:
         if not recover:
             top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
             position = top.position
-            return {"recoverable": True, "epoch": position.epoch, "offset": position.offset}, position.offset
-        since = StreamPosition(int(request.get("offset") or 0), str(request["epoch"]))
+            fresh = {"recoverable": True, "positioned": True, "epoch": position.epoch, "offset": position.offset}
+            return fresh, position.offset
+        since = StreamPosition(_offset(request.get("offset")), str(request["epoch"]))
         history = await broker.history(channel, since=since, limit=options.history_size, meta_ttl=meta_ttl)
         position = history.position
         publications = history.publications if position.epoch == since.epoch else []
@@ -382,14 +389,18 @@ class ClientSession:
             raise ReplyError(codes.UNRECOVERABLE_POSITION)
         result: dict[str, Any] = {
             "recoverable": True,
+            "positioned": True,
             "epoch": position.epoch,
-            "offset": position.offset,
-            "recovered": recovered,
             "was_recovering": True,
-            "publications": publications,
         }
-        last = max([position.offset, *(p.offset for p in publications)])
-        return result, last
+        if recovered:
+            # As Centrifugo: the client's own offset, and the publications that carry it to the top.
+            result |= {"offset": since.offset, "recovered": True, "publications": publications}
+        else:
+            # Publications only where the stream is continuous: a client told `recovered: false` reloads its
+            # state, and a partial history would look like all there is.
+            result["offset"] = position.offset
+        return result, position.offset
 
     def client_info(self, subscription: Subscription | None = None) -> ClientInfo:
         return ClientInfo(
@@ -456,10 +467,20 @@ class ClientSession:
 
     # publications, history, presence
 
-    def _channel_access(self, channel: Any, access_of: str) -> tuple[str, Any]:
+    def _channel_access(
+        self,
+        channel: Any,
+        access_of: str,
+        available: Callable[[ChannelOptions], bool] | None = None,
+        what: str = "",
+    ) -> tuple[str, Any]:
+        """The channel and its options if `who` may do `access_of` there; a feature the namespace does not
+        have (`available` false) is 108 before any permission check, as Centrifugo answers."""
         if not isinstance(channel, str) or not channel:
             raise ReplyError(codes.BAD_REQUEST, "a channel is required")
         options = self.gateway.policy.options(channel)
+        if available is not None and not available(options):
+            raise ReplyError(codes.NOT_AVAILABLE, f"{what} in this namespace")
         subscribed = channel in self.subscriptions
         access = getattr(options, access_of)
         # A subscription granted by a subscription token also lets its holder read history and presence.
@@ -532,9 +553,9 @@ class ClientSession:
             raise ReplyError(codes.INTERNAL, "published, but the audit record failed; retry") from None
 
     async def _on_history(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
-        channel, options = self._channel_access(request.get("channel"), "allow_history")
-        if options.history_size == 0:
-            raise ReplyError(codes.NOT_AVAILABLE, "this channel keeps no history")
+        channel, options = self._channel_access(
+            request.get("channel"), "allow_history", available=lambda o: o.history_size > 0, what="no history"
+        )
         limit = request.get("limit", 0)
         if not isinstance(limit, int) or isinstance(limit, bool):
             raise ReplyError(codes.BAD_REQUEST, "limit must be an integer")
@@ -542,7 +563,7 @@ class ClientSession:
         since = request.get("since")
         position = None
         if isinstance(since, dict):
-            position = StreamPosition(int(since.get("offset") or 0), str(since.get("epoch") or ""))
+            position = StreamPosition(_offset(since.get("offset")), str(since.get("epoch") or ""))
         history = await self.gateway.broker.history(
             channel, since=position, limit=limit, reverse=bool(request.get("reverse"))
         )
@@ -553,15 +574,11 @@ class ClientSession:
         }
 
     async def _on_presence(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
-        channel, options = self._channel_access(request.get("channel"), "allow_presence")
-        if not options.presence:
-            raise ReplyError(codes.NOT_AVAILABLE, "presence is off in this namespace")
+        channel, _ = self._channel_access(request.get("channel"), "allow_presence", **PRESENCE_AVAILABLE)
         return {"presence": await self.gateway.broker.presence(channel)}
 
     async def _on_presence_stats(self, command_id: int, request: dict[str, Any]) -> dict[str, Any]:
-        channel, options = self._channel_access(request.get("channel"), "allow_presence")
-        if not options.presence:
-            raise ReplyError(codes.NOT_AVAILABLE, "presence is off in this namespace")
+        channel, _ = self._channel_access(request.get("channel"), "allow_presence", **PRESENCE_AVAILABLE)
         stats = await self.gateway.broker.presence_stats(channel)
         return {"num_clients": stats.num_clients, "num_users": stats.num_users}
 
@@ -639,3 +656,12 @@ class ClientSession:
                 transport=self.transport_name,
             )
         )
+
+
+def _offset(value: Any) -> int:
+    """A stream offset a client sent: an unsigned integer (JSON numbers; protobuf gives ints)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ReplyError(codes.BAD_REQUEST, "offset must be an unsigned integer")
+    return value

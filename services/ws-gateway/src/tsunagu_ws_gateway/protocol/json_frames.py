@@ -97,8 +97,16 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def _omit_empty(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A result's fields without the zero values (false, 0, "", empty lists and maps), as Centrifugo's JSON
+    leaves them out (its protobuf messages are encoded with omitempty); SDKs read a missing field as zero."""
+    return {key: value for key, value in result.items() if value or isinstance(value, orjson.Fragment)}
+
+
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({"id": command_id, method: result}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS)
+    return orjson.dumps(
+        {"id": command_id, method: _omit_empty(result)}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS
+    )
 
 
 def error_reply(command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:
@@ -126,7 +134,7 @@ def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
 
 def subscribe_push(channel: str, result: Mapping[str, Any]) -> bytes:
     return orjson.dumps(
-        {"push": {"channel": channel, "subscribe": result}},
+        {"push": {"channel": channel, "subscribe": _omit_empty(result)}},
         default=_default,
         option=orjson.OPT_PASSTHROUGH_DATACLASS,
     )
