@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 from confluent_kafka.admin import AdminClient
-from recording import Recorder
+from record import Recorder
 from tsunagu_audit_log.chain import NewEvent
 from tsunagu_audit_log.store import PostgresStore, database_for
 from tsunagu_core.bus import Outgoing

@@ -32,7 +32,7 @@ import jwt
 import uvicorn
 from pycrdt import Doc, Provider, Text
 from pycrdt.websocket import ASGIServer, WebsocketServer
-from recording import Recorder
+from record import Recorder
 from tsunagu_collab.app import create_app as collab_app
 from tsunagu_collab.config import CollabSettings
 from tsunagu_core.config import CoreSettings

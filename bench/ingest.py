@@ -32,7 +32,7 @@ import orjson
 import websockets
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from recording import Recorder
+from record import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -316,7 +316,7 @@ async def sustained(
     last_of = {key: max(n for n in range(total - len(keys), total) if n % len(keys) == i) for i, key in enumerate(keys)}
     profiles = []
     if args.profile:
-        from recording import Profile
+        from record import Profile
 
         profiles = [
             ("stream-ingest", Profile("ingest-stream-ingest", processes[1].pid, 15)),

@@ -40,7 +40,7 @@ import jwt
 import orjson
 import paho.mqtt.client as mqtt
 import websockets
-from recording import Recorder
+from record import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
@@ -245,7 +245,7 @@ async def run(args: argparse.Namespace, name: str, extra_env: dict[str, str], ra
         )
         profiles = []
         if args.profile:
-            from recording import Profile
+            from record import Profile
 
             profiles = [
                 (f"{name}-mqtt-bridge", Profile(f"mqtt-{name}-bridge", bridge.pid, args.seconds)),

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
-from recording import Recorder
+from record import Recorder
 from tsunagu_core.broker import Broker, ClientInfo, MemoryBroker, Publication, PublishOptions, PublishRequest
 from tsunagu_core.broker.codec import encode_publication_body
 from tsunagu_core.broker.redis import RedisBroker

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import defaultdict
 
-from recording import Recorder
+from record import Recorder
 from tsunagu_core.broker import Broker, MemoryBroker, PublishOptions, PublishRequest
 from tsunagu_sim_engine.aoi import cell_channel
 from tsunagu_sim_engine.codec import encode
