@@ -125,7 +125,6 @@ class Bus(abc.ABC):
     ) -> Delivery:
         """Return once the engine has durably accepted the event (acks=all for Kafka)."""
 
-    @abc.abstractmethod
     async def consume(
         self,
         topics: Sequence[str],
@@ -135,6 +134,7 @@ class Bus(abc.ABC):
         retry: RetryPolicy = RetryPolicy(),
     ) -> Subscription:
         """Join `group` and call `handler` for each event, one at a time per consumer, in partition order."""
+        return await self.consume_batches(topics, group, one_at_a_time(handler), batch=EVENT_AT_A_TIME, retry=retry)
 
     @abc.abstractmethod
     async def consume_batches(

@@ -28,20 +28,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tsunagu_core.bus.base import (
-    EVENT_AT_A_TIME,
     BatchHandler,
     BatchPolicy,
     Bus,
     BusError,
     BusMessage,
     Delivery,
-    Handler,
     Outgoing,
     RetryPolicy,
     Subscription,
     encode_key,
     handle_batch_with_retry,
-    one_at_a_time,
 )
 from tsunagu_core.config import TlsSettings
 from tsunagu_core.telemetry import BUS_CONSUMER_LAG, BUS_PUBLISH_ERRORS, BUS_PUBLISHED, inject_trace_headers
@@ -298,16 +295,6 @@ class KafkaBus(Bus):
             "statistics.interval.ms": int(self.stats_interval * 1000),
             "stats_cb": lambda stats: record_consumer_lag(group, stats),
         }
-
-    async def consume(
-        self,
-        topics: Sequence[str],
-        group: str,
-        handler: Handler,
-        *,
-        retry: RetryPolicy = RetryPolicy(),
-    ) -> Subscription:
-        return await self.consume_batches(topics, group, one_at_a_time(handler), batch=EVENT_AT_A_TIME, retry=retry)
 
     async def consume_batches(
         self,

@@ -11,18 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tsunagu_core.bus.base import (
-    EVENT_AT_A_TIME,
     BatchHandler,
     BatchPolicy,
     Bus,
     BusMessage,
     Delivery,
-    Handler,
     RetryPolicy,
     Subscription,
     encode_key,
     handle_batch_with_retry,
-    one_at_a_time,
 )
 from tsunagu_core.telemetry import BUS_PUBLISHED, inject_trace_headers
 
@@ -93,16 +90,6 @@ class MemoryBus(Bus):
             for member in group.members:
                 member.wake.set()
         return Delivery(topic, partition, message.offset)
-
-    async def consume(
-        self,
-        topics: Sequence[str],
-        group: str,
-        handler: Handler,
-        *,
-        retry: RetryPolicy = RetryPolicy(),
-    ) -> Subscription:
-        return await self.consume_batches(topics, group, one_at_a_time(handler), batch=EVENT_AT_A_TIME, retry=retry)
 
     async def consume_batches(
         self,
