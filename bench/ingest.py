@@ -32,7 +32,7 @@ import orjson
 import websockets
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from record import Recorder
+from record import Recorder, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -278,10 +278,7 @@ async def main() -> None:
         for task in hot_readers:
             task.cancel()
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(20)
+        stop_processes(processes)
         admin.delete_topics(list(created))
         recorder.save()
 

@@ -40,7 +40,7 @@ import jwt
 import orjson
 import paho.mqtt.client as mqtt
 import websockets
-from record import Recorder
+from record import Recorder, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
@@ -111,38 +111,56 @@ class Latencies:
 async def client(
     url: str, user: str, channels: list[str], stats: Latencies, ready: asyncio.Event, stop: asyncio.Event
 ) -> None:
+    for attempt in range(5):
+        try:
+            async with websockets.connect(url, max_size=None) as ws:
+                await subscribe_all(ws, user, channels, stats)
+                await receive(ws, user, stats, ready, stop)
+                return
+        except websockets.ConnectionClosedError as exc:
+            # A gateway starved of CPU during the 1,000-subscribe burst may close with 3004: reconnect.
+            if ready.is_set() or attempt == 4:
+                raise
+            stats.retried += 1
+            print(f"  client {user}: {exc}; connecting again", flush=True)
+            await asyncio.sleep(0.5)
+
+
+async def subscribe_all(ws: Any, user: str, channels: list[str], stats: Latencies) -> None:
     token = jwt.encode({"sub": user, "channels": ["mqtt:*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.send(orjson.dumps({"id": 1, "connect": {"token": token}}).decode())
-        await ws.recv()
-        # One subscribe at a time, retrying the gateway's temporary errors (it has some under a burst of 1,000).
-        for number, channel in enumerate(channels, start=2):
-            for _attempt in range(20):
-                await ws.send(orjson.dumps({"id": number, "subscribe": {"channel": channel}}).decode())
-                reply = orjson.loads((await ws.recv()).splitlines()[0])
-                if "error" not in reply:
-                    break
-                stats.retried += 1
-                await asyncio.sleep(0.2)
-            else:
-                raise RuntimeError(f"could not subscribe to {channel}: {reply}")
-        ready.set()
-        while not stop.is_set():
-            try:
-                frame = await asyncio.wait_for(ws.recv(), 0.5)
-            except TimeoutError:
+    await ws.send(orjson.dumps({"id": 1, "connect": {"token": token}}).decode())
+    await ws.recv()
+    # One subscribe at a time, retrying the gateway's temporary errors (it has some under a burst of 1,000).
+    for number, channel in enumerate(channels, start=2):
+        for _attempt in range(20):
+            await ws.send(orjson.dumps({"id": number, "subscribe": {"channel": channel}}).decode())
+            reply = orjson.loads((await ws.recv()).splitlines()[0])
+            if "error" not in reply:
+                break
+            stats.retried += 1
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"could not subscribe to {channel}: {reply}")
+
+
+async def receive(ws: Any, user: str, stats: Latencies, ready: asyncio.Event, stop: asyncio.Event) -> None:
+    ready.set()
+    while not stop.is_set():
+        try:
+            frame = await asyncio.wait_for(ws.recv(), 0.5)
+        except TimeoutError:
+            continue
+        now = time.time_ns()
+        for line in frame.splitlines() if isinstance(frame, str) else frame.decode().splitlines():
+            if line == "{}":
+                await ws.send("{}")
                 continue
-            now = time.time_ns()
-            for line in frame.splitlines() if isinstance(frame, str) else frame.decode().splitlines():
-                if line == "{}":
-                    await ws.send("{}")
-                    continue
-                message = orjson.loads(line)
-                data = message.get("push", {}).get("pub", {}).get("data")
-                if isinstance(data, dict) and "t" in data:
-                    stats.values.append((now - data["t"]) / 1e6)
-                    stats.received += 1
-                    stats.per_client[user] = stats.per_client.get(user, 0) + 1
+            message = orjson.loads(line)
+            data = message.get("push", {}).get("pub", {}).get("data")
+            if isinstance(data, dict) and "t" in data:
+                stats.values.append((now - data["t"]) / 1e6)
+                stats.received += 1
+                stats.per_client[user] = stats.per_client.get(user, 0) + 1
 
 
 def publish(url: str, topics: list[str], rate: float, seconds: float, sent: Any) -> None:
@@ -314,9 +332,7 @@ async def run(args: argparse.Namespace, name: str, extra_env: dict[str, str], ra
             **figures,
         )
     finally:
-        for process in (bridge, gateway):
-            process.terminate()
-            process.wait(20)
+        stop_processes([bridge, gateway])
 
 
 if __name__ == "__main__":

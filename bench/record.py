@@ -114,6 +114,20 @@ def _librdkafka() -> str:
     return str(libversion()[0])
 
 
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM every process, then SIGKILL those still running after `grace` seconds (a service with a
+    backlog may take longer to drain than a benchmark should wait)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"  {' '.join(map(str, process.args))[-60:]} did not stop within {grace:g} s: killed", flush=True)
+            process.kill()
+            process.wait(10)
+
+
 class Recorder:
     """Collects a stage's rows (name, value, unit, details); `save()` writes them through `record` with
     `uptime` before and after the run."""
