@@ -68,7 +68,7 @@ js-test: js-install ## the offline client's unit tests (Vitest)
 	npm test --prefix clients/js
 
 unit: install ## unit tests only (memory engines; no servers)
-	$(UV) run pytest libs services tests/stack $(PYTEST_ARGS)
+	$(UV) run pytest libs services tests/stack tests/run $(PYTEST_ARGS)
 
 stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus)
 	$(UV) run tsunagu stack up

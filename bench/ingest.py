@@ -78,6 +78,7 @@ class Subscriber:
         self.bytes = 0
         self.last: object = None
         self.last_at = 0.0
+        self.close_code: int | None = None
 
     async def read(self) -> None:
         try:
@@ -94,8 +95,8 @@ class Subscriber:
                     self.last_at = arrived
                     if isinstance(data, dict) and "t" in data:
                         self.latencies.append((arrived - data["t"]) * 1000)
-        except websockets.ConnectionClosed:
-            pass
+        except websockets.ConnectionClosed as exc:
+            self.close_code = exc.rcvd.code if exc.rcvd is not None else None
 
 
 async def subscribe(port: int, channel: str) -> Subscriber:
@@ -134,6 +135,14 @@ def produce(topic: str, keys: list[str], rate: float, duration: float, pad: int,
         producer.poll(0)
     producer.flush(30)
     return total
+
+
+def closes(subscribers: list[Subscriber]) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for s in subscribers:
+        if s.close_code is not None:
+            codes[str(s.close_code)] = codes.get(str(s.close_code), 0) + 1
+    return codes
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -214,6 +223,9 @@ async def main() -> None:
         while sum(len(s.latencies) for s in subscribers) < expected and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         latencies = [value for s in subscribers for value in s.latencies]
+        closed = closes(subscribers)
+        if closed:
+            print(f"  the gateway closed subscribers: {closed} (close code: count)")
         print(
             f"latency Kafka record -> WebSocket client: {sent} records at {args.rate:.0f}/s over {args.keys} keys,"
             f" {args.subscribers} subscribers, {len(latencies)}/{expected} deliveries"
@@ -233,6 +245,7 @@ async def main() -> None:
                 records=sent,
                 deliveries=len(latencies),
                 expected=expected,
+                closed_by_gateway=closed,
                 target="<= 50 ms at 10,000/s",
                 **figures,
             )
@@ -344,10 +357,19 @@ async def sustained(
     def done(s: Subscriber, i: int) -> bool:
         return isinstance(s.last, dict) and s.last.get("n") == last_of[keys[i % len(keys)]]
 
+    # Until every subscriber has its last record, or nothing has arrived for 10 s (a client the gateway
+    # disconnected for falling behind, code 3008, never will).
     deadline = time.monotonic() + 300
+    last_total, quiet_since = -1, time.monotonic()
     while not all(done(s, i) for i, s in enumerate(subscribers)) and time.monotonic() < deadline:
+        total_now = sum(s.frames for s in subscribers)
+        if total_now != last_total:
+            last_total, quiet_since = total_now, time.monotonic()
+        elif time.monotonic() - quiet_since > 10:
+            break
         await asyncio.sleep(0.1)
     finished = max(s.last_at for s in subscribers)
+    closed = closes(subscribers)
     complete = all(done(s, i) for i, s in enumerate(subscribers))
     elapsed = finished - started
     frames = sum(s.frames for s in subscribers)
@@ -365,6 +387,7 @@ async def sustained(
         seconds=elapsed,
         deliveries=frames,
         complete=complete,
+        closed_by_gateway=closed,
         target=">= 20,000/s",
     )
     for task in readers:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from pydantic_settings import BaseSettings
+    from tsunagu_core.tls import ServerTls
+
+    from tsunagu.embedded_mqtt import EmbeddedMqttBroker
+    from tsunagu.serving import EmbeddedServer
 
 CONFIG_DOCS = "docs/configuration.md"
 # As uvicorn's default: connections that arrive while a service starts wait here.
@@ -78,6 +82,9 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
         if _unset("TSUNAGU_GATEWAY_WEB_SERVICE_URLS"):
             names = ("auth", "collab", "stream-ingest", "mqtt-bridge", "sim-engine")
             defaults["web_service_urls"] = {name: _base_url(name, host) for name in names}
+        if _unset("TSUNAGU_GATEWAY_RPC_ROUTES"):
+            # The Board asks the demo device through `mqtt.request` (MQTT 5 request/response).
+            defaults["rpc_routes"] = {"mqtt.": _base_url("mqtt-bridge", host)}
     elif service == "auth":
         if _unset("TSUNAGU_AUTH_ADMIN_API_KEY"):
             defaults["admin_api_key"] = DEVELOPMENT_API_KEY
@@ -94,9 +101,33 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
     elif service == "stream-ingest":
         if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
             defaults["demo_feed"] = True
+    elif service == "mqtt-bridge" and _unset("TSUNAGU_MQTT_URL"):
+        # The embedded broker (rumqttd) disconnects a client that acknowledges out of order.
+        if _unset("TSUNAGU_MQTT_BRIDGE_ACK_IN_ORDER"):
+            defaults["ack_in_order"] = True
+        # One bridge there: no shared subscription, which replicas need and rumqttd mishandles (its
+        # router panics when a persistent session in a share group disconnects).
+        if _unset("TSUNAGU_MQTT_BRIDGE_SHARE_GROUP"):
+            defaults["share_group"] = ""
     elif service == "sim-engine" and _unset("TSUNAGU_SIM_ROOMS"):
         defaults["rooms"] = [DEMO_ROOM]
     return defaults
+
+
+def _development_credentials(host: str | None) -> list[str]:
+    """The banner's lines on the development secrets in effect, each with the variable that replaces it."""
+    gateway, auth = development_defaults("ws-gateway", host), development_defaults("auth", host)
+    lines = []
+    if "token_hmac_secret" in gateway:
+        lines.append(
+            "    tokens:      uv run tsunagu token --user alice --channels 'chat:*'"
+            "  (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET)"
+        )
+    if "api_key" in gateway:
+        lines.append(f"    server API:  X-API-Key: {DEVELOPMENT_API_KEY}  (set TSUNAGU_GATEWAY_API_KEY)")
+    if "admin_api_key" in auth:
+        lines.append(f"    auth admin:  Authorization: Bearer {DEVELOPMENT_API_KEY}  (set TSUNAGU_AUTH_ADMIN_API_KEY)")
+    return lines
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,16 +138,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+    from tsunagu.embedded_mqtt import EmbeddedMqttBroker, RunSettings, mqtt_url_configured
+    from tsunagu.serving import EmbeddedServer, uvicorn_config
 
-    core = load_settings(CoreSettings)
+    # No TSUNAGU_MQTT_URL: run mode brings its own MQTT broker and a demo device, as it brings its
+    # in-process bus, so the IoT half of the demo works with no server installed.
+    mqtt: EmbeddedMqttBroker | None = None
+    if not mqtt_url_configured():
+        mqtt = EmbeddedMqttBroker(args.host or "127.0.0.1", load_settings(RunSettings).mqtt_port)
+    core = load_settings(CoreSettings, **({"mqtt_url": mqtt.url} if mqtt is not None else {}))
     setup_logging(core, "tsunagu")
     setup_tracing(core, "tsunagu")
     runtime = Runtime(core)
     server_tls = ServerTls.from_settings(core)
     scheme = "https" if server_tls is not None else "http"
     servers = []
-    print(f"tsunagu run: bus={core.bus} broker={core.broker}")
+    print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database}")
     for entry in SERVICES.values():
         settings = load_settings(entry.settings, **development_defaults(entry.name, args.host, args.port))
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
@@ -124,20 +161,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         app = entry.factory(runtime, settings)
         servers.append(EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name))
         print(f"  {entry.name:<14} {scheme}://{host}:{port}/  (/healthz /readyz /metrics)")
+    if mqtt is not None:
+        from tsunagu.demo_device import COMMAND_TOPIC, DEVICE, TELEMETRY_TOPIC
+
+        print(f"  {'mqtt broker':<14} {mqtt.url}  (embedded, MQTT 5; set TSUNAGU_MQTT_URL to use your own)")
+        if mqtt.displaced:
+            print(
+                f"                 (port {mqtt.wanted} is taken, by another broker? To use that one:"
+                f" TSUNAGU_MQTT_URL=mqtt://{mqtt.host}:{mqtt.wanted})"
+            )
+        print(f"  {'demo device':<14} {DEVICE}: telemetry on {TELEMETRY_TOPIC}, commands on {COMMAND_TOPIC}")
+    else:
+        print(f"  {'mqtt broker':<14} {core.mqtt_url}  (TSUNAGU_MQTT_URL)")
     gateway_url = _base_url("ws-gateway", args.host)
     if args.port:
         gateway_url = gateway_url.rsplit(":", 1)[0] + f":{args.port}"
     print(f"  the demo web app: {gateway_url}/  (log in as alice or bob)")
-    if "token_hmac_secret" in development_defaults("ws-gateway") or "api_key" in development_defaults("ws-gateway"):
-        print("  development credentials (set TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET / _API_KEY to replace them):")
-        print("    token:   uv run tsunagu token --user alice --channels 'chat:*'")
-        print(f"    API key: {DEVELOPMENT_API_KEY}")
+    credentials = _development_credentials(args.host)
+    if credentials:
+        print("  development credentials, never for production:")
+        print("\n".join(credentials))
     if "bootstrap_users" in development_defaults("auth"):
         users = ", ".join(f"{user!r} (password {password!r})" for user, password in DEVELOPMENT_USERS.items())
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
-    return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
+    return asyncio.run(_serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
+
+
+async def _serve_run_mode(
+    servers: list[EmbeddedServer], server_tls: ServerTls | None, reload: float, mqtt: EmbeddedMqttBroker | None
+) -> int:
+    """The services, and with an embedded broker the broker and the demo device beside them."""
+    import asyncio
+    import contextlib
+
+    from tsunagu.serving import serve_all
+
+    if mqtt is None:
+        return await serve_all(servers, server_tls, reload)
+    from tsunagu.demo_device import DemoDevice
+
+    async def broker_and_device() -> None:
+        try:
+            await asyncio.to_thread(mqtt.start)
+        except (OSError, RuntimeError) as exc:
+            print(f"tsunagu run: the embedded MQTT broker did not start: {exc}", file=sys.stderr)
+            return
+        await DemoDevice(mqtt.host, mqtt.port).run()
+
+    side = asyncio.create_task(broker_and_device(), name="tsunagu-run-mqtt")
+    try:
+        return await serve_all(servers, server_tls, reload)
+    finally:
+        side.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await side
+        await asyncio.to_thread(mqtt.stop)
 
 
 def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> socket.socket | None:
@@ -150,6 +230,8 @@ def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> so
     try:
         chosen_port = port or int(os.environ.get(f"{entry.env_prefix}PORT") or entry.port)
     except ValueError:
+        return None
+    if not 0 < chosen_port < 65536:
         return None
     chosen_host = host or os.environ.get(f"{entry.env_prefix}HOST") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in chosen_host else socket.AF_INET
@@ -200,8 +282,10 @@ def config_docs_text() -> str:
 
     classes: list[tuple[str, type[BaseSettings]]] = [("Shared by every service", CoreSettings)]
     classes += [(entry.name, entry.settings) for entry in SERVICES.values()]
+    from tsunagu.embedded_mqtt import RunSettings
     from tsunagu.stack.settings import StackSettings
 
+    classes.append(("Run mode (`tsunagu run`)", RunSettings))
     classes.append(("Local infrastructure (`tsunagu stack`)", StackSettings))
     return render_config_docs(classes)
 

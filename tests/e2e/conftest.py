@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import ssl
@@ -9,13 +11,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+JS = Path(__file__).parent / "js"
+ARTIFACTS = Path(os.environ.get("TSUNAGU_ARTIFACTS", Path(__file__).parent / "artifacts"))
+# `tsunagu run`'s development users (tsunagu.cli.DEVELOPMENT_USERS).
+USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
 
 
 def free_port() -> int:
@@ -25,18 +32,28 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, args: list[str], env: dict[str, str], port: int, tls: ssl.SSLContext | None = None) -> None:
-        """`tls`: the process serves https (TSUNAGU_SERVER_TLS_*); its health is asked with this context."""
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        inherit_tsunagu: bool = True,
+    ) -> None:
+        """`tls`: the process serves https (TSUNAGU_SERVER_TLS_*); its health is asked with this context.
+        `inherit_tsunagu=False`: none of this environment's TSUNAGU_* variables (the stack's addresses)
+        reach the process, only `env`'s: it runs as on a machine with nothing configured."""
         self.port = port
         self.tls = tls
         self.base = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}"
         # A file, not a pipe: nobody reads a pipe while the test runs, and a chatty process (`tsunagu run`
         # logs for eight services) blocks in its logging once the pipe's 64 KiB are full.
         self.log = tempfile.TemporaryFile(mode="w+", prefix="tsunagu-e2e-")  # noqa: SIM115 (closed by the fixture)
+        inherited = {k: v for k, v in os.environ.items() if inherit_tsunagu or not k.startswith("TSUNAGU_")}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tsunagu", *args],
             cwd=REPO,
-            env={**os.environ, **env},
+            env={**inherited, **env},
             stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -102,10 +119,14 @@ def _service_starter() -> Iterator[object]:
     started: list[ServiceProcess] = []
 
     def start(
-        args: list[str], env: dict[str, str] | None = None, port: int | None = None, tls: ssl.SSLContext | None = None
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        tls: ssl.SSLContext | None = None,
+        inherit_tsunagu: bool = True,
     ) -> ServiceProcess:
         chosen = port or free_port()
-        service = ServiceProcess([*args, "--port", str(chosen)], env or {}, chosen, tls)
+        service = ServiceProcess([*args, "--port", str(chosen)], env or {}, chosen, tls, inherit_tsunagu)
         started.append(service)
         return service
 
@@ -136,3 +157,41 @@ def real_env() -> dict[str, str]:
         "TSUNAGU_POSTGRES_DSN": POSTGRES_DSN,
         "TSUNAGU_KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP,
     }
+
+
+def _size(path: str) -> int:
+    return Path(path).stat().st_size
+
+
+async def _run_scenario(name: str, platform: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One scenario of js/browser_demo.mjs in Chromium against `platform` ({base, chromium, room}); its
+    result, after checking that the page raised no error and every screenshot shows something."""
+    options = {
+        "base": platform["base"],
+        "chromium": platform["chromium"],
+        "artifacts": str(ARTIFACTS),
+        "room": platform["room"],
+        "users": USERS,
+        **extra,
+    }
+    node = await asyncio.create_subprocess_exec(
+        "node", "browser_demo.mjs", name, json.dumps(options),
+        cwd=JS, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(node.communicate(), 150)
+    except TimeoutError:
+        node.kill()
+        raise AssertionError(f"browser scenario {name} hung") from None
+    assert node.returncode == 0, err.decode()[-3000:]
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["errors"] == [], result["errors"]
+    sizes = {shot: size for shot in result["screenshots"] if (size := await asyncio.to_thread(_size, shot)) < 10_000}
+    assert not sizes, f"screenshots suspiciously small: {sizes}"
+    return result
+
+
+@pytest.fixture
+def scenario() -> Callable[..., Awaitable[dict[str, Any]]]:
+    """`await scenario(name, platform, **options)`: a browser scenario's result (see _run_scenario)."""
+    return _run_scenario

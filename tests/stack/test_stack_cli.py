@@ -405,6 +405,22 @@ def test_run_points_the_gateway_at_the_embedded_services_on_their_ports(monkeypa
     assert "http://127.0.0.1:9999" in development_defaults("auth", gateway_port=9999)["cors_origins"]
 
 
+def test_run_routes_device_requests_to_the_bridge_and_keeps_it_alone_on_the_embedded_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tsunagu.cli import development_defaults
+
+    monkeypatch.delenv("TSUNAGU_MQTT_URL", raising=False)
+    monkeypatch.setenv("TSUNAGU_MQTT_BRIDGE_PORT", "18185")
+    assert development_defaults("ws-gateway")["rpc_routes"] == {"mqtt.": "http://127.0.0.1:18185"}
+    assert development_defaults("mqtt-bridge") == {"share_group": "", "ack_in_order": True}
+    # A real broker keeps the bridge's shared subscription (replicas split the load there).
+    monkeypatch.setenv("TSUNAGU_MQTT_URL", "mqtt://broker.internal:1883")
+    assert development_defaults("mqtt-bridge") == {}
+    monkeypatch.setenv("TSUNAGU_GATEWAY_RPC_ROUTES", '{"sim.": "http://sim:8086"}')
+    assert "rpc_routes" not in development_defaults("ws-gateway")
+
+
 def test_servers_that_drop_root_live_where_their_user_can_reach(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

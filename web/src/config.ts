@@ -10,6 +10,8 @@ export interface WebConfig {
   ticker_prefix: string;
   ticker_symbols: string[];
   iot_channels: string[];
+  /** A device the Board can send commands to (`mqtt.request`), and the channel of its state. */
+  device?: { name: string; command_topic: string; state_channel: string };
   world_room: string;
 }
 

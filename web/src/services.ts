@@ -1,7 +1,20 @@
-/** Which backend services run (`GET /web/services`, polled), so each view can say "X is not running". */
+/** Which backend services run (`GET /web/services`, polled), so each view can say "X is not running"
+ * or, when X runs without one of its dependencies, which one it waits for. */
 
-export type ServiceState = 'up' | 'down';
-export type ServiceMap = Record<string, ServiceState>;
+/** up: ready; down: does not answer; waiting: runs, but a dependency (`missing`) is not reachable. */
+export type ServiceState = 'up' | 'down' | 'waiting';
+export interface ServiceStatusEntry {
+  state: ServiceState;
+  missing?: Record<string, string>;
+}
+export type ServiceMap = Record<string, ServiceStatusEntry>;
+
+/** What a service's dependencies are, in words for the banner. */
+const DEPENDENCY_NAMES: Record<string, string> = {
+  bus: 'the event bus (Kafka)',
+  broker: 'the channel broker (Redis)',
+  mqtt: 'the MQTT broker',
+};
 
 const POLL_MS = 5000;
 const NAMES = ['auth', 'collab', 'stream-ingest', 'mqtt-bridge', 'sim-engine'];
@@ -23,9 +36,9 @@ export class ServiceStatus {
     window.addEventListener('online', () => void this.poll());
   }
 
-  /** 'up', 'down', or undefined while unknown (before the first answer). */
+  /** 'up', 'down', 'waiting', or undefined while unknown (before the first answer). */
   get(name: string): ServiceState | undefined {
-    return this.state[name];
+    return this.state[name]?.state;
   }
 
   /** Called now with the current state (if known) and after every change. */
@@ -46,8 +59,9 @@ export class ServiceStatus {
       this.state = next;
       for (const [name, value] of Object.entries(next)) {
         const item = this.item(name);
-        item.querySelector('.value')!.textContent = value;
-        item.dataset.state = value;
+        item.querySelector('.value')!.textContent = value.state;
+        item.dataset.state = value.state;
+        item.title = value.missing ? `waiting for ${describeMissing(value.missing)}` : '';
       }
       if (changed) for (const listener of this.listeners) listener(this.state);
     } catch {
@@ -78,17 +92,28 @@ export class ServiceStatus {
   }
 }
 
-/** A banner element that says "<service> is not running" while the service is down. */
+function describeMissing(missing: Record<string, string>): string {
+  return Object.entries(missing)
+    .map(([name, reason]) => `${DEPENDENCY_NAMES[name] ?? name} (${reason})`)
+    .join('; ');
+}
+
+/** A banner that says "<service> is not running", or what a running service is missing, while it is so. */
 export function serviceBanner(services: ServiceStatus, names: string[], what: string): HTMLElement {
   const banner = document.createElement('p');
   banner.className = 'banner down';
   banner.hidden = true;
+  banner.dataset.testid = `banner-${names.join('-')}`;
   services.watch((state) => {
-    const down = names.filter((name) => state[name] === 'down');
-    banner.hidden = down.length === 0;
-    banner.textContent = down.length
-      ? `${down.join(' and ')} ${down.length > 1 ? 'are' : 'is'} not running: ${what}`
-      : '';
+    const down = names.filter((name) => state[name]?.state === 'down');
+    const waiting = names.filter((name) => state[name]?.state === 'waiting');
+    const lines = [];
+    if (down.length) lines.push(`${down.join(' and ')} ${down.length > 1 ? 'are' : 'is'} not running: ${what}`);
+    for (const name of waiting) {
+      lines.push(`${name} runs but cannot reach ${describeMissing(state[name].missing ?? {})}: ${what}`);
+    }
+    banner.hidden = lines.length === 0;
+    banner.textContent = lines.join(' ');
   });
   return banner;
 }

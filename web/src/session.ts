@@ -29,6 +29,27 @@ export class SessionExpired extends Error {}
 /** A network error or an auth outage: try again later, keep the session. */
 export class AuthUnavailable extends Error {}
 
+/** auth refuses logins for this user (or from here) after too many failures, for `retryAfter` seconds. */
+export class LoginLocked extends AuthUnavailable {
+  readonly until: number; // ms since the epoch
+
+  constructor(
+    message: string,
+    readonly retryAfter: number,
+  ) {
+    super(message);
+    this.until = Date.now() + retryAfter * 1000;
+  }
+}
+
+/** Retry-After in seconds (delta-seconds or an HTTP date); null when absent or unreadable. */
+function retryAfterSeconds(header: string | null): number | null {
+  if (!header) return null;
+  if (/^\d+$/.test(header.trim())) return Number(header.trim());
+  const at = Date.parse(header);
+  return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - Date.now()) / 1000));
+}
+
 function readStored(): StoredSession | null {
   const raw = localStorage.getItem(STORAGE_KEY);
   if (!raw) return null;
@@ -70,6 +91,10 @@ async function post(url: string, body: unknown): Promise<TokenResponse> {
     // not JSON: keep the status
   }
   if (response.status === 400 || response.status === 401 || response.status === 403) throw new SessionExpired(message);
+  if (response.status === 429) {
+    const wait = retryAfterSeconds(response.headers.get('retry-after'));
+    if (wait !== null) throw new LoginLocked(message, wait);
+  }
   throw new AuthUnavailable(message);
 }
 

@@ -203,3 +203,14 @@ def test_a_browser_app_on_an_allowed_origin_may_log_in(make_auth) -> None:  # ty
         "/v1/token", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     )
     assert "access-control-allow-origin" not in stranger.headers
+
+
+def test_a_browser_app_may_read_how_long_a_locked_login_waits(make_auth) -> None:  # type: ignore[no-untyped-def]
+    auth = make_auth(cors_origins=["http://127.0.0.1:8080"], login_max_failures=1)
+    user = auth.user()
+    attempt = {"grant_type": "password", "username": user, "password": "wrong"}
+    origin = {"Origin": "http://127.0.0.1:8080"}
+    assert auth.client.post("/v1/token", json=attempt, headers=origin).status_code == 401
+    locked = auth.client.post("/v1/token", json=attempt, headers=origin)
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+    assert "retry-after" in locked.headers["access-control-expose-headers"].lower()

@@ -220,12 +220,12 @@ def prometheus_yml(
         f"      - targets: ['{HOST}:{settings.prometheus_port}']",
     ]
     for service, ports in targets.items():
-        targets = ", ".join(f"'{HOST}:{port}'" for port in ports)
+        addresses = ", ".join(f"'{HOST}:{port}'" for port in ports)
         lines += [
             f"  - job_name: tsunagu-{service}",
             "    metrics_path: /metrics",
             "    static_configs:",
-            f"      - targets: [{targets}]",
+            f"      - targets: [{addresses}]",
             "        labels:",
             f"          service: {service}",
         ]

@@ -6,6 +6,8 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
+import { LossyProxy } from './lossy_proxy.mjs';
+
 const [scenario, raw] = process.argv.slice(2);
 const options = JSON.parse(raw);
 mkdirSync(options.artifacts, { recursive: true });
@@ -16,13 +18,24 @@ function fail(message) {
   throw new Error(`${scenario}: ${message}`);
 }
 
-async function open(browser, user) {
+// The app's page at `base` in a fresh browser context, not logged in; page errors are collected.
+async function visit(browser, base = options.base) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  return { context, ...(await tab(context, base)) };
+}
+
+// Another page of `context` (same origin: same storage, same session, if any), at `path`.
+async function tab(context, base = options.base, path = '/') {
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   const errors = [];
   page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
-  await page.goto(options.base + '/');
+  await page.goto(base + path);
+  return { page, errors };
+}
+
+async function open(browser, user, base = options.base) {
+  const { context, page, errors } = await visit(browser, base);
   await page.getByTestId('login-user').fill(user);
   await page.getByTestId('login-password').fill(options.users[user]);
   await page.getByTestId('login-submit').click();
@@ -54,37 +67,63 @@ async function pendingCount(page) {
   return Number((await page.getByTestId('chat-pending').textContent())?.trim());
 }
 
-async function waitFor(what, check, timeout = STEP_TIMEOUT) {
+// Polls `check` until it returns true; what it returned last, or true.
+async function poll(check, timeout) {
   const deadline = Date.now() + timeout;
   let last;
   while (Date.now() < deadline) {
     last = await check();
-    if (last === true) return;
+    if (last === true) return true;
     await new Promise((r) => setTimeout(r, 100));
   }
-  fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+  return last;
+}
+
+async function waitFor(what, check, timeout = STEP_TIMEOUT) {
+  const last = await poll(check, timeout);
+  if (last !== true) fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function enterChat(page) {
+  await page.getByTestId('nav-chat').click();
+  await page.getByTestId(`chat-room-${options.room}`).click();
+}
+
+async function send(page, text) {
+  await page.getByTestId('chat-input').fill(text);
+  await page.getByTestId('chat-input').press('Enter');
+}
+
+async function connectionState(page) {
+  return (await page.getByTestId('connection-state').textContent())?.trim();
+}
+
+// What bob's room shows of `texts` (in the order shown) once it holds as many, and after a second
+// more, in which a late double would arrive; then the same from the room's history, after a reload.
+async function seenByBob(b, belongs, count) {
+  const mine = async () => (await chatTexts(b.page)).filter(belongs);
+  await waitFor(`bob to see all ${count}`, async () => ((await mine()).length >= count ? true : await mine()), 30_000);
+  await new Promise((r) => setTimeout(r, 1000));
+  const live = await mine();
+  await b.page.reload();
+  await connected(b.page);
+  await b.page.getByTestId(`chat-room-${options.room}`).click();
+  await waitFor('bob\'s history after a reload', async () => ((await mine()).length >= count ? true : await mine()));
+  return { live, history: await mine() };
 }
 
 async function chatOffline(browser) {
   const room = options.room;
   const a = await open(browser, 'alice');
   const b = await open(browser, 'bob');
-  for (const side of [a, b]) {
-    await side.page.getByTestId('nav-chat').click();
-    await side.page.getByTestId(`chat-room-${room}`).click();
-  }
+  for (const side of [a, b]) await enterChat(side.page);
   // The app must load from the service worker after a reload while offline.
   await a.page.waitForSelector('[data-testid="sw-ready"][data-ready="true"]', { state: 'attached' });
 
   await a.context.setOffline(true);
-  await waitFor('alice to notice she is offline', async () =>
-    (await a.page.getByTestId('connection-state').textContent())?.trim() !== 'connected' ? true : 'connected',
-  );
+  await waitFor('alice to notice she is offline', async () => ((await connectionState(a.page)) !== 'connected' ? true : 'connected'));
   const sent = Array.from({ length: 20 }, (_, n) => `offline message ${n + 1} ${room}`);
-  for (const text of sent) {
-    await a.page.getByTestId('chat-input').fill(text);
-    await a.page.getByTestId('chat-input').press('Enter');
-  }
+  for (const text of sent) await send(a.page, text);
   await waitFor('20 queued publications', async () => ((await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page)));
   const offlineShot = await shot(a.page, 'chat-offline-queue');
 
@@ -93,31 +132,167 @@ async function chatOffline(browser) {
   await waitFor('the queue to survive the reload', async () =>
     (await pendingCount(a.page)) === 20 ? true : await pendingCount(a.page),
   );
-  const stillOffline = (await a.page.getByTestId('connection-state').textContent())?.trim();
+  const stillOffline = await connectionState(a.page);
 
   await a.context.setOffline(false);
   await connected(a.page);
   await waitFor('the queue to drain', async () => ((await pendingCount(a.page)) === 0 ? true : await pendingCount(a.page)), 30_000);
 
-  const mine = (texts) => texts.filter((t) => t.endsWith(` ${room}`));
-  await waitFor('bob to see all 20', async () => {
-    const seen = mine(await chatTexts(b.page));
-    return seen.length >= 20 ? true : seen.length;
-  }, 30_000);
-  // A late straggler (a double) would show up here.
-  await new Promise((r) => setTimeout(r, 1000));
-  const bobSaw = mine(await chatTexts(b.page));
-  const aliceSees = mine(await chatTexts(a.page));
-  await b.page.reload();
-  await connected(b.page);
-  await b.page.getByTestId(`chat-room-${room}`).click();
-  await waitFor('bob history after reload', async () => {
-    const seen = mine(await chatTexts(b.page));
-    return seen.length >= 20 ? true : seen.length;
-  });
-  const bobHistory = mine(await chatTexts(b.page));
+  const mine = (text) => text.endsWith(` ${room}`);
+  const bob = await seenByBob(b, mine, 20);
+  const aliceSees = (await chatTexts(a.page)).filter(mine);
   const screenshots = [offlineShot, await shot(a.page, 'chat-alice'), await shot(b.page, 'chat-bob')];
-  return { sent, bobSaw, aliceSees, bobHistory, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
+  return { sent, bobSaw: bob.live, aliceSees, bobHistory: bob.history, stillOffline, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+// Alice through a LossyProxy (listening on options.proxy_port), bob straight to the gateway, both in
+// the chat room; `run(proxy, alice, bob)` does the rest. The proxy closes whatever happens.
+async function throughProxy(browser, run) {
+  const proxy = await LossyProxy.start(options.proxy_port, options.base);
+  try {
+    const alice = await open(browser, 'alice', proxy.base);
+    const bob = await open(browser, 'bob');
+    for (const side of [alice, bob]) await enterChat(side.page);
+    return await run(proxy, alice, bob);
+  } finally {
+    await proxy.close();
+  }
+}
+
+// Another tab of alice's (logged in: it shares the first tab's storage), connected, on `view`.
+async function aliceTab(alice, base, view = 'chat') {
+  const other = { ...(await tab(alice.context, base, `/#${view}`)), context: alice.context };
+  await connected(other.page);
+  if (view === 'chat') await enterChat(other.page);
+  return other;
+}
+
+const FLUSH_LOCK = 'tsunagu-outbox-alice:flush';
+
+// The clients holding and waiting for the outbox's flush lock (the lock manager is the origin's: all tabs).
+async function flushLock(page) {
+  return page.evaluate(async (name) => {
+    const all = await navigator.locks.query();
+    const ours = (list) => list.filter((lock) => lock.name === name).map((lock) => lock.clientId);
+    return { held: ours(all.held), waiting: ours(all.pending) };
+  }, FLUSH_LOCK);
+}
+
+async function drained(page, what) {
+  await waitFor(what, async () => ((await pendingCount(page)) === 0 ? true : await pendingCount(page)), 30_000);
+}
+
+// What bob saw of the messages starting with `tag` (live, then from history), and their publishes on the wire.
+async function delivered(proxy, tag, bob, count) {
+  const seen = await seenByBob(bob, (text) => text.startsWith(tag), count);
+  return { bobSaw: seen.live, bobHistory: seen.history, publishes: proxy.publishes.filter((p) => p.text?.startsWith(tag)) };
+}
+
+// The proxy loses the gateway's reply to alice's second message together with her connection, after the
+// gateway applied it: her outbox, never told, resends it once she is reconnected, and bob must see it
+// once, between the first and the third.
+function outboxLostAck(browser) {
+  return throughProxy(browser, async (proxy, a, b) => {
+    const tag = `lost ack ${options.room} #`;
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    proxy.loseReplyTo((publish) => publish.text === sent[1]);
+    for (const text of sent) await send(a.page, text);
+    await drained(a.page, 'alice\'s queue to drain');
+    return {
+      sent,
+      ...(await delivered(proxy, tag, b, sent.length)),
+      aliceSees: (await chatTexts(a.page)).filter((text) => text.startsWith(tag)),
+      errors: [...a.errors, ...b.errors],
+      screenshots: [await shot(a.page, 'outbox-lost-ack-alice'), await shot(b.page, 'outbox-lost-ack-bob')],
+    };
+  });
+}
+
+// Two tabs of alice's (one context: one origin, one IndexedDB outbox) both queue messages offline, then
+// come back at once. The proxy holds the gateway's first reply until both tabs are connected and one
+// waits for the other's flush lock, so both want to send at the same moment: the Web Lock must leave it
+// to one of them (without it both send the first message).
+function outboxTwoTabs(browser) {
+  return throughProxy(browser, async (proxy, one, b) => {
+    const tag = `two tabs ${options.room} `;
+    const two = await aliceTab(one, proxy.base);
+    await one.context.setOffline(true);
+    for (const side of [one, two]) {
+      await waitFor('alice\'s tabs to notice they are offline', async () => ((await connectionState(side.page)) !== 'connected' ? true : 'connected'));
+    }
+    const sent = { one: [], two: [] };
+    for (let n = 1; n <= 6; n++) {
+      for (const [name, side] of [['one', one], ['two', two]]) {
+        const text = `${tag}${name} #${n}`;
+        await send(side.page, text);
+        sent[name].push(text);
+      }
+    }
+    const total = sent.one.length + sent.two.length;
+    for (const side of [one, two]) {
+      await waitFor(`both tabs to show the ${total} queued`, async () => ((await pendingCount(side.page)) === total ? true : await pendingCount(side.page)));
+    }
+    const offlineShot = await shot(two.page, 'outbox-two-tabs-queued');
+
+    const release = proxy.holdReplies();
+    await one.context.setOffline(false);
+    for (const side of [one, two]) await connected(side.page);
+    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag)).length;
+    let locks;
+    // Until a first message is out and the other tab waits for the lock (with no lock: 5 s, by which
+    // time both tabs have sent it).
+    await poll(async () => {
+      locks = await flushLock(one.page);
+      return onTheWire() > 0 && locks.held.length > 0 && locks.waiting.length > 0 ? true : locks;
+    }, 5000);
+    const inFlightWhileHeld = onTheWire();
+    release();
+    for (const side of [one, two]) await drained(side.page, 'the shared queue to drain');
+    return {
+      sent,
+      ...(await delivered(proxy, tag, b, total)),
+      locks,
+      inFlightWhileHeld,
+      errors: [...one.errors, ...two.errors, ...b.errors],
+      screenshots: [offlineShot, await shot(b.page, 'outbox-two-tabs-bob')],
+    };
+  });
+}
+
+// Alice's tab crashes with her first message on the wire, its reply held back by the proxy: the gateway
+// applied it, the tab never heard. Her other tab, on the Board until then, opens the chat (and so the
+// outbox) meanwhile and waits for the flush lock; it gets it when the crashed tab's locks go with it,
+// resends what the outbox still holds (the first message with its key), and bob sees each once, in order.
+function outboxCrashedTab(browser) {
+  return throughProxy(browser, async (proxy, one, b) => {
+    const tag = `crashed tab ${options.room} #`;
+    const sent = [1, 2, 3].map((n) => `${tag}${n}`);
+    // Open before the reply is held: the SDK gives up on a reply after 5 s and would resend by itself.
+    const two = await aliceTab(one, proxy.base, 'board');
+    const release = proxy.holdReplies();
+    for (const text of sent) await send(one.page, text);
+    const onTheWire = () => proxy.publishes.filter((p) => p.text?.startsWith(tag)).length;
+    await waitFor('the first message on the wire', async () => onTheWire() > 0 || onTheWire());
+    await enterChat(two.page);
+    await waitFor('the other tab to wait for the flush lock', async () => {
+      const locks = await flushLock(two.page);
+      return locks.waiting.length > 0 || locks;
+    });
+    const crashed = new Promise((resolve) => one.page.once('crash', resolve));
+    const devtools = await one.context.newCDPSession(one.page);
+    devtools.send('Page.crash').catch(() => {}); // never answered: the renderer is gone
+    await crashed;
+    await waitFor('the crashed tab\'s connection to close', async () => proxy.open === 1 || proxy.open);
+    release();
+    await drained(two.page, 'the other tab to send what the crashed one left');
+    return {
+      sent,
+      ...(await delivered(proxy, tag, b, sent.length)),
+      twoSees: (await chatTexts(two.page)).filter((text) => text.startsWith(tag)),
+      errors: [...one.errors, ...two.errors, ...b.errors],
+      screenshots: [await shot(two.page, 'outbox-crashed-tab-other'), await shot(b.page, 'outbox-crashed-tab-bob')],
+    };
+  });
 }
 
 // The document's text: the lines without the remote carets' name labels (widgets inside .cm-content).
@@ -193,7 +368,13 @@ async function worldMoves(browser) {
     await side.page.getByTestId('nav-world').click();
     await side.page.getByTestId('world-canvas').waitFor();
   }
-  // Bob appears with his first input; then alice watches him move right.
+  // Both avatars join when the view opens, before any key press; then alice watches bob move right.
+  let joined;
+  await waitFor('both avatars on join, with no key pressed', async () => {
+    const ids = (await entities(a.page)).map((e) => e.id);
+    joined = ids;
+    return ids.includes('alice') && ids.includes('bob') ? true : ids;
+  });
   await b.page.getByTestId('world-canvas').click();
   await b.page.keyboard.press('ArrowUp');
   let bobId;
@@ -213,7 +394,101 @@ async function worldMoves(browser) {
   });
   const after = (await entities(a.page)).find((e) => e.id === bobId);
   const screenshots = [await shot(a.page, 'world-alice'), await shot(b.page, 'world-bob')];
-  return { bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
+  return { joined, bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
+}
+
+// `tsunagu run` with nothing configured: the demo device's telemetry on the Board, and a setpoint sent
+// from the Board's device panel answered by the device itself (MQTT 5 request/response).
+async function deviceCommand(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  await waitFor('the demo device telemetry', async () => {
+    const text = (await a.page.getByTestId('iot-log').textContent()) ?? '';
+    return text.includes('demo-thermostat') && text.includes('temperature') ? true : text.slice(-80);
+  });
+  const telemetry = await a.page.$$eval('[data-testid="iot-log"] li', (items) => items.length);
+  await waitFor('the device state', async () => {
+    const text = (await a.page.getByTestId('device-state').textContent()) ?? '';
+    return text.includes('setpoint') ? true : text;
+  });
+  const setpoint = options.setpoint;
+  await a.page.getByTestId('device-setpoint').fill(String(setpoint));
+  await a.page.getByTestId('device-send').click();
+  const answer = a.page.getByTestId('device-answer');
+  await waitFor('the device to answer', async () =>
+    (await answer.getAttribute('data-state')) !== 'pending' ? true : await answer.textContent(),
+  );
+  const answered = { state: await answer.getAttribute('data-state'), text: (await answer.textContent())?.trim() };
+  await waitFor('the device state channel to show the new setpoint', async () => {
+    const text = (await a.page.getByTestId('device-state').textContent()) ?? '';
+    return text.includes(`setpoint ${setpoint.toFixed(1)} °C`) ? true : text;
+  });
+  const state = (await a.page.getByTestId('device-state').textContent())?.trim();
+  const banner = await a.page.getByTestId('banner-mqtt-bridge').isVisible();
+  const status = {};
+  for (const name of ['auth', 'collab', 'stream-ingest', 'mqtt-bridge', 'sim-engine']) {
+    status[name] = (await a.page.getByTestId(`service-status-${name}`).first().textContent())?.trim();
+  }
+  return { telemetry, answered, state, banner, status, errors: a.errors, screenshots: [await shot(a.page, 'board-device')] };
+}
+
+// A user who failed too often is told the login is locked and for how long, not that auth is unreachable.
+async function loginLocked(browser) {
+  const { page, errors } = await visit(browser);
+  const message = page.getByTestId('login-error');
+  const messages = [];
+  for (let attempt = 0; attempt <= options.max_failures; attempt++) {
+    await page.getByTestId('login-user').fill(options.user);
+    await page.getByTestId('login-password').fill('not the password');
+    await page.getByTestId('login-submit').click();
+    await waitFor(`the answer to attempt ${attempt + 1}`, async () => ((await message.textContent())?.trim() ? true : 'empty'));
+    messages.push((await message.textContent()).trim());
+  }
+  return { messages, errors, screenshots: [await shot(page, 'login-locked')] };
+}
+
+// A backend publishes to a chat room through the server API with only `{text}`: the room shows it
+// from "server", at the time it arrived.
+async function chatFromServer(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-chat').click();
+  await a.page.getByTestId(`chat-room-${options.room}`).click();
+  await a.page.waitForFunction(() => document.querySelector('.chat-main h2')?.textContent?.startsWith('#'));
+  // The subscription must stand before the publication, or it only comes from history.
+  await new Promise((r) => setTimeout(r, 1000));
+  const text = `from a backend ${Date.now()}`;
+  const response = await fetch(`${options.base}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': options.api_key },
+    body: JSON.stringify({ channel: `chat:${options.room}`, data: { text } }),
+  });
+  if (!response.ok) fail(`server API publish: HTTP ${response.status} ${await response.text()}`);
+  let shown;
+  await waitFor('the backend message in the room', async () => {
+    shown = await a.page.$$eval(
+      '[data-testid="chat-log"] li',
+      (items, wanted) =>
+        items
+          .filter((li) => li.querySelector('.text')?.textContent === wanted)
+          .map((li) => ({ user: li.querySelector('.user')?.textContent, time: li.querySelector('time')?.textContent, server: li.classList.contains('from-server') })),
+      text,
+    );
+    return shown.length ? true : 'not yet';
+  });
+  return { shown: shown[0], errors: a.errors, screenshots: [await shot(a.page, 'chat-server')] };
+}
+
+// The platform lost its MQTT broker: the Board says what mqtt-bridge is missing, not that it is not running.
+async function missingBroker(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-board').click();
+  const banner = a.page.getByTestId('banner-mqtt-bridge');
+  await waitFor('the banner naming the missing broker', async () => {
+    const text = (await banner.isVisible()) ? ((await banner.textContent()) ?? '') : 'hidden';
+    return text.includes('cannot reach') ? true : text;
+  }, 30_000);
+  const status = (await a.page.getByTestId('service-status-mqtt-bridge').textContent())?.trim();
+  return { banner: (await banner.textContent()).trim(), status, errors: a.errors, screenshots: [await shot(a.page, 'board-no-broker')] };
 }
 
 async function storedSession(page) {
@@ -270,7 +545,20 @@ async function sessionRefresh(browser) {
   };
 }
 
-const scenarios = { session: sessionRefresh, 'chat-offline': chatOffline, editor: editorConverges, board: boardUpdates, world: worldMoves };
+const scenarios = {
+  session: sessionRefresh,
+  'chat-offline': chatOffline,
+  'outbox-lost-ack': outboxLostAck,
+  'outbox-two-tabs': outboxTwoTabs,
+  'outbox-crashed-tab': outboxCrashedTab,
+  editor: editorConverges,
+  board: boardUpdates,
+  world: worldMoves,
+  device: deviceCommand,
+  'login-locked': loginLocked,
+  'chat-server': chatFromServer,
+  'missing-broker': missingBroker,
+};
 
 const browser = await chromium.launch({
   executablePath: options.chromium,

@@ -1,12 +1,124 @@
-/** Board: live tickers (last price and a sparkline per symbol) and the latest IoT telemetry. */
+/** Board: live tickers (last price and a sparkline per symbol), the latest IoT telemetry, and a device
+ * to command: its state from its `mqtt:` channel, and a setpoint sent as an MQTT 5 request
+ * (`mqtt.request` through the gateway to mqtt-bridge), whose answer is the device's own. */
 
-import type { PublicationContext, Subscription } from 'centrifuge';
+import type { Centrifuge, PublicationContext, Subscription } from 'centrifuge';
 
 import { serviceBanner } from '../services';
 import { el, type AppContext, type View } from './view';
 
 const SPARK_POINTS = 60;
 const IOT_KEEP = 20;
+/** Seconds mqtt-bridge waits for the device's answer. */
+const DEVICE_TIMEOUT = 5;
+
+interface DeviceState {
+  ts?: unknown;
+  temperature?: unknown;
+  setpoint?: unknown;
+  heating?: unknown;
+}
+
+interface DeviceAnswer extends DeviceState {
+  ok?: unknown;
+  error?: unknown;
+}
+
+const degrees = (value: unknown): string => (typeof value === 'number' ? `${value.toFixed(1)} °C` : '–');
+
+/** The device's state as the panel shows it. */
+function describeState(state: DeviceState): string {
+  const heating = state.heating === true ? ' · heating' : state.heating === false ? ' · idle' : '';
+  return `room ${degrees(state.temperature)} · setpoint ${degrees(state.setpoint)}${heating}`;
+}
+
+class DevicePanel {
+  readonly element: HTMLElement;
+  private readonly state = el('p', { className: 'device-state', testid: 'device-state', text: 'no state yet' });
+  private readonly answer = el('p', { className: 'device-answer', testid: 'device-answer' });
+  private readonly setpoint = el('input', { testid: 'device-setpoint' });
+  private readonly send = el('button', { testid: 'device-send', text: 'Set' });
+
+  constructor(
+    private readonly client: Centrifuge,
+    private readonly device: NonNullable<AppContext['config']['device']>,
+  ) {
+    this.setpoint.type = 'number';
+    this.setpoint.min = '5';
+    this.setpoint.max = '35';
+    this.setpoint.step = '0.5';
+    this.setpoint.value = '22';
+    this.send.type = 'button';
+    this.send.addEventListener('click', () => void this.command());
+    this.setpoint.addEventListener('keydown', (event) => {
+      if (event.key === 'Enter') void this.command();
+    });
+    const form = el('div', { className: 'device-form' }, el('label', {}, 'Setpoint °C ', this.setpoint), this.send);
+    this.element = el(
+      'div',
+      { className: 'device', testid: 'device' },
+      el('h3', { text: device.name }),
+      this.state,
+      form,
+      this.answer,
+    );
+  }
+
+  private shownAt = 0;
+
+  /** Shows a state (a reading, the state channel, an answer) unless a newer one is shown already. */
+  showState(data: unknown): void {
+    if (typeof data !== 'object' || data === null) return;
+    const state = data as DeviceState;
+    const at = typeof state.ts === 'number' ? state.ts : 0;
+    if (at && at < this.shownAt) return; // history arriving after live news
+    this.shownAt = Math.max(this.shownAt, at);
+    this.state.textContent = describeState(state);
+  }
+
+  /** Sends `{setpoint}` to the device's command topic and shows what the device answered. */
+  private async command(): Promise<void> {
+    const setpoint = Number(this.setpoint.value);
+    if (!Number.isFinite(setpoint)) {
+      this.show('failed', 'Enter a number.');
+      return;
+    }
+    this.send.disabled = true;
+    this.show('pending', `asking ${this.device.name}…`);
+    const started = performance.now();
+    try {
+      const result = await this.client.rpc('mqtt.request', {
+        topic: this.device.command_topic,
+        payload: { setpoint },
+        timeout: DEVICE_TIMEOUT,
+      });
+      const reply = (result.data as { payload?: unknown }).payload;
+      const took = Math.round(performance.now() - started);
+      const answer = (typeof reply === 'object' && reply !== null ? reply : {}) as DeviceAnswer;
+      if (answer.ok === true) {
+        this.show('ok', `${this.device.name} answered in ${took} ms: ${describeState(answer)}`);
+        this.showState(answer);
+      } else {
+        const why = typeof answer.error === 'string' ? answer.error : JSON.stringify(reply);
+        this.show('failed', `${this.device.name} refused: ${why}`);
+      }
+    } catch (error) {
+      const message = (error as { message?: unknown }).message;
+      this.show(
+        'failed',
+        `no answer from ${this.device.command_topic}: ${typeof message === 'string' ? message : String(error)}` +
+          ' (is the device connected?)',
+      );
+    } finally {
+      this.send.disabled = false;
+    }
+  }
+
+  private show(state: 'pending' | 'ok' | 'failed', text: string): void {
+    this.answer.dataset.state = state;
+    this.answer.textContent = text;
+  }
+}
 
 interface Tick {
   offset: number;
@@ -83,6 +195,7 @@ export class BoardView implements View {
     const { config, services, client } = context;
     const tickers = el('ul', { className: 'tickers' });
     const iotLog = el('ol', { className: 'iot-log', testid: 'iot-log' });
+    const device = config.device ? new DevicePanel(client, config.device) : null;
     root.append(
       el(
         'div',
@@ -98,7 +211,8 @@ export class BoardView implements View {
           'div',
           { className: 'panel' },
           el('h2', { text: 'IoT telemetry' }),
-          serviceBanner(services, ['mqtt-bridge'], 'no device telemetry arrives.'),
+          serviceBanner(services, ['mqtt-bridge'], 'no device telemetry arrives and no command reaches a device.'),
+          ...(device ? [device.element] : []),
           iotLog,
         ),
       ),
@@ -117,6 +231,9 @@ export class BoardView implements View {
       const id = `${channel}#${offset}`;
       if (seen.has(id)) return;
       seen.add(id);
+      // The device's own readings keep its panel current between commands.
+      const from = (data as { device?: unknown } | null)?.device;
+      if (device && from === config.device?.name) device.showState(data);
       const li = el(
         'li',
         {},
@@ -137,6 +254,10 @@ export class BoardView implements View {
     };
     for (const channel of config.iot_channels) {
       this.follow(client.getSubscription(channel), channel, context, (o, d) => addIot(channel, o, d));
+    }
+    if (device && config.device) {
+      const channel = config.device.state_channel;
+      this.follow(client.getSubscription(channel), channel, context, (_offset, data) => device.showState(data));
     }
   }
 

@@ -17,6 +17,10 @@ interface Message {
   user: string;
   text: string;
   sentAt: string;
+  /** Published through the server API (a backend), not by a connected user. */
+  fromServer: boolean;
+  /** No time came with it: `sentAt` is when this tab received it. */
+  receivedAt: boolean;
 }
 
 interface RoomState {
@@ -27,18 +31,46 @@ interface RoomState {
 interface ChatData {
   text?: unknown;
   user?: unknown;
+  author?: unknown;
+  from?: unknown;
   sent_at?: unknown;
+  time?: unknown;
+  ts?: unknown;
 }
 
-function toMessage(offset: number, data: unknown, fallbackUser = ''): Message | null {
+/** Who sent it and when, from the publication around the data (live or from history). */
+interface Envelope {
+  info?: { user?: string };
+  tags?: Record<string, string>;
+}
+
+const SERVER_AUTHOR = 'server';
+
+const firstString = (...values: unknown[]): string => {
+  for (const value of values) if (typeof value === 'string' && value) return value;
+  return '';
+};
+const firstTime = (...values: unknown[]): string => {
+  for (const value of values) if ((typeof value === 'string' && value) || typeof value === 'number') return String(value);
+  return '';
+};
+
+/** A chat message from a publication's data. The app sends `{text, user, sent_at}`; a backend publishing
+ * through the server API may send only `{text}` (or name `author`/`from`, `time`/`ts`, or tags `user`,
+ * `sent_at`): it shows as "server", at the time it arrived when it carries none (`live`). */
+function toMessage(offset: number, data: unknown, envelope: Envelope = {}, live = false, fallbackUser = ''): Message | null {
   if (typeof data !== 'object' || data === null) return null;
   const d = data as ChatData;
   if (typeof d.text !== 'string') return null;
+  const named = firstString(d.user, d.author, d.from, envelope.info?.user, envelope.tags?.user, fallbackUser);
+  const sent = firstTime(d.sent_at, d.time, d.ts, envelope.tags?.sent_at);
   return {
     offset,
-    user: typeof d.user === 'string' ? d.user : fallbackUser,
+    user: named || SERVER_AUTHOR,
     text: d.text,
-    sentAt: typeof d.sent_at === 'string' || typeof d.sent_at === 'number' ? String(d.sent_at) : '',
+    sentAt: sent || (live ? new Date().toISOString() : ''),
+    fromServer: !named,
+    receivedAt: !sent && live,
   };
 }
 
@@ -144,7 +176,7 @@ export class ChatView implements View {
       return;
     }
     this.publisher.on('acked', (ack: Ack) => {
-      const message = toMessage(ack.offset, ack.data, this.context.user);
+      const message = toMessage(ack.offset, ack.data, {}, true, this.context.user);
       if (message) this.add(ack.channel, message, ack.epoch);
     });
     this.publisher.on('change', () => void this.renderPending());
@@ -221,7 +253,7 @@ export class ChatView implements View {
     sub.on('subscribed', (ctx) => void this.onSubscribed(sub, ctx));
     sub.on('publication', (ctx: PublicationContext) => {
       if (ctx.offset === undefined) return;
-      const message = toMessage(ctx.offset, ctx.data, ctx.info?.user);
+      const message = toMessage(ctx.offset, ctx.data, ctx, true);
       if (message) this.add(channel, message);
     });
     sub.on('join', (ctx) => this.changePresence(ctx.info.user, +1));
@@ -257,7 +289,7 @@ export class ChatView implements View {
       const history = await sub.history({ limit: HISTORY_LIMIT, reverse: true });
       for (const publication of history.publications) {
         if (publication.offset === undefined) continue;
-        const message = toMessage(publication.offset, publication.data, publication.info?.user);
+        const message = toMessage(publication.offset, publication.data, publication);
         if (message) this.add(channel, message, history.epoch);
       }
     } catch (error) {
@@ -310,6 +342,10 @@ export class ChatView implements View {
     );
     li.dataset.offset = String(message.offset);
     li.dataset.user = message.user;
+    if (message.fromServer) li.classList.add('from-server');
+    const time = li.querySelector('time')!;
+    if (message.sentAt) time.dateTime = message.sentAt;
+    if (message.receivedAt) time.title = 'received at (the message carries no time)';
     (li.firstChild as HTMLElement).style.color = userColor(message.user);
     let before: Element | null = null;
     for (let node = this.log.lastElementChild; node; node = node.previousElementSibling) {

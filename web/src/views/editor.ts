@@ -14,6 +14,28 @@ import { el, userColor, type AppContext, type View } from './view';
 
 const TOKEN_SYNC_MS = 15000;
 
+/** CodeMirror's own look is light; this matches the app's dark palette (style.css), gutter included. */
+const darkTheme = CodeMirror.theme(
+  {
+    '&': { color: '#e2e8f0', backgroundColor: '#0b1220' },
+    '.cm-content': { caretColor: '#e2e8f0' },
+    '.cm-cursor, .cm-dropCursor': { borderLeftColor: '#e2e8f0' },
+    '.cm-gutters': { backgroundColor: '#0b1220', color: '#64748b', borderRight: '1px solid #1e293b' },
+    '.cm-activeLineGutter': { backgroundColor: '#111c33', color: '#94a3b8' },
+    '.cm-activeLine': { backgroundColor: 'rgb(56 189 248 / 0.06)' },
+    '&.cm-focused > .cm-scroller > .cm-selectionLayer .cm-selectionBackground, .cm-selectionBackground, .cm-content ::selection':
+      { backgroundColor: '#1e3a5f' },
+    '.cm-selectionMatch': { backgroundColor: 'rgb(56 189 248 / 0.15)' },
+    '&.cm-focused .cm-matchingBracket': { backgroundColor: 'rgb(56 189 248 / 0.25)', outline: 'none' },
+    '.cm-panels': { backgroundColor: '#111c33', color: '#e2e8f0' },
+    '.cm-panels.cm-panels-top': { borderBottom: '1px solid #1e293b' },
+    '.cm-panels.cm-panels-bottom': { borderTop: '1px solid #1e293b' },
+    '.cm-tooltip': { backgroundColor: '#111c33', color: '#e2e8f0', border: '1px solid #1e293b' },
+    '.cm-foldPlaceholder': { backgroundColor: '#1e293b', color: '#94a3b8', border: 'none' },
+  },
+  { dark: true },
+);
+
 export class EditorView implements View {
   private readonly provider: WebsocketProvider;
 
@@ -80,6 +102,7 @@ export class EditorView implements View {
         extensions: [
           keymap.of(yUndoManagerKeymap),
           basicSetup,
+          darkTheme,
           CodeMirror.lineWrapping,
           yCollab(ytext, provider.awareness, { undoManager }),
         ],

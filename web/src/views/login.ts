@@ -1,4 +1,13 @@
-import { AuthUnavailable, type Session } from '../session';
+import { AuthUnavailable, LoginLocked, type Session } from '../session';
+
+/** "4 min 56 s", "45 s", "1 h 5 min". */
+export function duration(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 ? ` ${s % 60} s` : ''}`;
+  const minutes = Math.round((s % 3600) / 60);
+  return `${Math.floor(s / 3600)} h${minutes ? ` ${minutes} min` : ''}`;
+}
 
 /** The login form; a successful login makes the session emit its change (main.ts starts the app). */
 export function showLogin(section: HTMLElement, session: Session): void {
@@ -6,19 +15,46 @@ export function showLogin(section: HTMLElement, session: Session): void {
   const form = section.querySelector('form')!;
   const error = form.querySelector<HTMLElement>('.error')!;
   const submit = form.querySelector<HTMLButtonElement>('button[type="submit"]')!;
+  let countdown: number | undefined;
   form.querySelector<HTMLInputElement>('[data-testid="login-user"]')!.focus();
+
+  /** "locked for 4 min 56 s", counting down to the moment auth takes logins again. */
+  const showLocked = (username: string, locked: LoginLocked): void => {
+    const until = new Date(locked.until).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+    const render = (): void => {
+      const left = (locked.until - Date.now()) / 1000;
+      if (left <= 0) {
+        window.clearInterval(countdown);
+        error.textContent = `${username} may log in again.`;
+        error.dataset.state = '';
+        return;
+      }
+      error.textContent =
+        `Too many failed logins: ${username} is locked for ${duration(left)} (until ${until}). ` +
+        'Check the password and try again then.';
+    };
+    error.dataset.state = 'locked';
+    render();
+    countdown = window.setInterval(render, 1000);
+  };
+
   form.addEventListener('submit', (event) => {
     event.preventDefault();
     const data = new FormData(form);
+    const username = String(data.get('username') ?? '').trim();
+    window.clearInterval(countdown);
     error.textContent = '';
+    error.dataset.state = '';
     submit.disabled = true;
     session
-      .login(String(data.get('username') ?? '').trim(), String(data.get('password') ?? ''))
+      .login(username, String(data.get('password') ?? ''))
       .catch((reason: unknown) => {
-        error.textContent =
-          reason instanceof AuthUnavailable
-            ? `auth is not reachable: ${reason.message}`
-            : `Login failed: ${reason instanceof Error ? reason.message : String(reason)}`;
+        if (reason instanceof LoginLocked) showLocked(username, reason);
+        else
+          error.textContent =
+            reason instanceof AuthUnavailable
+              ? `auth is not reachable: ${reason.message}`
+              : `Login failed: ${reason instanceof Error ? reason.message : String(reason)}`;
       })
       .finally(() => {
         submit.disabled = false;

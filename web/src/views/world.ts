@@ -1,5 +1,7 @@
 /** World: sim-engine's room state (keyframes replace, deltas merge, `gone` removes) drawn on a canvas;
- * the arrow keys move this user's avatar by publishing absolute positions to `sim:<room>.input`. */
+ * the arrow keys move this user's avatar by publishing absolute positions to `sim:<room>.input`. The
+ * avatar joins when the view opens (the engine adds an avatar with its user's first input), at a spot of
+ * its own derived from the user name, so a reload finds it where it was. */
 
 import type { Subscription } from 'centrifuge';
 
@@ -27,7 +29,17 @@ interface Frame {
   gone?: unknown;
 }
 
+/** The engine sends a keyframe every second; a join not seen in two of them is sent again. */
+const JOIN_RETRY_MS = 2500;
+
 const clamp = (v: number): number => Math.min(WORLD, Math.max(0, v));
+
+/** Where a user's avatar first appears: spread over the middle of the world, the same for the same name. */
+export function spawnPoint(user: string): [number, number] {
+  let hash = 2166136261;
+  for (const char of user) hash = Math.imul(hash ^ char.codePointAt(0)!, 16777619) >>> 0;
+  return [20 + (hash % 6001) / 100, 20 + ((hash >>> 13) % 6001) / 100];
+}
 const round2 = (v: number): number => Math.round(v * 100) / 100;
 
 export class WorldView implements View {
@@ -44,6 +56,7 @@ export class WorldView implements View {
   private target: [number, number] | null = null;
   private sent: { x: number; y: number; at: number } | null = null;
   private sendTimer: number | undefined;
+  private joinSentAt = Number.NEGATIVE_INFINITY;
 
   constructor(
     root: HTMLElement,
@@ -90,7 +103,8 @@ export class WorldView implements View {
     if (typeof data !== 'object' || data === null) return; // binary rooms send base64 strings: not shown here
     const frame = data as Frame;
     const q = typeof frame.q === 'number' ? frame.q : 0.01;
-    if (frame.type === 'keyframe') this.entities.clear();
+    const keyframe = frame.type === 'keyframe';
+    if (keyframe) this.entities.clear();
     for (const [id, value] of Object.entries(frame.e ?? {})) {
       if (!Array.isArray(value) || value.length < 4) continue;
       const [x, y, z, r, extra] = value as [number, number, number, number, Record<string, unknown>?];
@@ -98,6 +112,7 @@ export class WorldView implements View {
     }
     if (Array.isArray(frame.gone)) for (const id of frame.gone) this.entities.delete(String(id));
     this.tick = Number((data as { tick?: unknown }).tick) || this.tick;
+    if (keyframe) this.join();
     this.renderList();
     if (!this.drawQueued && this.visible) {
       this.drawQueued = true;
@@ -157,6 +172,20 @@ export class WorldView implements View {
       g.fillStyle = '#e2e8f0';
       g.fillText(id, x, y - 13);
     }
+  }
+
+  /** Puts this user's avatar into the room when a keyframe shows it is not there (first visit, or after
+   * the engine removed it as idle) while the world is on screen. */
+  private join(): void {
+    const user = this.context.user;
+    if (!this.visible || this.entities.has(user) || performance.now() - this.joinSentAt < JOIN_RETRY_MS) return;
+    this.joinSentAt = performance.now();
+    const [x, y] = spawnPoint(user);
+    this.target = [round2(x), round2(y)];
+    this.sent = { x: this.target[0], y: this.target[1], at: performance.now() };
+    this.context.client.publish(this.inputChannel, { p: [this.target[0], this.target[1], 0] }).catch((error: unknown) => {
+      console.warn('world join', error);
+    });
   }
 
   // input

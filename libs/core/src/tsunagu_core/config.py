@@ -103,7 +103,11 @@ class CoreSettings(TlsSettings):
         "postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu",
         description="PostgreSQL DSN for auth, collab and audit-log (used when `TSUNAGU_DATABASE=postgres`).",
     )
-    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL for mqtt-bridge.")
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="MQTT broker URL for mqtt-bridge; unset, `tsunagu run` starts a broker of its own"
+        " (`TSUNAGU_RUN_MQTT_PORT`).",
+    )
     node_name: str = Field(
         default_factory=socket.gethostname,
         description="Name of this replica in events and logs (defaults to the host name, the pod name in Kubernetes).",

@@ -89,6 +89,8 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type"],
+            # A locked login's 429 says for how long; the app shows it ("locked for 4 min 56 s").
+            expose_headers=["retry-after"],
             max_age=600,
         )
     app.state.settings = settings

@@ -6,6 +6,12 @@ topic, so one topic's messages reach its channel in the order the MQTT broker se
 takes everything waiting in its queue (up to `relay_batch_size`) and publishes it in one broker call,
 so gmqtt's callbacks of one read become one round trip. A broker failure is retried with backoff
 (the messages stay unacknowledged, so the MQTT broker keeps them) rather than dropped.
+
+With `ack_in_order`, `handle` also returns in arrival order, whatever order the relays finish in: MQTT
+requires PUBACKs in the order the PUBLISHes came [MQTT-4.6.0-2], and a strict broker (rumqttd, the one
+`tsunagu run` embeds) disconnects a client that acknowledges out of order. Off (the default, as before
+the setting existed), each message is acknowledged as soon as its batch is relayed, which Mosquitto
+accepts.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class Relay:
             meta_ttl=max(86400.0, settings.history_ttl * 10),
         )
         self.pending_requests: dict[bytes, asyncio.Future[tuple[str, bytes]]] = {}
+        # Resolved once the last message handed to `handle` may be acknowledged.
+        self._last_ack: asyncio.Future[None] | None = None
         self._queues: list[asyncio.Queue[_Item]] = []
         self._workers: list[asyncio.Task[None]] = []
         self._ready: Callable[[], Awaitable[None]] | None = None
@@ -88,19 +96,38 @@ class Relay:
         self._workers = []
 
     async def handle(self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
-        """gmqtt's on_message: returns the PUBACK reason code once the message is taken care of."""
+        """gmqtt's on_message: returns the PUBACK reason code once the message is taken care of (and, with
+        `ack_in_order`, every message that arrived before it was acknowledged)."""
+        if not self.settings.ack_in_order:
+            await self._take(topic, payload, properties)
+            return int(PubRecReasonCode.SUCCESS)
+        # Taken before the first await: tasks start in arrival order, so this chain is arrival order.
+        previous, turn = self._last_ack, asyncio.get_running_loop().create_future()
+        self._last_ack = turn
+        try:
+            await self._take(topic, payload, properties)
+            if previous is not None:
+                await asyncio.shield(previous)
+            return int(PubRecReasonCode.SUCCESS)
+        finally:
+            # Also after a failure (no PUBACK for this one: the broker redelivers it): later ones go on.
+            turn.set_result(None)
+            if self._last_ack is turn:
+                self._last_ack = None
+
+    async def _take(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        """An answer to `mqtt.request` is handed to its waiter; anything else is relayed to its channel."""
         if topic.startswith(self.response_root):
             self._answer(topic, payload, properties)
-            return int(PubRecReasonCode.SUCCESS)
-        retained = bool(properties.get("retain"))
+            return
         if not self._queues:
             raise RuntimeError("relay not started")
+        retained = bool(properties.get("retain"))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Enqueued before the first await: tasks start in arrival order, so queue order is arrival order.
+        # Enqueued before the first await: queue order is arrival order.
         shard = zlib.crc32(topic.encode()) % len(self._queues)
         self._queues[shard].put_nowait(_Item(topic, payload, retained, time.perf_counter(), done))
         await done
-        return int(PubRecReasonCode.SUCCESS)
 
     def _answer(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
         correlation = properties.get("correlation_data")

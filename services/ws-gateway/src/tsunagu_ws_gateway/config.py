@@ -97,7 +97,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
 }
 
 
-# What the demo web app shows; the channels match the embedded demo feeds (stream-ingest, sim-engine).
+# What the demo web app shows; the channels match the embedded demo feeds (stream-ingest, sim-engine) and
+# `tsunagu run`'s demo device (a thermostat answering `mqtt.request` on its command topic).
 WEB_DEMO: dict[str, Any] = {
     "chat_rooms": ["chat:lobby", "chat:random"],
     "typing_prefix": "typing:",
@@ -105,6 +106,11 @@ WEB_DEMO: dict[str, Any] = {
     "ticker_prefix": "stream:demo.ticker.",
     "ticker_symbols": ["TSU", "NGU", "KFK"],
     "iot_channels": ["mqtt:demo/telemetry"],
+    "device": {
+        "name": "demo-thermostat",
+        "command_topic": "demo/thermostat/set",
+        "state_channel": "mqtt:demo/thermostat/state",
+    },
     "world_room": "world",
 }
 

@@ -1,5 +1,6 @@
 """The demo web app at `/`: its built files (web/ → `web/` beside this module), its configuration, and
-which backend services answer, so each view can say "not running" instead of spinning."""
+which backend services answer, so each view can say "not running" or what a service waits for instead
+of spinning."""
 
 from __future__ import annotations
 
@@ -23,17 +24,25 @@ STATUS_CACHE_SECONDS = 2.0
 PROBE_TIMEOUT = 1.0
 
 
+ServiceStatus = dict[str, Any]
+
+
 class ServiceProbe:
-    """Asks each configured service's `/readyz`, at most once per STATUS_CACHE_SECONDS for all callers."""
+    """Asks each configured service's `/readyz`, at most once per STATUS_CACHE_SECONDS for all callers.
+
+    A service is `up` (ready), `down` (does not answer: not running), or `waiting` (it runs, but a
+    dependency is missing): then `missing` names each dependency that is not ok with its reason, as the
+    service's `/readyz` gives them (`{"mqtt": "unreachable: ..."}`), so the app can say what to start.
+    """
 
     def __init__(self, urls: dict[str, str]) -> None:
         self.urls = urls
         self._client: httpx.AsyncClient | None = None
-        self._answer: dict[str, str] = {}
+        self._answer: dict[str, ServiceStatus] = {}
         self._at = float("-inf")
         self._lock = asyncio.Lock()
 
-    async def status(self) -> dict[str, str]:
+    async def status(self) -> dict[str, ServiceStatus]:
         async with self._lock:
             if time.monotonic() - self._at >= STATUS_CACHE_SECONDS:
                 names = list(self.urls)
@@ -42,14 +51,23 @@ class ServiceProbe:
                 self._at = time.monotonic()
             return dict(self._answer)
 
-    async def _probe(self, base: str) -> str:
+    async def _probe(self, base: str) -> ServiceStatus:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT, verify=client_context())
         try:
             response = await self._client.get(base.rstrip("/") + "/readyz")
         except httpx.HTTPError:
-            return "down"
-        return "up" if response.status_code == 200 else "down"
+            return {"state": "down"}
+        if response.status_code == 200:
+            return {"state": "up"}
+        try:
+            checks = response.json().get("checks")
+        except (ValueError, AttributeError):
+            checks = None
+        if not isinstance(checks, dict):
+            return {"state": "waiting", "missing": {"readiness": f"HTTP {response.status_code}"}}
+        missing = {str(name): str(state) for name, state in checks.items() if state != "ok"}
+        return {"state": "waiting", "missing": missing}
 
     async def close(self) -> None:
         if self._client is not None:
