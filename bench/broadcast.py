@@ -117,6 +117,9 @@ def server_command(name: str, port: int, directory: Path, pki: DevPki | None) ->
             "TSUNAGU_GATEWAY_API_KEY": API_KEY,
             # The publisher sends as fast as acks come back; the per-connection limit would cut it off.
             "TSUNAGU_GATEWAY_COMMANDS_PER_SECOND": "1000000",
+            # One user and one address hold every connection of the load generator.
+            "TSUNAGU_GATEWAY_MAX_CONNECTIONS_PER_USER": "0",
+            "TSUNAGU_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
         }
         return [sys.executable, "-m", "tsunagu", "serve", "ws-gateway", "--port", str(port)], env
     if name == "plain":

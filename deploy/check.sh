@@ -11,7 +11,8 @@
 #   hadolint     the Dockerfile (settings in deploy/hadolint.yaml)
 #   helm lint    default, dev, production and all-features values (--strict)
 #   helm template the same four, into .cache/deploy-check/rendered/
-#   guards       values the chart must refuse, and a disabled service that must vanish
+#   guards       values the chart must refuse (MLLP open to anyone...), an existing Secret used as is,
+#                and a disabled service that must vanish
 #   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
 #                oldest and newest Kubernetes supported; custom resources (ServiceMonitor,
 #                PrometheusRule, HTTPRoute, Certificate) have no schema there and are skipped, and said so
@@ -241,6 +242,22 @@ guards() {
     expect_render_failure "cert-manager Certificates without an issuer" \
         "tls.certManager.issuerRef.name must name an Issuer or ClusterIssuer" \
         --set tls.enabled=true --set tls.certManager.enabled=true || rc=1
+    expect_render_failure "HL7 over MLLP that would admit any sender" \
+        "services.stream-ingest.mllp.senders must list the addresses/CIDRs of the HL7 senders" \
+        --set services.stream-ingest.mllp.enabled=true || rc=1
+    expect_render_failure "MLLP senders by NetworkPolicyPeer without NetworkPolicies" \
+        "services.stream-ingest.mllp.from needs networkPolicy.enabled" \
+        --set services.stream-ingest.mllp.enabled=true --set networkPolicy.enabled=false \
+        --set-json 'services.stream-ingest.mllp.from=[{"podSelector":{}}]' || rc=1
+    # The platform's secrets: an existing Secret is referred to, not copied or generated.
+    output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \
+        --set secrets.internalToken.existingSecret.name=vault-internal)
+    if grep -q 'internal-token:' <<<"${output}" || ! grep -q 'name: vault-internal' <<<"${output}"; then
+        echo "FAIL secrets.internalToken.existingSecret is not what the services read TSUNAGU_INTERNAL_TOKEN from"
+        rc=1
+    else
+        echo "existing Secret used as is: secrets.internalToken"
+    fi
     # A disabled service leaves no object behind, and the gateway's NetworkPolicy drops it. (The alert
     # rules are left out: they are the same text for any set of services and may name any of them.)
     output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \

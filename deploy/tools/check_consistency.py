@@ -14,7 +14,11 @@ With --rendered (output of `helm template`): every Deployment of a service runs
 `tsunagu serve <name> --port <port> --host 0.0.0.0` with the Dockerfile target's port, probes
 /healthz and /readyz, and runs non-root with a read-only root filesystem and /tmp mounted; and
 every TSUNAGU_* variable the chart sets is one the code reads (docs/configuration.md, which is
-generated from the settings classes).
+generated from the settings classes). When the chart serves /metrics on a port of its own
+(TSUNAGU_METRICS_PORT), the container and the Service name it `metrics` and the ServiceMonitor scrapes
+it; every service has a NetworkPolicy in which the API port of an internal service admits named
+callers only and the metrics port shares no rule with the API (what is opened to Prometheus is the
+metrics and nothing else).
 
 Exit status 1 when anything is wrong; every problem is printed.
 """
@@ -38,6 +42,10 @@ from dockerfile import Dockerfile, DockerIgnore, copy_sources, parse, parse_env
 REPO = Path(__file__).resolve().parents[2]
 CHART = Path("deploy") / "helm" / "tsunagu"
 RUNTIME_STAGE = "runtime"
+# Ports a service's container and Service may have after its API port.
+EXTRA_PORTS = ("mllp", "metrics")
+# The one service whose API port clients of the outside reach (through the ingress).
+PUBLIC_SERVICE = "ws-gateway"
 REQUIRED_TARGET_LABELS = (
     "org.opencontainers.image.title",
     "org.opencontainers.image.description",
@@ -256,6 +264,14 @@ def check_chart_values(repo: Path, ports: dict[str, int], report: Report) -> Non
         sorted(services) == sorted(ports),
         f"chart values services {sorted(services)} differ from the Dockerfile targets {sorted(ports)}",
     )
+    report.check(
+        (values.get("networkPolicy") or {}).get("enabled") is True,
+        "chart values networkPolicy.enabled is not true: the chart must install its NetworkPolicies by default",
+    )
+    report.check(
+        int((values.get("config") or {}).get("metricsPort") or 0) > 0,
+        "chart values config.metricsPort is 0: /metrics would share the API port, which NetworkPolicy cannot split",
+    )
     for name, port in ports.items():
         svc = services.get(name) or {}
         report.check(
@@ -333,10 +349,10 @@ def check_rendered(
                 argv[:7] == ["tsunagu", "serve", name, "--port", str(port), "--host", "0.0.0.0"],
                 f"{where}: runs {argv}, expected tsunagu serve {name} --port {port} --host 0.0.0.0 ...",
             )
-            # the service's HTTP port first; stream-ingest may add its HL7 MLLP port (services.*.mllp)
+            # the service's HTTP port first; then its metrics port, and stream-ingest's HL7 MLLP port
             container_ports = [(p.get("name"), p.get("containerPort")) for p in c.get("ports", [])]
             report.check(
-                [p for _, p in container_ports[:1]] == [port] and all(n == "mllp" for n, _ in container_ports[1:]),
+                [p for _, p in container_ports[:1]] == [port] and all(n in EXTRA_PORTS for n, _ in container_ports[1:]),
                 f"{where}: containerPort {c.get('ports')} is not {port}",
             )
             report.check(
@@ -368,9 +384,11 @@ def check_rendered(
                 assert svc is not None
                 service_ports = [(p.get("name"), p["port"]) for p in svc["spec"]["ports"]]
                 report.check(
-                    [p for _, p in service_ports[:1]] == [port] and all(n == "mllp" for n, _ in service_ports[1:]),
+                    [p for _, p in service_ports[:1]] == [port] and all(n in EXTRA_PORTS for n, _ in service_ports[1:]),
                     f"{path.name}: Service of {name} listens on {svc['spec']['ports']}, expected {port}",
                 )
+            check_metrics_port(path.name, name, docs, c, svc, report)
+        check_network_policies(path.name, ports, docs, report)
         extra = sorted(set(deployments) - set(ports))
         report.check(not extra, f"{path.name}: Deployments of unknown services {extra}")
         if documented is not None:
@@ -378,6 +396,69 @@ def check_rendered(
                 report.check(
                     variable in documented,
                     f"{path.name}: {where} sets {variable}, which no settings class reads (docs/configuration.md)",
+                )
+
+
+def _config_of(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    config = _components(docs, "ConfigMap").get(name) or {}
+    return {str(k): str(v) for k, v in (config.get("data") or {}).items()}
+
+
+def check_metrics_port(
+    where: str, name: str, docs: list[dict[str, Any]], container: dict[str, Any], svc: Any, report: Report
+) -> None:
+    """A metrics port of its own is named `metrics` on the container and the Service, and scraped."""
+    metrics = _config_of(docs, name).get("TSUNAGU_METRICS_PORT", "0")
+    if metrics in ("", "0"):
+        return
+    named = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
+    report.check(
+        named.get("metrics") == int(metrics),
+        f"{where}: {name} serves /metrics on {metrics} (TSUNAGU_METRICS_PORT) but its container port `metrics` is"
+        f" {named.get('metrics')}",
+    )
+    if svc is not None:
+        served = {p.get("name"): p.get("port") for p in svc["spec"]["ports"]}
+        report.check(served.get("metrics") == int(metrics), f"{where}: the Service of {name} has no `metrics` port")
+    monitor = _components(docs, "ServiceMonitor").get(name)
+    if monitor is not None:
+        scraped = [e.get("port") for e in monitor["spec"].get("endpoints", [])]
+        report.check(scraped == ["metrics"], f"{where}: the ServiceMonitor of {name} scrapes {scraped}, not `metrics`")
+
+
+def _rule_ports(rule: dict[str, Any]) -> set[int]:
+    return {int(p["port"]) for p in rule.get("ports") or [] if isinstance(p.get("port"), int)}
+
+
+def check_network_policies(where: str, ports: dict[str, int], docs: list[dict[str, Any]], report: Report) -> None:
+    """With NetworkPolicies rendered: one per service; an internal API admits named callers only; the
+    metrics port is opened by a rule of its own."""
+    policies = _components(docs, "NetworkPolicy")
+    if not policies:
+        return
+    for name, port in ports.items():
+        policy = policies.get(name)
+        if not report.check(policy is not None, f"{where}: no NetworkPolicy for {name}"):
+            continue
+        assert policy is not None
+        spec = policy["spec"]
+        report.check(
+            set(spec.get("policyTypes", [])) == {"Ingress", "Egress"},
+            f"{where}: the NetworkPolicy of {name} does not restrict both ingress and egress",
+        )
+        metrics = int(_config_of(docs, name).get("TSUNAGU_METRICS_PORT", "0") or 0)
+        for n, rule in enumerate(spec.get("ingress") or []):
+            opened = _rule_ports(rule)
+            label = f"{where}: NetworkPolicy {policy['metadata']['name']} ingress rule {n}"
+            report.check(bool(rule.get("ports")), f"{label} opens every port")
+            if port in opened and name != PUBLIC_SERVICE:
+                report.check(bool(rule.get("from")), f"{label} opens {name}'s API port {port} to any source")
+            if metrics and metrics in opened:
+                report.check(opened == {metrics}, f"{label} opens the metrics port together with {sorted(opened)}")
+            if not metrics:
+                report.check(
+                    port not in opened or name == PUBLIC_SERVICE or "namespaceSelector" not in str(rule.get("from")),
+                    f"{label}: /metrics is on the API port, so opening it to a namespace opens {name}'s API",
                 )
 
 

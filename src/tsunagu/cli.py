@@ -28,17 +28,26 @@ CONFIG_DOCS = "docs/configuration.md"
 # As uvicorn's default: connections that arrive while a service starts wait here.
 LISTEN_BACKLOG = 2048
 
-# `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with this
-# secret and serves the server API with this key unless real ones are configured. Never in production:
-# `tsunagu serve` has no such defaults.
+# `tsunagu run` is the embedded development mode on loopback: it signs and accepts tokens with these
+# public secrets, serves the server API with this key and the internal APIs with this token unless
+# real ones are configured. `tsunagu serve` has no such defaults, and TSUNAGU_ENV=production refuses
+# them wherever they appear (refuse_development_secrets).
 DEVELOPMENT_TOKEN_SECRET = "tsunagu-development-secret-do-not-use-in-production"
 DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
-
-
+DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
 # The demo's users: two, so two browser tabs can chat and see each other's avatar.
 DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+DEVELOPMENT_SECRETS = frozenset(
+    {DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, *DEVELOPMENT_USERS.values()}
+)
 DEVELOPMENT_USER = "alice"
 DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
+# What development_defaults may add that is a secret: `tsunagu run` refuses to serve them beyond
+# loopback without --expose-development-secrets.
+SECRET_DEFAULTS = {
+    "ws-gateway": {"token_hmac_secret": "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "api_key": "TSUNAGU_GATEWAY_API_KEY"},
+    "auth": {"admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY", "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS"},
+}
 # The web app's world (sim-engine) room.
 DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_timeout": 600}}
 
@@ -83,8 +92,10 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
             names = ("auth", "collab", "stream-ingest", "mqtt-bridge", "sim-engine")
             defaults["web_service_urls"] = {name: _base_url(name, host) for name in names}
         if _unset("TSUNAGU_GATEWAY_RPC_ROUTES"):
-            # The Board asks the demo device through `mqtt.request` (MQTT 5 request/response).
-            defaults["rpc_routes"] = {"mqtt.": _base_url("mqtt-bridge", host)}
+            # The Board asks the demo device through `mqtt.request` (MQTT 5 request/response); a caller must
+            # be allowed to publish to the device's topic, as for a command.
+            request = {"url": _base_url("mqtt-bridge", host) + "/mqtt.request", "publish_to": "mqtt:{topic}"}
+            defaults["rpc_routes"] = {"mqtt.request": {**request, "allow": "authenticated"}}
     elif service == "auth":
         if _unset("TSUNAGU_AUTH_ADMIN_API_KEY"):
             defaults["admin_api_key"] = DEVELOPMENT_API_KEY
@@ -114,6 +125,42 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
     return defaults
 
 
+def development_core_defaults() -> dict[str, Any]:
+    """The shared settings `tsunagu run` adds: the internal APIs' token, which the gateway then sends."""
+    if _unset("TSUNAGU_INTERNAL_TOKEN", "TSUNAGU_INTERNAL_PEERS"):
+        return {"internal_token": DEVELOPMENT_INTERNAL_TOKEN}
+    return {}
+
+
+def refuse_development_secrets(core: Any, settings: Any, service: str) -> None:
+    """TSUNAGU_ENV=production: a setting holding one of the public development secrets stops the start."""
+    from tsunagu_core.config import ConfigError
+    from tsunagu_core.deployment import development_secrets_in
+
+    if core.env != "production":
+        return
+    found = development_secrets_in(core, DEVELOPMENT_SECRETS) + development_secrets_in(settings, DEVELOPMENT_SECRETS)
+    if found:
+        raise ConfigError(
+            f"{service}: TSUNAGU_ENV=production with the public development secret in {', '.join(found)}:"
+            " configure real secrets"
+        )
+
+
+def refuse_exposed_secrets(exposed: dict[str, str], hosts: dict[str, str]) -> None:
+    """`tsunagu run` beyond loopback with development secrets in use (hosts: service -> listen address)."""
+    from tsunagu_core.config import ConfigError
+    from tsunagu_core.deployment import is_loopback
+
+    public = sorted({host for host in hosts.values() if not is_loopback(host)})
+    if exposed and public:
+        raise ConfigError(
+            f"tsunagu run on {', '.join(public)} would serve the public development secrets of"
+            f" {', '.join(sorted(set(exposed.values())))} to the network: configure real ones, listen on"
+            " 127.0.0.1, or pass --expose-development-secrets"
+        )
+
+
 def _development_credentials(host: str | None) -> list[str]:
     """The banner's lines on the development secrets in effect, each with the variable that replaces it."""
     gateway, auth = development_defaults("ws-gateway", host), development_defaults("auth", host)
@@ -126,7 +173,11 @@ def _development_credentials(host: str | None) -> list[str]:
     if "api_key" in gateway:
         lines.append(f"    server API:  X-API-Key: {DEVELOPMENT_API_KEY}  (set TSUNAGU_GATEWAY_API_KEY)")
     if "admin_api_key" in auth:
-        lines.append(f"    auth admin:  Authorization: Bearer {DEVELOPMENT_API_KEY}  (set TSUNAGU_AUTH_ADMIN_API_KEY)")
+        lines.append(f"    auth admin:  X-API-Key: {DEVELOPMENT_API_KEY}  (set TSUNAGU_AUTH_ADMIN_API_KEY)")
+    if development_core_defaults():
+        lines.append(
+            f"    internal APIs: Authorization: Bearer {DEVELOPMENT_INTERNAL_TOKEN}  (set TSUNAGU_INTERNAL_TOKEN)"
+        )
     return lines
 
 
@@ -139,14 +190,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tsunagu_core.tls import ServerTls
 
     from tsunagu.embedded_mqtt import EmbeddedMqttBroker, RunSettings, mqtt_url_configured
-    from tsunagu.serving import EmbeddedServer, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, metrics_server, uvicorn_config
 
     # No TSUNAGU_MQTT_URL: run mode brings its own MQTT broker and a demo device, as it brings its
     # in-process bus, so the IoT half of the demo works with no server installed.
     mqtt: EmbeddedMqttBroker | None = None
     if not mqtt_url_configured():
         mqtt = EmbeddedMqttBroker(args.host or "127.0.0.1", load_settings(RunSettings).mqtt_port)
-    core = load_settings(CoreSettings, **({"mqtt_url": mqtt.url} if mqtt is not None else {}))
+    core_defaults = development_core_defaults()
+    core = load_settings(CoreSettings, **core_defaults, **({"mqtt_url": mqtt.url} if mqtt is not None else {}))
+    chosen = {}
+    exposed = {"internal_token": "TSUNAGU_INTERNAL_TOKEN"} if core_defaults else {}
+    if mqtt is not None:  # the embedded broker takes any client: devices and commands for anyone
+        exposed["embedded_mqtt"] = "TSUNAGU_MQTT_URL"
+    hosts = {}
+    for entry in SERVICES.values():
+        defaults = development_defaults(entry.name, args.host, args.port)
+        settings = load_settings(entry.settings, **defaults)
+        refuse_development_secrets(core, settings, entry.name)
+        exposed |= {key: variable for key, variable in SECRET_DEFAULTS.get(entry.name, {}).items() if key in defaults}
+        hosts[entry.name] = args.host or settings.host
+        chosen[entry.name] = settings
+    if not args.expose_development_secrets:
+        refuse_exposed_secrets(exposed, hosts)
     setup_logging(core, "tsunagu")
     setup_tracing(core, "tsunagu")
     runtime = Runtime(core)
@@ -154,13 +220,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     scheme = "https" if server_tls is not None else "http"
     servers = []
     print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database}")
+    probes = "/healthz /readyz" if core.metrics_port else "/healthz /readyz /metrics"
     for entry in SERVICES.values():
-        settings = load_settings(entry.settings, **development_defaults(entry.name, args.host, args.port))
+        settings = chosen[entry.name]
         port = args.port if entry.name == "ws-gateway" and args.port else settings.port
-        host = args.host or settings.host
+        host = hosts[entry.name]
         app = entry.factory(runtime, settings)
         servers.append(EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name))
-        print(f"  {entry.name:<14} {scheme}://{host}:{port}/  (/healthz /readyz /metrics)")
+        print(f"  {entry.name:<14} {scheme}://{host}:{port}/  ({probes})")
+    if core.metrics_port:
+        # One registry per process: one listener has the metrics of every embedded service.
+        servers.append(metrics_server(core, args.host or "127.0.0.1", server_tls))
+        print(f"  {'metrics':<14} {scheme}://{args.host or '127.0.0.1'}:{core.metrics_port}/metrics")
     if mqtt is not None:
         from tsunagu.demo_device import COMMAND_TOPIC, DEVICE, TELEMETRY_TOPIC
 
@@ -255,11 +326,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, serve_all, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, metrics_server, serve_all, uvicorn_config
 
     entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
     settings = load_settings(entry.settings)
+    refuse_development_secrets(core, settings, entry.name)
     setup_logging(core, entry.name)
     setup_tracing(core, entry.name)
     port = args.port or settings.port
@@ -274,7 +346,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener.close()
         listener = None
     server.listener = listener
-    return asyncio.run(serve_all([server], server_tls, core.server_tls_reload_interval))
+    servers = [server]
+    if core.metrics_port:
+        servers.append(metrics_server(core, host, server_tls))
+        print(f"  /metrics on {scheme}://{host}:{core.metrics_port}/metrics", flush=True)
+    return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:
@@ -405,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="all services in one process with embedded engines")
     run.add_argument("--host", default=None, help="interface for every service (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=None, help="gateway port (default 8080)")
+    run.add_argument(
+        "--expose-development-secrets",
+        action="store_true",
+        help="allow a non-loopback --host although the public development secrets are in use (a trusted LAN only)",
+    )
     run.set_defaults(func=cmd_run)
 
     serve = commands.add_parser("serve", help="one service as its own process")

@@ -52,6 +52,8 @@ class EmbeddedServer(uvicorn.Server):
 def uvicorn_config(
     app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
 ) -> uvicorn.Config:
+    # A service may ask for server options of its own (the gateway: the largest WebSocket message).
+    own: dict[str, object] = getattr(getattr(app, "state", None), "server_options", None) or {}
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -59,9 +61,22 @@ def uvicorn_config(
         log_config=None,
         access_log=False,
         lifespan="on",
+        # The scope's client is the socket's peer: X-Forwarded-For is read only from the proxies of
+        # TSUNAGU_TRUSTED_PROXIES (tsunagu_core.proxies), and the TLS peer lookup needs the real address.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(core.shutdown_grace),
         **(uvicorn_options(server_tls) if server_tls is not None else {}),
+        **own,  # type: ignore[arg-type]
     )
+
+
+def metrics_server(core: CoreSettings, host: str, server_tls: ServerTls | None) -> EmbeddedServer:
+    """`/metrics` on TSUNAGU_METRICS_PORT, apart from the API (so a NetworkPolicy can open it alone)."""
+    from tsunagu_core.lifecycle import metrics_app
+
+    config = uvicorn_config(metrics_app(), host, core.metrics_port, core, server_tls)
+    config.lifespan = "off"
+    return EmbeddedServer(config, "metrics")
 
 
 async def serve_all(servers: Sequence[EmbeddedServer], server_tls: ServerTls | None = None, reload: float = 0) -> int:

@@ -221,3 +221,100 @@ def test_only_stream_ingest_s_mllp_port_may_follow_the_http_port(tmp_path: Path)
     rendered.write_text(yaml.safe_dump_all(docs))
     found = [p for p in problems(REPO, [rendered]) if "containerPort" in p or "listens on" in p]
     assert len(found) == len(SERVICES) - 1 and not any("stream-ingest" in p for p in found), found
+
+
+def _platform(metrics_port: int = 9464) -> list[dict[str, object]]:
+    """A rendered chart in miniature: per service a Deployment, a Service, a ConfigMap and a NetworkPolicy
+    as the chart makes them (the API port for the gateway's pods, the metrics port for a namespace)."""
+    docs: list[dict[str, object]] = []
+    gateway = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ws-gateway"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    for name, port in SERVICES.items():
+        deployment = _deployment(name, port, ["tsunagu", "serve", name, "--port", str(port), "--host", "0.0.0.0"])
+        service = _service(name, port)
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"].append(  # type: ignore[index]
+            {"name": "metrics", "containerPort": metrics_port}
+        )
+        service["spec"]["ports"].append({"name": "metrics", "port": metrics_port})  # type: ignore[index]
+        labels = {"app.kubernetes.io/part-of": "tsunagu", "app.kubernetes.io/component": name}
+        config = {"kind": "ConfigMap", "metadata": {"name": f"tsunagu-{name}", "labels": labels}}
+        config["data"] = {"TSUNAGU_METRICS_PORT": str(metrics_port)}
+        api_rule: dict[str, object] = {"ports": [{"protocol": "TCP", "port": port}]}
+        if name != "ws-gateway":
+            api_rule["from"] = [gateway]
+        policy = {
+            "kind": "NetworkPolicy",
+            "metadata": {"name": f"tsunagu-{name}", "labels": labels},
+            "spec": {
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [api_rule, {"ports": [{"protocol": "TCP", "port": metrics_port}], "from": [monitoring]}],
+            },
+        }
+        docs += [deployment, service, config, policy]
+    return docs
+
+
+def _rendered_problems(tmp_path: Path, docs: list[dict[str, object]]) -> list[str]:
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    return problems(REPO, [rendered])
+
+
+def _of(docs: list[dict[str, object]], kind: str, name: str) -> dict[str, object]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == f"tsunagu-{name}")  # type: ignore[index]
+
+
+def test_the_chart_as_it_renders_network_policies_and_metrics_passes(tmp_path: Path) -> None:
+    assert _rendered_problems(tmp_path, _platform()) == []
+
+
+def test_an_internal_api_open_to_any_source_is_caught(tmp_path: Path) -> None:
+    docs = _platform()
+    del _of(docs, "NetworkPolicy", "audit-log")["spec"]["ingress"][0]["from"]  # type: ignore[index]
+    found = _rendered_problems(tmp_path, docs)
+    assert found == [
+        "rendered.yaml: NetworkPolicy tsunagu-audit-log ingress rule 0 opens audit-log's API port 8087 to any source"
+    ]
+
+
+def test_metrics_opened_together_with_the_api_are_caught(tmp_path: Path) -> None:
+    """The finding: the rule letting Prometheus scrape opened the whole API port to the monitoring namespace."""
+    docs = _platform()
+    rules = _of(docs, "NetworkPolicy", "collab")["spec"]["ingress"]  # type: ignore[index]
+    rules[1]["ports"].append({"protocol": "TCP", "port": 8083})
+    found = _rendered_problems(tmp_path, docs)
+    assert found == [
+        "rendered.yaml: NetworkPolicy tsunagu-collab ingress rule 1 opens the metrics port together with [8083, 9464]"
+    ]
+
+
+def test_metrics_on_the_api_port_opened_to_a_namespace_are_caught(tmp_path: Path) -> None:
+    docs = _platform()
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            doc["data"] = {}
+    policy = _of(docs, "NetworkPolicy", "sim-engine")["spec"]  # type: ignore[index]
+    policy["ingress"][1]["ports"] = [{"protocol": "TCP", "port": 8086}]
+    found = [p for p in _rendered_problems(tmp_path, docs) if "NetworkPolicy" in p]
+    assert found == [
+        "rendered.yaml: NetworkPolicy tsunagu-sim-engine ingress rule 1: /metrics is on the API port, so opening it"
+        " to a namespace opens sim-engine's API"
+    ]
+
+
+def test_a_service_without_a_network_policy_or_a_metrics_port_is_caught(tmp_path: Path) -> None:
+    docs = [
+        d for d in _platform() if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "tsunagu-presence")
+    ]  # type: ignore[index]
+    ports = _of(docs, "Deployment", "mqtt-bridge")["spec"]["template"]["spec"]["containers"][0]["ports"]  # type: ignore[index]
+    ports.pop()
+    found = _rendered_problems(tmp_path, docs)
+    assert "rendered.yaml: no NetworkPolicy for presence" in found
+    assert any(p.startswith("rendered.yaml: mqtt-bridge serves /metrics on 9464") for p in found), found
+
+
+def test_network_policies_off_by_default_are_caught(repo: Path) -> None:
+    values = repo / "deploy/helm/tsunagu/values.yaml"
+    text = values.read_text()
+    values.write_text(text.replace("networkPolicy:\n  enabled: true", "networkPolicy:\n  enabled: false"))
+    assert any("networkPolicy.enabled is not true" in p for p in problems(repo))

@@ -99,7 +99,15 @@ async def test_telemetry_commands_and_requests_across_gateways_and_a_bridge_cras
     gateway_env = {
         **real_env,
         "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET,
-        "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps({"mqtt.": f"http://127.0.0.1:{bridge_port}"}),
+        "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps(
+            {
+                "mqtt.request": {
+                    "url": f"http://127.0.0.1:{bridge_port}/mqtt.request",
+                    "allow": "authenticated",
+                    "publish_to": "mqtt:{topic}",
+                }
+            }
+        ),
         "TSUNAGU_GATEWAY_COMMAND_TIMEOUT": "60",
     }
     gateways = [start_service(["serve", "ws-gateway"], gateway_env) for _ in range(2)]

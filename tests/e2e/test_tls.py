@@ -90,6 +90,8 @@ def platform(
             "TSUNAGU_SERVER_TLS_CLIENT_AUTH": "required",
             "TSUNAGU_SERVER_TLS_RELOAD_INTERVAL": "0.5",
             "TSUNAGU_GATEWAY_API_KEY": API_KEY,
+            # the internal APIs let in the platform's client certificate, no token (mTLS peers)
+            "TSUNAGU_INTERNAL_PEERS": json.dumps(["spiffe://tsunagu.dev/tsunagu-dev-client"]),
             "TSUNAGU_AUTH_BOOTSTRAP_USERS": json.dumps({USER: {"password": PASSWORD, "channels": ["*"]}}),
             "TSUNAGU_INGEST_MAPPINGS": json.dumps([{"topic": topic}]),
             "TSUNAGU_MQTT_BRIDGE_FILTERS": json.dumps([f"tls-{run}/#"]),

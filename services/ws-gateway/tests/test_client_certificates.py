@@ -94,7 +94,7 @@ async def test_revoking_the_device_or_its_certificate_disconnects_it_and_keeps_i
         await socket.send(json.dumps({"id": 1, "connect": {}}))
         reply = json.loads(await asyncio.wait_for(socket.recv(), 5))
         assert "error" not in reply and reply["id"] == 1
-        fingerprint = gw.server.config.app.state.gateway.node.clients
+        fingerprint = gw.server.config.app.state.gateway.registry.clients
         [session] = fingerprint.values()
         assert session.user == "device-9" and session.grant.token_id.startswith("cert:")
         revocation = Revocation(scope=Revocation.TOKEN, value=session.grant.token_id, reason="device stolen")

@@ -15,10 +15,10 @@ from fhir.resources.R4B.parameters import Parameters as ParametersR4B
 from fhir.resources.R4B.subscriptionstatus import SubscriptionStatus as SubscriptionStatusR4B
 from fhir.resources.subscriptionstatus import SubscriptionStatus
 from tsunagu_core.broker import MemoryBroker
-from tsunagu_ws_gateway.fhir import model
-from tsunagu_ws_gateway.fhir.binding import BindingRecord, BindingTokens, expiry, record_channel
-from tsunagu_ws_gateway.fhir.commands import Command, CommandError, parse_command
-from tsunagu_ws_gateway.fhir.model import R4B, R5, FhirError
+from tsunagu_ws_gateway.protocols.fhir import model
+from tsunagu_ws_gateway.protocols.fhir.binding import BindingRecord, BindingTokens, expiry, record_channel
+from tsunagu_ws_gateway.protocols.fhir.commands import Command, CommandError, parse_command
+from tsunagu_ws_gateway.protocols.fhir.model import R4B, R5, FhirError
 
 TOPIC = "http://example.org/fhir/SubscriptionTopic/vitals"
 

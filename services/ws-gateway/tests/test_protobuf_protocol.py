@@ -297,7 +297,8 @@ async def test_rpc_data_reaches_backends_as_json(start_gateway, token) -> None: 
         seen.append(body["data"])
         return httpx.Response(200, json={"echo": body["data"]})
 
-    async with start_gateway(rpc_routes={"echo.": "http://backend"}) as gw:
+    routes = {name: {"url": f"http://backend/{name}", "allow": "authenticated"} for name in ("echo.this", "echo.raw")}
+    async with start_gateway(rpc_routes=routes) as gw:
         gw.server.config.app.state.gateway.rpc._client = httpx.AsyncClient(transport=httpx.MockTransport(backend))
         client = Client(gw.ws_url, token=token("ann", ["chat:*"]), use_protobuf=True)
         await client.connect()

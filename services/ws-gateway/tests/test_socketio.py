@@ -10,7 +10,7 @@ import orjson
 import pytest
 import socketio
 from tsunagu_core.broker import Publication
-from tsunagu_ws_gateway.socketio_bridge import decode_offset, encode_offset, event_of, render
+from tsunagu_ws_gateway.protocols.socketio import decode_offset, encode_offset, event_of, render
 
 from .conftest import make_token, running_gateway
 
@@ -89,7 +89,7 @@ async def test_rooms_emits_acks_permissions_binary_and_server_emits() -> None:
 
             # server-side emit through the manager goes to the channel (and so to every replica)
             mount = next(r for r in gw.server.config.app.routes if getattr(r, "path", "") == "/socket.io")
-            server = (await mount.app.app()).engineio_server  # our AsyncServer, with the channel manager
+            server = (await mount.app.app()).app.engineio_server  # behind the gate: our AsyncServer and its manager
             await server.emit("chat", "from-api", room="lobby")
             for _ in range(200):
                 if len(got) >= 6:

@@ -144,6 +144,39 @@ key: api-key
 {{- end }}
 {{- end }}
 
+{{/* The services ws-gateway calls over HTTP: JWKS, collab, RPC backends, the web app's probes. */}}
+{{- define "tsunagu.gatewayCalls" -}}
+auth collab stream-ingest mqtt-bridge sim-engine
+{{- end }}
+
+{{/* The services whose HTTP API is internal: they require the internal token (or an mTLS peer). */}}
+{{- define "tsunagu.internalApis" -}}
+presence collab stream-ingest mqtt-bridge sim-engine audit-log
+{{- end }}
+
+{{/* secrets.* the enabled services use, as YAML: values key -> key in the chart's Secret. */}}
+{{- define "tsunagu.platformSecretsUsed" -}}
+internalToken: internal-token
+{{- if (index .Values.services "audit-log").enabled }}
+auditSigningKey: audit-signing-key
+{{- end }}
+{{- if .Values.services.auth.enabled }}
+authKeyEncryptionSecret: auth-key-encryption-secret
+{{- end }}
+{{- end }}
+
+{{/* secretKeyRef of one of secrets.*; argument: dict root, name (its values key), key (in the chart's Secret). */}}
+{{- define "tsunagu.platformSecretRef" -}}
+{{- $item := index .root.Values.secrets .name }}
+{{- if $item.existingSecret.name }}
+name: {{ $item.existingSecret.name }}
+key: {{ $item.existingSecret.key }}
+{{- else }}
+name: {{ include "tsunagu.secretName" .root }}
+key: {{ .key }}
+{{- end }}
+{{- end }}
+
 {{/* One egress rule; argument: dict rule ({ports, to}), protocols (list). */}}
 {{- define "tsunagu.npEgressRule" -}}
 - ports:
@@ -203,8 +236,18 @@ Argument: dict root, name, uses, calls (see the top of this file).
 {{- fail (printf "services.%s.terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + shutdownGraceSeconds (%d)" $name $termination (add $preStop $grace)) }}
 {{- end }}
 {{- $autoscaling := $svc.autoscaling | default dict }}
+{{- $metricsPort := int $values.config.metricsPort }}
+{{- $internal := has $name (splitList " " (include "tsunagu.internalApis" $root)) }}
+{{- if include "tsunagu.mllp" $svc }}
+{{- if not (or $svc.mllp.senders $svc.mllp.from) }}
+{{- fail (printf "services.%s.mllp.senders must list the addresses/CIDRs of the HL7 senders (or mllp.from their NetworkPolicyPeers); [\"0.0.0.0/0\"] admits anyone" $name) }}
+{{- end }}
+{{- if and (not $svc.mllp.senders) (not $values.networkPolicy.enabled) }}
+{{- fail (printf "services.%s.mllp.from needs networkPolicy.enabled (it is a NetworkPolicy rule); or list the senders' CIDRs in mllp.senders" $name) }}
+{{- end }}
+{{- end }}
 {{- $apiKeyRef := include "tsunagu.apiKeySecretRef" $root }}
-{{- $configMap := include "tsunagu.configMap" (dict "root" $root "name" $name "uses" $uses "svc" $svc "grace" $grace) }}
+{{- $configMap := include "tsunagu.configMap" (dict "root" $root "name" $name "uses" $uses "svc" $svc "grace" $grace "internal" $internal) }}
 {{- if $values.serviceAccount.create }}
 ---
 apiVersion: v1
@@ -291,6 +334,11 @@ spec:
               containerPort: {{ . }}
               protocol: TCP
             {{- end }}
+            {{- if $metricsPort }}
+            - name: metrics
+              containerPort: {{ $metricsPort }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ $fullname }}
@@ -313,6 +361,25 @@ spec:
               valueFrom:
                 secretKeyRef:
                   {{- $apiKeyRef | nindent 18 }}
+            {{- end }}
+            {{- if or $internal (eq $name "ws-gateway") }}
+            # the internal APIs' credential: required by the internal services, sent by the gateway
+            - name: TSUNAGU_INTERNAL_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  {{- include "tsunagu.platformSecretRef" (dict "root" $root "name" "internalToken" "key" "internal-token") | nindent 18 }}
+            {{- end }}
+            {{- if eq $name "audit-log" }}
+            - name: TSUNAGU_AUDIT_SIGNING_KEY
+              valueFrom:
+                secretKeyRef:
+                  {{- include "tsunagu.platformSecretRef" (dict "root" $root "name" "auditSigningKey" "key" "audit-signing-key") | nindent 18 }}
+            {{- end }}
+            {{- if eq $name "auth" }}
+            - name: TSUNAGU_AUTH_KEY_ENCRYPTION_SECRET
+              valueFrom:
+                secretKeyRef:
+                  {{- include "tsunagu.platformSecretRef" (dict "root" $root "name" "authKeyEncryptionSecret" "key" "auth-key-encryption-secret") | nindent 18 }}
             {{- end }}
             {{- with $svc.env }}
             {{- toYaml . | nindent 12 }}
@@ -407,6 +474,12 @@ spec:
       targetPort: mllp
       protocol: TCP
     {{- end }}
+    {{- if $metricsPort }}
+    - name: metrics
+      port: {{ $metricsPort }}
+      targetPort: metrics
+      protocol: TCP
+    {{- end }}
 {{- if $values.networkPolicy.enabled }}
 {{- $np := $values.networkPolicy }}
 ---
@@ -434,33 +507,44 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
     {{- else }}
-    # RPC from the gateway.
+    {{- $callers := list }}
+    {{- if and (index $values.services "ws-gateway").enabled (has $name (splitList " " (include "tsunagu.gatewayCalls" $root))) }}
+    {{- $callers = append $callers (dict "podSelector" (dict "matchLabels" (include "tsunagu.selectorLabels" (dict "root" $root "name" "ws-gateway") | fromYaml))) }}
+    {{- end }}
+    {{- $callers = concat $callers (index ($np.apiFrom | default dict) $name | default list) }}
+    {{- if $callers }}
+    # The API: the gateway's calls, and the callers of networkPolicy.apiFrom.
     - ports:
         - protocol: TCP
           port: {{ $port }}
       from:
-        - podSelector:
-            matchLabels:
-              {{- include "tsunagu.selectorLabels" (dict "root" $root "name" "ws-gateway") | nindent 14 }}
+        {{- toYaml $callers | nindent 8 }}
+    {{- end }}
     {{- end }}
     {{- with (include "tsunagu.mllp" $svc) }}
     # HL7 v2 senders (MLLP).
     - ports:
         - protocol: TCP
           port: {{ . }}
-      {{- with $svc.mllp.from }}
       from:
+        {{- range $svc.mllp.senders }}
+        - ipBlock:
+            cidr: {{ . | quote }}
+        {{- end }}
+        {{- with $svc.mllp.from }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
     {{- end }}
-    # Prometheus scraping /metrics.
+    {{- if $metricsPort }}
+    # Prometheus, on the metrics port only.
     - ports:
         - protocol: TCP
-          port: {{ $port }}
+          port: {{ $metricsPort }}
       {{- with $np.metricsFrom }}
       from:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+    {{- end }}
   egress:
     {{- include "tsunagu.npEgressRule" (dict "rule" $np.egress.dns "protocols" (list "UDP" "TCP")) | nindent 4 }}
     {{- range $infra := (list "kafka" "redis" "postgres" "mqtt") }}
@@ -498,7 +582,7 @@ spec:
     matchLabels:
       {{- include "tsunagu.selectorLabels" $ctx | nindent 6 }}
   endpoints:
-    - port: http
+    - port: {{ ternary "metrics" "http" (gt $metricsPort 0) }}
       path: /metrics
       {{- if $values.tls.enabled }}
       scheme: https
@@ -528,6 +612,7 @@ spec:
 {{- $uses := .uses }}
 {{- $svc := .svc }}
 {{- $grace := .grace }}
+{{- $internal := .internal }}
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -543,7 +628,14 @@ metadata:
   "TSUNAGU_LOG_FORMAT" $root.Values.config.logFormat
   "TSUNAGU_LOG_LEVEL" $root.Values.config.logLevel
   "TSUNAGU_SHUTDOWN_GRACE" $grace
+  "TSUNAGU_ENV" $root.Values.config.environment
 }}
+{{- if $root.Values.config.metricsPort }}
+{{- $_ := set $data "TSUNAGU_METRICS_PORT" $root.Values.config.metricsPort }}
+{{- end }}
+{{- with $root.Values.config.trustedProxies }}
+{{- $_ := set $data "TSUNAGU_TRUSTED_PROXIES" (toJson .) }}
+{{- end }}
 {{- with $root.Values.config.otlpEndpoint }}
 {{- $_ := set $data "TSUNAGU_OTLP_ENDPOINT" . }}
 {{- end }}
@@ -587,10 +679,18 @@ metadata:
 {{- $_ := set $data "TSUNAGU_SERVER_TLS_CLIENT_CA_FILE" (printf "%s/ca.crt" $dir) }}
 {{- $_ := set $data "TSUNAGU_SERVER_TLS_CLIENT_AUTH" $root.Values.tls.clientAuth }}
 {{- $_ := set $data "TSUNAGU_KAFKA_SECURITY_PROTOCOL" $root.Values.tls.kafkaSecurityProtocol }}
+{{- if $internal }}
+{{- /* mTLS: the gateway's certificate (its SPIFFE URI) is let in without the token. */}}
+{{- $gateway := include "tsunagu.componentName" (dict "root" $root "name" "ws-gateway") }}
+{{- $peers := $root.Values.tls.internalPeers | default (list (printf "spiffe://cluster.local/ns/%s/sa/%s" $root.Release.Namespace $gateway)) }}
+{{- $_ := set $data "TSUNAGU_INTERNAL_PEERS" (toJson $peers) }}
+{{- end }}
 {{- end }}
 {{- with (include "tsunagu.mllp" $svc) }}
 {{- $_ := set $data "TSUNAGU_INGEST_MLLP_PORT" . }}
 {{- $_ := set $data "TSUNAGU_INGEST_MLLP_HOST" "0.0.0.0" }}
+{{- /* Only NetworkPolicyPeers given: the NetworkPolicy decides who reaches the port. */}}
+{{- $_ := set $data "TSUNAGU_INGEST_MLLP_SENDERS" (toJson ($svc.mllp.senders | default (list "0.0.0.0/0" "::/0"))) }}
 {{- end }}
 {{- /* The service's own settings come last and win. */}}
 {{- range $key, $value := ($svc.config | default dict) }}

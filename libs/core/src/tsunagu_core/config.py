@@ -126,6 +126,42 @@ class CoreSettings(TlsSettings):
     shutdown_grace: float = Field(
         20.0, ge=0, le=600, description="Seconds a stopping service waits for open connections to finish."
     )
+    env: Literal["development", "production"] = Field(
+        "development",
+        description="`production` refuses to start with development secrets, an internal API without a credential,"
+        " unsigned audit checkpoints or unencrypted auth signing keys (docs/security.md); the chart sets it.",
+    )
+    internal_token: str = Field(
+        "",
+        description="Shared secret of the platform's internal APIs: every service but the gateway and auth requires"
+        " `Authorization: Bearer <it>` on all but `/healthz` and `/readyz`, and the gateway sends it. Empty:"
+        " only `TSUNAGU_INTERNAL_PEERS` are let in (with neither, the APIs are open: development only).",
+    )
+    internal_peers: list[str] = Field(
+        default_factory=list,
+        description="JSON list of globs of client-certificate names (SPIFFE URI, DNS SAN or CN) let into the internal"
+        " APIs without the token (mTLS; needs `TSUNAGU_SERVER_TLS_CLIENT_CA_FILE`).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="JSON list of addresses/CIDRs of the proxies in front of the services (ingress controllers,"
+        " load balancers): from those, the client address is the last `X-Forwarded-For` hop they did not add."
+        " Empty: the socket's peer is the client, and `X-Forwarded-For` is ignored.",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of a listener of its own for `/metrics` (the chart uses 9464), so a NetworkPolicy can open it"
+        " to Prometheus alone; 0: `/metrics` is served on the service's port.",
+    )
+    http_max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=1_073_741_824,
+        description="Largest HTTP request body the internal APIs read (collab, presence, stream-ingest, mqtt-bridge,"
+        " sim-engine, audit-log); a larger one gets 413 before it is read. auth has 64 KiB of its own.",
+    )
 
 
 def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:

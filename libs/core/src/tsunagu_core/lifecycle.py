@@ -13,16 +13,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tsunagu_core import topics
+from tsunagu_core import service_auth, topics
+from tsunagu_core.body_limit import BodyLimit, default_error
 from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import BatchHandler, BatchPolicy, Bus, Handler, MemoryBus, RetryPolicy, Subscription
-from tsunagu_core.config import CoreSettings
+from tsunagu_core.config import ConfigError, CoreSettings
 
 log = logging.getLogger("tsunagu.lifecycle")
 
@@ -225,6 +226,9 @@ def create_service_app(
     version: str = "0.1.0",
     warnings: Callable[[], dict[str, str]] | None = None,
     index: bool = True,
+    internal_api: bool = False,
+    max_body_bytes: int | None = None,
+    body_error: Callable[[int], dict[str, Any]] = default_error,
 ) -> FastAPI:
     """A FastAPI app with the health, readiness and metrics endpoints every service exposes.
 
@@ -233,7 +237,26 @@ def create_service_app(
     configured so that the service runs but cannot do its job (a gateway with no token key): logged
     at start and shown in `/readyz` under `warnings`, without failing readiness. `index`: a small page
     at `/` that links the service's endpoints (off where the service serves something else there).
+
+    `internal_api`: every route but `/`, `/healthz` and `/readyz` (and `/metrics` on this port) needs the
+    platform's service credential (service_auth.py); with none configured the API is open, which
+    `TSUNAGU_ENV=production` refuses. `max_body_bytes`: request bodies over it get 413 (`body_error`
+    is the JSON answered) before they are read. `TSUNAGU_METRICS_PORT` set: no `/metrics` here, the
+    CLI serves it on that port.
     """
+    core = runtime.settings
+    credential = service_auth.configured(core)
+    if internal_api and not credential and core.env == "production":
+        raise ConfigError(
+            f"{service}: TSUNAGU_ENV=production without TSUNAGU_INTERNAL_TOKEN (or TSUNAGU_INTERNAL_PEERS with"
+            " client certificates): its internal API would be open to anyone who reaches its port"
+        )
+
+    def noted() -> dict[str, str]:
+        found = dict(warnings()) if warnings is not None else {}
+        if internal_api and not credential:
+            found["internal_api"] = "open to anyone who reaches this port: set TSUNAGU_INTERNAL_TOKEN"
+        return found
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -242,7 +265,7 @@ def create_service_app(
             async with contextlib.AsyncExitStack() as stack:
                 for hook in hooks:
                     await stack.enter_async_context(hook())
-                for topic, warning in (warnings() if warnings is not None else {}).items():
+                for topic, warning in noted().items():
                     log.warning("%s: %s: %s", service, topic, warning)
                 log.info("%s started", service)
                 yield
@@ -264,7 +287,7 @@ def create_service_app(
                 for path, what in (
                     ("/healthz", "alive"),
                     ("/readyz", "dependencies answer (503 with the reason otherwise)"),
-                    ("/metrics", "Prometheus metrics"),
+                    ("/metrics", "Prometheus metrics" if not core.metrics_port else "on TSUNAGU_METRICS_PORT"),
                     ("/docs", "the HTTP API (OpenAPI; /openapi.json)"),
                 )
             )
@@ -280,13 +303,37 @@ def create_service_app(
         ready, checks = await runtime.readiness(needs)
         status = "ready" if ready else ("draining" if runtime.draining else "not ready")
         body: dict[str, object] = {"status": status, "service": service, "checks": checks}
-        noted = warnings() if warnings is not None else {}
-        if noted:
-            body["warnings"] = noted
+        found = noted()
+        if found:
+            body["warnings"] = found
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"])
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    open_paths = set(service_auth.PROBE_PATHS) | ({"/"} if index else set())
+    if not core.metrics_port:
+        open_paths.add("/metrics")
 
+        @app.get("/metrics", tags=["health"])
+        async def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # Added innermost first: the credential is checked before a byte of the body is read.
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes, error=body_error)
+    if internal_api and credential:
+        app.add_middleware(
+            service_auth.ServiceAuth, token=core.internal_token, peers=core.internal_peers, open_paths=open_paths
+        )
     return app
+
+
+def internal_api(runtime: Runtime) -> dict[str, Any]:
+    """create_service_app's arguments of a service whose HTTP API is internal: the service credential
+    and the shared body cap (`TSUNAGU_HTTP_MAX_BODY_BYTES`)."""
+    return {"internal_api": True, "max_body_bytes": runtime.settings.http_max_body_bytes}
+
+
+def metrics_app() -> Any:
+    """The ASGI app of a `/metrics` listener of its own (`TSUNAGU_METRICS_PORT`): the process's registry."""
+    from prometheus_client import make_asgi_app
+
+    return make_asgi_app()

@@ -73,7 +73,8 @@ class _InProcessServer(uvicorn.Server):
 async def serving(app: Any, port: int, **options: Any) -> AsyncIterator[uvicorn.Server]:
     """Serve an ASGI app on 127.0.0.1:`port` in the running loop until the block ends; `options` go to
     `uvicorn.Config` (e.g. `tsunagu_core.tls.uvicorn_options(...)` for https/wss)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **options)
+    own = getattr(getattr(app, "state", None), "server_options", None) or {}  # as tsunagu serve honours them
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **{**own, **options})
     server = _InProcessServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -19,7 +19,7 @@ from tsunagu_core import topics
 from tsunagu_core.bus import BatchPolicy, RetryPolicy
 from tsunagu_core.config import ConfigError
 from tsunagu_core.database import DatabaseUnavailable
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_audit_log.chain import Row, Signer
 from tsunagu_audit_log.config import AuditSettings
@@ -41,7 +41,7 @@ class BadRequest(ValueError):
     pass
 
 
-def load_signer(settings: AuditSettings, *, persistent_store: bool) -> Signer:
+def load_signer(settings: AuditSettings, *, persistent_store: bool, production: bool = False) -> Signer:
     trusted = []
     for text in filter(None, (part.strip() for part in settings.trusted_keys.split(","))):
         try:
@@ -59,6 +59,11 @@ def load_signer(settings: AuditSettings, *, persistent_store: bool) -> Signer:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"TSUNAGU_AUDIT_SIGNING_KEY(_FILE): {exc}") from None
     signer = Signer.generate(trusted)
+    if persistent_store and production:
+        raise ConfigError(
+            "audit-log: TSUNAGU_ENV=production without TSUNAGU_AUDIT_SIGNING_KEY(_FILE): no checkpoint would be"
+            " signed, so a rewrite of the chain with recomputed hashes would go unnoticed"
+        )
     if persistent_store:
         log.warning(
             "no TSUNAGU_AUDIT_SIGNING_KEY(_FILE): no checkpoints are signed, so a rewrite of the chain with"
@@ -172,7 +177,7 @@ def create_app(runtime: Runtime, settings: AuditSettings) -> FastAPI:
         store = MemoryStore()
     audit = AuditLog(
         store,
-        load_signer(settings, persistent_store=persistent),
+        load_signer(settings, persistent_store=persistent, production=runtime.settings.env == "production"),
         gateway_topic=topics.GATEWAY_EVENTS,
         checkpoint_rows=settings.checkpoint_rows,
         checkpoint_interval=settings.checkpoint_interval,
@@ -226,7 +231,9 @@ def create_app(runtime: Runtime, settings: AuditSettings) -> FastAPI:
                     await task
             await audit.batcher.stop()
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[run_audit_log])
+    app = create_service_app(
+        service=SERVICE, runtime=runtime, needs=needs, hooks=[run_audit_log], **internal_api(runtime)
+    )
     app.state.settings = settings
     app.state.audit = audit
 

@@ -209,8 +209,11 @@ class AuditLog:
     async def run_checkpoints(self) -> None:
         tick = min(1.0, self.checkpoint_interval)
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation that arrives as
+            # the event is set, and the stopping service then waits on this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.batcher.appended.wait(), timeout=tick)
+                async with asyncio.timeout(tick):
+                    await self.batcher.appended.wait()
             self.batcher.appended.clear()
             try:
                 await self.checkpoint()

@@ -14,14 +14,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from tsunagu_core.bus import BusError
+from tsunagu_core.config import ConfigError
 from tsunagu_core.database import DatabaseUnavailable, Postgres
 from tsunagu_core.lifecycle import Runtime, create_service_app
+from tsunagu_core.proxies import TrustedProxies
 from tsunagu_core.revocation_store import DEPENDENCY as REVOCATIONS
 from tsunagu_core.revocation_store import shared_revocation_store
 
 from tsunagu_auth.config import AuthSettings
 from tsunagu_auth.domain import AuthError, AuthService
-from tsunagu_auth.handlers import build_router, error_response
+from tsunagu_auth.handlers import MAX_BODY, build_router, error_response
 from tsunagu_auth.limits import LoginLimiter, create_counters
 from tsunagu_auth.store import MIGRATIONS, MemoryStore, PostgresStore, Store
 
@@ -33,6 +35,11 @@ log = logging.getLogger("tsunagu.auth")
 
 def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
     core = runtime.settings
+    if core.env == "production" and not settings.key_encryption_secret:
+        raise ConfigError(
+            "auth: TSUNAGU_ENV=production without TSUNAGU_AUTH_KEY_ENCRYPTION_SECRET: the private signing keys"
+            " would be stored unencrypted"
+        )
     needs = ["bus", REVOCATIONS, LIMITS]
     store: Store
     if core.database == "postgres":
@@ -47,9 +54,11 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
     runtime.add_dependency(LIMITS, counters)
     limiter = LoginLimiter(
         counters,
-        per_user=settings.login_max_failures,
+        per_pair=settings.login_max_failures,
         per_ip=settings.login_max_failures_per_ip,
         window=settings.login_window,
+        user_slowdown_after=settings.login_user_slowdown_after,
+        user_max_delay=settings.login_user_max_delay,
     )
     auth = AuthService(settings, store, shared_revocation_store(runtime), runtime.bus, limiter, core.node_name)
     # Rotation is audited on the bus, so the timer starts once the bus (and database) are there.
@@ -81,7 +90,14 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
                 await task
             await auth.flush()
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[key_timer])
+    app = create_service_app(
+        service=SERVICE,
+        runtime=runtime,
+        needs=needs,
+        hooks=[key_timer],
+        max_body_bytes=MAX_BODY,
+        body_error=lambda limit: {"error": "invalid_request", "error_description": f"request body over {limit} bytes"},
+    )
     if settings.cors_origins:
         # Browsers log in from the gateway's origin; no cookies are involved, tokens travel in bodies.
         app.add_middleware(
@@ -95,6 +111,7 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
         )
     app.state.settings = settings
     app.state.auth = auth
+    app.state.proxies = TrustedProxies(core.trusted_proxies)
 
     @app.exception_handler(AuthError)
     async def on_auth_error(request: Request, exc: AuthError) -> JSONResponse:

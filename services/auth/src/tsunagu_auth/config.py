@@ -56,23 +56,42 @@ class AuthSettings(ServiceSettings):
         10.0, gt=0, le=3600, description="Seconds between checks whether the signing key is due for rotation."
     )
     key_encryption_secret: str = Field(
-        "", description="Passphrase that encrypts private signing keys in the store; empty: stored unencrypted."
+        "",
+        description="Passphrase that encrypts private signing keys in the store; empty: stored unencrypted"
+        " (`TSUNAGU_ENV=production` refuses that).",
     )
     admin_api_key: str = Field(
-        "", description="Bearer key of the admin endpoints (users, revoke, key rotation); empty: they are off."
+        "",
+        description="Key of the admin endpoints (users, revoke, key rotation), sent as `X-API-Key` (like the gateway's"
+        " server API) or `Authorization: Bearer`; empty: they are off.",
     )
     # OWASP's baseline for argon2id (m=19 MiB, t=2, p=1); raise them where logins may cost more CPU.
     argon2_time_cost: int = Field(2, ge=1, le=20, description="argon2id iterations for password hashes.")
     argon2_memory_cost: int = Field(19456, ge=8, description="argon2id memory in KiB for password hashes.")
     argon2_parallelism: int = Field(1, ge=1, le=64, description="argon2id lanes for password hashes.")
     login_max_failures: int = Field(
-        5, ge=1, description="Failed logins for one username within the window before it is locked."
+        5,
+        ge=1,
+        description="Failed logins for one username from one client IP within the window before that pair is"
+        " refused (429) until the window ends; the user still logs in from other addresses.",
     )
     login_max_failures_per_ip: int = Field(
-        50, ge=1, description="Failed logins from one client IP within the window before it is limited."
+        50, ge=1, description="Failed logins from one client IP within the window before it is refused for everyone."
+    )
+    login_user_slowdown_after: int = Field(
+        20,
+        ge=1,
+        description="Failed logins for one username from all addresses within the window after which its logins"
+        " are slowed down (never refused); addresses it logged in from before are not slowed.",
+    )
+    login_user_max_delay: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="Longest wait before a slowed-down login's password is checked (0.25 s, doubling per failure).",
     )
     login_window: float = Field(
-        300.0, gt=0, description="Seconds over which failed logins are counted; also the lock-out length."
+        300.0, gt=0, description="Seconds over which failed logins are counted; also how long a refusal lasts."
     )
     clients: dict[str, ServiceClient] = Field(
         default_factory=dict,

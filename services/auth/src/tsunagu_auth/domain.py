@@ -198,24 +198,19 @@ class AuthService:
         started = time.perf_counter()
         if not username or not password or len(username) > 256 or len(password) > 1024:
             raise invalid_request("username and password are required")
-        wait = await self.limiter.retry_after(username, ip)
-        if wait is not None:
-            LOGINS.labels("limited").inc()
-            self.audit("login", username, username, "limited", {"grant": "password"}, ip)
-            raise AuthError(
-                429,
-                "too_many_requests",
-                "too many failed logins; try later",
-                {"Retry-After": str(max(1, int(wait + 0.999)))},
-            )
-        user = await self.store.get_user(username)
-        ok = await asyncio.to_thread(self._verify_password, user.password_hash if user else self.dummy_hash, password)
+        await self._admit(username, ip, "password")
+        try:
+            user = await self.store.get_user(username)
+            password_hash = user.password_hash if user else self.dummy_hash
+            ok = await asyncio.to_thread(self._verify_password, password_hash, password)
+        except BaseException:
+            await self.limiter.finish(username, ip, "abandoned")  # not a wrong password: nothing to count
+            raise
+        await self.limiter.finish(username, ip, "ok" if user is not None and ok else "failed")
         if user is None or not ok:
-            await self.limiter.failed(username, ip)
             LOGINS.labels("failed").inc()
             self.audit("login", username, username, "failed", {"grant": "password"}, ip)
             raise AuthError(401, "invalid_grant", "invalid username or password")
-        await self.limiter.succeeded(username)
         now = time.time()
         session = Session(
             id=uuid.uuid4().hex,
@@ -232,6 +227,22 @@ class AuthService:
         TOKEN_ISSUE_SECONDS.labels("password").observe(time.perf_counter() - started)
         return self._token_response(access, refresh)
 
+    async def _admit(self, subject: str, ip: str, grant: str) -> None:
+        """The limiter's word on a login attempt: 429 when refused, a wait when slowed down."""
+        admission = await self.limiter.admit(subject, ip)
+        if admission.retry_after is not None:
+            LOGINS.labels("limited").inc()
+            self.audit("login", subject, subject, "limited", {"grant": grant}, ip)
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many failed logins from this address; try later",
+                {"Retry-After": str(max(1, int(admission.retry_after + 0.999)))},
+            )
+        if admission.delay:
+            LOGINS.labels("slowed").inc()
+            await asyncio.sleep(admission.delay)
+
     def _verify_password(self, password_hash: str, password: str) -> bool:
         try:
             return bool(self.hasher.verify(password_hash, password))
@@ -242,25 +253,22 @@ class AuthService:
         started = time.perf_counter()
         if not client_id or not secret:
             raise invalid_request("client_id and client_secret are required")
-        wait = await self.limiter.retry_after(f"client:{client_id}", ip)
-        if wait is not None:
-            LOGINS.labels("limited").inc()
-            raise AuthError(
-                429,
-                "too_many_requests",
-                "too many failed logins; try later",
-                {"Retry-After": str(max(1, int(wait + 0.999)))},
-            )
+        subject = f"client:{client_id}"
+        await self._admit(subject, ip, "client_credentials")
         client = self.settings.clients.get(client_id)
-        if client is None:
-            await asyncio.to_thread(self._verify_password, self.dummy_hash, secret)
-            ok = False
-        elif client.secret_hash:
-            ok = await asyncio.to_thread(self._verify_password, client.secret_hash, secret)
-        else:
-            ok = hmac.compare_digest(client.secret.encode(), secret.encode())
+        try:
+            if client is None:
+                await asyncio.to_thread(self._verify_password, self.dummy_hash, secret)
+                ok = False
+            elif client.secret_hash:
+                ok = await asyncio.to_thread(self._verify_password, client.secret_hash, secret)
+            else:
+                ok = hmac.compare_digest(client.secret.encode(), secret.encode())
+        except BaseException:
+            await self.limiter.finish(subject, ip, "abandoned")
+            raise
+        await self.limiter.finish(subject, ip, "ok" if client is not None and ok else "failed")
         if client is None or not ok:
-            await self.limiter.failed(f"client:{client_id}", ip)
             LOGINS.labels("failed").inc()
             self.audit(
                 "login", f"client:{client_id}", f"client:{client_id}", "failed", {"grant": "client_credentials"}, ip

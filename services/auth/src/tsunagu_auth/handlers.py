@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from tsunagu_core.proxies import TrustedProxies
 from tsunagu_core.revocation_store import Scope
 
 from tsunagu_auth.domain import AuthError, AuthService, invalid_request
@@ -22,13 +23,13 @@ def service_of(request: Request) -> AuthService:
 
 
 def client_ip(request: Request) -> str:
-    return request.client.host if request.client else ""
+    """The client's address, through the proxies of TSUNAGU_TRUSTED_PROXIES (what the limiter keys on)."""
+    return cast(TrustedProxies, request.app.state.proxies).client_ip(request.scope)
 
 
 async def read_body(request: Request) -> dict[str, Any]:
+    # Bodies over MAX_BODY are refused with 413 while they arrive (BodyLimit in create_service_app).
     raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise AuthError(413, "invalid_request", "request body too large")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/x-www-form-urlencoded":
         try:
@@ -68,10 +69,28 @@ def is_admin(request: Request, credentials: str) -> bool:
     return bool(key) and hmac.compare_digest(key.encode(), credentials.encode())
 
 
+def admin_key(request: Request) -> str:
+    """The admin key as the gateway's server API takes it (`X-API-Key`, `Authorization: apikey`), or a
+    bearer token; empty when none was sent."""
+    given = request.headers.get("x-api-key", "").strip()
+    if given:
+        return given
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() in ("bearer", "apikey") else ""
+
+
 def require_admin(request: Request) -> str:
     if not service_of(request).settings.admin_api_key:
         raise AuthError(403, "forbidden", "admin endpoints are off (TSUNAGU_AUTH_ADMIN_API_KEY is empty)")
-    if not is_admin(request, bearer(request)):
+    given = admin_key(request)
+    if not given:
+        raise AuthError(
+            401,
+            "invalid_token",
+            "the admin API key is required: send X-API-Key: <TSUNAGU_AUTH_ADMIN_API_KEY> (or Authorization: Bearer)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    if not is_admin(request, given):
         raise AuthError(403, "forbidden", "the admin API key is wrong")
     return "admin"
 
@@ -162,8 +181,9 @@ def build_router() -> APIRouter:
     @router.post("/v1/users/{user}/signing-keys", tags=["auth"], status_code=201)
     async def signing_key(user: str, request: Request) -> JSONResponse:
         auth = service_of(request)
-        credentials = bearer(request)
-        if is_admin(request, credentials):
+        if request.headers.get("x-api-key"):
+            actor = require_admin(request)
+        elif is_admin(request, credentials := bearer(request)):
             actor = "admin"
         else:
             claims = await auth.verify_access(credentials)

@@ -16,7 +16,7 @@ from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError
 from tsunagu_core.bus import BusError
 from tsunagu_core.database import DatabaseUnavailable, Postgres
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_collab.config import CollabSettings
 from tsunagu_collab.service import DocError, DocService
@@ -80,7 +80,7 @@ def create_app(runtime: Runtime, settings: CollabSettings) -> FastAPI:
             evictor.cancel()
             await docs.flush()
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[consumer])
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[consumer], **internal_api(runtime))
     app.state.settings = settings
     app.state.docs = docs
 

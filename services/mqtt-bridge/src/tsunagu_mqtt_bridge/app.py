@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from tsunagu_core import topics
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_mqtt_bridge.commands import CommandHandler, Ledger, MemoryLedger, RedisLedger
 from tsunagu_mqtt_bridge.config import MqttBridgeSettings
@@ -85,7 +85,7 @@ def create_app(runtime: Runtime, settings: MqttBridgeSettings) -> FastAPI:
             await relay.stop()
             await ledger.close()
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[bridging])
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[bridging], **internal_api(runtime))
     app.state.settings = settings
     app.state.relay = relay
     app.state.connection = connection

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError, ClientInfo
 from tsunagu_core.config import CoreSettings
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_presence.config import PresenceSettings
 from tsunagu_presence.store import MemoryPresenceStore, PresenceStore, RedisPresenceStore, StoreError
@@ -95,7 +95,7 @@ def create_app(runtime: Runtime, settings: PresenceSettings, store: PresenceStor
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[track])
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[track], **internal_api(runtime))
     app.state.settings = settings
     app.state.tracker = tracker
 

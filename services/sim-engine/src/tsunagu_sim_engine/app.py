@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError
 from tsunagu_core.config import ConfigError, CoreSettings
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_sim_engine.config import SimSettings
 from tsunagu_sim_engine.engine import SimEngine
@@ -98,7 +98,7 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
                 await scanner
             await engine.close(handover=True)
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[simulate])
+    app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[simulate], **internal_api(runtime))
     app.state.settings = settings
     app.state.engine = engine
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from tsunagu_core.bus import BatchPolicy
-from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
+from tsunagu_core.proxies import parse_networks
 from tsunagu_core.tls import ServerTls
 
 from tsunagu_stream_ingest.config import IngestSettings
@@ -106,6 +107,7 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             settings.mllp_host,
             settings.mllp_port,
             idle_timeout=settings.mllp_idle_timeout,
+            senders=parse_networks(settings.mllp_senders, "TSUNAGU_INGEST_MLLP_SENDERS"),
             before_start=lambda: runtime.wait_ready(NEEDS),
             ssl_context=mllp_tls.context if mllp_tls is not None else None,
         )
@@ -128,7 +130,9 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             if listener is not None:
                 await listener.close()  # before the bus and broker close
 
-    app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[relaying, demo_quotes, mllp])
+    app = create_service_app(
+        service=SERVICE, runtime=runtime, needs=needs, hooks=[relaying, demo_quotes, mllp], **internal_api(runtime)
+    )
     app.state.settings = settings
     app.state.relay = relay
     app.state.mllp = listener

@@ -58,6 +58,12 @@ class IngestSettings(ServiceSettings):
         0, ge=0, le=65535, description="TCP port of the HL7 v2 MLLP listener (the standard one is 2575); 0 = off."
     )
     mllp_host: str = Field("127.0.0.1", min_length=1, description="Address the MLLP listener binds to.")
+    mllp_senders: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="JSON list of addresses/CIDRs allowed to send HL7 over MLLP; a connection from elsewhere is"
+        " closed before a byte is read (also over TLS). The default admits this machine only; the chart sets the"
+        " senders of `services.stream-ingest.mllp.senders`.",
+    )
     mllp_max_message_bytes: int = Field(
         524_288,
         ge=1024,

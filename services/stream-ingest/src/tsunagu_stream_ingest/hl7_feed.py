@@ -20,7 +20,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from tsunagu_core import topics
 from tsunagu_core.broker import Broker, PublishOptions
 from tsunagu_core.bus import Bus
 from tsunagu_core.envelope import publish_event
+from tsunagu_core.proxies import Network, address_in, parse_networks
 from tsunagu_core.tls import peer_certificate
 from tsunagu_core.wire.events_pb2 import AuditEvent
 
@@ -47,6 +48,7 @@ _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _TRIGGER = re.compile(r"[A-Z0-9]{3}")
 # An MSH at the start of the text or of a segment (not "MSH" inside a field).
 _MSH = re.compile(r"(?:^|[\r\n\x0b])MSH")
+LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"], "TSUNAGU_INGEST_MLLP_SENDERS")
 MAX_ID = 64
 MAX_CONTROL_ID = 199
 # Seconds for each of a message's publication and its audit record, before it is answered AE.
@@ -62,7 +64,7 @@ MESSAGES = Counter(
 CONNECTIONS = Gauge("tsunagu_hl7_connections", "Open MLLP connections")
 CLOSED = Counter(
     "tsunagu_hl7_connections_closed_total",
-    "MLLP connections closed by the listener, by reason (idle, garbage, stopping)",
+    "MLLP connections closed by the listener, by reason (idle, garbage, stopping, refused: not an allowed sender)",
     ["reason"],
 )
 ACK_SECONDS = Histogram(
@@ -506,6 +508,7 @@ class MllpListener:
         port: int,
         *,
         idle_timeout: float,
+        senders: Sequence[Network] = LOOPBACK,
         before_start: Callable[[], Awaitable[None]] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -513,6 +516,7 @@ class MllpListener:
         self.host = host
         self.port = port
         self.idle_timeout = idle_timeout
+        self.senders = tuple(senders)
         self.before_start = before_start
         self.ssl_context = ssl_context
         self._server: asyncio.Server | None = None
@@ -562,6 +566,13 @@ class MllpListener:
             self._connections[task] = False
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername or "")
+        if not isinstance(peername, tuple) or not address_in(str(peername[0]), self.senders):
+            CLOSED.labels("refused").inc()
+            log.warning("MLLP connection from %s refused: not in TSUNAGU_INGEST_MLLP_SENDERS", peer)
+            if task is not None:
+                self._connections.pop(task, None)
+            writer.transport.abort()
+            return
         certificate = peer_certificate(writer.get_extra_info("ssl_object"))
         client_cert = certificate.subject if certificate is not None else ""
         CONNECTIONS.inc()

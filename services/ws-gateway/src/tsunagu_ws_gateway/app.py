@@ -1,10 +1,17 @@
-"""ws-gateway application factory: every client socket ends here."""
+"""ws-gateway application factory: every client socket ends here.
+
+The composition root of the gateway: the core (core/: admission, registry, sessions, the socket loop),
+the transports (transports/) and the protocols (protocols/) wired to the routes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.routing import Route, WebSocketRoute
@@ -14,34 +21,66 @@ from tsunagu_core.bus import Subscription
 from tsunagu_core.lifecycle import Runtime, create_service_app
 from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRegistry
 from tsunagu_core.revocation_store import shared_revocation_store
+from tsunagu_core.service_auth import service_headers
 
 from tsunagu_ws_gateway.channels import ChannelPolicy
-from tsunagu_ws_gateway.collab import CollabHub, collab_endpoint
 from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.core.control import control_handler
+from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.deferred import DeferredApp
 from tsunagu_ws_gateway.events import EventEmitter
-from tsunagu_ws_gateway.fhir import build_fhir_router
 from tsunagu_ws_gateway.forwarding import build_forwarders
 from tsunagu_ws_gateway.hub import Node
-from tsunagu_ws_gateway.jsonrpc_endpoint import jsonrpc_endpoint
+from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocols.collab import CollabHub, collab_endpoint
+from tsunagu_ws_gateway.protocols.fhir import build_fhir_router
+from tsunagu_ws_gateway.protocols.jsonrpc import jsonrpc_endpoint
+from tsunagu_ws_gateway.protocols.native import native_endpoint
+from tsunagu_ws_gateway.protocols.stomp import stomp_endpoint
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
-from tsunagu_ws_gateway.session import Gateway
 from tsunagu_ws_gateway.signatures import SignatureVerifier
-from tsunagu_ws_gateway.stomp_endpoint import stomp_endpoint
 from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
+from tsunagu_ws_gateway.transports.http import BodyLimit
 from tsunagu_ws_gateway.web import serve_web_app
-from tsunagu_ws_gateway.websocket import native_endpoint
 
 SERVICE = "ws-gateway"
 NEEDS = ("bus", "broker", "nonces", "revocations")
 WARM_DEFERRED_AFTER = 1.0
+# Slack over the largest message a protocol takes, for the WebSocket framing around it.
+WS_MAX_SIZE_SLACK = 1024
+
+
+def server_options(settings: GatewaySettings) -> dict[str, Any]:
+    """uvicorn options the gateway needs: no WebSocket message is buffered beyond what some protocol
+    takes (uvicorn's default is 16 MiB, read whole before any endpoint sees it)."""
+    return {"ws_max_size": max(settings.max_frame_bytes, settings.collab_max_message_bytes) + WS_MAX_SIZE_SLACK}
+
+
+class _TokensOutOfLogs(logging.Filter):
+    """`?token=` (y-websocket, JSON-RPC) out of uvicorn's lines: a JWT in a log is a JWT anyone may use."""
+
+    pattern = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(self.pattern.sub(r"\1…", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _keep_tokens_out_of_logs() -> None:
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TokensOutOfLogs) for f in logger.filters):
+            logger.addFilter(_TokensOutOfLogs())
 
 
 def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
+    _keep_tokens_out_of_logs()
     node = Node(settings, runtime.broker, runtime.settings.node_name)
-    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout)
+    policy = ChannelPolicy(settings.namespaces)
+    rpc = RpcRouter(settings.rpc_routes, settings.rpc_timeout, policy, service_headers(runtime.settings))
     # Nonces of signed publications are shared by every replica when they share Redis.
     nonces: NonceRegistry = (
         RedisNonceRegistry(runtime.settings.redis_url) if runtime.settings.broker == "redis" else MemoryNonceRegistry()
@@ -51,7 +90,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         settings,
         node,
         TokenVerifier(settings),
-        ChannelPolicy(settings.namespaces),
+        policy,
         EventEmitter(runtime.bus, runtime.settings.node_name),
         rpc,
         # Started and closed by the runtime (NEEDS): auth writes there before Kafka has it.
@@ -59,6 +98,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         SignatureVerifier(nonces, settings.signature_window),
         build_forwarders(runtime.bus, command_timeout=settings.command_timeout),
     )
+    node.on_command = control_handler(gateway)
+    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name, service_headers(runtime.settings))
 
     async def follow_revocations() -> Subscription:
         await runtime.wait_ready(["bus"])
@@ -68,12 +109,12 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         return await runtime.bus.consume([topics.AUTH_REVOCATIONS], f"ws-gateway-revocations-{node.id}", feed)
 
     def graphql_app() -> ASGIApp:
-        from tsunagu_ws_gateway.graphql_api import build_graphql_app
+        from tsunagu_ws_gateway.protocols.graphql import build_graphql_app
 
-        return build_graphql_app(gateway, settings)
+        return BodyLimit(build_graphql_app(gateway, settings), settings.max_request_bytes)
 
     def socketio_app() -> ASGIApp:
-        from tsunagu_ws_gateway.socketio_bridge import build_socketio_app
+        from tsunagu_ws_gateway.protocols.socketio import build_socketio_app
 
         app: ASGIApp = build_socketio_app(gateway)
         return app
@@ -83,6 +124,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def serve_clients() -> AsyncIterator[None]:
         await node.start()
+        await gateway.registry.start()
+        await collab.start()
         # Built once the socket listens and the first reconnecting clients are in (deferred.py).
         warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
         revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
@@ -94,13 +137,14 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             else:
                 revocations.cancel()
             warming.cancel()
+            gateway.registry.drain(codes.SHUTDOWN)
+            await collab.stop()
+            await gateway.registry.stop()
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
             if settings.web_enabled:
                 await app.state.web_probe.close()
-
-    collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name)
 
     def warnings() -> dict[str, str]:
         # Anonymous clients and client certificates need no key; everyone else does.
@@ -112,11 +156,12 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         service=SERVICE,
         runtime=runtime,
         needs=NEEDS,
-        hooks=[serve_clients, collab.lifespan],
+        hooks=[serve_clients],
         warnings=warnings,
         index=not settings.web_enabled,  # the demo web app is at / otherwise
     )
     app.state.settings = settings
+    app.state.server_options = server_options(settings)
     app.state.gateway = gateway
     app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from tsunagu_ws_gateway.config import Access, ChannelOptions
 from tsunagu_ws_gateway.protocol.codes import BAD_REQUEST, PERMISSION_DENIED, UNKNOWN_CHANNEL, ReplyError
 
-_VALID_CHANNEL = re.compile(r"^[\w\-:.@/#,=+!~$]{1,255}$")
+_VALID_CHANNEL = re.compile(r"[\w\-:.@/#,=+!~$]{1,255}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ class ChannelPolicy:
         self.namespaces = dict(namespaces)
 
     def options(self, channel: str) -> ChannelOptions:
-        if not _VALID_CHANNEL.match(channel):
+        if not _VALID_CHANNEL.fullmatch(channel):
             raise ReplyError(BAD_REQUEST, f"invalid channel name {channel[:64]!r}")
         options = self.namespaces.get(namespace_of(channel))
         if options is None:
@@ -55,6 +55,13 @@ class ChannelPolicy:
         ):
             return
         raise ReplyError(PERMISSION_DENIED)
+
+    def allows(self, access: Access, channel: str, who: Principal) -> bool:
+        try:
+            self.check(access, channel, who)
+        except ReplyError:
+            return False
+        return True
 
 
 def _user_may_use(channel: str, user: str) -> bool:

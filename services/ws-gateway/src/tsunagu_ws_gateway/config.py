@@ -25,6 +25,20 @@ class CertificateIdentity(BaseModel):
     channels: list[str] = Field(default_factory=list)
 
 
+class RpcRoute(BaseModel):
+    """One client RPC method: where it goes and who may call it."""
+
+    model_config = {"extra": "forbid"}
+
+    url: str = Field(min_length=1, description="the backend endpoint the call is POSTed to, as is")
+    # Who may call it: anyone, any authenticated user, or users whose token's `channels` claim matches
+    # `rpc:<method>` ("claim", the default), or nobody.
+    allow: Access = "claim"
+    # A channel template filled from the call's data (`mqtt:{topic}`): the caller must also be allowed to
+    # publish to it, as if it published there.
+    publish_to: str = ""
+
+
 class ChannelOptions(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -45,6 +59,9 @@ class ChannelOptions(BaseModel):
     forward: Literal["", "sim-input", "mqtt-command"] = ""
     # Every publication is recorded in the audit log (Kafka `tsunagu.audit`), with its signature if any.
     audit: bool = False
+    # Clients may publish here themselves; off for channels a service writes (collab's documents, where
+    # allow_publish is the permission to write the document through /collab, not to publish raw).
+    client_publish: bool = True
 
     @property
     def meta_ttl(self) -> float:
@@ -81,7 +98,7 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     # Room state from sim-engine; clients publish inputs to sim:<room>.input for the engine.
     "sim": ChannelOptions(history_size=0, recovery=False, forward="sim-input"),
     # Yjs documents at /collab/{doc}: read = may subscribe, write = may publish to collab:{doc}.
-    "collab": ChannelOptions(history_size=1000, history_ttl=3600),
+    "collab": ChannelOptions(history_size=1000, history_ttl=3600, client_publish=False),
     # Services' answers to one user's forwarded requests: replies:<kind>#<user>.
     "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
@@ -129,6 +146,16 @@ class GatewaySettings(ServiceSettings):
         "", description="auth's JWKS URL (`http://auth:8081/.well-known/jwks.json`): verify tokens by their `kid`."
     )
     token_audience: str = Field("", description="Required `aud` claim of tokens; empty: not checked.")
+    token_issuer: str = Field("", description="Required `iss` claim of tokens (auth's issuer); empty: not checked.")
+    token_allow_no_exp: bool = Field(
+        False, description="Accept tokens without `exp` (they never expire); off: `exp` is required."
+    )
+    token_jwks_refresh_interval: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Seconds after which the JWKS is fetched again: a key removed there stops working.",
+    )
     allow_anonymous: bool = Field(False, description="Accept connections without a token (user id empty).")
     client_cert_identities: list[CertificateIdentity] = Field(
         default_factory=list,
@@ -167,13 +194,38 @@ class GatewaySettings(ServiceSettings):
         " 111, and a client that goes on sending a burst's worth more is disconnected with 3013.",
     )
     allowed_origins: list[str] = Field(
-        default_factory=list, description="JSON list of allowed `Origin` values; empty: any origin."
+        default_factory=list,
+        description="JSON list of `Origin` values (globs: `https://*.example.com`, `*` for any) browsers may"
+        " connect from, on every transport; empty: the gateway's own origin only. Clients without `Origin`"
+        " (not browsers) are not affected.",
+    )
+    max_connections: int = Field(
+        50_000, ge=0, description="Open client sockets on one node; more are refused (HTTP 503). 0: no limit."
+    )
+    max_connections_per_ip: int = Field(
+        1_000, ge=0, description="Open client sockets from one IP address (HTTP 429 beyond). 0: no limit."
+    )
+    max_connections_per_user: int = Field(
+        100, ge=0, description="Connections of one user on one node, any protocol (3504 beyond). 0: no limit."
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest HTTP request body of the server API and GraphQL (413 beyond)."
+    )
+    collab_max_message_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Largest y-websocket message on `/collab` (4413 beyond)."
+    )
+    collab_max_document_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest document `/collab` clients may grow (updates past it are dropped).",
     )
     idempotency_ttl: float = Field(300.0, gt=0, description="Seconds a publish idempotency key is remembered.")
-    rpc_routes: dict[str, str] = Field(
+    rpc_routes: dict[str, RpcRoute] = Field(
         default_factory=dict,
-        description='JSON object: RPC method prefix to backend base URL; `sim.move` with `{"sim.": URL}` '
-        "is POSTed to `URL/sim.move`.",
+        description='JSON object: client RPC method to its route, e.g. `{"mqtt.request": {"url":'
+        ' "http://mqtt-bridge:8085/mqtt.request", "publish_to": "mqtt:{topic}"}}`: the call is POSTed to `url`'
+        " as is, if the caller passes `allow` and, with `publish_to`, may publish to that channel. Methods not"
+        " listed: 104.",
     )
     rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
     collab_url: str = Field(

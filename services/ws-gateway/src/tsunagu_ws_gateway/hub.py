@@ -1,7 +1,8 @@
-"""This node's channels and clients, and the fan-out of what the broker delivers.
+"""This node's channels and the fan-out of what the broker delivers (its clients are the registry's:
+core/registry.py).
 
-A publication is encoded into a frame once per protocol flavour (JSON, protobuf) that its local
-subscribers speak, and the same bytes are queued to every local subscriber of that flavour. A
+A publication is encoded into a frame once per renderer (JSON, protobuf, each protocol adapter's own)
+that its local subscribers use, and the same bytes are queued to every local subscriber of that renderer. A
 subscriber that is still subscribing gets the publication buffered instead, so its
 subscribe reply (with recovered history) always comes before live publications, with no gap and
 no duplicate at the seam.
@@ -14,9 +15,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
@@ -24,17 +25,12 @@ from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions
 
 from tsunagu_ws_gateway.config import ChannelOptions, GatewaySettings
 from tsunagu_ws_gateway.protocol import codes
-from tsunagu_ws_gateway.protocol.codec import Codec
-
-if TYPE_CHECKING:
-    from tsunagu_ws_gateway.session import ClientSession
 
 log = logging.getLogger("tsunagu.gateway.hub")
 
 CONTROL_CHANNEL = "__tsunagu:control"
 NODE_HEARTBEAT_SECONDS = 5.0
 
-CONNECTIONS = Gauge("tsunagu_gateway_connections", "Open client connections on this node")
 SUBSCRIPTIONS = Gauge("tsunagu_gateway_subscriptions", "Client subscriptions on this node")
 CHANNELS = Gauge("tsunagu_gateway_channels", "Channels with at least one subscriber on this node")
 DELIVERIES = Counter("tsunagu_gateway_deliveries_total", "Publications queued to client connections")
@@ -45,7 +41,6 @@ DELIVERY_LAG = Histogram(
     "Publish accepted to publication queued to local subscribers",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-DISCONNECTS = Counter("tsunagu_gateway_disconnects_total", "Connections closed by the server", ["code"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +63,54 @@ class Subscription:
     chan_info: bytes = b""
 
 
+class Renderer(Protocol):
+    """Renders a publication, a join or a leave once for every subscriber that shares it (core/replies.py)."""
+
+    def publication_push(self, channel: str, pub: Publication) -> bytes: ...
+
+    def join_push(self, channel: str, info: ClientInfo) -> bytes: ...
+
+    def leave_push(self, channel: str, info: ClientInfo) -> bytes: ...
+
+
+class SubscriberSink(Protocol):
+    @property
+    def renderer(self) -> Any: ...  # a Renderer
+
+    def deliver(self, frame: bytes) -> None: ...
+
+
+class Subscriber(Protocol):
+    """A session as the hub sees it (core/session.py)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def sink(self) -> SubscriberSink: ...
+
+    def client_info(self, subscription: Subscription | None = None) -> ClientInfo: ...
+
+    def lost_subscription(self, channel: str, code: int, reason: str) -> None: ...
+
+
+ControlHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ChannelOwner(Protocol):
+    async def on_publication(self, channel: str, publication: Publication) -> None: ...
+
+    async def on_resubscribed(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Channel:
-    subscribers: dict[ClientSession, Subscription] = field(default_factory=dict)
-    # The hot path: per codec, the send function of every subscriber that is live, so a publication
-    # costs one encoding per codec and one call per subscriber; those still subscribing wait in
-    # `pending` and buffer instead.
-    senders: dict[Codec, dict[ClientSession, Callable[[bytes], None]]] = field(default_factory=dict)
-    pending: dict[ClientSession, Subscription] = field(default_factory=dict)
+    subscribers: dict[Subscriber, Subscription] = field(default_factory=dict)
+    # The hot path: per renderer, the deliver function of every subscriber that is live, so a
+    # publication costs one encoding per renderer and one call per subscriber; those still subscribing
+    # wait in `pending` and buffer instead.
+    senders: dict[Any, dict[Subscriber, Callable[[bytes], None]]] = field(default_factory=dict)
+    pending: dict[Subscriber, Subscription] = field(default_factory=dict)
     live: asyncio.Future[None] | None = None
 
 
@@ -86,15 +121,16 @@ class Node:
         self.name = name
         self.id = uuid.uuid4().hex
         self.channels: dict[str, _Channel] = {}
-        self.clients: dict[str, ClientSession] = {}
-        self.users: dict[str, set[ClientSession]] = {}
-        # Sockets that have not sent connect yet: on the ticker for the connect timeout only.
-        self.connecting: set[ClientSession] = set()
         self.nodes: dict[str, dict[str, Any]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._control_ready = False
-        self._control_tasks: set[asyncio.Task[None]] = set()
-        self.draining = False
+        # (clients, users) on this node, for heartbeats: the connection registry's (core/registry.py).
+        self.census: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # Server API commands to this node's clients (disconnect, subscribe, unsubscribe): core/control.py.
+        self.on_command: ControlHandler | None = None
+        # Channel prefixes whose publications another part of the gateway consumes instead of fanning
+        # them out to subscribers (collab's documents).
+        self._owners: tuple[tuple[str, ChannelOwner], ...] = ()
 
     # lifecycle
 
@@ -102,40 +138,24 @@ class Node:
         self.broker.set_handler(self)
         self._ticker = asyncio.create_task(self._tick(), name="gateway-ticker")
 
+    def claim(self, prefix: str, owner: ChannelOwner) -> None:
+        """Publications of channels starting with `prefix` go to `owner`, not to subscribers."""
+        self._owners = (*self._owners, (prefix, owner))
+
     async def ensure_control(self) -> None:
         if not self._control_ready:
             await self.broker.subscribe(CONTROL_CHANNEL)
             self._control_ready = True
 
     async def stop(self) -> None:
-        self.draining = True
-        for session in list(self.clients.values()):
-            session.transport.close(codes.SHUTDOWN)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
 
-    # clients
-
-    def add_client(self, session: ClientSession) -> None:
-        self.clients[session.id] = session
-        self.users.setdefault(session.user, set()).add(session)
-        CONNECTIONS.set(len(self.clients))
-
-    def remove_client(self, session: ClientSession) -> None:
-        if self.clients.pop(session.id, None) is None:
-            return
-        sessions = self.users.get(session.user)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self.users[session.user]
-        CONNECTIONS.set(len(self.clients))
-
     # channels
 
-    async def add_subscriber(self, channel: str, session: ClientSession, subscription: Subscription) -> None:
+    async def add_subscriber(self, channel: str, session: Subscriber, subscription: Subscription) -> None:
         """Register the subscriber in buffering mode and return once the channel is live on this node."""
         state = self.channels.get(channel)
         if state is None:
@@ -167,11 +187,11 @@ class Node:
                 raise state.live.exception()  # type: ignore[misc]
         SUBSCRIPTIONS.inc()
 
-    async def remove_subscriber(self, channel: str, session: ClientSession) -> None:
+    async def remove_subscriber(self, channel: str, session: Subscriber) -> None:
         state = self.channels.get(channel)
         if state is None or state.subscribers.pop(session, None) is None:
             return
-        group = state.senders.get(session.codec)
+        group = state.senders.get(session.sink.renderer)
         if group is not None:
             group.pop(session, None)
         state.pending.pop(session, None)
@@ -190,13 +210,19 @@ class Node:
         if channel == CONTROL_CHANNEL:
             await self._on_control(publication)
             return
+        for prefix, owner in self._owners:
+            if channel.startswith(prefix):
+                await owner.on_publication(channel, publication)
+                return
         state = self.channels.get(channel)
         if state is None:
             return
         delivered = 0
-        for codec, senders in tuple(state.senders.items()):
+        for renderer, senders in tuple(state.senders.items()):
             if senders:
-                frame = codec.publication_push(channel, publication)
+                frame = renderer.publication_push(channel, publication)
+                if not frame:  # nothing for this kind of client (an adapter's channel it does not relay)
+                    continue
                 for send in list(senders.values()):
                     send(frame)
                 delivered += len(senders)
@@ -207,45 +233,47 @@ class Node:
         for subscription in state.pending.values():
             subscription.buffer.append(publication)
 
-    def go_live(self, channel: str, session: ClientSession) -> None:
+    def go_live(self, channel: str, session: Subscriber) -> None:
         """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
         state = self.channels.get(channel)
         if state is not None and state.pending.pop(session, None) is not None:
-            state.senders.setdefault(session.codec, {})[session] = session.transport.send
+            sink = session.sink
+            state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)
         if state is None:
             return
-        frames: dict[Codec, bytes] = {}
-        for session, subscription in state.subscribers.items():
+        frames: dict[Any, bytes] = {}
+        for session, subscription in list(state.subscribers.items()):
             if not subscription.join_leave:
                 continue
             if subscription.buffering:
                 # After its subscribe reply, as publications are: a subscriber's own join comes this way.
                 subscription.buffer.append(PresenceEvent(join, info))
                 continue
-            codec = session.codec
-            frame = frames.get(codec)
+            sink = session.sink
+            renderer = sink.renderer
+            frame = frames.get(renderer)
             if frame is None:
-                frame = frames[codec] = codec.join_push(channel, info) if join else codec.leave_push(channel, info)
-            session.transport.send(frame)
+                frame = renderer.join_push(channel, info) if join else renderer.leave_push(channel, info)
+                frames[renderer] = frame
+            if frame:
+                sink.deliver(frame)
 
     async def on_resubscribed(self) -> None:
         """The fan-out link was down, so publications may be missing: recoverable subscribers resubscribe
         (and recover from history); the others are told their state is gone the same way."""
+        for _, owner in self._owners:
+            try:
+                await owner.on_resubscribed()
+            except Exception:
+                log.exception("%r did not catch up after the fan-out link came back", owner)
         for channel, state in list(self.channels.items()):
             if channel == CONTROL_CHANNEL:
                 continue
-            frames: dict[Codec, bytes] = {}
             for session in list(state.subscribers):
-                session.forget_subscription(channel)
-                codec = session.codec
-                frame = frames.get(codec)
-                if frame is None:
-                    code = codes.UNSUBSCRIBE_INSUFFICIENT_STATE
-                    frame = frames[codec] = codec.unsubscribe_push(channel, code, "insufficient state")
-                session.transport.send(frame)
+                session.lost_subscription(channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE, "insufficient state")
             await self.remove_subscriber_all(channel)
 
     async def remove_subscriber_all(self, channel: str) -> None:
@@ -266,45 +294,18 @@ class Node:
             command = orjson.loads(publication.data)
         except orjson.JSONDecodeError:
             return
-        kind = command.get("kind")
-        if kind == "heartbeat":
+        if not isinstance(command, dict):
+            return
+        if command.get("kind") == "heartbeat":
             command["seen"] = time.time()
             self.nodes[command["node_id"]] = command
-        elif kind == "disconnect":
-            disconnect = codes.Disconnect(
-                int(command.get("code", 3503)), str(command.get("reason", "force disconnect"))
-            )
-            for session in self._matching(command):
-                session.transport.close(disconnect)
-                DISCONNECTS.labels(str(disconnect.code)).inc()
-        elif kind in ("unsubscribe", "subscribe"):
-            # Not awaited here: this runs inside the broker's delivery loop, and a subscribe waits for the
-            # broker to confirm its own subscription, which that same loop delivers (a Redis broker then
-            # stalled every channel's fan-out for 5 s and failed the subscribe).
-            channel = str(command["channel"])
-            for session in self._matching(command):
-                act = session.server_subscribe if kind == "subscribe" else session.server_unsubscribe
-                self._run(act(channel), f"server {kind} of {session.id} to {channel}")
+        elif self.on_command is not None:
+            try:
+                await self.on_command(command)
+            except Exception:
+                log.exception("control command %r failed", command.get("kind"))
 
-    def _run(self, work: Coroutine[Any, Any, None], what: str) -> None:
-        task = asyncio.create_task(work, name=what)
-        self._control_tasks.add(task)
-        task.add_done_callback(self._control_done)
-
-    def _control_done(self, task: asyncio.Task[None]) -> None:
-        self._control_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("%s failed: %r", task.get_name(), task.exception())
-
-    def _matching(self, command: dict[str, Any]) -> Iterable[ClientSession]:
-        sessions = list(self.users.get(str(command.get("user", "")), ()))
-        client = command.get("client")
-        session_id = command.get("session")
-        return [
-            s for s in sessions if (not client or s.id == client) and (not session_id or s.session_id == session_id)
-        ]
-
-    # timers: pings, pong deadlines, connect timeouts, token expiry, node heartbeats
+    # timers: node heartbeats, presence renewal
 
     async def _tick(self) -> None:
         next_heartbeat = 0.0
@@ -317,8 +318,6 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            for session in [*self.clients.values(), *self.connecting]:
-                session.on_tick(now)
             if now >= next_heartbeat:
                 next_heartbeat = now + NODE_HEARTBEAT_SECONDS
                 with contextlib.suppress(Exception):
@@ -341,12 +340,13 @@ class Node:
                     log.warning("presence of %s on %s not renewed: %s", session.id, channel, exc)
 
     def heartbeat(self) -> dict[str, Any]:
+        clients, users = self.census()
         return {
             "kind": "heartbeat",
             "node_id": self.id,
             "name": self.name,
-            "num_clients": len(self.clients),
-            "num_users": len(self.users),
+            "num_clients": clients,
+            "num_users": users,
             "num_channels": len(self.channels),
             "num_subs": sum(len(s.subscribers) for s in self.channels.values()),
         }

@@ -1,47 +1,84 @@
-"""Client RPCs routed by method prefix to backend services over HTTP."""
+"""Client RPCs to backend services over HTTP, by an allow-list of methods.
+
+Each method is configured with the URL it is POSTed to (as is: nothing the client sends is put in the
+URL), who may call it (`allow`, checked like a channel permission on `rpc:<method>`), and optionally a
+channel the call acts on (`publish_to`, e.g. `mqtt:{topic}` from the call's data), which the caller must
+be allowed to publish to. A method not in the list is error 104; a caller without the permission 103.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
 from tsunagu_core.tls import client_context
 
+from tsunagu_ws_gateway.channels import ChannelPolicy, Principal
+from tsunagu_ws_gateway.config import RpcRoute
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codes import ReplyError
 
 log = logging.getLogger("tsunagu.gateway.rpc")
 
+RPC_NAMESPACE = "rpc"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class Caller(Protocol):
+    id: str
+    user: str
+    principal: Principal
+
+    def may(self, access: str, channel: str) -> bool: ...
+
 
 class RpcRouter:
-    def __init__(self, routes: Mapping[str, str], timeout: float) -> None:
-        # Longest prefix first, so `sim.admin.` wins over `sim.`.
-        self.routes = sorted(routes.items(), key=lambda item: len(item[0]), reverse=True)
+    def __init__(
+        self,
+        routes: Mapping[str, RpcRoute],
+        timeout: float,
+        policy: ChannelPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.routes = dict(routes)
         self.timeout = timeout
+        self.policy = policy or ChannelPolicy({})
+        # The platform's service credential (tsunagu_core.service_auth): the backends' APIs are internal.
+        self.headers = {"content-type": "application/json", **(headers or {})}
         self._client: httpx.AsyncClient | None = None
 
-    def route(self, method: str) -> str | None:
-        for prefix, base in self.routes:
-            if method.startswith(prefix):
-                return base.rstrip("/") + "/" + method
-        return None
-
-    async def call(self, method: str, data: Any, *, user: str, client: str) -> Any:
+    def authorize(self, method: str, data: Any, caller: Caller) -> RpcRoute:
+        """The method's route if `caller` may call it with `data`; ReplyError 104 or 103 otherwise."""
         if not self.routes:
             # As Centrifugo without an RPC proxy: nothing on this gateway answers RPCs at all.
             raise ReplyError(codes.NOT_AVAILABLE, "no RPC backend is configured (TSUNAGU_GATEWAY_RPC_ROUTES)")
-        url = self.route(method)
-        if url is None:
-            raise ReplyError(codes.METHOD_NOT_FOUND, f"no backend serves {method!r}")
+        route = self.routes.get(method)
+        if route is None:
+            raise ReplyError(codes.METHOD_NOT_FOUND, f"no backend serves {method[:64]!r}")
+        self.policy.check(route.allow, f"{RPC_NAMESPACE}:{method}", caller.principal)
+        if route.publish_to:
+            channel = _fill(route.publish_to, data)
+            if not caller.may("allow_publish", channel):
+                raise ReplyError(
+                    codes.PERMISSION_DENIED, f"{method} on {channel[:64]!r} needs publish permission there"
+                )
+        return route
+
+    async def call(self, method: str, data: Any, *, user: str, client: str, session: Caller) -> Any:
+        url = self.authorize(method, data, session).url
         if self._client is None:
             # TLS backends: the platform CA, and our client certificate when a backend asks (mTLS)
             self._client = httpx.AsyncClient(timeout=self.timeout, verify=client_context())
-        body = orjson.dumps({"method": method, "user": user, "client": client, "data": data})
         try:
-            response = await self._client.post(url, content=body, headers={"content-type": "application/json"})
+            body = orjson.dumps({"method": method, "user": user, "client": client, "data": data})
+        except TypeError as exc:
+            raise ReplyError(codes.BAD_REQUEST, f"data cannot be sent: {exc}") from None
+        try:
+            response = await self._client.post(url, content=body, headers=self.headers)
         except httpx.HTTPError as exc:
             log.warning("rpc %s to %s failed: %r", method, url, exc)
             raise ReplyError(codes.INTERNAL, f"backend unreachable: {exc!r}") from None
@@ -59,3 +96,15 @@ class RpcRouter:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _fill(template: str, data: Any) -> str:
+    """`mqtt:{topic}` with `data["topic"]`; 107 when the data lacks a string for a placeholder."""
+
+    def value(match: re.Match[str]) -> str:
+        found = data.get(match.group(1)) if isinstance(data, dict) else None
+        if not isinstance(found, str) or not found:
+            raise ReplyError(codes.BAD_REQUEST, f"data.{match.group(1)} must be a non-empty string")
+        return found
+
+    return _PLACEHOLDER.sub(value, template)

@@ -1,10 +1,13 @@
 """`POST /api/<method>`: the server API in the shape of Centrifugo's HTTP API, so `cent` and
 existing backends publish without changes. Answers are HTTP 200 with `{"result": ...}` or
-`{"error": {"code", "message"}}`; a wrong or missing `X-API-Key` is HTTP 401."""
+`{"error": {"code", "message"}}`, never a 500 (a field of the wrong type is error 107, a failure of ours
+100); a wrong or missing `X-API-Key` (unless an allowed client certificate) is HTTP 401, a body over
+`max_request_bytes` 413."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,9 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from tsunagu_core.broker import BrokerError, StreamPosition
 
 from tsunagu_ws_gateway.certificates import api_certificate
+from tsunagu_ws_gateway.core.commands import encode, position_of
+from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ReplyError
-from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.transports.http import BodyTooLarge, read_body
+
+log = logging.getLogger("tsunagu.gateway.server_api")
 
 ApiMethod = Callable[[Gateway, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -44,11 +51,13 @@ async def publish(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     tags = body.get("tags") or {}
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise ReplyError(codes.BAD_REQUEST, "tags must map strings to strings")
+    if key is not None and (not isinstance(key, str) or len(key) > 128):
+        raise ReplyError(codes.BAD_REQUEST, "idempotency_key must be a string of at most 128 characters")
     result = await gateway.broker.publish(
         channel,
-        json_frames.encode_data(body["data"]),
+        encode(json_frames.encode_data, body["data"]),
         options.publish_options(
-            idempotency_key=f"api/{key}" if isinstance(key, str) and key else None,
+            idempotency_key=f"api/{key}" if key else None,
             idempotency_ttl=gateway.settings.idempotency_ttl,
             keep_history=not body.get("skip_history"),
             tags=tags,
@@ -73,14 +82,10 @@ async def history(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     if options.history_size == 0:
         raise ReplyError(codes.NOT_AVAILABLE, "this channel keeps no history")
     limit = body.get("limit", 0)
-    if not isinstance(limit, int):
+    if not isinstance(limit, int) or isinstance(limit, bool):
         raise ReplyError(codes.BAD_REQUEST, "limit must be an integer")
     since = body.get("since")
-    position = (
-        StreamPosition(int(since.get("offset") or 0), str(since.get("epoch") or ""))
-        if isinstance(since, dict)
-        else None
-    )
+    position: StreamPosition | None = position_of(since, "since") if since is not None else None
     limit = options.history_size if limit < 0 else min(limit, options.history_size)
     result = await gateway.broker.history(channel, since=position, limit=limit, reverse=bool(body.get("reverse")))
     return {
@@ -116,8 +121,12 @@ async def disconnect(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body.get(field), str):
             command[field] = body[field]
     spec = body.get("disconnect") or {}
-    command["code"] = int(spec.get("code", codes.FORCE_DISCONNECT.code))
-    command["reason"] = str(spec.get("reason", codes.FORCE_DISCONNECT.reason))
+    if not isinstance(spec, dict):
+        raise ReplyError(codes.BAD_REQUEST, "disconnect must be an object {code, reason}")
+    code, reason = spec.get("code", codes.FORCE_DISCONNECT.code), spec.get("reason", codes.FORCE_DISCONNECT.reason)
+    if not isinstance(code, int) or isinstance(code, bool) or not 3000 <= code < 5000 or not isinstance(reason, str):
+        raise ReplyError(codes.BAD_REQUEST, "disconnect.code must be an integer from 3000 to 4999, reason a string")
+    command["code"], command["reason"] = code, reason[:120]
     await gateway.node.broadcast_control(command)
     return {}
 
@@ -143,6 +152,8 @@ async def subscribe(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
 async def channels(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     """Channels with subscribers on this node (numbers per channel)."""
     pattern = body.get("pattern") or ""
+    if not isinstance(pattern, str):
+        raise ReplyError(codes.BAD_REQUEST, "pattern must be a string")
     found = {
         name: {"num_clients": len(state.subscribers)}
         for name, state in gateway.node.channels.items()
@@ -198,6 +209,9 @@ async def _answer(method: ApiMethod, gateway: Gateway, body: dict[str, Any]) -> 
         return {"error": {"code": exc.error.code, "message": message}}
     except BrokerError as exc:
         return {"error": {"code": codes.INTERNAL.code, "message": str(exc)}}
+    except Exception:
+        log.exception("server API call failed")
+        return {"error": {"code": codes.INTERNAL.code, "message": codes.INTERNAL.message}}
 
 
 async def batch(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
@@ -232,13 +246,15 @@ def build_router() -> APIRouter:
                 {"error": "the server API is off: set TSUNAGU_GATEWAY_API_KEY (or _API_CLIENT_CERTS)"}, status_code=503
             )
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("apikey ")
-        # a backend with an allowed client certificate (mTLS) needs no key
-        if not hmac.compare_digest(given.encode(), api_key.encode()) and not api_certificate(
-            gateway.settings, request.scope
-        ):
+        # Both non-empty: compare_digest(b"", b"") is true, and a gateway without a key must not open
+        # the API to a request without one. A backend with an allowed client certificate needs no key.
+        keyed = bool(api_key) and bool(given) and hmac.compare_digest(given.encode(), api_key.encode())
+        if not keyed and not api_certificate(gateway.settings, request.scope):
             return JSONResponse({"error": "missing or wrong X-API-Key"}, status_code=401)
         try:
-            body = orjson.loads(await request.body() or b"{}")
+            body = orjson.loads(await read_body(request, gateway.settings.max_request_bytes) or b"{}")
+        except BodyTooLarge as exc:
+            return JSONResponse({"error": str(exc)}, status_code=413)
         except orjson.JSONDecodeError as exc:
             return JSONResponse({"error": f"body is not JSON: {exc}"}, status_code=400)
         if not isinstance(body, dict):

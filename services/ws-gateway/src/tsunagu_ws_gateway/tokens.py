@@ -1,6 +1,12 @@
 """Connection and subscription JWTs: verified with an HS256 secret, a PEM public key, or the keys
-auth publishes at its JWKS URL (fetched at start, refreshed periodically and whenever a token names
-a `kid` we do not know yet, so a key auth has just rotated in works on the first token it signs)."""
+auth publishes at its JWKS URL (fetched on first use, refetched every `token_jwks_refresh_interval`
+seconds so a key removed from it stops working, and whenever a token names a `kid` we do not know yet,
+so a key auth has just rotated in works on the first token it signs).
+
+The two kinds never stand in for each other: a subscription token has a `channel` claim (as Centrifugo
+tells them apart) and, when it has a `typ` claim, `typ: "subscription"`; a connection token has no
+`channel` claim and no `typ`, or `typ: "access"`. `exp` is required (unless `token_allow_no_exp`), `iss`
+checked when `token_issuer` is set, `aud` when `token_audience` is."""
 
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from tsunagu_ws_gateway.protocol.codes import (
 LEEWAY_SECONDS = 5
 # An unknown kid refetches the JWKS at most this often, so garbage tokens cannot hammer auth.
 JWKS_MIN_REFETCH_SECONDS = 5.0
+CONNECTION_TYPES = ("access",)
+SUBSCRIPTION_TYPE = "subscription"
 
 log = logging.getLogger("tsunagu.gateway.tokens")
 
@@ -62,9 +70,10 @@ class SubscriptionGrant:
 class JwksKeys:
     """The public keys at auth's JWKS URL, by kid."""
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, refresh_interval: float = 300.0) -> None:
         self.url = url
         self.timeout = timeout
+        self.refresh_interval = refresh_interval
         self.keys: dict[str, tuple[Any, list[str]]] = {}
         self.fetched_at = 0.0
         self._lock = asyncio.Lock()
@@ -78,7 +87,11 @@ class JwksKeys:
                 async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as http:
                     response = await http.get(self.url)
                 response.raise_for_status()
-                keyset = jwt.PyJWKSet.from_dict(response.json())
+                published = response.json()
+                if isinstance(published, dict) and published.get("keys") == []:
+                    self.keys = {}  # every key retired (pyjwt calls an empty set unusable)
+                    return
+                keyset = jwt.PyJWKSet.from_dict(published)
             except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
                 log.warning("JWKS at %s not usable: %s", self.url, exc)
                 return
@@ -89,7 +102,10 @@ class JwksKeys:
             }
 
     async def key_for(self, kid: str) -> tuple[Any, list[str]] | None:
-        if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_MIN_REFETCH_SECONDS:
+        age = time.monotonic() - self.fetched_at
+        # A JWKS that fails to load keeps the keys it had (auth down is no reason to refuse everyone);
+        # one that loads without a key drops it.
+        if age >= self.refresh_interval or (kid not in self.keys and age >= JWKS_MIN_REFETCH_SECONDS):
             await self.refresh()
         return self.keys.get(kid)
 
@@ -97,12 +113,18 @@ class JwksKeys:
 class TokenVerifier:
     def __init__(self, settings: GatewaySettings) -> None:
         self.audience = settings.token_audience or None
+        self.issuer = settings.token_issuer or None
+        self.required = ["sub"] if settings.token_allow_no_exp else ["sub", "exp"]
         self.keys: list[tuple[Any, list[str]]] = []
         if settings.token_public_key:
             self.keys.append((settings.token_public_key, ["RS256", "EdDSA"]))
         if settings.token_hmac_secret:
             self.keys.append((settings.token_hmac_secret, ["HS256"]))
-        self.jwks = JwksKeys(settings.token_jwks_url) if settings.token_jwks_url else None
+        self.jwks = (
+            JwksKeys(settings.token_jwks_url, refresh_interval=settings.token_jwks_refresh_interval)
+            if settings.token_jwks_url
+            else None
+        )
 
     @property
     def configured(self) -> bool:
@@ -132,8 +154,13 @@ class TokenVerifier:
                     key,
                     algorithms=algorithms,
                     audience=self.audience,
+                    issuer=self.issuer,
                     leeway=LEEWAY_SECONDS,
-                    options={"require": ["sub"], "verify_aud": self.audience is not None},
+                    options={
+                        "require": self.required + (["iss"] if self.issuer else []),
+                        "verify_aud": self.audience is not None,
+                        "verify_iss": self.issuer is not None,
+                    },
                 )
                 return claims
             except jwt.ExpiredSignatureError:
@@ -144,6 +171,8 @@ class TokenVerifier:
 
     async def verify_connection(self, token: str) -> ConnectionGrant:
         claims = await self._decode(token)
+        if "channel" in claims or claims.get("typ", CONNECTION_TYPES[0]) not in CONNECTION_TYPES:
+            raise ProtocolError(INVALID_TOKEN, "invalid token: not a connection token")
         subs = claims.get("subs") or []
         patterns = claims.get("channels") or []
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -162,6 +191,8 @@ class TokenVerifier:
 
     async def verify_subscription(self, token: str, user: str, channel: str) -> SubscriptionGrant:
         claims = await self._decode(token)
+        if "channel" not in claims or claims.get("typ", SUBSCRIPTION_TYPE) != SUBSCRIPTION_TYPE:
+            raise ReplyError(PERMISSION_DENIED, "not a subscription token")
         if str(claims["sub"]) != user or claims.get("channel") != channel:
             raise ReplyError(PERMISSION_DENIED, "the subscription token is for another user or channel")
         return SubscriptionGrant(

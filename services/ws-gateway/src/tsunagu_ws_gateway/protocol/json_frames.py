@@ -66,6 +66,17 @@ def json_data(data: bytes) -> orjson.Fragment | str:
     return orjson.Fragment(data)
 
 
+def json_value(data: bytes) -> Any:
+    """Stored publication bytes as a Python JSON value, by the rule of `json_data` (not JSON: a string of
+    their base64): what GraphQL clients and RPC backends get."""
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return base64.b64encode(data).decode()
+
+
 def _info(info: ClientInfo) -> dict[str, Any]:
     # conn_info and chan_info come from the `info` claims of tokens, which the token verifier stores
     # as orjson output: JSON without line breaks, embedded as they are.

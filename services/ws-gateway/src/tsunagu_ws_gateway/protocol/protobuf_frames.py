@@ -9,7 +9,6 @@ protobuf subscribers byte for byte (and JSON subscribers by the rule in `json_fr
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 from tsunagu_core.broker import ClientInfo, Publication
 
+from tsunagu_ws_gateway.protocol import json_frames
 from tsunagu_ws_gateway.protocol.codes import BAD_REQUEST_DISCONNECT, ErrorCode, ProtocolError
 from tsunagu_ws_gateway.protocol.wire import centrifuge_client_pb2 as pb
 
@@ -93,17 +93,6 @@ def decode_commands(frame: bytes | str, max_commands: int) -> list[dict[str, Any
         if len(commands) > max_commands:
             raise ProtocolError(BAD_REQUEST_DISCONNECT, f"more than {max_commands} commands in one frame")
     return commands
-
-
-def json_value(data: bytes) -> Any:
-    """Bytes from a protobuf client as the JSON value a JSON peer (an RPC backend) gets: the value when
-    they are JSON, otherwise a string of their base64 (the rule of `json_frames.json_data`)."""
-    if not data:
-        return None
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return base64.b64encode(data).decode()
 
 
 def _info(info: ClientInfo) -> pb.ClientInfo:
@@ -273,7 +262,7 @@ class ProtobufCodec:
         return bytes(data)
 
     def rpc_data(self, data: Any) -> Any:
-        return json_value(data or b"")
+        return json_frames.json_value(data or b"")
 
     def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
         return reply(command_id, method, result)

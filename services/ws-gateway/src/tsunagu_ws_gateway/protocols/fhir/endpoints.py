@@ -5,8 +5,9 @@
   (each of them); answers a Parameters (token, expiration, subscription..., websocket-url).
 - `GET /fhir/ws`: the websocket. `bind-with-token: <token>` binds (a handshake bundle per subscription
   first, then event notifications and heartbeats), `unbind-with-token: <token>` unbinds. The
-  subscriptions of a token are an ordinary client session (adapter.py, a `Link` here) connected with
-  the JWT the token was issued for and subscribed to their `fhir:{id}` channels, so expiry and
+  subscriptions of a token are an ordinary client session (protocols/base.py, a `Link` here) connected with
+  the JWT (or client certificate) the token was issued for, admitted by the gateway's one admission
+  function, and subscribed to their `fhir:{id}` channels, so expiry and
   revocation of that JWT end the binding as they end any connection, and a bind recovers from the
   channel's history what was published while it was being set up.
 - `POST /fhir/notify`: a FHIR server's rest-hook delivery (`X-API-Key` or the `fhir_notify_secret`
@@ -28,20 +29,26 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Counter, Gauge
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 from tsunagu_core.broker import BrokerError, Publication, StreamPosition
 
-from tsunagu_ws_gateway.adapter import Bridge, BridgeCodec, MessageOutbox, Reply, refuse, start_writer
 from tsunagu_ws_gateway.channels import Principal
 from tsunagu_ws_gateway.config import GatewaySettings
-from tsunagu_ws_gateway.fhir import model
-from tsunagu_ws_gateway.fhir.binding import BindingRecord, BindingTokens, expiry
-from tsunagu_ws_gateway.fhir.commands import Command, CommandError, parse_command
-from tsunagu_ws_gateway.fhir.model import FhirError, Notification, StatusSpec
+from tsunagu_ws_gateway.core import commands as cmd
+from tsunagu_ws_gateway.core.gateway import Gateway
+from tsunagu_ws_gateway.core.refusals import Refused
+from tsunagu_ws_gateway.core.replies import Reply
+from tsunagu_ws_gateway.core.transport import Connection, Peer
 from tsunagu_ws_gateway.protocol import codes
-from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
-from tsunagu_ws_gateway.session import Gateway, TokenBucket
+from tsunagu_ws_gateway.protocol.codes import Disconnect, ProtocolError, ReplyError
+from tsunagu_ws_gateway.protocols.base import AdapterRenderer, AdapterSession, error_text
+from tsunagu_ws_gateway.protocols.fhir import model
+from tsunagu_ws_gateway.protocols.fhir.binding import BindingRecord, BindingTokens, expiry
+from tsunagu_ws_gateway.protocols.fhir.commands import Command, CommandError, parse_command
+from tsunagu_ws_gateway.protocols.fhir.model import FhirError, Notification, StatusSpec
 from tsunagu_ws_gateway.tokens import ConnectionGrant
+from tsunagu_ws_gateway.transports.http import BodyTooLarge, read_body
+from tsunagu_ws_gateway.transports.websocket import serve_websocket
 
 log = logging.getLogger("tsunagu.gateway.fhir")
 
@@ -122,22 +129,14 @@ def render_for(version: str) -> Callable[[str, Publication], bytes]:
     return render
 
 
-CODECS = {version: BridgeCodec("fhir", render_for(version)) for version in model.VERSIONS}
+RENDERERS = {version: AdapterRenderer("fhir", render_for(version)) for version in model.VERSIONS}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be larger than `limit`."""
-    too_big = FhirError(413, "too-costly", f"the body is larger than {limit} bytes")
-    length = request.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _body(request: Request, limit: int) -> bytes:
+    try:
+        return await read_body(request, limit)
+    except BodyTooLarge as exc:
+        raise FhirError(413, "too-costly", str(exc)) from None
 
 
 class FhirService:
@@ -156,21 +155,21 @@ class FhirService:
 
     # who may
 
-    async def grant_of(self, request: Request) -> tuple[ConnectionGrant, str]:
-        """The Bearer JWT's grant; FhirError 401 when there is none or it is not accepted."""
+    async def grant_of(self, request: Request) -> tuple[ConnectionGrant, str, str]:
+        """(grant, JWT, certificate fingerprint) of the Bearer JWT, or else of the client certificate,
+        admitted by the gateway's one admission function; FhirError 401 when it says no."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        peer = Peer.of(request.scope)
+        if not token and peer.certificate is None:
             raise FhirError(401, "login", "an Authorization: Bearer <connection token> header is required")
-        gateway = self.gateway
         try:
-            grant = await gateway.verifier.verify_connection(token)
-        except (ProtocolError, ReplyError) as exc:
-            raise FhirError(401, "security", f"the bearer token is not accepted: {exc}") from None
-        if await gateway.revoked.refuses(grant):
-            raise FhirError(401, "security", "the bearer token was revoked")
-        return grant, token
+            admitted = await self.gateway.admission.grant(peer, token, "fhir")
+        except Refused as refused:
+            raise FhirError(401, "security", f"the bearer token is not accepted: {refused.detail}") from None
+        certificate = peer.certificate.fingerprint if admitted.credential == "certificate" and peer.certificate else ""
+        return admitted.grant, token, certificate
 
     def check_may_subscribe(self, grant: ConnectionGrant, subscription_id: str) -> None:
         """FhirError 400 for no FHIR id, 403 unless the grant's user may subscribe `fhir:{id}`."""
@@ -193,7 +192,7 @@ class FhirService:
         """An operation's parameters: the query's, then a POSTed Parameters body's."""
         found: list[tuple[str, Any]] = [(k, v) for k, v in request.query_params.multi_items() if k != "_fhirVersion"]
         if request.method == "POST":
-            body = await read_body(request, MAX_OPERATION_BYTES)
+            body = await _body(request, MAX_OPERATION_BYTES)
             if body.strip():
                 try:
                     parameters = orjson.loads(body)
@@ -209,7 +208,7 @@ class FhirService:
         version = model.R5
         try:
             version = self.version_of(request, "accept", "content-type")
-            grant, jwt = await self.grant_of(request)
+            grant, jwt, certificate = await self.grant_of(request)
             if subscription_id is not None:
                 subscriptions = [subscription_id]  # at the instance level `id` parameters are ignored
             else:
@@ -223,7 +222,7 @@ class FhirService:
                 self.check_may_subscribe(grant, subscription)
             await self.ready()
             expires_at = expiry(time.time(), self.settings.fhir_binding_token_ttl, grant.expires_at)
-            record = BindingRecord(tuple(subscriptions), grant.user, jwt, version, expires_at)
+            record = BindingRecord(tuple(subscriptions), grant.user, jwt, version, expires_at, certificate)
             token = await self.tokens.issue(record)
             url = self.settings.fhir_websocket_url or str(
                 request.url.replace(scheme="wss" if request.url.scheme == "https" else "ws", path="/fhir/ws", query="")
@@ -248,7 +247,7 @@ class FhirService:
         version = model.R5
         try:
             version = self.version_of(request, "accept", "content-type")
-            grant, _ = await self.grant_of(request)
+            grant, _, _ = await self.grant_of(request)
             self.check_may_subscribe(grant, subscription_id)
             parameters = dict(await self.operation_parameters(request, version))
             since = _number_parameter(parameters, "eventsSinceNumber")
@@ -304,7 +303,7 @@ class FhirService:
             query = request.query_params.get("_fhirVersion")
             asked = model.negotiate(query, request.headers.get("content-type"), status=415)
             version = asked or model.R5
-            body = await read_body(request, self.max_notification_bytes)
+            body = await _body(request, self.max_notification_bytes)
             try:
                 bundle = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -343,10 +342,7 @@ class FhirService:
     # the websocket
 
     async def websocket(self, websocket: WebSocket) -> None:
-        if await refuse(websocket, self.gateway):
-            return
-        await websocket.accept()
-        await FhirSocket(self, websocket).serve()
+        await serve_websocket(websocket, "fhir", lambda connection: FhirSocket(self, connection))
 
 
 def _informational(message: str) -> dict[str, Any]:
@@ -395,9 +391,11 @@ class Link:
         self.expires_at = record.expires_at
         self.channels: set[str] = set()
         self.ended: codes.Disconnect | None = None
-        self.bridge = Bridge(
+        self.certificate = record.certificate
+        self.bridge = AdapterSession(
             socket.service.gateway,
-            CODECS[record.version],
+            socket.connection,
+            RENDERERS[record.version],
             deliver=self.deliver,
             close=self.lost,
             on_unsubscribe=self.unsubscribed,
@@ -418,11 +416,10 @@ class Link:
 
     def recovered(self, channel: str, reply: Reply) -> None:
         """Relay the publications a subscribe with `recover` brought back (they follow the handshake)."""
-        result = reply.get("subscribe") or {}
+        result = reply.result
         epoch = str(result.get("epoch", ""))
         for publication in result.get("publications") or ():
-            offset = int(publication.get("offset", 0))
-            frame = frame_of(channel, epoch, offset, orjson.dumps(publication.get("data")), self.version)
+            frame = frame_of(channel, epoch, publication.offset, publication.data, self.version)
             if frame:
                 self.deliver(frame)
 
@@ -457,12 +454,14 @@ class Link:
 
 
 class FhirSocket:
-    def __init__(self, service: FhirService, websocket: WebSocket) -> None:
+    """One /fhir/ws socket: the socket loop's handler (core/loop.py) and the Links of its bindings."""
+
+    def __init__(self, service: FhirService, connection: Connection) -> None:
         self.service = service
         self.settings = service.settings
-        self.websocket = websocket
-        self.outbox = MessageOutbox(websocket, service.settings.send_buffer_bytes)
-        self.limiter = TokenBucket(self.settings.commands_per_second, 2 * self.settings.commands_per_second)
+        self.connection = connection
+        self.outbox = connection.transport
+        self.max_frame_bytes = service.settings.max_frame_bytes
         self.bound: dict[str, Bound] = {}  # by channel
         self.links: list[Link] = []
         self.idle_since = time.monotonic()
@@ -514,34 +513,27 @@ class FhirSocket:
             self.links.remove(link)
         await link.bridge.end(disconnect)
 
-    # the connection
+    # the socket loop's handler
 
-    async def serve(self) -> None:
-        outbox = self.outbox
-        start_writer(outbox)
+    async def on_open(self) -> None:
         self.ticker = asyncio.create_task(self.tick(), name="fhir-ws-ticker")
-        try:
-            while outbox.closing is None:
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("text")
-                if data is None:
-                    data = message.get("bytes") or b""
-                if len(data) > self.settings.max_frame_bytes:
-                    self.close("the message is too large", codes.MESSAGE_SIZE_LIMIT, "too-costly")
-                    break
-                if not self.limiter.take():
-                    self.close("too many messages", codes.TOO_MANY_REQUESTS_DISCONNECT, "throttled")
-                    break
-                await self.handle(data)
-        except asyncio.CancelledError:
-            if outbox.closing is not codes.SLOW:
-                raise
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await self.finish()
+
+    def on_too_large(self, size: int) -> None:
+        self.close("the message is too large", codes.MESSAGE_SIZE_LIMIT, "too-costly")
+
+    async def on_frame(self, data: str | bytes) -> None:
+        if not self.connection.rate.admit():
+            self.close("too many messages", codes.TOO_MANY_REQUESTS_DISCONNECT, "throttled")
+            return
+        await self.handle(data)
+
+    async def on_close(self, disconnect: Disconnect) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ticker
+        for link in list(self.links):
+            await self.end(link, disconnect)
 
     async def handle(self, data: str | bytes) -> None:
         try:
@@ -575,13 +567,19 @@ class FhirSocket:
         service = self.service
         await service.ready()
         record = await service.tokens.resolve(token)
+        peer = self.connection.peer
+        if record.certificate and (peer.certificate is None or peer.certificate.fingerprint != record.certificate):
+            raise FhirError(401, "security", "this binding token was issued to a client certificate this socket lacks")
         link = Link(self, record, token)
         try:
             try:
-                reply = await link.bridge.call("connect", {"token": record.jwt})
-            except ProtocolError as exc:  # an invalid or revoked JWT: this token is no good, the socket is
-                raise FhirError(401, "security", f"the token behind this binding is not accepted: {exc}") from None
-            if "error" in reply:
+                reply = await link.bridge.connect(record.jwt)
+            except Refused as refused:  # an invalid or revoked credential: this token is no good, the socket is
+                detail = refused.detail
+                if refused.status in (429, 503):  # a connection limit, a draining node: try again later
+                    raise FhirError(refused.status, "throttled", f"cannot bind now: {detail}") from None
+                raise FhirError(401, "security", f"the token behind this binding is not accepted: {detail}") from None
+            if not reply.ok:
                 raise FhirError(401, "security", f"the token behind this binding is not accepted: {_message(reply)}")
             for subscription_id in record.subscriptions:
                 await self.bind_one(link, subscription_id)
@@ -598,7 +596,7 @@ class FhirSocket:
             for channel in moved:
                 other.channels.discard(channel)
                 with contextlib.suppress(ProtocolError):
-                    await other.bridge.call("unsubscribe", {"channel": channel})
+                    await other.bridge.call(cmd.Unsubscribe(channel))
             if not other.channels:
                 await self.end(other)
 
@@ -621,7 +619,7 @@ class FhirSocket:
         since = StreamPosition(candidate.offset, candidate.epoch)
 
         def handshake(reply: Reply) -> None:
-            if "error" in reply:
+            if not reply.ok:
                 return
             if self.bound.get(channel) is None:
                 self.bound[channel] = candidate
@@ -631,13 +629,13 @@ class FhirSocket:
             self.status(candidate, model.HANDSHAKE)
             link.recovered(channel, reply)  # what was published since the position read above
 
-        request = {"channel": channel, "recover": True, "epoch": since.epoch, "offset": since.offset}
-        reply = await link.bridge.call("subscribe", request, handshake)
-        if reply.get("error", {}).get("code") == codes.ALREADY_SUBSCRIBED.code:
+        request = cmd.Subscribe(channel, since=since)
+        reply = await link.bridge.call(request, handshake)
+        if reply.error is not None and reply.error.code == codes.ALREADY_SUBSCRIBED.code:
             # The JWT's `subs` claim subscribed it at connect: subscribe again, from our position.
-            await link.bridge.call("unsubscribe", {"channel": channel})
-            reply = await link.bridge.call("subscribe", request, handshake)
-        if "error" in reply:
+            await link.bridge.call(cmd.Unsubscribe(channel))
+            reply = await link.bridge.call(request, handshake)
+        if not reply.ok:
             self.warn(f"cannot bind Subscription/{subscription_id}: {_message(reply)}", code="forbidden")
 
     async def unbind(self, token: str) -> None:
@@ -656,7 +654,7 @@ class FhirSocket:
             self.forget(bound)
             link.channels.discard(bound.channel)
             with contextlib.suppress(ProtocolError):
-                await link.bridge.call("unsubscribe", {"channel": bound.channel})
+                await link.bridge.call(cmd.Unsubscribe(bound.channel))
             if not link.channels:
                 await self.end(link)
 
@@ -694,28 +692,9 @@ class FhirSocket:
                 self.close(f"nothing was bound for {settings.connect_timeout:g} s", codes.STALE, "timeout")
                 return
 
-    async def finish(self) -> None:
-        if self.ticker is not None:
-            self.ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.ticker
-        outbox = self.outbox
-        for link in list(self.links):
-            await self.end(link, outbox.closing or codes.CONNECTION_CLOSED)
-        if outbox.closing is None:
-            outbox.closing = codes.CONNECTION_CLOSED
-            outbox.wake()
-        writer = outbox.writer
-        if writer is not None and not writer.done():
-            try:
-                await asyncio.wait_for(writer, 5.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):
-                writer.cancel()
-
 
 def _message(reply: Reply) -> str:
-    error = reply.get("error") or {}
-    return f"{error.get('message', 'error')} (code {error.get('code', 100)})"
+    return error_text(reply)
 
 
 def build_fhir_router(gateway: Gateway, settings: GatewaySettings) -> APIRouter:

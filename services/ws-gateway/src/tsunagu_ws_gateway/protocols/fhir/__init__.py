@@ -3,6 +3,6 @@ tokens, `/fhir/ws`, rest-hook deliveries in at `/fhir/notify`, and `$events` for
 model.py, commands.py and binding.py hold the parts without sockets; endpoints.py the HTTP and
 WebSocket endpoints."""
 
-from tsunagu_ws_gateway.fhir.endpoints import build_fhir_router
+from tsunagu_ws_gateway.protocols.fhir.endpoints import build_fhir_router
 
 __all__ = ["build_fhir_router"]

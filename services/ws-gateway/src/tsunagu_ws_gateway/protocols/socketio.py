@@ -1,8 +1,9 @@
 """`GET /socket.io/`: Socket.IO v5 over Engine.IO v4 (WebSocket and long-polling), on python-socketio's
 AsyncServer, with rooms that are platform channels (docs/socketio.md).
 
-Each Socket.IO socket owns an ordinary client session through the adapter `Bridge` (adapter.py), so
-auth (JWT, revocations), channel permissions, limits and fan-out are the native protocol's: room
+Each Socket.IO socket owns an ordinary client session (protocols/base.py), admitted by the gateway's one
+admission function with the CONNECT packet's `auth.token` (or the client certificate), so revocations,
+origin, connection limits, channel permissions and fan-out are the native protocol's: room
 "lobby" is channel "<socketio_namespace>:lobby", the Node holds one broker subscription per channel
 for every local socket, and every replica delivers what any replica publishes.
 
@@ -27,12 +28,17 @@ import engineio
 import orjson
 import socketio
 from socketio import packet as sio_packet
-from tsunagu_core.broker import Publication
+from tsunagu_core.broker import Publication, StreamPosition
 
-from tsunagu_ws_gateway.adapter import Bridge, BridgeCodec, Reply
-from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.core import commands as cmd
+from tsunagu_ws_gateway.core.gateway import Gateway
+from tsunagu_ws_gateway.core.refusals import Refused
+from tsunagu_ws_gateway.core.replies import Reply
+from tsunagu_ws_gateway.core.transport import Peer
+from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
-from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.protocols.base import AdapterRenderer, AdapterSession, error_text
+from tsunagu_ws_gateway.transports.library import Gate, LibrarySocket, library_connection
 
 log = logging.getLogger("tsunagu.gateway.socketio")
 
@@ -82,7 +88,30 @@ def render(channel: str, pub: Publication) -> bytes:
     return _SEP.join((channel.encode(), pub.epoch.encode(), str(pub.offset).encode(), flags, b"2" + body[:-1]))
 
 
-CODEC = BridgeCodec("socketio", render)
+RENDERER = AdapterRenderer("socketio", render)
+
+
+def _packet_size(item: Any) -> int:
+    data = getattr(item, "data", None)
+    return len(data) if isinstance(data, str | bytes) else 64
+
+
+class BoundedQueue(asyncio.Queue[Any]):
+    """An Engine.IO socket's send queue that knows how many bytes it holds, so a client that stops
+    polling (or reading) is cut off as slow instead of growing it without end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bytes = 0
+
+    def _put(self, item: Any) -> None:
+        self.bytes += _packet_size(item)
+        super()._put(item)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.bytes -= _packet_size(item)
+        return item
 
 
 def encode_offset(positions: dict[str, tuple[str, int]]) -> str:
@@ -102,7 +131,7 @@ def decode_offset(text: str) -> dict[str, tuple[str, int]]:
 class SocketState:
     """One Socket.IO socket: its session (through the bridge), rooms' positions, and its sender."""
 
-    def __init__(self, bridge: SocketIOBridge, sid: str, eio_sid: str) -> None:
+    def __init__(self, bridge: SocketIOBridge, sid: str, eio_sid: str, environ: dict[str, Any]) -> None:
         self.owner = bridge
         self.sid = sid
         self.eio_sid = eio_sid
@@ -110,7 +139,13 @@ class SocketState:
         self.positions: dict[str, tuple[str, int]] = {}
         self.ready = False
         self.held: list[Any] = []
-        self.link = Bridge(bridge.gateway, CODEC, deliver=self.deliver, close=self.close)
+        scope = environ.get("asgi.scope") or {}
+        self.connection = library_connection(bridge.gateway, scope, "socketio", "socketio")
+        socket = self.connection.transport
+        if isinstance(socket, LibrarySocket):
+            socket.on_close = self.close
+        self.link = AdapterSession(bridge.gateway, self.connection, RENDERER, deliver=self.deliver, close=self.close)
+        self.closing: codes.Disconnect | None = None
         self._last_frame: bytes | None = None
         self._parsed: tuple[str, str, int, bytes, bytes] = ("", "", 0, b"", b"")
 
@@ -139,9 +174,9 @@ class SocketState:
         else:
             self.send(start + (b"," + suffix if suffix else b"") + b"]")
 
-    def deliver_recovered(self, channel: str, epoch: str, pub: dict[str, Any]) -> None:
-        event, args, _ = event_of(pub.get("data"))
-        offset = int(pub.get("offset", 0))
+    def deliver_recovered(self, channel: str, epoch: str, pub: Publication) -> None:
+        event, args, _ = event_of(json_frames.json_value(pub.data))
+        offset = pub.offset
         if offset:
             self.positions[channel] = (epoch, offset)
         data = _from_json([event, *args, encode_offset(self.positions)])
@@ -151,23 +186,24 @@ class SocketState:
         if not self.ready:
             self.held.append(item)
             return
-        self.owner.send_raw(self.eio_sid, item)
+        self.owner.send_raw(self.eio_sid, item, self.sid)
 
     def flush(self) -> None:
         self.ready = True
         held, self.held = self.held, []
         for item in held:
-            self.owner.send_raw(self.eio_sid, item)
+            self.owner.send_raw(self.eio_sid, item, self.sid)
 
     def close(self, disconnect: codes.Disconnect) -> None:
-        self.owner.close_later(self.sid, disconnect)
+        if self.closing is None:
+            self.closing = disconnect
+            self.connection.transport.close(disconnect)
+            self.held.clear()
+            self.owner.close_later(self.sid, disconnect)
 
 
 def channel_error(reply: Reply) -> str | None:
-    error = reply.get("error")
-    if error is None:
-        return None
-    return f"{error.get('message', 'error')} (code {error.get('code', 100)})"
+    return error_text(reply) or None
 
 
 class ChannelManager(socketio.AsyncManager):
@@ -213,11 +249,21 @@ class ChannelManager(socketio.AsyncManager):
         await super().leave_room(sid, namespace, room)
 
 
+class EngineServer(engineio.AsyncServer):
+    """Engine.IO with send queues that count their bytes (BoundedQueue)."""
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        return BoundedQueue(*args, **kwargs)
+
+
 class Server(socketio.AsyncServer):
     """Adds the recovery session id (`pid`) to the CONNECT packet, then sends what the socket got
     while connecting (recovered history first)."""
 
     bridge: SocketIOBridge
+
+    def _engineio_server_class(self) -> Any:
+        return EngineServer
 
     async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
         if pkt.packet_type == sio_packet.CONNECT and isinstance(pkt.data, dict) and "sid" in pkt.data:
@@ -239,11 +285,11 @@ class SocketIOBridge:
         self.sockets: dict[str, SocketState] = {}
         self.manager = ChannelManager()
         self.manager.bridge = self
-        origins: Any = settings.allowed_origins or "*"
         self.server = Server(
             async_mode="asgi",
             client_manager=self.manager,
-            cors_allowed_origins=origins,
+            # The gateway's one origin policy (core/admission.py), for every Engine.IO request.
+            cors_allowed_origins=self._origin_allowed,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.pong_timeout,
             max_http_buffer_size=settings.max_frame_bytes,
@@ -256,9 +302,14 @@ class SocketIOBridge:
         self.server.on("emit", self.on_emit)
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def _origin_allowed(self, origin: str | None, environ: dict[str, Any]) -> bool:
+        return self.gateway.admission.origin_allowed(Peer.of(environ.get("asgi.scope") or {}))
+
     def asgi_app(self) -> Any:
-        # Mounted at /socket.io: every request that reaches it is Engine.IO's.
-        return socketio.ASGIApp(self.server, socketio_path=None)
+        # Mounted at /socket.io: every request that reaches it is Engine.IO's. A request without `sid`
+        # opens an Engine.IO session: admission screens it (origin, draining) before Engine.IO sees it.
+        app = socketio.ASGIApp(self.server, socketio_path=None)
+        return Gate(app, self.gateway, "socketio", opens=_opens_a_session, count=False)
 
     def channel(self, room: str) -> str:
         return f"{self.prefix}:{room}" if self.prefix else room
@@ -276,19 +327,48 @@ class SocketIOBridge:
         socket = self._socket(eio_sid)
         return 0 if socket is None else int(socket.queue.qsize())
 
-    def send_raw(self, eio_sid: str, item: bytes | sio_packet.Packet) -> None:
+    def send_raw(self, eio_sid: str, item: bytes | sio_packet.Packet, sid: str = "") -> None:
         socket = self._socket(eio_sid)
         if socket is None:
             return
         encoded = [item.decode()] if isinstance(item, bytes) else item.encode()
         if not isinstance(encoded, list):
             encoded = [encoded]
+        queue = socket.queue
         for part in encoded:
-            socket.queue.put_nowait(engineio.packet.Packet(engineio.packet.MESSAGE, data=part))
+            queue.put_nowait(engineio.packet.Packet(engineio.packet.MESSAGE, data=part))
+        if isinstance(queue, BoundedQueue) and queue.bytes > self.gateway.settings.send_buffer_bytes and sid:
+            state = self.sockets.get(sid)
+            if state is not None:
+                state.close(codes.SLOW)
 
     def close_later(self, sid: str, disconnect: codes.Disconnect) -> None:
         log.info("closing socket.io client %s: %s", sid, disconnect.reason)
-        task = asyncio.get_running_loop().create_task(self.server.disconnect(sid))
+        eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+
+        slow = disconnect is codes.SLOW
+
+        async def close() -> None:
+            # The Socket.IO DISCONNECT, then the Engine.IO session under it: a client that ignores the
+            # first (a revoked one, say) does not keep a socket open, and one that does not poll is not
+            # waited for (Engine.IO's own disconnect waits until its queue is read).
+            if not slow:
+                await self.server.disconnect(sid)
+            engine = self.server.eio
+            socket = engine.sockets.get(eio_sid) if eio_sid is not None else None
+            if socket is None:
+                return
+            if slow:
+                while not socket.queue.empty():
+                    socket.queue.get_nowait()
+                    socket.queue.task_done()
+            with contextlib.suppress(Exception):
+                await socket.close(wait=False, abort=slow, reason=engine.reason.SERVER_DISCONNECT)
+            engine.sockets.pop(eio_sid, None)
+            with contextlib.suppress(Exception):
+                socket.queue.put_nowait(None)  # ends a writer waiting for packets
+
+        task = asyncio.get_running_loop().create_task(close())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -313,22 +393,32 @@ class SocketIOBridge:
     # handlers
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        if self.gateway.node.draining:
-            raise socketio.exceptions.ConnectionRefusedError("the gateway is shutting down")
         auth = auth if isinstance(auth, dict) else {}
         token = auth.get("token") or ""
         if not isinstance(token, str):
             raise socketio.exceptions.ConnectionRefusedError("auth.token must be a string")
         eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
-        state = SocketState(self, sid, eio_sid)
+        state = SocketState(self, sid, eio_sid, environ)
+        registry = self.gateway.registry
         try:
-            reply = await state.link.call("connect", {"token": token})
+            registry.open(state.connection)
+            try:
+                reply = await state.link.connect(token)
+            except BaseException:
+                registry.close(state.connection)
+                raise
+        except Refused as refused:
+            await state.link.end(refused.disconnect)
+            raise socketio.exceptions.ConnectionRefusedError(
+                refused.detail, {"code": refused.disconnect.code, "reason": refused.disconnect.reason}
+            ) from None
         except ProtocolError as exc:
             await state.link.end(exc.disconnect)
             raise socketio.exceptions.ConnectionRefusedError(f"{exc} ({exc.disconnect.code})") from None
         error = channel_error(reply)
         if error is not None:
             await state.link.end(codes.INVALID_TOKEN)
+            registry.close(state.connection)
             raise socketio.exceptions.ConnectionRefusedError(error)
         self.sockets[sid] = state
         pid, offset = auth.get("pid"), auth.get("offset")
@@ -339,7 +429,7 @@ class SocketIOBridge:
         """Rejoin the rooms named in the client's offset and send what it missed; all or nothing."""
         try:
             positions = decode_offset(offset)
-        except ValueError:
+        except (ValueError, TypeError):
             return False
         recovered = True
         for channel, (epoch, since) in positions.items():
@@ -348,27 +438,27 @@ class SocketIOBridge:
                 break
 
             def on_reply(reply: Reply, channel: str = channel) -> None:
-                result = reply.get("subscribe")
-                if result is None:
+                if not reply.ok:
                     return
+                result = reply.result
                 state.positions[channel] = (str(result.get("epoch", "")), int(result.get("offset", 0)))
                 if result.get("recovered"):
                     for pub in result.get("publications", []):
                         state.deliver_recovered(channel, str(result.get("epoch", "")), pub)
 
-            request = {"channel": channel, "recover": True, "epoch": epoch, "offset": since}
+            command = cmd.Subscribe(channel, since=StreamPosition(since, epoch))
             try:
-                reply = await state.link.call("subscribe", request, on_reply)
+                reply = await state.link.call(command, on_reply)
             except ProtocolError:
                 return False
-            if "error" in reply or not reply.get("subscribe", {}).get("recovered"):
+            if not reply.ok or not reply.result.get("recovered"):
                 recovered = False
                 break
             self.manager.basic_enter_room(state.sid, NAMESPACE, self.room_of(channel))
         if not recovered:  # start afresh: no rooms, nothing held, a new pid
             for channel in list(state.session.subscriptions):
                 with contextlib.suppress(ProtocolError):
-                    await state.link.call("unsubscribe", {"channel": channel})
+                    await state.link.call(cmd.Unsubscribe(channel))
                 self.manager.basic_leave_room(state.sid, NAMESPACE, self.room_of(channel))
             state.positions.clear()
             state.held.clear()
@@ -377,7 +467,8 @@ class SocketIOBridge:
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         state = self.sockets.pop(sid, None)
         if state is not None:
-            await state.link.end(codes.CONNECTION_CLOSED)
+            await state.link.end(state.closing or codes.CONNECTION_CLOSED)
+            self.gateway.registry.close(state.connection)
 
     def _room_request(self, sid: str, room: Any, verb: str) -> tuple[SocketState, str] | dict[str, Any]:
         """The socket's state and the room's channel, or the error to answer with."""
@@ -395,12 +486,12 @@ class SocketIOBridge:
         state, channel = found
 
         def on_reply(reply: Reply) -> None:
-            result = reply.get("subscribe")
-            if result is not None and result.get("epoch"):
+            result = reply.result
+            if reply.ok and result.get("epoch"):
                 state.positions[channel] = (str(result["epoch"]), int(result.get("offset", 0)))
 
         try:
-            reply = await state.link.call("subscribe", {"channel": channel}, on_reply)
+            reply = await state.link.call(cmd.Subscribe(channel), on_reply)
         except ProtocolError as exc:
             state.close(exc.disconnect)
             return {"error": str(exc)}
@@ -416,7 +507,7 @@ class SocketIOBridge:
             return found
         state, channel = found
         try:
-            reply = await state.link.call("unsubscribe", {"channel": channel})
+            reply = await state.link.call(cmd.Unsubscribe(channel))
         except ProtocolError as exc:
             state.close(exc.disconnect)
             return {"error": str(exc)}
@@ -443,14 +534,17 @@ class SocketIOBridge:
             args = [args]
         if key is not None and not isinstance(key, str):
             return {"error": "key must be a string"}
+        if key is not None and len(key) > cmd.MAX_IDEMPOTENCY_KEY:
+            return {"error": f"key must be at most {cmd.MAX_IDEMPOTENCY_KEY} characters"}
         data: dict[str, Any] = {"event": event, "args": _to_json(args)}
         if volatile:
             data["volatile"] = True
-        command: dict[str, Any] = {"channel": self.channel(room), "data": data}
-        if key:
-            command["idempotency_key"] = key
         try:
-            reply = await state.link.call("publish", command)
+            payload = cmd.encode(json_frames.encode_data, data)
+        except ReplyError as exc:
+            return {"error": str(exc)}
+        try:
+            reply = await state.link.call(cmd.Publish(self.channel(room), payload, key or None))
         except ProtocolError as exc:
             state.close(exc.disconnect)
             return {"error": str(exc)}
@@ -459,8 +553,11 @@ class SocketIOBridge:
         error = channel_error(reply)
         if error is not None:
             return {"error": error}
-        result: dict[str, Any] = reply.get("publish", {})
-        return result
+        return dict(reply.result)
+
+
+def _opens_a_session(scope: Any) -> bool:
+    return b"sid=" not in scope.get("query_string", b"")
 
 
 def build_socketio_app(gateway: Gateway) -> Any:

@@ -1,8 +1,8 @@
 """Binding tokens of `$get-ws-binding-token`: opaque, short-lived, for one or more subscriptions.
 
 A token is 32 random bytes (URL-safe base64). What it stands for (subscriptions, user, the user's
-connection JWT, FHIR version, expiry) is kept in the broker under a channel named after the token's
-SHA-256, as a one-publication history that expires with the token, so every replica sharing the Redis
+connection JWT or client certificate, FHIR version, expiry) is kept in the broker under a channel named
+after the token's SHA-256, as a one-publication history that expires with the token, so every replica sharing the Redis
 broker accepts a token any of them issued, and the token itself tells nothing. The websocket binds
 by connecting an ordinary client session with that JWT, so the gateway's own checks (signature,
 expiry, revocation, channel permission) run again at bind time and keep running while it is bound.
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import orjson
 from tsunagu_core.broker import Broker, PublishOptions
 
-from tsunagu_ws_gateway.fhir.model import VERSIONS, FhirError
+from tsunagu_ws_gateway.protocols.fhir.model import VERSIONS, FhirError
 
 CHANNEL_PREFIX = "__tsunagu:fhir-binding:"
 
@@ -30,6 +30,9 @@ class BindingRecord:
     jwt: str
     version: str
     expires_at: float
+    # A binding issued to a client certificate (no JWT): the SHA-256 of the certificate, which the
+    # socket that binds must present too.
+    certificate: str = ""
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -47,6 +50,7 @@ class BindingRecord:
                 jwt=str(raw["jwt"]),
                 version=str(raw["version"]),
                 expires_at=float(raw["expires_at"]),
+                certificate=str(raw.get("certificate") or ""),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise FhirError(401, "security", "the binding token is not valid") from None

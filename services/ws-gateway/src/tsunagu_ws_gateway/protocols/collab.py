@@ -1,5 +1,10 @@
 """`/collab/{doc}`: the y-websocket protocol for stock Yjs clients (y-websocket, pycrdt).
 
+A connection is admitted by the gateway's one admission function with the token of `?token=` (or its
+client certificate), owns an ordinary session in the registry (so a revocation, an expired token, the
+server API's disconnect and a drain close it like any other: 3500, 3005, 3503, 3001) and is read by the
+one socket loop.
+
 Per open document this node keeps one pycrdt Doc, fed only by the broker channel `collab:{doc}`
 that the collab service publishes to after it persisted an update. A document opens by subscribing
 that channel first (publications are buffered), then loading the state and the channel offset it
@@ -11,15 +16,18 @@ on every replica, once collab has stored it; the sender's other tabs included. U
 while one is in flight are merged into one event. A client without write permission (the token may
 subscribe `collab:{doc}` but not publish to it) keeps the connection and reads along: its updates are
 dropped and it is told once with an auth/permission-denied message, which stock y-websocket clients
-log ("Permission denied to access ..."); closing would only make them reconnect and resend.
+log ("Permission denied to access ..."); closing would only make them reconnect and resend. An update
+that would take the document past `collab_max_document_bytes` is dropped and told the same way.
 
 Awareness rides on broker channel `collab:{doc}.awareness` (fan-out, no history); a client that
 leaves has its awareness states removed (state null, clock + 1), and states not renewed for 30 s are
-forgotten as y-protocols does. Every 10 s each client gets an empty awareness message, as
-y-websocket clients close a connection that is silent for 30 s.
+forgotten as y-protocols does. A connection announces at most `MAX_AWARENESS_CLIENTS` awareness
+client ids, each state at most `MAX_AWARENESS_STATE_BYTES`. Every 10 s each client gets an empty
+awareness message, as y-websocket clients close a connection that is silent for 30 s.
 
-Close codes: 4400 malformed message, 4401 bad token, 4403 no read permission, 4413 message too
-large, 4503 collab or Kafka not reachable. Stock clients reconnect after any of them.
+Close codes of the protocol: 4400 malformed message, 4401 token refused (invalid, expired, revoked),
+4403 no read permission, 4413 message too large, 4429 connection limit, 4503 collab or Kafka not
+reachable. Stock clients reconnect after any of them.
 """
 
 from __future__ import annotations
@@ -34,38 +42,52 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from prometheus_client import Counter, Gauge
 from pycrdt import Doc, merge_updates
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 from tsunagu_core import topics
-from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions, StreamPosition
+from tsunagu_core.broker import Broker, Publication, PublishOptions, StreamPosition
 from tsunagu_core.bus import Bus
 from tsunagu_core.envelope import publish_event
 from tsunagu_core.tls import client_context
 from tsunagu_core.wire.events_pb2 import CollabUpdate
 
-from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.core.gateway import Gateway
+from tsunagu_ws_gateway.core.refusals import Refusal, Refused
+from tsunagu_ws_gateway.core.transport import Connection
 from tsunagu_ws_gateway.protocol import yprotocol as yp
-from tsunagu_ws_gateway.protocol.codes import PERMISSION_DENIED, ProtocolError, ReplyError
-from tsunagu_ws_gateway.session import Gateway
+from tsunagu_ws_gateway.protocol.codes import Disconnect
+from tsunagu_ws_gateway.protocols.base import AdapterRenderer, AdapterSession
+from tsunagu_ws_gateway.transports.websocket import serve_websocket
 
 log = logging.getLogger("tsunagu.gateway.collab")
 
 PREFIX = "collab:"
 AWARENESS_SUFFIX = ".awareness"
 UPDATE_EVENT = "collab.update"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Bytes queued for one slow client before it is closed (4503; it reconnects and resyncs).
-SEND_LIMIT_BYTES = 64 * 1024 * 1024
 KEEPALIVE_SECONDS = 10.0
 AWARENESS_TIMEOUT = 30.0
+MAX_AWARENESS_CLIENTS = 4
+MAX_AWARENESS_STATE_BYTES = 16 * 1024
 LOAD_ATTEMPTS = 5
 PUBLISH_ATTEMPTS = 5
-_VALID_DOC = re.compile(r"^[\w\-.@]{1,200}$")
+_VALID_DOC = re.compile(r"[\w\-.@]{1,200}")
 _EMPTY_UPDATE = b"\x00\x00"
+# The session of a collab connection subscribes to nothing: documents are fanned out here, not by the hub.
+RENDERER = AdapterRenderer("collab", lambda channel, pub: b"")
+REFUSAL_CODES = {
+    Refusal.INVALID_TOKEN: yp.CLOSE_UNAUTHORIZED,
+    Refusal.NO_CREDENTIAL: yp.CLOSE_UNAUTHORIZED,
+    Refusal.TOKEN_EXPIRED: yp.CLOSE_UNAUTHORIZED,
+    Refusal.REVOKED: yp.CLOSE_UNAUTHORIZED,
+    Refusal.ORIGIN: yp.CLOSE_FORBIDDEN,
+    Refusal.USER_LIMIT: yp.CLOSE_TOO_MANY,
+    Refusal.IP_LIMIT: yp.CLOSE_TOO_MANY,
+    Refusal.NODE_LIMIT: yp.CLOSE_TOO_MANY,
+}
 
 COLLAB_CONNECTIONS = Gauge("tsunagu_gateway_collab_connections", "Open /collab connections on this node")
 COLLAB_DOCS = Gauge("tsunagu_gateway_collab_documents", "Documents open on this node")
@@ -77,34 +99,10 @@ class Unavailable(Exception):
     pass
 
 
-@dataclass(eq=False, slots=True)
-class CollabConnection:
-    websocket: WebSocket
-    doc: str
-    user: str
-    may_write: bool
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
-    pending: list[bytes] = field(default_factory=list)
-    has_pending: asyncio.Event = field(default_factory=asyncio.Event)
-    awareness: dict[int, int] = field(default_factory=dict)  # client id -> last clock
-    denied: bool = False
-    close_with: tuple[int, str] | None = None
-
-    queued: int = 0
-
-    def send(self, frame: bytes) -> None:
-        if self.close_with is None:
-            self.queued += len(frame)
-            if self.queued > SEND_LIMIT_BYTES:
-                self.close(yp.CLOSE_UNAVAILABLE, "client too slow; reconnect")
-                return
-            self.outbox.put_nowait(frame)
-
-    def close(self, code: int, reason: str) -> None:
-        if self.close_with is None:
-            self.close_with = (code, reason[:120])
-            self.outbox.put_nowait(None)
+def collab_client(settings: GatewaySettings, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """The one HTTP client of the gateway towards collab (documents' state), with the platform's service
+    credential in `headers` (collab's API is internal)."""
+    return httpx.AsyncClient(base_url=settings.collab_url, timeout=10.0, verify=client_context(), headers=headers)
 
 
 @dataclass(eq=False, slots=True)
@@ -118,6 +116,10 @@ class OpenDoc:
     offset: int = 0
     epoch: str = ""
     awareness: dict[int, tuple[int, str, float]] = field(default_factory=dict)  # id -> clock, state, seen
+    # At most the encoded document's size (updates applied since it was last measured added up), and the
+    # bytes of this node's clients' updates on their way through Kafka and collab.
+    size: int = 0
+    unconfirmed: int = 0
 
 
 def _channel(doc: str) -> str:
@@ -132,30 +134,130 @@ def _empty_awareness() -> bytes:
     return yp.awareness_message(yp.encode_awareness([]))
 
 
-class CollabHub:
-    """The documents open on this node; sits in front of the node's broker handler for `collab:` channels."""
+def _ignore(frame: bytes) -> None:
+    return
 
-    def __init__(self, gateway: Gateway, bus: Bus, node_name: str) -> None:
+
+class CollabConnection:
+    """One /collab socket: the socket loop's handler (core/loop.py) and its document's member."""
+
+    def __init__(self, hub: CollabHub, connection: Connection, doc: str, token: str) -> None:
+        self.hub = hub
+        self.gateway = hub.gateway
+        self.connection = connection
+        self.transport = connection.transport
+        self.doc = doc
+        self.token = token
+        self.id = uuid.uuid4().hex
+        self.user = ""
+        self.may_write = False
+        self.denied = False
+        self.state: OpenDoc | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.has_pending = asyncio.Event()
+        self.awareness: dict[int, int] = {}  # client id -> last clock
+        self.publisher: asyncio.Task[None] | None = None
+        self.max_frame_bytes = hub.settings.collab_max_message_bytes
+        self.adapter = AdapterSession(self.gateway, connection, RENDERER, deliver=_ignore, close=self.transport.close)
+
+    def send(self, frame: bytes) -> None:
+        self.transport.send(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        self.transport.close(Disconnect(code, reason[:120]))
+
+    # the socket loop's handler
+
+    async def on_open(self) -> None:
+        doc = self.doc
+        if not _VALID_DOC.fullmatch(doc) or doc.endswith(AWARENESS_SUFFIX):
+            self.close(yp.CLOSE_BAD_MESSAGE, "invalid document id")
+            return
+        try:
+            admitted = await self.gateway.admission.admit(self.connection.peer, self.token, "collab")
+        except Refused as refused:
+            code = REFUSAL_CODES.get(refused.refusal, yp.CLOSE_UNAVAILABLE)
+            self.close(code, f"unauthorized: {refused.detail}" if code == yp.CLOSE_UNAUTHORIZED else refused.detail)
+            return
+        principal = admitted.principal
+        policy = self.gateway.policy
+        options = policy.namespaces.get("collab")
+        channel = _channel(doc)
+        read = options.allow_subscribe if options is not None else "claim"
+        write = options.allow_publish if options is not None else "claim"
+        if not policy.allows(read, channel, principal):
+            self.close(yp.CLOSE_FORBIDDEN, f"no read permission for {channel}")
+            return
+        self.may_write = policy.allows(write, channel, principal)
+        self.user = admitted.grant.user
+        self.adapter.admitted(admitted)
+        try:
+            state = await self.hub.join(self)
+        except Unavailable as exc:
+            self.close(yp.CLOSE_UNAVAILABLE, str(exc))
+            return
+        self.state = state
+        self.send(yp.sync_step1(state.ydoc.get_state()))
+        if state.awareness:
+            self.send(self.hub.awareness_frame(state))
+        self.publisher = asyncio.create_task(self.hub.publish_updates(self), name=f"collab-publisher-{self.id}")
+
+    async def on_frame(self, frame: bytes | str) -> None:
+        if isinstance(frame, str):
+            self.close(yp.CLOSE_BAD_MESSAGE, "y-protocols messages are binary")
+            return
+        assert self.state is not None
+        try:
+            await self.hub.handle(self, self.state, frame)
+        except yp.YProtocolError as exc:
+            log.info("closing collab:%s client %s: %s", self.doc, self.id, exc)
+            self.close(exc.code, str(exc))
+
+    def on_too_large(self, size: int) -> None:
+        self.close(yp.CLOSE_TOO_LARGE, f"message larger than {self.max_frame_bytes} bytes")
+
+    async def on_close(self, disconnect: Disconnect) -> None:
+        state, publisher = self.state, self.publisher
+        if state is not None:
+            await self.hub.leave(self, state)
+        # What the client sent before it left still goes to Kafka (briefly waited for).
+        if publisher is not None:
+            if self.pending and not publisher.done():
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(5.0):
+                        while self.pending and not publisher.done():
+                            await asyncio.sleep(0.01)
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await publisher
+        await self.adapter.end(disconnect)
+
+
+class CollabHub:
+    """The documents open on this node; the node hands it the publications of `collab:` channels."""
+
+    def __init__(self, gateway: Gateway, bus: Bus, node_name: str, headers: dict[str, str] | None = None) -> None:
         self.gateway = gateway
+        self.settings = gateway.settings
+        # collab's API is internal: the platform's service credential (tsunagu_core.service_auth).
+        self.headers = headers or {}
         self.broker: Broker = gateway.broker
         self.bus = bus
         self.node_name = node_name
         self.docs: dict[str, OpenDoc] = {}
-        self._inner: Any = None
         self._http: httpx.AsyncClient | None = None
         self._ticker: asyncio.Task[None] | None = None
+        gateway.node.claim(PREFIX, self)
 
     # lifecycle
 
     async def start(self) -> None:
-        self._inner = self.broker.handler
-        self.broker.set_handler(self)
-        self._http = httpx.AsyncClient(base_url=self.gateway.settings.collab_url, timeout=10.0, verify=client_context())
+        self._http = collab_client(self.settings, self.headers)
         self._ticker = asyncio.create_task(self._tick(), name="collab-keepalive")
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        """A service hook: entered after the node started, so it wraps the node's broker handler."""
         await self.start()
         try:
             yield
@@ -167,9 +269,6 @@ class CollabHub:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        for state in list(self.docs.values()):
-            for conn in list(state.connections):
-                conn.close(1001, "server shutting down")
         if self._http is not None:
             await self._http.aclose()
 
@@ -182,16 +281,12 @@ class CollabHub:
                 for client, (_, _, seen) in list(state.awareness.items()):
                     if now - seen > AWARENESS_TIMEOUT:
                         state.awareness.pop(client, None)
-                for conn in state.connections:
+                for conn in list(state.connections):
                     conn.send(frame)
 
-    # the broker handler: collab channels here, the rest to the node
+    # what the broker delivers on collab channels (hub.py hands them here)
 
     async def on_publication(self, channel: str, publication: Publication) -> None:
-        if not channel.startswith(PREFIX):
-            if self._inner is not None:
-                await self._inner.on_publication(channel, publication)
-            return
         if channel.endswith(AWARENESS_SUFFIX):
             state = self.docs.get(channel[len(PREFIX) : -len(AWARENESS_SUFFIX)])
             if state is not None:
@@ -207,13 +302,7 @@ class CollabHub:
             await self._catch_up(state)
         self._apply(state, publication)
 
-    async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
-        if self._inner is not None:
-            await self._inner.on_presence(channel, join, info)
-
     async def on_resubscribed(self) -> None:
-        if self._inner is not None:
-            await self._inner.on_resubscribed()
         for state in list(self.docs.values()):
             if not state.loading:
                 with contextlib.suppress(Exception):
@@ -239,8 +328,11 @@ class CollabHub:
         except Exception as exc:
             log.warning("ignoring a bad publication on collab:%s: %r", state.name, exc)
             return
+        state.size += len(event.update)
+        if event.node == self.node_name:
+            state.unconfirmed = max(0, state.unconfirmed - len(event.update))
         frame = yp.sync_update(event.update)
-        for conn in state.connections:
+        for conn in list(state.connections):
             if conn.id != event.client_id:
                 conn.send(frame)
 
@@ -257,7 +349,7 @@ class CollabHub:
                 state.awareness[entry.client] = (entry.clock, entry.state, now)
         frame = yp.awareness_message(publication.data)
         sender = publication.tags.get("conn", "")
-        for conn in state.connections:
+        for conn in list(state.connections):
             if conn.id != sender:
                 conn.send(frame)
 
@@ -307,7 +399,9 @@ class CollabHub:
                 await asyncio.sleep(delay)
                 delay *= 2
         body = response.json()
-        state.ydoc.apply_update(base64.b64decode(body["update"]))
+        update = base64.b64decode(body["update"])
+        state.ydoc.apply_update(update)
+        state.size = len(update)
         state.offset, state.epoch = int(body["offset"]), str(body["epoch"])
         state.loading = False
         buffered, state.buffer = state.buffer, []
@@ -338,8 +432,8 @@ class CollabHub:
 
     # what a client sends
 
-    def handle(self, conn: CollabConnection, state: OpenDoc, frame: bytes) -> None:
-        """One client message; raises YProtocolError when it is malformed."""
+    async def handle(self, conn: CollabConnection, state: OpenDoc, frame: bytes) -> None:
+        """One client message; raises YProtocolError when it is malformed or over a bound."""
         message = yp.decode_message(frame)
         if isinstance(message, yp.SyncMessage):
             if message.step == yp.SYNC_STEP1:
@@ -349,21 +443,35 @@ class CollabHub:
                     raise yp.YProtocolError("malformed state vector in SyncStep1") from None
                 conn.send(yp.sync_step2(diff))
             else:
-                self._client_update(conn, message.payload)
+                self._client_update(conn, state, message.payload)
         elif isinstance(message, yp.AwarenessMessage):
-            for entry in message.entries:
-                conn.awareness[entry.client] = entry.clock
-                if entry.state == "null":
-                    conn.awareness.pop(entry.client, None)
-            channel = _awareness_channel(state.name)
-            task = asyncio.create_task(
-                self.broker.publish(channel, message.update, PublishOptions(tags={"conn": conn.id}))
-            )
-            task.add_done_callback(_log_failure)
+            await self._client_awareness(conn, state, message)
         elif isinstance(message, yp.QueryAwarenessMessage):
             conn.send(self.awareness_frame(state))
 
-    def _client_update(self, conn: CollabConnection, update: bytes) -> None:
+    async def _client_awareness(self, conn: CollabConnection, state: OpenDoc, message: yp.AwarenessMessage) -> None:
+        if not conn.connection.rate.admit():
+            return  # awareness is a stream of the latest state: a dropped one is superseded by the next
+        for entry in message.entries:
+            if len(entry.state) > MAX_AWARENESS_STATE_BYTES:
+                raise yp.YProtocolError(
+                    f"an awareness state is larger than {MAX_AWARENESS_STATE_BYTES} bytes", yp.CLOSE_TOO_LARGE
+                )
+            if entry.state == "null":
+                conn.awareness.pop(entry.client, None)
+                continue
+            if entry.client not in conn.awareness and len(conn.awareness) >= MAX_AWARENESS_CLIENTS:
+                raise yp.YProtocolError(f"more than {MAX_AWARENESS_CLIENTS} awareness clients on one connection")
+            conn.awareness[entry.client] = entry.clock
+        # Awaited: a client that floods awareness waits for the broker instead of piling up tasks.
+        try:
+            await self.broker.publish(
+                _awareness_channel(state.name), message.update, PublishOptions(tags={"conn": conn.id})
+            )
+        except Exception as exc:
+            log.warning("awareness fan-out of collab:%s failed: %r", state.name, exc)
+
+    def _client_update(self, conn: CollabConnection, state: OpenDoc, update: bytes) -> None:
         if update == _EMPTY_UPDATE:
             return
         try:
@@ -373,12 +481,28 @@ class CollabHub:
         if not conn.may_write:
             COLLAB_REFUSED.inc()
             log.info("dropping an update to collab:%s from read-only user %r", conn.doc, conn.user)
-            if not conn.denied:
-                conn.denied = True
-                conn.send(yp.permission_denied(f"read-only: no write permission for collab:{conn.doc}"))
+            self._deny_once(conn, f"read-only: no write permission for collab:{conn.doc}")
             return
+        limit = self.settings.collab_max_document_bytes
+        if state.size + state.unconfirmed + len(update) > limit:
+            state.size = len(state.ydoc.get_update())  # measured again: the estimate only ever grows
+            if state.size + state.unconfirmed + len(update) > limit:
+                COLLAB_REFUSED.inc()
+                self._deny_once(conn, f"collab:{conn.doc} is at its size limit of {limit} bytes")
+                return
+        state.unconfirmed += len(update)
+        if conn.pending_bytes + len(update) > self.settings.send_buffer_bytes:
+            # Kafka does not keep up with this client: it reconnects and resyncs (its updates are in its
+            # next sync step), instead of growing our buffer.
+            raise yp.YProtocolError("updates cannot be stored fast enough; reconnect", yp.CLOSE_UNAVAILABLE)
         conn.pending.append(update)
+        conn.pending_bytes += len(update)
         conn.has_pending.set()
+
+    def _deny_once(self, conn: CollabConnection, reason: str) -> None:
+        if not conn.denied:
+            conn.denied = True
+            conn.send(yp.permission_denied(reason))
 
     def awareness_frame(self, state: OpenDoc) -> bytes:
         entries = [yp.AwarenessEntry(c, clock, s) for c, (clock, s, _) in state.awareness.items()]
@@ -390,6 +514,7 @@ class CollabHub:
             await conn.has_pending.wait()
             conn.has_pending.clear()
             batch, conn.pending = conn.pending, []
+            conn.pending_bytes = 0
             if not batch:
                 continue
             update = batch[0] if len(batch) == 1 else merge_updates(*batch)
@@ -410,131 +535,18 @@ class CollabHub:
                 except Exception as exc:
                     if attempt == PUBLISH_ATTEMPTS:
                         log.warning("collab:%s: update not accepted by the bus: %r", conn.doc, exc)
+                        if conn.state is not None:  # it will not come back: no longer counts towards the cap
+                            conn.state.unconfirmed = max(0, conn.state.unconfirmed - sum(map(len, batch)))
                         conn.close(yp.CLOSE_UNAVAILABLE, "updates cannot be stored now; reconnect")
                         return
                     await asyncio.sleep(delay)
                     delay *= 2
 
-    # permissions
-
-    async def permissions(self, token: str, doc: str) -> tuple[str, bool, bool]:
-        """(user, may read, may write) for `collab:{doc}`; raises ProtocolError/ReplyError on a bad token."""
-        gateway = self.gateway
-        if token:
-            grant = await gateway.verifier.verify_connection(token)
-            if gateway.revoked.revokes(grant):
-                raise ReplyError(PERMISSION_DENIED, "the token was revoked")
-            who = Principal(grant.user, grant.channel_patterns, authenticated=True)
-        elif gateway.settings.allow_anonymous:
-            who = Principal("")
-        else:
-            raise ReplyError(PERMISSION_DENIED, "a token is required (?token=)")
-        options = gateway.policy.namespaces.get("collab")
-        read_access = options.allow_subscribe if options is not None else "claim"
-        write_access = options.allow_publish if options is not None else "claim"
-        channel = _channel(doc)
-        return who.user, _allowed(gateway, read_access, channel, who), _allowed(gateway, write_access, channel, who)
-
-
-def _allowed(gateway: Gateway, access: Any, channel: str, who: Principal) -> bool:
-    try:
-        gateway.policy.check(access, channel, who)
-    except ReplyError:
-        return False
-    return True
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("awareness fan-out failed: %r", task.exception())
-
-
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await websocket.close(code=code, reason=reason[:120])
-
 
 async def collab_endpoint(websocket: WebSocket) -> None:
     hub: CollabHub = websocket.app.state.collab
     doc = websocket.path_params.get("doc", "")
-    await websocket.accept()
-    if not _VALID_DOC.match(doc) or doc.endswith(AWARENESS_SUFFIX):
-        await _close(websocket, yp.CLOSE_BAD_MESSAGE, "invalid document id")
-        return
-    try:
-        user, may_read, may_write = await hub.permissions(websocket.query_params.get("token", ""), doc)
-    except (ProtocolError, ReplyError) as exc:
-        await _close(websocket, yp.CLOSE_UNAUTHORIZED, f"unauthorized: {exc}")
-        return
-    if not may_read:
-        await _close(websocket, yp.CLOSE_FORBIDDEN, f"no read permission for collab:{doc}")
-        return
-    conn = CollabConnection(websocket, doc, user, may_write)
-    try:
-        state = await hub.join(conn)
-    except Unavailable as exc:
-        await _close(websocket, yp.CLOSE_UNAVAILABLE, str(exc))
-        return
-    conn.send(yp.sync_step1(state.ydoc.get_state()))
-    if state.awareness:
-        conn.send(hub.awareness_frame(state))
-    writer = asyncio.create_task(_write(conn), name=f"collab-writer-{conn.id}")
-    publisher = asyncio.create_task(hub.publish_updates(conn), name=f"collab-publisher-{conn.id}")
-    reader = asyncio.create_task(_read(hub, conn, state), name=f"collab-reader-{conn.id}")
-    try:
-        await asyncio.wait((writer, reader, publisher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        reader.cancel()
-        await hub.leave(conn, state)
-        # What the client sent before it left still goes to Kafka (briefly waited for).
-        if conn.pending and not publisher.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                async with asyncio.timeout(5.0):
-                    while conn.pending and not publisher.done():
-                        await asyncio.sleep(0.01)
-        publisher.cancel()
-        if conn.close_with is None:
-            conn.close(1000, "")
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            async with asyncio.timeout(5.0):
-                await writer
-        writer.cancel()
-
-
-async def _read(hub: CollabHub, conn: CollabConnection, state: OpenDoc) -> None:
-    websocket = conn.websocket
-    while True:
-        try:
-            message = await websocket.receive()
-        except (WebSocketDisconnect, RuntimeError):
-            return
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("bytes")
-        if data is None:
-            conn.close(yp.CLOSE_BAD_MESSAGE, "y-protocols messages are binary")
-            return
-        if len(data) > MAX_MESSAGE_BYTES:
-            conn.close(yp.CLOSE_TOO_LARGE, f"message larger than {MAX_MESSAGE_BYTES} bytes")
-            return
-        try:
-            hub.handle(conn, state, data)
-        except yp.YProtocolError as exc:
-            log.info("closing collab:%s client %s: %s", conn.doc, conn.id, exc)
-            conn.close(exc.code, str(exc))
-            return
-
-
-async def _write(conn: CollabConnection) -> None:
-    websocket = conn.websocket
-    try:
-        while True:
-            frame = await conn.outbox.get()
-            if frame is None:
-                break
-            conn.queued -= len(frame)
-            await websocket.send_bytes(frame)
-    except Exception:
-        return
-    code, reason = conn.close_with or (1000, "")
-    await _close(websocket, code, reason)
+    token = websocket.query_params.get("token", "")
+    await serve_websocket(
+        websocket, "collab", lambda connection: CollabConnection(hub, connection, doc, token), binary=True
+    )

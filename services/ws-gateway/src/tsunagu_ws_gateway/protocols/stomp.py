@@ -1,5 +1,5 @@
 """`GET /stomp`: STOMP 1.2 over WebSocket (subprotocol `v12.stomp`), on an ordinary client session
-(adapter.py).
+(protocols/base.py).
 
 CONNECT/STOMP carries the JWT as `passcode` or a `token` header. SUBSCRIBE `/topic/<channel>` (ack
 modes are accepted, every message counts as acknowledged), UNSUBSCRIBE, SEND `/topic/<channel>`
@@ -15,25 +15,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
+from tsunagu_core.broker import StreamPosition
 
-from tsunagu_ws_gateway.adapter import Bridge, BridgeCodec, MessageOutbox, Reply, finish, refuse, start_writer
+from tsunagu_ws_gateway.core import commands as cmd
+from tsunagu_ws_gateway.core.gateway import Gateway
+from tsunagu_ws_gateway.core.refusals import Refused
+from tsunagu_ws_gateway.core.replies import Reply
+from tsunagu_ws_gateway.core.session import VERSION
+from tsunagu_ws_gateway.core.transport import Connection
 from tsunagu_ws_gateway.protocol import codes, stomp
-from tsunagu_ws_gateway.protocol.codes import ProtocolError
+from tsunagu_ws_gateway.protocol.codes import Disconnect, ProtocolError
 from tsunagu_ws_gateway.protocol.stomp import Frame, StompError
-from tsunagu_ws_gateway.session import VERSION, Gateway
+from tsunagu_ws_gateway.protocols.base import AdapterRenderer, AdapterSession
+from tsunagu_ws_gateway.transports.websocket import serve_websocket
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
-CODEC = BridgeCodec("stomp", stomp.publication_message)
+RENDERER = AdapterRenderer("stomp", stomp.publication_message)
 # The shortest interval between heart-beats the gateway offers to send.
 MIN_SEND_MS = 1000
 PERMISSION_DENIED = codes.PERMISSION_DENIED_DISCONNECT
 
 
-class Refused(Exception):
+class Rejected(Exception):
     """Answer with an ERROR frame and close."""
 
     def __init__(self, message: str, disconnect: codes.Disconnect = codes.BAD_REQUEST_DISCONNECT) -> None:
@@ -42,11 +50,12 @@ class Refused(Exception):
 
 
 class StompConnection:
-    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, connection: Connection) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
-        self.outbox = MessageOutbox(websocket, gateway.settings.send_buffer_bytes)
-        self.bridge = Bridge(gateway, CODEC, deliver=self.deliver, close=self.outbox.close)
+        self.max_frame_bytes = gateway.settings.max_frame_bytes
+        self.outbox = connection.transport
+        self.bridge = AdapterSession(gateway, connection, RENDERER, deliver=self.deliver, close=self.outbox.close)
         # destination line (as publication_message writes it) -> subscription id, and back
         self.by_destination: dict[bytes, str] = {}
         self.destinations: dict[str, tuple[bytes, str]] = {}
@@ -76,7 +85,22 @@ class StompConnection:
 
     # in
 
-    async def handle_message(self, message: bytes | str) -> None:
+    # the socket loop's handler
+
+    async def on_open(self) -> None:
+        return
+
+    def on_too_large(self, size: int) -> None:
+        self.send(stomp.error("frame too large"))
+
+    async def on_close(self, disconnect: Disconnect) -> None:
+        if self.beats is not None:
+            self.beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.beats
+        await self.bridge.end(disconnect)
+
+    async def on_frame(self, message: bytes | str) -> None:
         self.last_received = time.monotonic()
         try:
             frames = stomp.parse(message, self.settings.max_commands_per_frame)
@@ -89,12 +113,14 @@ class StompConnection:
             receipt_id = frame.headers.get("receipt", "")
             try:
                 await self.handle_frame(frame)
-            except Refused as exc:
+            except Rejected as exc:
                 self.refuse(str(exc), exc.disconnect, receipt_id)
             except StompError as exc:
                 self.refuse(str(exc), codes.BAD_REQUEST_DISCONNECT, receipt_id)
             except ProtocolError as exc:
                 self.refuse(str(exc), exc.disconnect, receipt_id)
+            except Refused as exc:
+                self.refuse(exc.detail, exc.disconnect, receipt_id)
             if self.outbox.closing is not None:
                 return
 
@@ -104,7 +130,7 @@ class StompConnection:
             await self.connect(frame)
             return
         if not self.bridge.connected:
-            raise Refused(f"{command} before CONNECT")
+            raise Rejected(f"{command} before CONNECT")
         receipt_id = frame.headers.get("receipt", "")
         if command == "SUBSCRIBE":
             await self.subscribe(frame, receipt_id)
@@ -120,36 +146,35 @@ class StompConnection:
             return
         elif command in ("ACK", "NACK"):
             if "id" not in frame.headers:
-                raise Refused(f"{command} needs an id header")
+                raise Rejected(f"{command} needs an id header")
         else:  # BEGIN, COMMIT, ABORT
-            raise Refused("transactions are not supported")
+            raise Rejected("transactions are not supported")
         if receipt_id:
             self.send(stomp.receipt(receipt_id))
 
-    async def native(self, method: str, request: dict[str, Any], on_reply: Any = None) -> dict[str, Any]:
-        reply: Reply = await self.bridge.call(method, request, on_reply)
-        error = reply.get("error")
+    async def native(self, command: cmd.Command, on_reply: Callable[[Reply], None] | None = None) -> Mapping[str, Any]:
+        reply = await self.bridge.call(command, on_reply)
+        error = reply.error
         if error is not None:
-            code = int(error.get("code", 100))
+            code = error.code
             disconnect = PERMISSION_DENIED if code == codes.PERMISSION_DENIED.code else codes.BAD_REQUEST_DISCONNECT
-            raise Refused(f"{error.get('message', 'error')} (code {code})", disconnect)
-        result: dict[str, Any] = reply.get(method, {})
-        return result
+            raise Rejected(f"{error.message} (code {code})", disconnect)
+        return reply.result
 
     async def connect(self, frame: Frame) -> None:
         if self.bridge.connected:
-            raise Refused("already connected")
+            raise Rejected("already connected")
         versions = frame.headers.get("accept-version", "1.0").split(",")
         if "1.2" not in versions:
-            raise Refused("this server speaks STOMP 1.2 only (accept-version must include 1.2)")
+            raise Rejected("this server speaks STOMP 1.2 only (accept-version must include 1.2)")
         token = frame.headers.get("token") or frame.headers.get("passcode") or ""
         cx, cy = stomp.heart_beat(frame.headers.get("heart-beat", "0,0"))
         try:
-            result = await self.native("connect", {"token": token})
-        except ProtocolError as exc:
-            raise Refused(str(exc), exc.disconnect) from None
+            result = await self.native(cmd.Connect(token=token))
         except Refused as exc:
-            raise Refused(str(exc), codes.INVALID_TOKEN) from None
+            raise Rejected(exc.detail, exc.disconnect) from None
+        except Rejected as exc:
+            raise Rejected(str(exc), codes.INVALID_TOKEN) from None
         want_ms = int(self.settings.ping_interval * 1000)
         self.send_every = stomp.negotiate(MIN_SEND_MS, cy) / 1000
         self.expect_every = stomp.negotiate(want_ms, cx) / 1000
@@ -168,42 +193,35 @@ class StompConnection:
         subscription = frame.headers.get("id")
         destination = frame.headers.get("destination")
         if not subscription or not destination:
-            raise Refused("SUBSCRIBE needs id and destination headers")
+            raise Rejected("SUBSCRIBE needs id and destination headers")
         if subscription in self.destinations:
-            raise Refused(f"subscription id {subscription!r} is in use")
+            raise Rejected(f"subscription id {subscription!r} is in use")
         channel = stomp.channel_of(destination)
-        request: dict[str, Any] = {"channel": channel}
+        since = None
         epoch = frame.headers.get("x-since-epoch")
         if epoch is not None:
             offset = frame.headers.get("x-since-offset", "0")
-            if not offset.isdigit():
-                raise Refused("x-since-offset must be a non-negative integer")
-            request.update(recover=True, epoch=epoch, offset=int(offset))
+            if not (offset.isascii() and offset.isdigit()) or len(offset) > 19:
+                raise Rejected("x-since-offset must be a non-negative integer")
+            since = StreamPosition(int(offset), epoch)
         line = stomp.destination_line(channel)
         if line in self.by_destination:
-            raise Refused(f"already subscribed to {destination}")
+            raise Rejected(f"already subscribed to {destination}")
         # Registered before the reply so the publications that follow it are delivered.
         self.by_destination[line] = subscription
         self.destinations[subscription] = (line, channel)
 
         def on_reply(reply: Reply) -> None:
-            if "error" in reply:
+            if not reply.ok:
                 return
             if receipt_id:
                 self.send(stomp.receipt(receipt_id))
-            for pub in reply.get("subscribe", {}).get("publications", []):  # recovered history
-                data = orjson.dumps(pub.get("data"))
-                headers = [
-                    ("subscription", subscription),
-                    ("message-id", f"r{pub.get('offset', 0)}"),
-                    ("destination", destination),
-                    ("content-type", "application/json"),
-                    ("offset", str(pub.get("offset", 0))),
-                ]
-                self.send(stomp.encode("MESSAGE", headers, data))
+            for pub in reply.result.get("publications", []):  # recovered history
+                message = stomp.publication_message(channel, pub)
+                self.send(stomp.with_subscription(message, subscription, f"r{pub.offset}"))
 
         try:
-            await self.native("subscribe", request, on_reply)
+            await self.native(cmd.Subscribe(channel, since=since), on_reply)
         except BaseException:
             self.by_destination.pop(line, None)
             self.destinations.pop(subscription, None)
@@ -212,32 +230,32 @@ class StompConnection:
     async def unsubscribe(self, frame: Frame) -> None:
         subscription = frame.headers.get("id")
         if not subscription:
-            raise Refused("UNSUBSCRIBE needs an id header")
+            raise Rejected("UNSUBSCRIBE needs an id header")
         known = self.destinations.pop(subscription, None)
         if known is None:
-            raise Refused(f"no subscription {subscription!r}")
+            raise Rejected(f"no subscription {subscription!r}")
         line, channel = known
         self.by_destination.pop(line, None)
-        await self.native("unsubscribe", {"channel": channel})
+        await self.native(cmd.Unsubscribe(channel))
 
     async def publish(self, frame: Frame) -> None:
         destination = frame.headers.get("destination")
         if not destination:
-            raise Refused("SEND needs a destination header")
+            raise Rejected("SEND needs a destination header")
         channel = stomp.channel_of(destination)
         kind = frame.headers.get("content-type", "")
-        data: Any = frame.body
+        data = frame.body
         if kind.startswith("application/json"):
             try:
                 orjson.loads(frame.body)
             except orjson.JSONDecodeError:
-                raise Refused("the body is not the JSON its content-type says") from None
+                raise Rejected("the body is not the JSON its content-type says") from None
         elif kind.startswith("text/"):
             try:
-                data = frame.body.decode()
+                data = orjson.dumps(frame.body.decode())
             except UnicodeDecodeError:
-                raise Refused("a text body must be UTF-8") from None
-        await self.native("publish", {"channel": channel, "data": data})
+                raise Rejected("a text body must be UTF-8") from None
+        await self.native(cmd.Publish(channel, data))
 
     # heart-beats
 
@@ -256,34 +274,8 @@ class StompConnection:
 
 async def stomp_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
-    if await refuse(websocket, gateway):
-        return
     offered = websocket.scope.get("subprotocols", [])
-    await websocket.accept(subprotocol=next((p for p in SUBPROTOCOLS if p in offered), None))
-    connection = StompConnection(gateway, websocket)
-    outbox = connection.outbox
-    start_writer(outbox)
-    settings = gateway.settings
-    try:
-        while outbox.closing is None:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
-            if len(data) > settings.max_frame_bytes:
-                connection.refuse("frame too large", codes.MESSAGE_SIZE_LIMIT)
-                break
-            await connection.handle_message(data)
-    except asyncio.CancelledError:
-        if outbox.closing is not codes.SLOW:
-            raise
-    except WebSocketDisconnect:
-        pass
-    finally:
-        if connection.beats is not None:
-            connection.beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connection.beats
-        await finish(outbox, connection.bridge)
+    subprotocol = next((p for p in SUBPROTOCOLS if p in offered), None)
+    await serve_websocket(
+        websocket, "stomp", lambda connection: StompConnection(gateway, connection), subprotocol=subprotocol
+    )

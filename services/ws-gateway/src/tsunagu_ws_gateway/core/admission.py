@@ -1,0 +1,127 @@
+"""The one admission function: every transport and protocol lets a client in through `Admission.admit`.
+
+    peer + credential (a token, or none: then the client certificate, or anonymity)
+      -> grant -> revocation check -> origin, draining and per-user limit -> Admitted
+    or one `Refused` with its kind (core/refusals.py), which each protocol renders its own way.
+
+`screen` is the part that needs no credential (origin, draining); transports run it at the handshake,
+before they accept a socket, and `admit` runs it again. The node's and the IP's connection limits are the
+registry's, counted when a socket opens (registry.open).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+from tsunagu_ws_gateway.certificates import grant_for
+from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.core.refusals import Refusal, Refused
+from tsunagu_ws_gateway.core.registry import REFUSALS, Registry
+from tsunagu_ws_gateway.core.transport import Peer
+from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
+from tsunagu_ws_gateway.revocations import RevocationList
+from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
+
+log = logging.getLogger("tsunagu.gateway.admission")
+
+ANONYMOUS = ConnectionGrant(user="")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    grant: ConnectionGrant
+    # False for an anonymous client (no token, no certificate): "authenticated" access is not for it.
+    authenticated: bool
+    # How: "token", "certificate" or "anonymous".
+    credential: str
+
+    @property
+    def principal(self) -> Principal:
+        grant = self.grant
+        return Principal(grant.user, grant.channel_patterns, authenticated=self.authenticated)
+
+
+class Admission:
+    def __init__(
+        self, settings: GatewaySettings, verifier: TokenVerifier, revoked: RevocationList, registry: Registry
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.revoked = revoked
+        self.registry = registry
+
+    # without a credential
+
+    def origin_allowed(self, peer: Peer) -> bool:
+        """No Origin (not a browser): allowed. Otherwise it must match `allowed_origins` (globs such as
+        `https://*.example.com`, or `*`), or, when that list is empty, be this host's own origin."""
+        if peer.origin is None:
+            return True
+        allowed = self.settings.allowed_origins
+        if allowed:
+            origin = peer.origin.lower()
+            return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in allowed)
+        return peer.same_origin()
+
+    def screen(self, peer: Peer, protocol: str = "") -> None:
+        try:
+            if self.registry.draining:
+                raise Refused(Refusal.DRAINING, "the gateway is shutting down: reconnect")
+            if not self.origin_allowed(peer):
+                raise Refused(Refusal.ORIGIN, f"origin {peer.origin!r} is not allowed")
+        except Refused as refused:
+            REFUSALS.labels(refused.refusal.name.lower(), protocol).inc()
+            raise
+
+    # with one
+
+    async def grant(self, peer: Peer, token: str, protocol: str = "") -> Admitted:
+        """Credential -> grant -> revocation check, without the connection policy (an HTTP request
+        that opens nothing, a token refresh)."""
+        try:
+            return await self._grant(peer, token)
+        except Refused as refused:
+            REFUSALS.labels(refused.refusal.name.lower(), protocol).inc()
+            raise
+
+    async def admit(self, peer: Peer, token: str, protocol: str = "") -> Admitted:
+        """Everything: who the client is, that it is not revoked, and that this node takes it now."""
+        self.screen(peer, protocol)
+        admitted = await self.grant(peer, token, protocol)
+        user = admitted.grant.user
+        limit = self.settings.max_connections_per_user
+        if user and limit and self.registry.user_sessions(user) >= limit:
+            REFUSALS.labels(Refusal.USER_LIMIT.name.lower(), protocol).inc()
+            raise Refused(Refusal.USER_LIMIT, f"user {user!r} has {limit} connections open")
+        return admitted
+
+    async def _grant(self, peer: Peer, token: str) -> Admitted:
+        if token:
+            try:
+                grant = await self.verifier.verify_connection(token)
+            except ProtocolError as exc:
+                raise Refused(Refusal.INVALID_TOKEN, str(exc), exc.disconnect) from None
+            except ReplyError as exc:
+                raise Refused(Refusal.TOKEN_EXPIRED, exc.detail or exc.error.message) from None
+            credential = "token"
+        elif (certified := self._certificate_grant(peer)) is not None:
+            grant, credential = certified, "certificate"
+        elif self.settings.allow_anonymous:
+            return Admitted(ANONYMOUS, authenticated=False, credential="anonymous")
+        else:
+            raise Refused(Refusal.NO_CREDENTIAL)
+        try:
+            revoked = await self.revoked.refuses(grant)
+        except ProtocolError:
+            raise Refused(Refusal.UNAVAILABLE, "revocations cannot be checked now: reconnect later") from None
+        if revoked:
+            raise Refused(Refusal.REVOKED)
+        return Admitted(grant, authenticated=True, credential=credential)
+
+    def _certificate_grant(self, peer: Peer) -> ConnectionGrant | None:
+        if peer.certificate is None or not self.settings.client_cert_identities:
+            return None
+        return grant_for(self.settings.client_cert_identities, peer.certificate)

@@ -1,0 +1,44 @@
+"""Why a connection is not let in: one typed refusal, with what each kind of transport answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol.codes import Disconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    name: str
+    disconnect: Disconnect  # what a socket that is already open is closed with (native codes)
+    status: int  # what an HTTP request or a WebSocket handshake is answered with
+
+
+class Refusal(Enum):
+    INVALID_TOKEN = Kind("invalid token", codes.INVALID_TOKEN, 401)
+    # No token, no certificate an identity takes, anonymous clients off (native: 3501, as Centrifugo).
+    NO_CREDENTIAL = Kind("a connection token is required", codes.BAD_REQUEST_DISCONNECT, 401)
+    TOKEN_EXPIRED = Kind("token expired", codes.INVALID_TOKEN, 401)  # native: error 109, not a close
+    REVOKED = Kind("token revoked", codes.TOKEN_REVOKED, 401)
+    ORIGIN = Kind("origin not allowed", codes.Disconnect(1008, "origin not allowed"), 403)
+    DRAINING = Kind("shutting down", codes.SHUTDOWN, 503)
+    NODE_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 503)
+    IP_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
+    USER_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
+    UNAVAILABLE = Kind("internal server error", codes.SERVER_ERROR, 503)  # the revocation store did not answer
+
+
+class Refused(Exception):
+    """The one way admission says no: `refusal` is what kind of no, `detail` tells the client why."""
+
+    def __init__(self, refusal: Refusal, detail: str = "", disconnect: Disconnect | None = None) -> None:
+        super().__init__(detail or refusal.value.name)
+        self.refusal = refusal
+        self.detail = detail or refusal.value.name
+        self.disconnect = disconnect or refusal.value.disconnect
+
+    @property
+    def status(self) -> int:
+        return self.refusal.value.status

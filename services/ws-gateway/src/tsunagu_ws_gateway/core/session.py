@@ -1,0 +1,638 @@
+"""One client session: commands in, replies and pushes out, with the native protocol's semantics
+(connect, subscriptions with recovery, publish, history, presence, RPC) for every protocol.
+
+The session knows nothing about sockets: it writes to a `Sink` (replies.py) and is fed either frames of
+the native protocol (`handle_frame`, which its codec decodes) or typed commands (`execute`). It is
+tested bare, frames in and frames out, without a server (tests/test_session.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from prometheus_client import Counter
+from tsunagu_core.broker import BrokerError, ClientInfo
+from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent
+
+from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.config import ChannelOptions
+from tsunagu_ws_gateway.core import commands as cmd
+from tsunagu_ws_gateway.core.gateway import Gateway
+from tsunagu_ws_gateway.core.refusals import Refusal, Refused
+from tsunagu_ws_gateway.core.replies import ConnectResult, PublishResult, Sink, SubscribeResult
+from tsunagu_ws_gateway.core.transport import Connection
+from tsunagu_ws_gateway.forwarding import Sender
+from tsunagu_ws_gateway.hub import PresenceEvent, Subscription
+from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol.codec import Codec
+from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
+from tsunagu_ws_gateway.signatures import SignedPublication
+from tsunagu_ws_gateway.tokens import ConnectionGrant
+
+log = logging.getLogger("tsunagu.gateway.session")
+
+VERSION = "tsunagu 0.1.0"
+# The gateway's own RPC method (no backend): a publish answered with its offset and epoch.
+PUBLISH_RPC = "$publish"
+# What the session asks a decoder for: all commands of a frame (the frame's size limits their number).
+UNCOUNTED = 1 << 30
+# Unsubscribe push of a subscription whose token expired without a sub_refresh: the SDK resubscribes
+# with a fresh token (codes from 2500 resubscribe), as Centrifugo does.
+UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
+COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
+COMMAND_ERRORS = Counter("tsunagu_gateway_command_errors_total", "Client commands answered with an error", ["code"])
+PRESENCE_AVAILABLE: dict[str, Any] = {"available": lambda o: o.presence, "what": "presence is off"}
+
+
+class Session:
+    def __init__(self, gateway: Gateway, connection: Connection, sink: Sink, *, transport_name: str = "") -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.node = gateway.node
+        self.connection = connection
+        self.sink = sink
+        self.transport_name = transport_name or connection.transport.name
+        self.id = str(uuid.uuid4())
+        self.user = ""
+        self.session_id = ""
+        self.grant: ConnectionGrant | None = None
+        self.principal = Principal(user="")
+        self.conn_info = b""
+        self.subscriptions: dict[str, Subscription] = {}
+        self.connected = False
+        self.closed = False
+        self.opened_at = time.monotonic()
+        self.next_ping = 0.0
+        self.pong_deadline: float | None = None
+        self.expires_at: float | None = None
+        self._expiring: set[str] = set()
+        gateway.registry.add(self)
+
+    @property
+    def renderer(self) -> Any:
+        return self.sink.renderer
+
+    # the native protocol's frames
+
+    async def handle_frame(self, frame: bytes | str, codec: Codec) -> None:
+        """Every command of one native frame, in order. A command over a limit (more than
+        `max_commands_per_frame` in this frame, or over the connection's rate) is answered with error
+        111 and the others are carried out, as Centrifugo does; a client that keeps sending into a
+        closed rate limit for more than a burst's worth is disconnected (3013). A command the session
+        refuses to connect closes the connection with the refusal's code, except an expired token (109)."""
+        limit = self.settings.max_commands_per_frame
+        rate = self.connection.rate
+        # The frame size bounds how many commands a frame holds; the decoder does not count them.
+        for index, request in enumerate(codec.decode_commands(frame, UNCOUNTED)):
+            command_id = request.get("id", 0)
+            if index >= limit:
+                self._refuse(command_id, f"more than {limit} commands in one frame")
+            elif not rate.admit():
+                self._refuse(command_id, rate.detail)
+            else:
+                try:
+                    await self._decoded(command_id, request, codec)
+                except Refused as refused:
+                    if refused.refusal is not Refusal.TOKEN_EXPIRED:
+                        raise ProtocolError(refused.disconnect, refused.detail) from None
+                    self._error(command_id, ReplyError(codes.TOKEN_EXPIRED))
+            if self.closed:
+                return
+
+    async def _decoded(self, command_id: int, request: dict[str, Any], codec: Codec) -> None:
+        method = next((m for m in cmd.METHODS if m in request), None)
+        if method is None:
+            if command_id == 0:
+                self.on_pong()
+                return
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "command has no known method")
+        body = request[method]
+        if not isinstance(body, dict):
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, f"{method} request must be an object")
+        if method != "connect" and not self.connected:
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, f"{method} before connect")
+        if method == "send":
+            COMMANDS.labels(method).inc()
+            return
+        if command_id == 0:
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, f"{method} needs an id")
+        try:
+            command = cmd.parse(method, body, codec.payload, codec.rpc_data)
+        except ReplyError as exc:
+            self._error(command_id, exc)
+            return
+        await self.execute(command_id, command)
+
+    def _refuse(self, command_id: int, detail: str) -> None:
+        COMMAND_ERRORS.labels(str(codes.TOO_MANY_REQUESTS.code)).inc()
+        if command_id:  # a pong or a send has no reply to carry the error
+            error = codes.ErrorCode(codes.TOO_MANY_REQUESTS.code, f"{codes.TOO_MANY_REQUESTS.message}: {detail}")
+            self.sink.error(command_id, error, temporary=True)
+
+    def _error(self, command_id: int, exc: ReplyError) -> None:
+        COMMAND_ERRORS.labels(str(exc.error.code)).inc()
+        # The detail tells the client what exactly was wrong; the code is what SDKs react to.
+        error = codes.ErrorCode(exc.error.code, f"{exc.error.message}: {exc.detail}") if exc.detail else exc.error
+        self.sink.error(command_id, error)
+
+    # typed commands
+
+    async def execute(self, command_id: int, command: cmd.Command) -> None:
+        """Carry out one command; its reply (or error) goes to the sink before anything it causes.
+
+        A failure of the command is an error reply and the connection stays: ReplyError with its code, a
+        broker failure 100 (temporary), anything unexpected 100. ProtocolError (the client broke the
+        protocol) and Refused (connect: admission said no) reach the caller, whose protocol decides."""
+        method = command.method
+        if not self.connected and method != "connect":
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, f"{method} before connect")
+        COMMANDS.labels(method).inc()
+        try:
+            result = await self._run(command_id, command)
+        except (ProtocolError, Refused):
+            raise
+        except ReplyError as exc:
+            self._error(command_id, exc)
+            return
+        except BrokerError as exc:
+            log.warning("%s failed for client %s: %s", method, self.id, exc)
+            COMMAND_ERRORS.labels(str(codes.INTERNAL.code)).inc()
+            self.sink.error(command_id, codes.INTERNAL, temporary=True)
+            return
+        except Exception:
+            log.exception("%s of client %s failed", method, self.id)
+            COMMAND_ERRORS.labels(str(codes.INTERNAL.code)).inc()
+            self.sink.error(command_id, codes.INTERNAL)
+            return
+        if result is not None:
+            self.sink.reply(command_id, method, result)
+
+    async def _run(self, command_id: int, command: cmd.Command) -> Any:
+        match command:
+            case cmd.Connect():
+                await self._connect(command_id, command)
+                return None
+            case cmd.Subscribe():
+                result, flush = await self._subscribe(command, server_side=False)
+                self.sink.reply(command_id, "subscribe", result)
+                flush()
+                return None
+            case cmd.Publish():
+                return await self._publish(command.channel, command.data, command.idempotency_key)
+            case cmd.Unsubscribe():
+                await self._leave(command.channel)
+                return {}
+            case cmd.History():
+                return await self._history(command)
+            case cmd.Presence():
+                self._channel_access(command.channel, "allow_presence", **PRESENCE_AVAILABLE)
+                return {"presence": await self.gateway.broker.presence(command.channel)}
+            case cmd.PresenceStats():
+                self._channel_access(command.channel, "allow_presence", **PRESENCE_AVAILABLE)
+                stats = await self.gateway.broker.presence_stats(command.channel)
+                return {"num_clients": stats.num_clients, "num_users": stats.num_users}
+            case cmd.Ping():
+                return {}
+            case cmd.Send():
+                return None
+            case cmd.Rpc():
+                return await self._rpc(command)
+            case cmd.Refresh():
+                return await self._refresh(command)
+            case cmd.SubRefresh():
+                return await self._sub_refresh(command)
+        raise ReplyError(codes.METHOD_NOT_FOUND)
+
+    # connect and refresh
+
+    async def _connect(self, command_id: int, command: cmd.Connect) -> None:
+        if self.connected:
+            raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "connect sent twice")
+        admitted = await self.gateway.admission.admit(self.connection.peer, command.token, self.connection.protocol)
+        grant = admitted.grant
+        self.admit(grant, admitted.principal)
+        result: ConnectResult = {
+            "client": self.id,
+            "version": VERSION,
+            "ping": int(self.settings.ping_interval),
+            "pong": True,
+            "node": self.node.name,
+        }
+        if grant.session_id:
+            result["session"] = grant.session_id
+        result.update(self._expiry())  # type: ignore[typeddict-item]
+        server_subs: dict[str, SubscribeResult] = {}
+        flushes = []
+        for channel in grant.server_subs:
+            wanted = command.subs.get(channel) or cmd.Subscribe(channel)
+            sub_result, flush = await self._subscribe(wanted, server_side=True)
+            server_subs[channel] = sub_result
+            flushes.append(flush)
+        if server_subs:
+            result["subs"] = server_subs
+        self.sink.reply(command_id, "connect", result)
+        for flush in flushes:
+            flush()
+        self._event(GatewayEvent.CONNECTED)
+
+    def admit(self, grant: ConnectionGrant, principal: Principal) -> None:
+        """The session is this grant's from now on (admission has let it in)."""
+        self.grant = grant
+        self.user = grant.user
+        self.session_id = grant.session_id
+        self.conn_info = grant.info
+        self.principal = principal
+        self.expires_at = grant.expires_at
+        self.connected = True
+        self.gateway.registry.admitted(self)
+        self.next_ping = time.monotonic() + self.settings.ping_interval
+
+    def _expiry(self) -> dict[str, Any]:
+        if self.expires_at is None:
+            return {}
+        return {"expires": True, "ttl": max(0, int(self.expires_at - time.time()))}
+
+    async def _refresh(self, command: cmd.Refresh) -> dict[str, Any]:
+        admitted = await self.gateway.admission.grant(self.connection.peer, command.token, self.connection.protocol)
+        grant = admitted.grant
+        if grant.user != self.user:
+            raise ProtocolError(codes.INVALID_TOKEN, "refresh token is for another user")
+        self.grant = grant
+        self.expires_at = grant.expires_at
+        self.principal = admitted.principal
+        return self._expiry()
+
+    # subscriptions
+
+    async def _subscribe(
+        self, request: cmd.Subscribe, *, server_side: bool
+    ) -> tuple[SubscribeResult, Callable[[], None]]:
+        """Subscribe and compute the result; the returned flush sends what was buffered meanwhile,
+        and must run right after the reply is queued."""
+        gateway = self.gateway
+        channel = request.channel
+        options = gateway.policy.options(channel)
+        if channel in self.subscriptions:
+            raise ReplyError(codes.ALREADY_SUBSCRIBED)
+        if len(self.subscriptions) >= self.settings.max_channels_per_client:
+            raise ReplyError(codes.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+        sub_grant = None
+        if request.token:
+            sub_grant = await gateway.verifier.verify_subscription(request.token, self.user, channel)
+        if not server_side:
+            gateway.policy.check(
+                options.allow_subscribe, channel, self.principal, granted_by_token=sub_grant is not None
+            )
+        recoverable = options.history_size > 0 and options.recovery
+        subscription = Subscription(
+            channel=channel,
+            options=options,
+            recoverable=recoverable,
+            join_leave=options.join_leave and (server_side or request.join_leave),
+            expires_at=sub_grant.expires_at if sub_grant else None,
+            chan_info=sub_grant.info if sub_grant else b"",
+        )
+        self.subscriptions[channel] = subscription
+        try:
+            await self.node.add_subscriber(channel, self, subscription)
+            result, last_offset = await self._position(request, subscription)
+        except BaseException:
+            self.subscriptions.pop(channel, None)
+            await self.node.remove_subscriber(channel, self)
+            raise
+        if sub_grant is not None and sub_grant.expires_at is not None:
+            result["expires"] = True
+            result["ttl"] = max(0, int(sub_grant.expires_at - time.time()))
+
+        def flush() -> None:
+            subscription.buffering = False
+            buffered, subscription.buffer = subscription.buffer, []
+            renderer, deliver = self.sink.renderer, self.sink.deliver
+            for event in buffered:
+                if isinstance(event, PresenceEvent):
+                    frame = (renderer.join_push if event.join else renderer.leave_push)(channel, event.info)
+                elif not recoverable or event.offset > last_offset:
+                    # (the others are part of the recovered history or older than where the client starts)
+                    frame = renderer.publication_push(channel, event)
+                else:
+                    continue
+                if frame:
+                    deliver(frame)
+            self.node.go_live(channel, self)
+
+        info = self.client_info(subscription)
+        if options.presence:
+            await gateway.broker.add_presence(channel, self.id, info, ttl=self.settings.presence_ttl)
+        if options.join_leave:
+            await gateway.broker.publish_presence(channel, True, info)
+        self._event(GatewayEvent.SUBSCRIBED, channel)
+        return result, flush
+
+    async def _position(self, request: cmd.Subscribe, subscription: Subscription) -> tuple[SubscribeResult, int]:
+        if not subscription.recoverable:
+            return {}, 0
+        broker = self.gateway.broker
+        channel = request.channel
+        options = subscription.options
+        meta_ttl = options.meta_ttl
+        since = request.since
+        if since is None:
+            top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
+            position = top.position
+            fresh: SubscribeResult = {
+                "recoverable": True,
+                "positioned": True,
+                "epoch": position.epoch,
+                "offset": position.offset,
+            }
+            return fresh, position.offset
+        history = await broker.history(channel, since=since, limit=options.history_size, meta_ttl=meta_ttl)
+        position = history.position
+        publications = history.publications if position.epoch == since.epoch else []
+        if position.epoch != since.epoch:
+            recovered = False
+        elif publications:
+            recovered = publications[0].offset == since.offset + 1 and publications[-1].offset == position.offset
+        else:
+            recovered = position.offset == since.offset
+        if not recovered and request.reject_unrecovered:
+            raise ReplyError(codes.UNRECOVERABLE_POSITION)
+        result: SubscribeResult = {
+            "recoverable": True,
+            "positioned": True,
+            "epoch": position.epoch,
+            "was_recovering": True,
+        }
+        if recovered:
+            # As Centrifugo: the client's own offset, and the publications that carry it to the top.
+            result |= {"offset": since.offset, "recovered": True, "publications": publications}
+        else:
+            # Publications only where the stream is continuous: a client told `recovered: false` reloads its
+            # state, and a partial history would look like all there is.
+            result["offset"] = position.offset
+        return result, position.offset
+
+    def client_info(self, subscription: Subscription | None = None) -> ClientInfo:
+        return ClientInfo(
+            user=self.user,
+            client=self.id,
+            conn_info=self.conn_info,
+            chan_info=subscription.chan_info if subscription else b"",
+        )
+
+    async def _leave(self, channel: str) -> None:
+        subscription = self.subscriptions.pop(channel, None)
+        if subscription is None:
+            return
+        await self.node.remove_subscriber(channel, self)
+        info = self.client_info(subscription)
+        broker = self.gateway.broker
+        try:
+            if subscription.options.presence:
+                await broker.remove_presence(channel, self.id)
+            if subscription.options.join_leave:
+                await broker.publish_presence(channel, False, info)
+        except BrokerError as exc:
+            log.warning("leave of %s on %s not recorded: %s", self.id, channel, exc)
+        self._event(GatewayEvent.UNSUBSCRIBED, channel)
+
+    def forget_subscription(self, channel: str) -> None:
+        self.subscriptions.pop(channel, None)
+
+    def lost_subscription(self, channel: str, code: int, reason: str) -> None:
+        """The hub dropped the subscription (its state is gone): forget it and tell the client."""
+        self.subscriptions.pop(channel, None)
+        self.sink.unsubscribed(channel, code, reason)
+
+    async def server_unsubscribe(self, channel: str, code: int = codes.UNSUBSCRIBE_SERVER, reason: str = "") -> None:
+        if channel in self.subscriptions:
+            await self._leave(channel)
+            self.sink.unsubscribed(channel, code, reason or "server unsubscribe")
+
+    async def server_subscribe(self, channel: str) -> None:
+        if channel in self.subscriptions:
+            return
+        try:
+            result, flush = await self._subscribe(cmd.Subscribe(channel), server_side=True)
+        except (ReplyError, BrokerError) as exc:
+            log.warning("server-side subscribe of %s to %s failed: %s", self.id, channel, exc)
+            return
+        self.sink.subscribed(channel, result)
+        flush()
+
+    async def _sub_refresh(self, command: cmd.SubRefresh) -> dict[str, Any]:
+        subscription = self.subscriptions.get(command.channel)
+        if subscription is None:
+            raise ReplyError(codes.BAD_REQUEST, "not subscribed")
+        grant = await self.gateway.verifier.verify_subscription(command.token, self.user, command.channel)
+        subscription.expires_at = grant.expires_at
+        if grant.expires_at is None:
+            return {}
+        return {"expires": True, "ttl": max(0, int(grant.expires_at - time.time()))}
+
+    # publications, history, presence
+
+    def _channel_access(
+        self,
+        channel: str,
+        access_of: str,
+        available: Callable[[ChannelOptions], bool] | None = None,
+        what: str = "",
+    ) -> Any:
+        """The channel's options if this session may do `access_of` there; a feature the namespace does
+        not have (`available` false) is 108 before any permission check, as Centrifugo answers."""
+        if not channel:
+            raise ReplyError(codes.BAD_REQUEST, "a channel is required")
+        options = self.gateway.policy.options(channel)
+        if available is not None and not available(options):
+            raise ReplyError(codes.NOT_AVAILABLE, f"{what} in this namespace")
+        subscribed = channel in self.subscriptions
+        access = getattr(options, access_of)
+        # A subscription granted by a subscription token also lets its holder read history and presence.
+        by_token = subscribed and access_of in ("allow_history", "allow_presence") and access != "none"
+        self.gateway.policy.check(access, channel, self.principal, granted_by_token=by_token)
+        return options
+
+    async def _publish(self, channel: str, data: bytes, key: str | None) -> PublishResult:
+        options = self._channel_access(channel, "allow_publish")
+        if not options.client_publish:
+            raise ReplyError(codes.PERMISSION_DENIED, f"{channel} is written by the platform, not by clients")
+        signed = None
+        if options.signed:
+            claims = self.grant.claims if self.grant is not None else {}
+            signed = await self.gateway.signatures.verify(channel, self.user, claims, data)
+        if options.forward:
+            forwarder = self.gateway.forwarders.get(options.forward)
+            if forwarder is None:
+                raise ReplyError(codes.NOT_AVAILABLE, f"no {options.forward} forwarder on this gateway")
+            sender = Sender(self.user, self.id, self.grant.session_id if self.grant else "", self.node.name)
+            forwarded: PublishResult = await forwarder(sender, channel, data)  # type: ignore[assignment]
+            return forwarded
+        subscription = self.subscriptions.get(channel)
+        result = await self.gateway.broker.publish(
+            channel,
+            data,
+            options.publish_options(
+                idempotency_key=f"{self.user}/{key}" if key else None,
+                idempotency_ttl=self.settings.idempotency_ttl,
+                info=self.client_info(subscription),
+            ),
+        )
+        if options.audit:
+            await self._audit_publication(channel, data, result.offset, result.epoch, signed)
+        # offset and epoch are our additions: stock clients ignore them, offline queues use them as acks.
+        return {"offset": result.offset, "epoch": result.epoch} if result.offset else {}
+
+    async def _audit_publication(
+        self, channel: str, data: bytes, offset: int, epoch: str, signed: SignedPublication | None
+    ) -> None:
+        details: dict[str, Any] = {
+            "channel": channel,
+            "offset": offset,
+            "epoch": epoch,
+            "client": self.id,
+            "session": self.grant.session_id if self.grant is not None else "",
+            "data_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        if signed is not None:
+            details["signature"] = {"kid": signed.kid, "ts": signed.ts, "nonce": signed.nonce, "sig": signed.sig}
+            details["payload"] = signed.payload
+        event = AuditEvent(
+            actor=self.user,
+            action="publish",
+            subject=channel,
+            details=orjson.dumps(details, option=orjson.OPT_SORT_KEYS),
+            outcome="ok",
+        )
+        try:
+            await self.gateway.events.audit(event)
+        except Exception as exc:
+            # Published but not yet recorded: the client retries with its idempotency key, which
+            # returns the same offset and records it then.
+            log.error("audit record of %s offset %d not written: %s", channel, offset, exc)
+            raise ReplyError(codes.INTERNAL, "published, but the audit record failed; retry") from None
+
+    async def _history(self, command: cmd.History) -> dict[str, Any]:
+        channel = command.channel
+        options = self._channel_access(
+            channel, "allow_history", available=lambda o: o.history_size > 0, what="no history"
+        )
+        limit = options.history_size if command.limit < 0 else min(command.limit, options.history_size)
+        history = await self.gateway.broker.history(channel, since=command.since, limit=limit, reverse=command.reverse)
+        return {
+            "publications": history.publications,
+            "epoch": history.position.epoch,
+            "offset": history.position.offset,
+        }
+
+    async def _rpc(self, command: cmd.Rpc) -> dict[str, Any]:
+        if command.name == PUBLISH_RPC:
+            return {"data": await self._publish_by_rpc(command.data)}
+        data = await self.gateway.rpc.call(command.name, command.data, user=self.user, client=self.id, session=self)
+        return {"data": data}
+
+    async def _publish_by_rpc(self, params: Any) -> dict[str, Any]:
+        """`$publish`: a publish whose result stock SDKs hand back (their publish() drops it), so an
+        offline queue built on them learns the offset that acknowledges each entry."""
+        if not isinstance(params, dict) or "data" not in params:
+            raise ReplyError(codes.BAD_REQUEST, "$publish needs {channel, data, idempotency_key?}")
+        channel, key = params.get("channel"), params.get("idempotency_key")
+        if not isinstance(channel, str) or not channel:
+            raise ReplyError(codes.BAD_REQUEST, "a channel is required")
+        if key is not None and (not isinstance(key, str) or len(key) > cmd.MAX_IDEMPOTENCY_KEY):
+            raise ReplyError(codes.BAD_REQUEST, "idempotency_key must be a string of at most 128 characters")
+        data = cmd.encode(orjson.dumps, params["data"])
+        result = await self._publish(channel, data, key)
+        return {"offset": result.get("offset", 0), "epoch": result.get("epoch", "")}
+
+    def may(self, access: str, channel: str) -> bool:
+        """Whether this session may `access` ("allow_publish", ...) `channel` (RPC routes ask this)."""
+        try:
+            self._channel_access(channel, access)
+        except ReplyError:
+            return False
+        return True
+
+    # timers
+
+    def on_pong(self) -> None:
+        self.pong_deadline = None
+
+    def on_tick(self, now: float) -> None:
+        if not self.connected:
+            if now - self.opened_at > self.settings.connect_timeout:
+                self.disconnect(codes.STALE)
+            return
+        if self.pong_deadline is not None and now > self.pong_deadline:
+            self.disconnect(codes.NO_PONG)
+            return
+        wall = time.time()
+        grace = self.settings.pong_timeout
+        if self.expires_at is not None and wall > self.expires_at + grace:
+            self.disconnect(codes.CONNECTION_EXPIRED)
+            return
+        for channel, subscription in self.subscriptions.items():
+            if subscription.expires_at is not None and wall > subscription.expires_at + grace:
+                self._expire(channel)
+        # A sink without pings (the protocol adapters) keeps the connection alive its own way.
+        if self.sink.pings and now >= self.next_ping:
+            self.sink.ping()
+            self.next_ping = now + self.settings.ping_interval
+            if self.pong_deadline is None:
+                self.pong_deadline = now + self.settings.pong_timeout
+
+    def _expire(self, channel: str) -> None:
+        if channel in self._expiring:
+            return
+        self._expiring.add(channel)
+        code, reason = UNSUBSCRIBE_EXPIRED
+
+        async def unsubscribe() -> None:
+            try:
+                await self.server_unsubscribe(channel, code, reason)
+            finally:
+                self._expiring.discard(channel)
+
+        asyncio.get_running_loop().create_task(unsubscribe(), name=f"expire-{channel}")
+
+    # the end
+
+    def disconnect(self, disconnect: codes.Disconnect) -> None:
+        """Ask the client's side to close (revocation, expiry, server API...); `end` follows."""
+        self.sink.close(disconnect)
+
+    async def end(self, disconnect: codes.Disconnect) -> None:
+        """Forget everything about this session; called once when its connection ends."""
+        if self.closed:
+            return
+        self.closed = True
+        self.gateway.registry.remove(self)
+        for channel in list(self.subscriptions):
+            await self._leave(channel)
+        if self.connected:
+            self._event(GatewayEvent.DISCONNECTED, code=disconnect.code, reason=disconnect.reason)
+
+    def _event(self, kind: int, channel: str = "", code: int = 0, reason: str = "") -> None:
+        self.gateway.events.emit(
+            GatewayEvent(
+                kind=kind,  # type: ignore[arg-type]
+                client_id=self.id,
+                user_id=self.user,
+                session_id=self.session_id,
+                channel=channel,
+                conn_info=self.conn_info,
+                code=code,
+                reason=reason,
+                transport=self.transport_name,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"<session {self.id} of {self.user!r} on {self.connection!r}>"
