@@ -94,9 +94,10 @@ test: install js-install lint js-test ## everything, on the real stack: lint, un
 deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 	bash deploy/check.sh
 
-bench: install js-install ## benchmarks (engines on the real stack, gateway broadcast next to Centrifugo); see docs/benchmarks.md
-	$(UV) run tsunagu stack up redis kafka postgres
+bench: install js-install ## benchmarks (engines and every stage on the real stack, raw results in bench/results/); see docs/benchmarks.md
+	$(UV) run tsunagu stack up redis kafka postgres mosquitto
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
-		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py
+		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mqtt.py && $(UV) run python bench/sim.py \
+		&& $(UV) run python bench/collab.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py

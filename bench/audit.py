@@ -4,8 +4,11 @@
   concurrent writers of one event each (they take turns on the chain head lock);
 - service: `tsunagu serve audit-log` as its own process consuming a private topic in a fresh group
   and schema; N events are published into Kafka as fast as the producer goes, and the clock stops
-  when the last one is in the chain (the chain is then verified).
+  when the last one is in the chain (the chain is then verified). It runs twice: "before" with
+  `TSUNAGU_AUDIT_BATCH_MAX=6` (at most 6 events per transaction, what six one-event-at-a-time
+  consumers gave) and "after" with the defaults (batches of up to 500 from one batch consumer).
 Needs the stack's Kafka and PostgreSQL. Everything it creates (schemas, topic) is removed at the end.
+Raw results go to bench/results/<time>-audit.json.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 from confluent_kafka.admin import AdminClient
+from record import Recorder
 from tsunagu_audit_log.chain import NewEvent
 from tsunagu_audit_log.store import PostgresStore, database_for
+from tsunagu_core.bus import Outgoing
 from tsunagu_core.bus.kafka import KafkaBus
 from tsunagu_core.envelope import wrap
 from tsunagu_core.wire.events_pb2 import AuditEvent
@@ -34,7 +39,11 @@ POSTGRES = os.environ.get("TSUNAGU_POSTGRES_DSN", "postgresql://tsunagu:tsunagu@
 DETAILS = b'{"channel":"finance:orders","signature":"' + b"x" * 88 + b'"}'
 
 
-def report(name: str, count: int, seconds: float) -> None:
+recorder: Recorder
+
+
+def report(name: str, count: int, seconds: float, **details: object) -> None:
+    recorder.add(name, count / seconds, "events/s", events=count, seconds=seconds, **details)
     print(f"  {name:<58} {count / seconds:>10,.0f} events/s  ({count:,} in {seconds:.2f} s)", flush=True)
 
 
@@ -103,7 +112,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def bench_service(events: int, consumers: int) -> None:
+async def bench_service(events: int, consumers: int, label: str, settings: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:8]
     schema, topic, group = f"audit_bench_{run}", f"tsunagu.audit.bench-{run}", f"audit-bench-{run}"
     bus = KafkaBus(KAFKA, client_id=f"audit-bench-{run}")
@@ -123,6 +132,7 @@ async def bench_service(events: int, consumers: int) -> None:
         "TSUNAGU_AUDIT_GATEWAY_EVENTS": "false",
         "TSUNAGU_AUDIT_VERIFY_INTERVAL": "0",
         "TSUNAGU_LOG_LEVEL": "warning",
+        **settings,
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tsunagu", "serve", "audit-log", "--port", str(port), cwd=REPO, env=env
@@ -156,17 +166,17 @@ async def bench_service(events: int, consumers: int) -> None:
                     actor=f"user-{n % 100}", action="channel.publish", subject="finance:orders", details=DETAILS
                 )
                 envelope = wrap("audit.event", payload, source="bench")
-                pending.append(bus.publish(topic, envelope.SerializeToString(), key=f"user-{n % 100}"))
+                pending.append(Outgoing(topic, envelope.SerializeToString(), key=f"user-{n % 100}"))
                 if len(pending) == 1000:
-                    await asyncio.gather(*pending)
+                    await bus.publish_many(pending)
                     pending = []
-            await asyncio.gather(*pending)
+            await bus.publish_many(pending)
             published = time.perf_counter() - started
             while await newest() < events + 1:
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - started
-            report(f"Kafka publish ({events:,} events, 1,000 in flight)", events, published)
-            report(f"Kafka -> audit-log -> PostgreSQL, {consumers} consumers", events, elapsed)
+            report(f"{label}: Kafka publish_many ({events:,} events, batches of 1,000)", events, published)
+            details = {"configuration": label, "settings": settings, "target": ">= 10,000/s, verify passes"}
             samples = {}
             for line in (await http.get("/metrics")).text.splitlines():
                 name, _, value = line.partition(" ")
@@ -180,6 +190,16 @@ async def bench_service(events: int, consumers: int) -> None:
             )
             verify = (await http.get("/v1/audit/verify")).json()
             print(f"  verify: ok={verify['ok']} rows_checked={verify['rows_checked']}", flush=True)
+            report(
+                f"{label}: Kafka -> audit-log -> PostgreSQL, {consumers} consumer(s)",
+                events,
+                elapsed,
+                batches=batches,
+                events_per_batch=samples.get("tsunagu_audit_batch_size_sum", 0) / batches,
+                verify_ok=verify["ok"],
+                rows_checked=verify["rows_checked"],
+                **details,
+            )
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 30)
@@ -194,15 +214,28 @@ async def bench_service(events: int, consumers: int) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--consumers", type=int, default=6)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--only", choices=["store", "service"], default=None)
+    parser.add_argument("--configurations", default="before,after")
     args = parser.parse_args()
+    global recorder
+    recorder = Recorder("audit", vars(args))
     print(f"audit-log insert throughput ({os.cpu_count()} cores)", flush=True)
-    if args.only != "service":
-        await bench_store(args.events)
-    if args.only != "store":
-        await bench_service(args.events, args.consumers)
+    try:
+        if args.only != "service":
+            await bench_store(min(args.events, 20_000))
+        if args.only != "store":
+            # "before" gets a fifth of the events: at its ~500/s the full count takes minutes.
+            configurations = {
+                "before": ({"TSUNAGU_AUDIT_BATCH_MAX": "6"}, 6, max(1000, args.events // 5)),
+                "after": ({}, args.consumers, args.events),
+            }
+            for name in args.configurations.split(","):
+                settings, consumers, events = configurations[name]
+                await bench_service(events, consumers, name, settings)
+    finally:
+        recorder.save()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,12 @@ publications the engine really made (payload bytes, before the gateway's framing
 - `physics`: pymunk bodies, all moving, a random push on 1 in 6 bodies each tick.
 Full snapshots = a keyframe of every entity every tick on one channel, the naive design.
 
-    uv run python bench/sim.py [--kind avatar|physics] [--entities 1000] [--clients 500] [--seconds 10] [--redis]
+    uv run python bench/sim.py [--kind avatar|physics] [--entities 1000] [--clients 500] [--seconds 10]
+        [--broker redis|memory] [--publish batch|per-call|both]
+
+`--publish per-call` publishes a tick's output as concurrent single publishes, 64 at a time (the
+engine before publish_many); `batch` (the engine's way) sends it in one `publish_many` call.
+Raw results go to bench/results/<time>-sim.json.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import time
 import uuid
 from collections import defaultdict
 
-from tsunagu_core.broker import Broker, MemoryBroker, PublishOptions
+from record import Recorder
+from tsunagu_core.broker import Broker, MemoryBroker, PublishOptions, PublishRequest
 from tsunagu_sim_engine.aoi import cell_channel
 from tsunagu_sim_engine.codec import encode
 from tsunagu_sim_engine.engine import publish_all
@@ -56,9 +62,9 @@ def make_room(kind: str, entities: int, encoding: str, cell: float, send_every: 
     return Room(RoomSpec.parse(body))
 
 
-async def run(args: argparse.Namespace, encoding: str) -> None:
+async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Recorder) -> None:
     broker: Broker
-    if args.redis:
+    if args.broker == "redis":
         from tsunagu_core.broker.redis import RedisBroker
 
         broker = RedisBroker(REDIS)
@@ -84,7 +90,12 @@ async def run(args: argparse.Namespace, encoding: str) -> None:
         for channel, data in pubs:
             bytes_by_channel[channel] += len(data)
         publishes += len(pubs)
-        await publish_all(broker, pubs, options)
+        if mode == "batch":
+            await publish_all(broker, [PublishRequest(channel, data, options) for channel, data in pubs])
+        else:
+            for start in range(0, len(pubs), 64):
+                chunk = pubs[start : start + 64]
+                await asyncio.gather(*(broker.publish(channel, data, options) for channel, data in chunk))
 
     async def clients_send() -> None:
         # Inputs, as the bus consumer would queue them (outside the tick): each avatar moves 10 times
@@ -131,8 +142,23 @@ async def run(args: argparse.Namespace, encoding: str) -> None:
     aoi = statistics.mean(aoi_rates)
     print(
         f"{args.kind} {encoding:<6} {len(entity_names):>5} entities, {args.clients} clients, "
-        f"{'redis' if args.redis else 'memory'} broker, send every {args.send_every} tick(s), "
+        f"{args.broker} broker, {mode} publishes, send every {args.send_every} tick(s), "
         f"{ticks / seconds:.1f} publishing ticks/s"
+    )
+    p50, p99 = statistics.median(durations), durations[int(len(durations) * 0.99) - 1]
+    recorder.add(
+        f"{encoding} {mode}",
+        ticks / seconds,
+        "ticks/s",
+        encoding=encoding,
+        publish=mode,
+        tick_p50_ms=p50 * 1000,
+        tick_p99_ms=p99 * 1000,
+        overruns=room.overruns,
+        ticks=room.tick,
+        overrun_share=room.overruns / max(room.tick, 1),
+        publishes_per_second=publishes / seconds,
+        bytes_per_client_per_second={"full": full_rate, "room": room_rate, "aoi": aoi},
     )
     print(
         f"  tick p50 {statistics.median(durations) * 1000:6.2f} ms  p99 "
@@ -159,12 +185,16 @@ def main() -> None:
     parser.add_argument("--cell", type=float, default=20.0, help="AOI cell size")
     parser.add_argument("--encoding", choices=("json", "binary", "both"), default="both")
     parser.add_argument("--send-every", type=int, default=1, help="ticks between state publications")
-    parser.add_argument("--redis", action="store_true", help="publish to the stack's Redis instead of memory")
+    parser.add_argument("--broker", choices=("redis", "memory"), default="redis")
+    parser.add_argument("--publish", choices=("batch", "per-call", "both"), default="both")
     args = parser.parse_args()
     load_kinds()
     started = time.monotonic()
+    recorder = Recorder("sim", vars(args))
     for encoding in ("json", "binary") if args.encoding == "both" else (args.encoding,):
-        asyncio.run(run(args, encoding))
+        for mode in ("per-call", "batch") if args.publish == "both" else (args.publish,):
+            asyncio.run(run(args, encoding, mode, recorder))
+    recorder.save()
     print(f"({time.monotonic() - started:.0f} s)")
 
 

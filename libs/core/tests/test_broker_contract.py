@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import uuid
 
-from tsunagu_core.broker import Broker, ClientInfo, PublishOptions, StreamPosition
+from tsunagu_core.broker import Broker, ClientInfo, PublishOptions, PublishRequest, StreamPosition
 from tsunagu_core.testing import Recorder, eventually
 
 KEEP = PublishOptions(history_size=100, history_ttl=60)
@@ -189,3 +189,28 @@ async def test_concurrent_publishes_each_get_one_offset_and_reach_history(broker
     history = await broker.history(ch, limit=1000)
     assert len(history.publications) == 301
     assert {p.data for p in history.publications[1:]} == {f'{{"n":{n}}}'.encode() for n in range(300)}
+
+
+async def test_publish_many_keeps_per_channel_order_offsets_and_idempotency(broker: Broker) -> None:
+    a, b, quiet = channel(), channel(), channel()
+    await broker.subscribe(a)
+    await broker.subscribe(b)
+    await broker.publish(a, b"before", KEEP)
+    once = dataclasses.replace(KEEP, idempotency_key="k1")
+    requests = [PublishRequest(a if i % 2 else b, f"m{i}".encode(), KEEP) for i in range(600)]
+    requests += [PublishRequest(quiet, b"once", once), PublishRequest(quiet, b"once", once)]
+    requests.append(PublishRequest(a, b"ephemeral"))
+    results = await broker.publish_many(requests)
+    assert len(results) == len(requests)
+    assert [r.offset for r in results[1:600:2]] == list(range(2, 302)), "offsets of one channel skip or repeat"
+    assert [r.offset for r in results[0:600:2]] == list(range(1, 301))
+    assert results[600].offset == results[601].offset == 1 and results[601].duplicate and not results[600].duplicate
+    assert results[602].offset == 0
+    history = await broker.history(a, limit=-1)
+    assert history.position.offset == 301 and history.position.epoch == results[1].epoch
+    assert [p.data for p in history.publications][-3:] == [b"m595", b"m597", b"m599"]
+    recorder = recorder_of(broker)
+    await eventually(lambda: len(recorder.publications) == 1 + 600 + 1)
+    received_a = [p.data for ch, p in recorder.publications if ch == a]
+    assert received_a == [b"before", *(f"m{i}".encode() for i in range(1, 600, 2)), b"ephemeral"]
+    assert [p.offset for ch, p in recorder.publications if ch == b] == list(range(1, 301))

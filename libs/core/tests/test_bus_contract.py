@@ -5,8 +5,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 
-from tsunagu_core.bus import DEAD_LETTER_SUFFIX, Bus, BusMessage, RetryPolicy
+from tsunagu_core.bus import (
+    DEAD_LETTER_SUFFIX,
+    BatchPolicy,
+    Bus,
+    BusMessage,
+    Outgoing,
+    Rejected,
+    RetryPolicy,
+)
 
 
 def group() -> str:
@@ -233,3 +242,127 @@ async def test_kafka_consumer_lag_is_exported(topic: str) -> None:
     finally:
         await subscription.stop()
         await bus.close()
+
+
+# batch consumers and producers
+
+
+async def test_batches_keep_key_order_lose_nothing_and_commit_when_done(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    name = group()
+    await bus.publish_many([Outgoing(topic, f"user-{i % 5}:{i}".encode(), key=f"user-{i % 5}") for i in range(300)])
+    received: list[BusMessage] = []
+    sizes: list[int] = []
+
+    async def handle(messages: Sequence[BusMessage]) -> None:
+        assert len({m.partition for m in messages}) == 1, "a batch mixes partitions"
+        sizes.append(len(messages))
+        received.extend(messages)
+
+    consumer = await bus.consume_batches([topic], name, handle, batch=BatchPolicy(max_messages=50))
+    await wait_for_count(received, 300)
+    await consumer.stop()
+    assert sorted(m.value for m in received) == sorted(f"user-{i % 5}:{i}".encode() for i in range(300))
+    for key, seqs in by_key(received).items():
+        assert seqs == sorted(seqs), f"events of {key} out of order"
+    assert max(sizes) > 1 and max(sizes) <= 50
+
+    await publish_keyed(bus, topic, 10, keys=2)
+    again: list[BusMessage] = []
+
+    async def handle_again(messages: Sequence[BusMessage]) -> None:
+        again.extend(messages)
+
+    consumer = await bus.consume_batches([topic], name, handle_again)
+    await wait_for_count(again, 10)
+    await asyncio.sleep(0.5)
+    await consumer.stop()
+    assert len(again) == 10, "events of committed batches were delivered again"
+
+
+async def test_rejected_events_of_a_batch_go_to_dead_letters_and_the_rest_is_delivered(bus: Bus, topic: str) -> None:
+    dead_topic = topic + DEAD_LETTER_SUFFIX
+    await bus.ensure_topics([topic, dead_topic])
+    done: list[BusMessage] = []
+    dead: list[BusMessage] = []
+
+    async def strict(messages: Sequence[BusMessage]) -> list[Rejected]:
+        rejected = [Rejected(m, "not JSON") for m in messages if m.value == b"poison"]
+        done.extend(m for m in messages if m.value != b"poison")
+        return rejected
+
+    async def collect_dead(message: BusMessage) -> None:
+        dead.append(message)
+
+    await bus.publish_many([Outgoing(topic, v, key="k") for v in (b"a", b"poison", b"b", b"c")])
+    consumer = await bus.consume_batches([topic], group(), strict)
+    dead_consumer = await bus.consume([dead_topic], group(), collect_dead)
+    await wait_for_count(done, 3)
+    await wait_for_count(dead, 1)
+    await consumer.stop()
+    await dead_consumer.stop()
+    assert [m.value for m in done] == [b"a", b"b", b"c"]
+    assert dead[0].value == b"poison" and dead[0].headers["tsunagu-dlq-error"] == "not JSON"
+
+
+async def test_a_failing_batch_is_retried_then_only_its_poison_event_is_dead_lettered(bus: Bus, topic: str) -> None:
+    dead_topic = topic + DEAD_LETTER_SUFFIX
+    await bus.ensure_topics([topic, dead_topic])
+    done: list[bytes] = []
+    dead: list[BusMessage] = []
+    calls: list[int] = []
+
+    async def all_or_nothing(messages: Sequence[BusMessage]) -> None:
+        calls.append(len(messages))
+        if any(m.value == b"poison" for m in messages):
+            raise ValueError("cannot decode")
+        done.extend(m.value for m in messages)
+
+    async def collect_dead(message: BusMessage) -> None:
+        dead.append(message)
+
+    await bus.publish_many([Outgoing(topic, v, key="k") for v in (b"a", b"poison", b"b")])
+    await asyncio.sleep(0.2)  # one batch holds all three (they are fetched together)
+    retry = RetryPolicy(max_attempts=2, first_backoff=0.01)
+    consumer = await bus.consume_batches([topic], group(), all_or_nothing, retry=retry)
+    dead_consumer = await bus.consume([dead_topic], group(), collect_dead)
+    await wait_for_count(dead, 1)
+    async with asyncio.timeout(30):
+        while len(done) < 2:
+            await asyncio.sleep(0.02)
+    await consumer.stop()
+    await dead_consumer.stop()
+    assert sorted(done) == [b"a", b"b"], "the healthy events of the failed batch were not delivered once each"
+    assert dead[0].value == b"poison" and "cannot decode" in dead[0].headers["tsunagu-dlq-error"]
+
+
+async def test_a_slow_partition_does_not_stall_the_others(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    release = asyncio.Event()
+    handled: list[BusMessage] = []
+    slow_key = b"user-0"
+    slow_partition: list[int] = []
+
+    async def handle(messages: Sequence[BusMessage]) -> None:
+        if messages[0].partition in slow_partition:
+            await release.wait()
+        elif any(m.key == slow_key for m in messages):
+            slow_partition.append(messages[0].partition)
+            await release.wait()
+        handled.extend(messages)
+
+    consumer = await bus.consume_batches([topic], group(), handle)
+    await bus.publish(topic, b"slow", key=slow_key)
+    async with asyncio.timeout(30):
+        while not slow_partition:
+            await asyncio.sleep(0.02)
+    deliveries = await bus.publish_many(
+        [Outgoing(topic, f"user-{i}:{i}".encode(), key=f"user-{i}") for i in range(1, 60)]
+    )
+    elsewhere = sum(1 for d in deliveries if d.partition != slow_partition[0])
+    assert elsewhere > 0
+    await wait_for_count(handled, elsewhere)  # every other partition moved on while one was stuck
+    assert all(m.partition != slow_partition[0] for m in handled)
+    release.set()
+    await wait_for_count(handled, 60)
+    await consumer.stop()

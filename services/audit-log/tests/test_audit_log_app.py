@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from tsunagu_audit_log.app import create_app
 from tsunagu_audit_log.config import AuditSettings
 from tsunagu_core import topics
+from tsunagu_core.bus import DEAD_LETTER_SUFFIX, BusMessage
 from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.envelope import publish_event
 from tsunagu_core.lifecycle import Runtime
@@ -218,3 +219,30 @@ async def test_on_postgres_without_a_key_nothing_is_signed_but_the_chain_still_v
             await conn.execute("DELETE FROM tsunagu_migrations WHERE service = $1", f"audit-log/{schema}")
         finally:
             await conn.close()
+
+
+async def test_a_batch_is_appended_in_order_and_its_bad_record_goes_to_the_dead_letter_topic() -> None:
+    async with running() as (app, http):
+        bus = app.state.runtime.bus
+        dead: list[BusMessage] = []
+
+        async def collect(message: BusMessage) -> None:
+            dead.append(message)
+
+        dead_letters = await bus.consume([topics.AUDIT + DEAD_LETTER_SUFFIX], "audit-dlq-test", collect)
+        writes_before = REGISTRY.get_sample_value("tsunagu_audit_batch_size_count") or 0
+        try:
+            for n in range(40):
+                if n == 17:
+                    await bus.publish(topics.AUDIT, b"\xff\x00 not an envelope", key="alice")
+                await publish_audit(app, "alice", "doc.edit", "doc-1", details=json.dumps({"n": n}).encode())
+            await eventually(lambda: app.state.audit.store.chain_head.seq == 40 and len(dead) == 1)
+        finally:
+            await dead_letters.stop()
+        rows = await items(http, limit="1000", order="asc")
+        assert [row["details"] for row in rows] == [{"n": n} for n in range(40)]
+        assert dead[0].value == b"\xff\x00 not an envelope"
+        assert dead[0].headers["tsunagu-dlq-error"] and dead[0].headers["tsunagu-dlq-group"] == "audit-log"
+        assert (await http.get("/v1/audit/verify")).json()["ok"] is True
+        writes = (REGISTRY.get_sample_value("tsunagu_audit_batch_size_count") or 0) - writes_before
+        assert writes < 40, "the events were not appended in batches"

@@ -152,3 +152,48 @@ async def test_http_api_and_updates_from_the_bus() -> None:
         assert (await client.delete("/v1/docs/notes")).status_code == 204
         assert (await client.delete("/v1/docs/notes")).status_code == 404
         await client.aclose()
+
+
+async def test_a_batch_of_updates_is_merged_per_client_in_order_and_a_malformed_one_is_dead_lettered() -> None:
+    from tsunagu_core.bus import DEAD_LETTER_SUFFIX, BusMessage
+
+    runtime = Runtime(CoreSettings())
+    app = create_app(runtime, CollabSettings())
+    doc = f"batch-{uuid.uuid4().hex[:8]}"
+    bus = runtime.bus
+    await bus.start()
+    updates = edits(120)
+    reference: Doc = Doc()
+    for update in updates:
+        reference.apply_update(update)
+    # Queued before collab consumes: they reach it as one batch, in Kafka order, three runs of clients.
+    for n, update in enumerate(updates):
+        client = "c1" if n < 50 or n >= 90 else "c2"
+        event = CollabUpdate(doc=doc, update=update, client_id=client)
+        await publish_event(bus, topics.COLLAB_UPDATES, "collab.update", event, key=doc, source="test")
+        if n == 60:
+            garbage = CollabUpdate(doc=doc, update=b"\x05\xff\xff garbage", client_id="c3")
+            await publish_event(bus, topics.COLLAB_UPDATES, "collab.update", garbage, key=doc, source="test")
+    dead: list[BusMessage] = []
+
+    async def collect(message: BusMessage) -> None:
+        dead.append(message)
+
+    dead_letters = await bus.consume([topics.COLLAB_UPDATES + DEAD_LETTER_SUFFIX], "collab-dlq-test", collect)
+    async with app.router.lifespan_context(app):
+        docs: DocService = app.state.docs
+        async with asyncio.timeout(10):
+            while (await docs.document(doc, with_content=True))["content"] != {
+                "text": str(reference.get("text", type=Text))
+            } or not dead:
+                await asyncio.sleep(0.02)
+        history = await runtime.broker.history(f"collab:{doc}")
+    await dead_letters.stop()
+    published = [CollabUpdate.FromString(p.data) for p in history.publications]
+    # c1 (0-49), c2 (50-89 but for the malformed one in between, which breaks no run), c1 (90-119)
+    assert [p.client_id for p in published] == ["c1", "c2", "c1"]
+    replayed: Doc = Doc()
+    for p in published:
+        replayed.apply_update(p.update)
+    assert str(replayed.get("text", type=Text)) == str(reference.get("text", type=Text))
+    assert "malformed Yjs update" in dead[0].headers["tsunagu-dlq-error"]

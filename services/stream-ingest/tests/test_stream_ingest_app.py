@@ -37,14 +37,18 @@ async def test_the_app_relays_while_running_and_flushes_held_values_on_stop() ->
             described = (await client.get("/v1/mappings")).json()
         assert described["group"] == "stream-ingest"
         assert described["mappings"][0]["topic"] == "app.prices"
-        for n in range(3):
-            await runtime.bus.publish("app.prices", json.dumps({"n": n}).encode(), key="EURUSD")
 
         async def published() -> int:
             return (await runtime.broker.history(channel, limit=0)).position.offset
 
+        await runtime.bus.publish("app.prices", json.dumps({"n": 0}).encode(), key="EURUSD")
         async with asyncio.timeout(5):
-            while await published() < 1 or app.state.relay.held == 0:
+            while await published() < 1:
+                await asyncio.sleep(0.01)
+        for n in (1, 2):
+            await runtime.bus.publish("app.prices", json.dumps({"n": n}).encode(), key="EURUSD")
+        async with asyncio.timeout(5):
+            while app.state.relay.held == 0:
                 await asyncio.sleep(0.01)
         # One every 2 s: the first went at once, the last is held.
         assert [json.loads(p.data) for p in (await runtime.broker.history(channel)).publications] == [{"n": 0}]

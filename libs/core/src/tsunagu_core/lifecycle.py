@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tsunagu_core import service_auth, topics
 from tsunagu_core.body_limit import BodyLimit, default_error
 from tsunagu_core.broker import Broker, MemoryBroker
-from tsunagu_core.bus import Bus, MemoryBus
+from tsunagu_core.bus import BatchHandler, BatchPolicy, Bus, Handler, MemoryBus, RetryPolicy, Subscription
 from tsunagu_core.config import ConfigError, CoreSettings
 
 log = logging.getLogger("tsunagu.lifecycle")
@@ -154,6 +154,67 @@ class Runtime:
 
 
 ServiceHook = Callable[[], AbstractAsyncContextManager[None]]
+
+
+def consumer_hook(
+    runtime: Runtime,
+    *,
+    needs: Sequence[str],
+    topics: Sequence[str] | Callable[[], Sequence[str]],
+    group: str,
+    handler: Handler | None = None,
+    batch_handler: BatchHandler | None = None,
+    consumers: int = 1,
+    batch: BatchPolicy = BatchPolicy(),
+    retry: RetryPolicy = RetryPolicy(),
+    prepare: Callable[[], Awaitable[None]] | None = None,
+    name: str = "consumer",
+) -> ServiceHook:
+    """A service's consumers as a hook: they join `group` in the background once `needs` are ready
+    (nothing is consumed before the store answers: a handler failing for that would only burn the
+    event's retries), and leaving the hook lets the batches in hand finish and commit them.
+    Give an event `handler` or a `batch_handler`; `prepare` runs first (e.g. creating a topic)."""
+    if (handler is None) == (batch_handler is None):
+        raise ValueError("give one of handler and batch_handler")
+
+    async def join() -> list[Subscription]:
+        await runtime.wait_ready(needs)
+        if prepare is not None:
+            await prepare()
+        subscribed = list(topics() if callable(topics) else topics)
+        subscriptions: list[Subscription] = []
+        try:
+            for _ in range(consumers):
+                if batch_handler is not None:
+                    subscription = await runtime.bus.consume_batches(
+                        subscribed, group, batch_handler, batch=batch, retry=retry
+                    )
+                else:
+                    assert handler is not None
+                    subscription = await runtime.bus.consume(subscribed, group, handler, retry=retry)
+                subscriptions.append(subscription)
+        except BaseException:
+            for subscription in subscriptions:
+                await subscription.stop()
+            raise
+        log.info("%s: consuming %s in group %s (%d consumers)", name, ", ".join(subscribed), group, consumers)
+        return subscriptions
+
+    @asynccontextmanager
+    async def consuming() -> AsyncIterator[None]:
+        task = asyncio.create_task(join(), name=name)
+        try:
+            yield
+        finally:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                for subscription in task.result():
+                    await subscription.stop()
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    return consuming
 
 
 def create_service_app(

@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from tsunagu_core import topics
-from tsunagu_core.bus import RetryPolicy, Subscription
+from tsunagu_core.bus import BatchPolicy, RetryPolicy
 from tsunagu_core.config import ConfigError
 from tsunagu_core.database import DatabaseUnavailable
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_audit_log.chain import Row, Signer
 from tsunagu_audit_log.config import AuditSettings
@@ -186,28 +186,33 @@ def create_app(runtime: Runtime, settings: AuditSettings) -> FastAPI:
     )
     subscribed = [settings.topic, *([topics.GATEWAY_EVENTS] if settings.gateway_events else [])]
 
-    async def consume() -> None:
-        # Nothing is consumed before the store answers: a handler failing for that would only
-        # burn the event's retries.
-        await runtime.wait_ready(needs)
+    async def prepare() -> None:
         if settings.topic not in topics.ALL:
             await runtime.bus.ensure_topics([settings.topic])
-        for _ in range(settings.consumers):
-            subscriptions.append(await runtime.bus.consume(subscribed, settings.group, audit.handle, retry=RETRY))
-        log.info(
-            "consuming %s in group %s with %d consumers", ", ".join(subscribed), settings.group, settings.consumers
-        )
+
+    # Nothing is consumed before the store answers (`needs`); leaving the hook lets the batches in
+    # hand reach the store through the batcher and commits them.
+    consumers = consumer_hook(
+        runtime,
+        needs=needs,
+        topics=subscribed,
+        group=settings.group,
+        batch_handler=audit.handle_batch,
+        consumers=settings.consumers,
+        batch=BatchPolicy(max_messages=settings.batch_max),
+        retry=RETRY,
+        prepare=prepare,
+        name="audit-consume",
+    )
 
     async def when_ready(work: Callable[[], Awaitable[None]]) -> None:
         await runtime.wait_ready(needs)
         await work()
 
-    subscriptions: list[Subscription] = []
-
     @asynccontextmanager
     async def run_audit_log() -> AsyncIterator[None]:
         audit.batcher.start()
-        tasks = [asyncio.create_task(consume(), name="audit-consume")]
+        tasks = []
         # A key generated at start signs nothing in PostgreSQL: no later run could verify it.
         if not (persistent and audit.signer.ephemeral):
             tasks.append(asyncio.create_task(when_ready(audit.run_checkpoints), name="audit-checkpoints"))
@@ -215,16 +220,15 @@ def create_app(runtime: Runtime, settings: AuditSettings) -> FastAPI:
             verifier = when_ready(lambda: audit.run_verifier(settings.verify_interval))
             tasks.append(asyncio.create_task(verifier, name="audit-verify"))
         try:
-            yield
+            async with consumers():
+                yield
+            # (the consumers stop first: their events in flight still reach the store through the batcher)
         finally:
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            # Consumers first: their events in flight still reach the store through the batcher.
-            for subscription in subscriptions:
-                await subscription.stop()
             await audit.batcher.stop()
 
     app = create_service_app(

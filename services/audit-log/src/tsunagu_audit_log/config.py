@@ -17,11 +17,11 @@ class AuditSettings(ServiceSettings):
     )
     group: str = Field("audit-log", min_length=1, description="Kafka consumer group of the audit-log replicas.")
     consumers: int = Field(
-        6,
+        1,
         ge=1,
         le=64,
-        description="Consumers per replica in the group (one event in flight each; up to one per partition helps);"
-        " the events in flight are written together in one batch.",
+        description="Consumers per replica in the group; each takes batches of every partition it is assigned"
+        " in parallel, and the batches waiting together are written in one transaction.",
     )
     batch_max: int = Field(500, ge=1, le=10_000, description="Most events written to PostgreSQL in one transaction.")
     batch_linger: float = Field(

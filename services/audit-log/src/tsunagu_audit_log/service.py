@@ -1,9 +1,10 @@
 """The audit log at work: batched appends from the bus, signed checkpoints, periodic verification.
 
-The bus hands one event at a time to each consumer and stores its offset only after the handler
-returned, so a handler returns only once its event is committed in the store. Several consumers
-per replica keep several events in flight; the batcher writes whatever is waiting in one
-transaction, which is where the throughput comes from.
+The bus hands a batch of one partition's events to `handle_batch` and stores the batch's offsets
+only after it returned, so it returns only once its events are committed in the store. The
+partitions' batches meet in the batcher, which writes whatever is waiting in one transaction (one
+multi-row insert, the hash chain linked in order), which is where the throughput comes from.
+Records that are not events are rejected: the bus sends them to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
-from tsunagu_core.bus import BusMessage
+from tsunagu_core.bus import BusMessage, Rejected
 
 from tsunagu_audit_log.chain import GENESIS, Checkpoint, Head, NewEvent, Report, Signer, verify
 from tsunagu_audit_log.handlers import BadEvent, audit_event, gateway_event
@@ -47,7 +49,9 @@ class Batcher:
         self.max_batch = max_batch
         self.linger = linger
         self.appended = asyncio.Event()
-        self._pending: list[tuple[NewEvent, asyncio.Future[None]]] = []
+        # Each caller's events, written in one transaction (a caller's events are never split).
+        self._pending: list[tuple[Sequence[NewEvent], asyncio.Future[None]]] = []
+        self._waiting = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,41 +68,57 @@ class Batcher:
             if not future.done():
                 future.set_exception(RuntimeError("audit-log is stopping"))
         self._pending.clear()
+        self._waiting = 0
 
     async def add(self, event: NewEvent) -> None:
         """Return once `event` is in the chain (or was already); raise when the store failed."""
+        await self.add_many([event])
+
+    async def add_many(self, events: Sequence[NewEvent]) -> None:
+        """Return once every event is in the chain (or was already), in this order; raise when the store failed."""
+        if not events:
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, future))
+        self._pending.append((events, future))
+        self._waiting += len(events)
         self._wake.set()
         await future
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if self.linger and len(self._pending) < self.max_batch:
+            if self.linger and self._waiting < self.max_batch:
                 await asyncio.sleep(self.linger)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            batch: list[tuple[Sequence[NewEvent], asyncio.Future[None]]] = []
+            size = 0
+            while self._pending and (not batch or size + len(self._pending[0][0]) <= self.max_batch):
+                group = self._pending.pop(0)
+                batch.append(group)
+                size += len(group[0])
+            self._waiting -= size
             if not self._pending:
                 self._wake.clear()
             if batch:
                 await self._write(batch)
 
-    async def _write(self, batch: Sequence[tuple[NewEvent, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: Sequence[tuple[Sequence[NewEvent], asyncio.Future[None]]]) -> None:
         started = time.perf_counter()
+        events = [event for group, _ in batch for event in group]
         try:
-            rows = await self.store.append([event for event, _ in batch])
+            rows = await self.store.append(events)
         except Exception as exc:
-            log.warning("appending %d events failed: %r", len(batch), exc)
+            log.warning("appending %d events failed: %r", len(events), exc)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         INSERT_SECONDS.observe(time.perf_counter() - started)
-        BATCH_SIZE.observe(len(batch))
-        for row in rows:
-            EVENTS.labels(row.type).inc()
-        if len(rows) < len(batch):
-            DUPLICATES.inc(len(batch) - len(rows))
+        BATCH_SIZE.observe(len(events))
+        types = Tally(row.type for row in rows)
+        for kind, count in types.items():
+            EVENTS.labels(kind).inc(count)
+        if len(rows) < len(events):
+            DUPLICATES.inc(len(events) - len(rows))
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
@@ -125,16 +145,22 @@ class AuditLog:
         self.checkpoint_interval = checkpoint_interval
         self.batcher = Batcher(store, max_batch=max_batch, linger=linger)
 
-    async def handle(self, message: BusMessage) -> None:
-        """The bus handler: bad records are logged and counted; store errors raise so the bus retries."""
-        try:
-            event = gateway_event(message) if message.topic == self.gateway_topic else audit_event(message)
-        except BadEvent as exc:
-            BAD_EVENTS.labels(message.topic).inc()
-            log.warning("dropping %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc)
-            return
-        if event is not None:
-            await self.batcher.add(event)
+    async def handle_batch(self, messages: Sequence[BusMessage]) -> list[Rejected]:
+        """The bus handler: records that are not events are rejected (dead-lettered with the reason) and
+        counted; store errors raise so the bus retries the batch."""
+        events: list[NewEvent] = []
+        rejected: list[Rejected] = []
+        for message in messages:
+            try:
+                event = gateway_event(message) if message.topic == self.gateway_topic else audit_event(message)
+            except BadEvent as exc:
+                BAD_EVENTS.labels(message.topic).inc()
+                rejected.append(Rejected(message, str(exc)))
+                continue
+            if event is not None:
+                events.append(event)
+        await self.batcher.add_many(events)
+        return rejected
 
     async def verify(self) -> Report:
         report = await self.store.verify(self.signer)

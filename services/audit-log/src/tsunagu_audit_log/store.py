@@ -9,7 +9,7 @@ rest to the head, writes them with COPY and moves the head. Nothing is half-writ
 from __future__ import annotations
 
 import abc
-import dataclasses
+import operator
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -216,6 +216,9 @@ def database_for(dsn: str, schema: str) -> Postgres:
     return Postgres(dsn, service=service, migrations=migrations(schema), max_size=8, schema=schema)
 
 
+_ROW_VALUES = operator.attrgetter(*ROW_COLUMNS)  # the fields of Row, in order
+
+
 def _row(record: asyncpg.Record) -> Row:
     get = record.__getitem__
     return Row(
@@ -266,7 +269,8 @@ class PostgresStore(AuditStore):
             rows = link(Head(head_record["seq"], bytes(head_record["hash"])), fresh)
             if not rows:
                 return []
-            columns = list(zip(*(dataclasses.astuple(r) for r in rows), strict=True))
+            # attrgetter, not dataclasses.astuple (which deep-copies: 20% of a 500-row append)
+            columns = list(zip(*map(_ROW_VALUES, rows), strict=True))
             await conn.execute(
                 f"WITH written AS (INSERT INTO {s}.audit_log ({self.columns})"
                 " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],"

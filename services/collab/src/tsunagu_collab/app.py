@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError
-from tsunagu_core.bus import BusError, Subscription
+from tsunagu_core.bus import BusError
 from tsunagu_core.database import DatabaseUnavailable, Postgres
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_collab.config import CollabSettings
 from tsunagu_collab.service import DocError, DocService
@@ -54,9 +53,14 @@ def create_app(runtime: Runtime, settings: CollabSettings) -> FastAPI:
         store = MemoryStore()
     docs = DocService(settings, store, runtime.bus, runtime.broker, core.node_name)
 
-    async def consume() -> Subscription:
-        await runtime.wait_ready(needs)
-        return await runtime.bus.consume([topics.COLLAB_UPDATES], settings.consumer_group, docs.handle)
+    consumers = consumer_hook(
+        runtime,
+        needs=needs,
+        topics=[topics.COLLAB_UPDATES],
+        group=settings.consumer_group,
+        batch_handler=docs.handle_batch,
+        name="collab-consumer",
+    )
 
     async def evict() -> None:
         while True:
@@ -68,18 +72,12 @@ def create_app(runtime: Runtime, settings: CollabSettings) -> FastAPI:
 
     @asynccontextmanager
     async def consumer() -> AsyncIterator[None]:
-        task = asyncio.create_task(consume(), name="collab-consumer")
         evictor = asyncio.create_task(evict(), name="collab-evict")
         try:
-            yield
+            async with consumers():
+                yield
         finally:
             evictor.cancel()
-            if task.done() and task.exception() is None:
-                await task.result().stop()
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             await docs.flush()
 
     app = create_service_app(service=SERVICE, runtime=runtime, needs=needs, hooks=[consumer], **internal_api(runtime))

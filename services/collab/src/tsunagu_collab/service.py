@@ -1,10 +1,13 @@
 """Documents: apply updates from Kafka in order, persist, fan out to gateways, compact, serve late joiners.
 
-Per update (one Kafka partition at a time, so one doc's updates are applied in order):
-apply to the in-memory pycrdt Doc -> append to the store -> publish on broker channel
-`collab:{doc}` (with history, so a gateway catches up by offset) -> return, and only then the bus
-commits the offset. A replica that dies before the commit has its updates replayed by the next
-owner of the partition; Yjs updates are idempotent, so a replay changes nothing.
+Per batch of one Kafka partition (a document's updates are all in one partition, so they are
+applied in order): apply each update to the in-memory pycrdt Doc -> merge each run of consecutive
+updates of one client into one update (`pycrdt.merge_updates`) -> append the merged update to the
+store -> publish the batch's merged updates on broker channels `collab:{doc}` in one call (with
+history, so a gateway catches up by offset) -> return, and only then the bus commits the offsets.
+Runs are per client because the gateway skips the connection an update came from. A replica that
+dies before the commit has its updates replayed by the next owner of the partition; Yjs updates are
+idempotent, so a replay changes nothing. A malformed update goes to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import base64
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text, merge_updates
 from tsunagu_core import topics
-from tsunagu_core.broker import Broker, PublishOptions
-from tsunagu_core.bus import Bus, BusMessage
+from tsunagu_core.broker import Broker, PublishOptions, PublishRequest
+from tsunagu_core.bus import Bus, BusMessage, Rejected
 from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of, publish_event
 from tsunagu_core.wire.events_pb2 import CollabUpdate
 
@@ -130,35 +134,74 @@ class DocService:
 
     # the Kafka consumer
 
-    async def handle(self, message: BusMessage) -> None:
-        try:
-            update = payload_of(envelope_of(message), CollabUpdate)
-            check_doc(update.doc)
-        except (EnvelopeError, DocError) as exc:
-            REJECTED.inc()
-            log.warning("dropping %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc)
-            return
-        await self.apply(update)
+    async def handle_batch(self, messages: Sequence[BusMessage]) -> list[Rejected]:
+        rejected: list[Rejected] = []
+        by_doc: dict[str, list[tuple[BusMessage, CollabUpdate]]] = {}  # in Kafka order
+        for message in messages:
+            try:
+                update = payload_of(envelope_of(message), CollabUpdate)
+                check_doc(update.doc)
+            except (EnvelopeError, DocError) as exc:
+                REJECTED.inc()
+                rejected.append(Rejected(message, str(exc)))
+                continue
+            by_doc.setdefault(update.doc, []).append((message, update))
+        publications: list[PublishRequest] = []
+        for doc, pairs in by_doc.items():
+            published, malformed = await self._apply_many(doc, [update for _, update in pairs])
+            publications += published
+            rejected += [Rejected(pairs[index][0], reason) for index, reason in malformed]
+        if publications:
+            await self.broker.publish_many(publications)
+            APPLIED.inc(len(publications))
+        return rejected
 
     async def apply(self, update: CollabUpdate) -> None:
-        opened = await self.open(update.doc)
+        """Apply, persist and publish one update (a malformed one is dropped with a warning)."""
+        publications, _ = await self._apply_many(update.doc, [update])
+        if publications:
+            await self.broker.publish_many(publications)
+            APPLIED.inc(len(publications))
+
+    async def _apply_many(
+        self, doc: str, updates: Sequence[CollabUpdate]
+    ) -> tuple[list[PublishRequest], list[tuple[int, str]]]:
+        """Apply and persist a document's updates in order: the publications to make for them, and
+        the malformed ones (their index and why)."""
+        opened = await self.open(doc)
+        options = self.publish_options()
+        publications = []
+        malformed = []
         async with opened.lock:
-            try:
-                opened.ydoc.apply_update(update.update)
-            except Exception as exc:
-                REJECTED.inc()
-                log.warning("dropping a malformed update to %s from %s: %r", update.doc, update.client_id, exc)
-                return
-            opened.last_seq = await self.store.append(update.doc, update.update)
-            opened.appended += 1
-            opened.appended_bytes += len(update.update)
+            runs: list[tuple[CollabUpdate, list[bytes]]] = []
+            for index, update in enumerate(updates):
+                try:
+                    opened.ydoc.apply_update(update.update)
+                except Exception as exc:
+                    REJECTED.inc()
+                    log.warning("dropping a malformed update to %s from %s: %r", doc, update.client_id, exc)
+                    malformed.append((index, f"malformed Yjs update: {exc!r}"))
+                    continue
+                if runs and runs[-1][0].client_id == update.client_id:
+                    runs[-1][1].append(update.update)
+                else:
+                    runs.append((update, [update.update]))
+            for first, parts in runs:
+                merged = first
+                if len(parts) > 1:
+                    merged = CollabUpdate()
+                    merged.CopyFrom(first)
+                    merged.update = merge_updates(*parts)
+                opened.last_seq = await self.store.append(doc, merged.update)
+                opened.appended += 1
+                opened.appended_bytes += len(merged.update)
+                publications.append(PublishRequest(channel_of(doc), merged.SerializeToString(), options))
             opened.last_used = time.monotonic()
-            await self.broker.publish(channel_of(update.doc), update.SerializeToString(), self.publish_options())
-            APPLIED.inc()
             if opened.appended_bytes > max(opened.snapshot_bytes, self.settings.compact_min_bytes) or (
                 opened.appended >= self.settings.compact_max_updates
             ):
-                await self._compact(update.doc, opened)
+                await self._compact(doc, opened)
+        return publications, malformed
 
     async def _compact(self, doc: str, opened: OpenDoc) -> None:
         snapshot = opened.ydoc.get_update()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import uuid
@@ -15,8 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from tsunagu_core import topics
-from tsunagu_core.bus import Subscription
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_mqtt_bridge.commands import CommandHandler, Ledger, MemoryLedger, RedisLedger
 from tsunagu_mqtt_bridge.config import MqttBridgeSettings
@@ -53,6 +51,7 @@ def create_app(runtime: Runtime, settings: MqttBridgeSettings) -> FastAPI:
         client_id=client_id,
         session_expiry=settings.session_expiry,
         keepalive=settings.keepalive,
+        receive_maximum=settings.receive_maximum,
         reconnect_max=settings.reconnect_max,
         subscriptions=filters,
         handler=relay.handle,
@@ -65,26 +64,24 @@ def create_app(runtime: Runtime, settings: MqttBridgeSettings) -> FastAPI:
     )
     commands = CommandHandler(connection, runtime.broker, ledger)
 
-    async def consume() -> Subscription:
-        await runtime.wait_ready(("bus", "broker"))
-        subscription = await runtime.bus.consume([topics.MQTT_COMMANDS], settings.consumer_group, commands.handle)
-        log.info("sending commands from %s (group %s)", topics.MQTT_COMMANDS, settings.consumer_group)
-        return subscription
+    # Commands are sent one at a time, in order (each waits for its PUBACK): an event handler.
+    command_consumer = consumer_hook(
+        runtime,
+        needs=("bus", "broker"),
+        topics=[topics.MQTT_COMMANDS],
+        group=settings.consumer_group,
+        handler=commands.handle,
+        name="mqtt-bridge-commands",
+    )
 
     @asynccontextmanager
     async def bridging() -> AsyncIterator[None]:
         # The relay runs before the connection is up: gmqtt hands messages over as soon as it connects.
         relay.start(lambda: runtime.wait_ready(("broker",)))
-        consumer = asyncio.create_task(consume(), name="mqtt-bridge-commands")
         try:
-            yield
+            async with command_consumer():
+                yield
         finally:
-            if consumer.done() and not consumer.cancelled() and consumer.exception() is None:
-                await consumer.result().stop()
-            else:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await consumer
             await relay.stop()
             await ledger.close()
 

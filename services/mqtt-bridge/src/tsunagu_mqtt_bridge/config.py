@@ -28,9 +28,22 @@ class MqttBridgeSettings(ServiceSettings):
         3600, ge=0, le=0xFFFFFFFF, description="Seconds the broker keeps the bridge's session (and its messages)."
     )
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
+    receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="MQTT 5 Receive Maximum: QoS 1 messages the broker may send before the bridge acknowledges"
+        " them (the broker's own limit applies too: Mosquitto's max_inflight_messages, 20 by default).",
+    )
     reconnect_max: float = Field(10.0, gt=0, le=300, description="Longest wait in seconds between MQTT reconnects.")
     relay_workers: int = Field(
-        32, ge=1, le=1024, description="Parallel relays to channels; messages of one topic keep their order."
+        2,
+        ge=1,
+        le=1024,
+        description="Parallel relays to channels, each publishing batches; messages of one topic keep their order.",
+    )
+    relay_batch_size: int = Field(
+        500, ge=1, le=10_000, description="Most MQTT messages a relay publishes in one broker call."
     )
     ack_in_order: bool = Field(
         False,

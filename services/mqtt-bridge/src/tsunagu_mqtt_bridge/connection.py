@@ -90,6 +90,7 @@ class MqttConnection:
         session_expiry: int,
         keepalive: int,
         reconnect_max: float,
+        receive_maximum: int = 1000,
         subscriptions: Sequence[str],
         handler: MessageHandler,
     ) -> None:
@@ -109,6 +110,9 @@ class MqttConnection:
             optimistic_acknowledgement=False,
             persistent_storage=self._store,
             session_expiry_interval=session_expiry,
+            # MQTT 5 flow control: QoS 1 messages the broker may have unacknowledged to us at once (the
+            # relay PUBACKs a batch after one broker call, so this is how big a batch can get).
+            receive_maximum=receive_maximum,
             logger=logging.getLogger("tsunagu.mqtt_bridge.gmqtt"),
         )
         self._client.backoff_max = reconnect_max

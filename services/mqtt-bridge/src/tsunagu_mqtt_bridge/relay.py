@@ -2,15 +2,16 @@
 
 A message is PUBACKed (connection.py) only after `handle` returned, and `handle` returns only after
 the broker (Redis) accepted the publication. Messages are spread over `relay_workers` queues by
-topic, so one topic's messages reach its channel in the order the MQTT broker sent them while
-different topics are published in parallel. A broker failure is retried with backoff (the message
-stays unacknowledged, so the MQTT broker keeps it) rather than dropped.
+topic, so one topic's messages reach its channel in the order the MQTT broker sent them; each worker
+takes everything waiting in its queue (up to `relay_batch_size`) and publishes it in one broker call,
+so gmqtt's callbacks of one read become one round trip. A broker failure is retried with backoff
+(the messages stay unacknowledged, so the MQTT broker keeps them) rather than dropped.
 
 With `ack_in_order`, `handle` also returns in arrival order, whatever order the relays finish in: MQTT
 requires PUBACKs in the order the PUBLISHes came [MQTT-4.6.0-2], and a strict broker (rumqttd, the one
 `tsunagu run` embeds) disconnects a client that acknowledges out of order. Off (the default, as before
-the setting existed), each message is acknowledged as soon as it is relayed, which Mosquitto accepts;
-one slow relay then holds one slot of the broker's in-flight window (Mosquitto's 20), not all of them.
+the setting existed), each message is acknowledged as soon as its batch is relayed, which Mosquitto
+accepts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from gmqtt.mqtt.constants import PubRecReasonCode
 from prometheus_client import Counter, Histogram
-from tsunagu_core.broker import Broker, ClientInfo, PublishOptions
+from tsunagu_core.broker import Broker, ClientInfo, PublishOptions, PublishRequest
 
 from tsunagu_mqtt_bridge.config import MqttBridgeSettings
 from tsunagu_mqtt_bridge.mapping import (
@@ -44,7 +45,7 @@ RELAYED = Counter("tsunagu_mqtt_relayed_total", "MQTT messages published to thei
 REJECTED = Counter("tsunagu_mqtt_rejected_total", "MQTT messages or commands that could not be mapped", ["reason"])
 RELAY_SECONDS = Histogram(
     "tsunagu_mqtt_relay_seconds",
-    "From an MQTT message's arrival to the channel publication being accepted",
+    "From an MQTT message's arrival to the channel publication being accepted (per batch, its oldest message)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 PRESENCE = Counter("tsunagu_mqtt_presence_total", "Device presence changes pushed to channels", ["status"])
@@ -140,34 +141,53 @@ class Relay:
     async def _work(self, queue: asyncio.Queue[_Item]) -> None:
         if self._ready is not None:
             await self._ready()
+        limit = self.settings.relay_batch_size
         while True:
-            item = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < limit and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                await self._relay(item)
+                await self._relay(batch)
             except asyncio.CancelledError:
-                item.done.cancel()
+                for item in batch:
+                    item.done.cancel()
                 raise
-            except Exception as exc:  # never lose the worker; the message stays unacknowledged
-                log.exception("relaying %s failed", item.topic)
-                if not item.done.done():
-                    item.done.set_exception(exc)
+            except Exception as exc:  # never lose the worker; the messages stay unacknowledged
+                log.exception("relaying %d messages failed", len(batch))
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
             else:
-                if not item.done.done():
-                    item.done.set_result(None)
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_result(None)
 
-    async def _relay(self, item: _Item) -> None:
-        try:
-            channel = channel_for_topic(item.topic)
-            check_payload(item.payload, self.settings.max_payload_bytes)
-        except Rejected as exc:
-            REJECTED.labels(exc.reason).inc()
-            log.warning("rejected MQTT message on %r: %s", item.topic[:120], exc)
+    async def _relay(self, batch: list[_Item]) -> None:
+        requests = []
+        relayed = []
+        for item in batch:
+            try:
+                channel = channel_for_topic(item.topic)
+                check_payload(item.payload, self.settings.max_payload_bytes)
+            except Rejected as exc:
+                REJECTED.labels(exc.reason).inc()
+                log.warning("rejected MQTT message on %r: %s", item.topic[:120], exc)
+                continue
+            requests.append(PublishRequest(channel, item.payload, self.options))
+            relayed.append(item)
+        if not requests:
             return
-        await self._with_retry(lambda: self.broker.publish(channel, item.payload, self.options))
-        RELAY_SECONDS.observe(time.perf_counter() - item.arrived)
-        RELAYED.labels("true" if item.retained else "false").inc()
+        await self._with_retry(lambda: self.broker.publish_many(requests))
+        # Once per batch, for its oldest message: an observation per message was 6% of the bridge's CPU.
+        RELAY_SECONDS.observe(time.perf_counter() - relayed[0].arrived)
+        retained = sum(item.retained for item in relayed)
+        if retained:
+            RELAYED.labels("true").inc(retained)
+        if len(relayed) > retained:
+            RELAYED.labels("false").inc(len(relayed) - retained)
         if self.settings.presence_topic:
-            await self._presence(item.topic, item.payload)
+            for item in relayed:
+                await self._presence(item.topic, item.payload)
 
     async def _with_retry(self, operation: Any) -> Any:
         delay = 0.05

@@ -15,9 +15,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError, ClientInfo
-from tsunagu_core.bus import Subscription
 from tsunagu_core.config import CoreSettings
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_presence.config import PresenceSettings
 from tsunagu_presence.store import MemoryPresenceStore, PresenceStore, RedisPresenceStore, StoreError
@@ -72,9 +71,14 @@ def create_app(runtime: Runtime, settings: PresenceSettings, store: PresenceStor
         store, runtime.broker, dead_after=settings.dead_after, sweep_interval=settings.sweep_interval
     )
 
-    async def consume() -> Subscription:
-        await runtime.wait_ready(["bus", STORE])
-        return await runtime.bus.consume([topics.GATEWAY_EVENTS], settings.consumer_group, tracker.handle)
+    consumers = consumer_hook(
+        runtime,
+        needs=["bus", STORE],
+        topics=[topics.GATEWAY_EVENTS],
+        group=settings.consumer_group,
+        handler=tracker.handle,
+        name="presence-consumer",
+    )
 
     async def sweep() -> None:
         await runtime.wait_ready(["broker", STORE])
@@ -82,20 +86,14 @@ def create_app(runtime: Runtime, settings: PresenceSettings, store: PresenceStor
 
     @asynccontextmanager
     async def track() -> AsyncIterator[None]:
-        consumer = asyncio.create_task(consume(), name="presence-consumer")
         sweeper = asyncio.create_task(sweep(), name="presence-sweeper")
         try:
-            yield
+            async with consumers():
+                yield
         finally:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            if consumer.done() and not consumer.cancelled() and consumer.exception() is None:
-                await consumer.result().stop()
-            else:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await consumer
 
     app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[track], **internal_api(runtime))
     app.state.settings = settings

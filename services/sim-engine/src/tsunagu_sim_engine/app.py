@@ -14,9 +14,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from tsunagu_core import topics
 from tsunagu_core.broker import BrokerError
-from tsunagu_core.bus import Subscription
 from tsunagu_core.config import ConfigError, CoreSettings
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_sim_engine.config import SimSettings
 from tsunagu_sim_engine.engine import SimEngine
@@ -71,9 +70,14 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         input_max_age=settings.input_max_age,
     )
 
-    async def consume() -> Subscription:
-        await runtime.wait_ready(["bus", "broker", STORE])
-        return await runtime.bus.consume([topics.SIM_INPUTS], settings.consumer_group, engine.handle)
+    consumers = consumer_hook(
+        runtime,
+        needs=["bus", "broker", STORE],
+        topics=[topics.SIM_INPUTS],
+        group=settings.consumer_group,
+        batch_handler=engine.handle_batch,
+        name="sim-consumer",
+    )
 
     async def scan() -> None:
         await runtime.wait_ready(["broker", STORE])
@@ -84,20 +88,14 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
 
     @asynccontextmanager
     async def simulate() -> AsyncIterator[None]:
-        consumer = asyncio.create_task(consume(), name="sim-consumer")
         scanner = asyncio.create_task(scan(), name="sim-scanner")
         try:
-            yield
+            async with consumers():
+                yield
         finally:
             scanner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await scanner
-            if consumer.done() and not consumer.cancelled() and consumer.exception() is None:
-                await consumer.result().stop()
-            else:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await consumer
             await engine.close(handover=True)
 
     app = create_service_app(service=SERVICE, runtime=runtime, needs=NEEDS, hooks=[simulate], **internal_api(runtime))

@@ -10,10 +10,11 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tsunagu_core.broker import Broker, PublishOptions
+from tsunagu_core.broker import Broker, BrokerError, PublishOptions, PublishRequest
 from tsunagu_core.bus import BusMessage
 from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
 from tsunagu_core.wire.events_pb2 import SimInput
@@ -28,21 +29,17 @@ SIM_STATE = PublishOptions()
 REPLY_OPTIONS = PublishOptions(history_size=100, history_ttl=300)
 
 
-PUBLISH_CONCURRENCY = 64
-
-
-async def publish_all(broker: Broker, items: list[tuple[str, bytes]], options: PublishOptions) -> int:
-    """Publish concurrently, at most PUBLISH_CONCURRENCY at once (a keyframe tick can publish to hundreds of
-    cell channels, and each is one Redis round trip); failures are logged. The number that failed."""
-    failed = 0
-    for start in range(0, len(items), PUBLISH_CONCURRENCY):
-        batch = items[start : start + PUBLISH_CONCURRENCY]
-        sends = [broker.publish(channel, data, options) for channel, data in batch]
-        for outcome in await asyncio.gather(*sends, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                failed += 1
-                log.warning("sim publish failed: %r", outcome)
-    return failed
+async def publish_all(broker: Broker, requests: list[PublishRequest]) -> int:
+    """Publish a tick's output in one broker call (a keyframe tick can publish to hundreds of cell
+    channels); a failure is logged, the tick goes on. The number that failed."""
+    if not requests:
+        return 0
+    try:
+        await broker.publish_many(requests)
+    except BrokerError as exc:
+        log.warning("sim publish of %d publications failed: %r", len(requests), exc)
+        return len(requests)
+    return 0
 
 
 @dataclass(slots=True)
@@ -146,9 +143,10 @@ class SimEngine:
         broker = self.broker
 
         async def publish(publications: list[tuple[str, bytes]], replies: list[tuple[str, bytes]]) -> None:
-            await publish_all(broker, publications, SIM_STATE)
-            if replies:
-                await publish_all(broker, replies, REPLY_OPTIONS)
+            # State and replies of the tick in one round trip.
+            requests = [PublishRequest(channel, data, SIM_STATE) for channel, data in publications]
+            requests += [PublishRequest(channel, data, REPLY_OPTIONS) for channel, data in replies]
+            await publish_all(broker, requests)
             room_bytes = sum(len(d) for c, d in publications if ".cell." not in c)
             cell_bytes = sum(len(d) for c, d in publications if ".cell." in c)
             BYTES_SENT.labels(kind, "room").inc(room_bytes)
@@ -187,6 +185,11 @@ class SimEngine:
             await asyncio.sleep(interval)
 
     # inputs from the bus
+
+    async def handle_batch(self, messages: Sequence[BusMessage]) -> None:
+        """The bus handler: a batch of one partition's inputs, submitted to their rooms in order."""
+        for message in messages:
+            await self.handle(message)
 
     async def handle(self, message: BusMessage) -> None:
         try:

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tsunagu_sim_engine.aoi import Cell, CellTracker, cell_channel
 from tsunagu_sim_engine.codec import Encoding, QEntity, encode, quantize
-from tsunagu_sim_engine.kinds import InputRejected, Simulation, get_kind, kind_names
+from tsunagu_sim_engine.kinds import Entity, InputRejected, Simulation, get_kind, kind_names
 
 log = logging.getLogger("tsunagu.sim.room")
 
@@ -138,6 +138,7 @@ class Room:
     def __init__(self, spec: RoomSpec, *, wall: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.sim = create_simulation(spec)
+        self._quantize_cache: dict[str, tuple[Entity, QEntity]] = {}
         self.dt = 1.0 / spec.tick_hz
         self.tick = 0
         self.wall = wall
@@ -191,7 +192,18 @@ class Room:
         return {"room": self.spec.room, "tick": self.tick, "time": self.tick_time_ms(), "q": 0.01, "e": entities}
 
     def _quantized(self) -> dict[str, QEntity]:
-        return {name: quantize(entity) for name, entity in self.sim.entities().items()}
+        # Quantized once per Entity object: kinds hand back the same object for an unchanged entity.
+        previous = self._quantize_cache
+        current: dict[str, tuple[Entity, QEntity]] = {}
+        out = {}
+        for name, entity in self.sim.entities().items():
+            cached = previous.get(name)
+            if cached is None or cached[0] is not entity:
+                cached = (entity, quantize(entity))
+            current[name] = cached
+            out[name] = cached[1]
+        self._quantize_cache = current
+        return out
 
     # inputs
 

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from tsunagu_core.bus import Subscription
-from tsunagu_core.lifecycle import Runtime, create_service_app, internal_api
+from tsunagu_core.bus import BatchPolicy
+from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 from tsunagu_core.proxies import parse_networks
 from tsunagu_core.tls import ServerTls
 
@@ -35,20 +35,21 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             settings = settings.model_copy(update={"mappings": with_demo})
     relay = Relay(settings, runtime.bus, runtime.broker)
 
-    async def consume() -> list[Subscription]:
-        await runtime.wait_ready(NEEDS)
+    def topics() -> list[str]:
         if runtime.settings.bus != "kafka" and any(m.is_pattern for m in relay.mappings):
             log.warning("topic patterns need the Kafka bus; the memory bus takes them as literal names")
-        subscriptions: list[Subscription] = []
-        try:
-            for _ in range(settings.consumers):
-                subscriptions.append(await runtime.bus.consume(relay.topics, settings.consumer_group, relay.handle))
-        except BaseException:
-            for subscription in subscriptions:
-                await subscription.stop()
-            raise
-        log.info("relaying %s in group %s", ", ".join(relay.topics), settings.consumer_group)
-        return subscriptions
+        return relay.topics
+
+    consumers = consumer_hook(
+        runtime,
+        needs=NEEDS,
+        topics=topics,
+        group=settings.consumer_group,
+        batch_handler=relay.handle_batch,
+        consumers=settings.consumers,
+        batch=BatchPolicy(max_messages=settings.batch_size),
+        name="stream-ingest-consumers",
+    )
 
     @asynccontextmanager
     async def relaying() -> AsyncIterator[None]:
@@ -56,18 +57,11 @@ def create_app(runtime: Runtime, settings: IngestSettings) -> FastAPI:
             log.warning("no mappings configured (TSUNAGU_INGEST_MAPPINGS): nothing is relayed")
             yield
             return
-        consumer = asyncio.create_task(consume(), name="stream-ingest-consumers")
         try:
-            yield
+            # Leaving it lets the batches in hand finish and commits what was handled.
+            async with consumers():
+                yield
         finally:
-            if consumer.done() and not consumer.cancelled() and consumer.exception() is None:
-                # Stopping a consumer lets the record in hand finish and commits what was handled.
-                for subscription in consumer.result():
-                    await subscription.stop()
-            else:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await consumer
             try:
                 async with asyncio.timeout(settings.shutdown_flush):
                     flushed = await relay.flush()

@@ -27,6 +27,12 @@ class IngestSettings(ServiceSettings):
     consumers: int = Field(
         1, ge=1, le=32, description="Consumers in the group per process (partitions are handled in parallel)."
     )
+    batch_size: int = Field(
+        500,
+        ge=1,
+        le=10_000,
+        description="Most records of one partition relayed as one batch of publications (one broker call).",
+    )
     history_size: int = Field(
         10,
         ge=1,

@@ -20,6 +20,7 @@ import re
 import string
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_CHANNEL = 255
@@ -118,9 +119,13 @@ class IngestMapping(BaseModel):
             raise PoisonRecord(f"record of {len(value)} bytes exceeds max_record_bytes={self.max_record_bytes}")
         if self.format == "json":
             try:
-                parsed = json.loads(value)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise PoisonRecord(f"value is not JSON: {exc}") from None
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                # orjson is 5-10x faster but stricter (integers beyond 64 bits): json decides.
+                try:
+                    parsed = json.loads(value)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise PoisonRecord(f"value is not JSON: {exc}") from None
             if b"\n" in value:
                 return json.dumps(parsed, separators=(",", ":")).encode()
             return value

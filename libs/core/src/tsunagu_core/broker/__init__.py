@@ -9,6 +9,7 @@ from tsunagu_core.broker.base import (
     PresenceStats,
     Publication,
     PublishOptions,
+    PublishRequest,
     PublishResult,
     StreamPosition,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "PresenceStats",
     "Publication",
     "PublishOptions",
+    "PublishRequest",
     "PublishResult",
     "StreamPosition",
 ]

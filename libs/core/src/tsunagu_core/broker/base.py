@@ -15,7 +15,7 @@ Its promises, which the contract tests check against every engine:
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +56,15 @@ class PublishOptions:
     idempotency_ttl: float = 300.0
     info: ClientInfo | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """One publication of `Broker.publish_many`."""
+
+    channel: str
+    data: bytes
+    options: PublishOptions = PublishOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,12 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, channel: str, data: bytes, options: PublishOptions = PublishOptions()) -> PublishResult: ...
+
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """Publish each request, in order, with the same promises as `publish`; engines carry the
+        whole batch in one round trip. When it raises, a prefix of the batch may have been applied:
+        retry it with idempotency keys to apply the rest exactly once."""
+        return [await self.publish(r.channel, r.data, r.options) for r in requests]
 
     @abc.abstractmethod
     async def publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:

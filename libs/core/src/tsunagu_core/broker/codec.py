@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from tsunagu_core.broker.base import ClientInfo, Publication
 from tsunagu_core.wire import broker_pb2
 
@@ -14,12 +16,34 @@ def info_from_wire(wire: broker_pb2.ClientInfo) -> ClientInfo:
     return ClientInfo(user=wire.user, client=wire.client, conn_info=wire.conn_info, chan_info=wire.chan_info)
 
 
+# A node decodes the same few publishers' infos over and over (a history read, a busy channel):
+# ClientInfo is immutable, so one instance per distinct info is shared.
+_INFOS: dict[tuple[str, str, bytes, bytes], ClientInfo] = {}
+_INFOS_KEPT = 4096
+
+
+def _shared_info(wire: broker_pb2.ClientInfo) -> ClientInfo:
+    key = (wire.user, wire.client, wire.conn_info, wire.chan_info)
+    info = _INFOS.get(key)
+    if info is None:
+        if len(_INFOS) >= _INFOS_KEPT:
+            _INFOS.clear()
+        info = _INFOS[key] = ClientInfo(*key)
+    return info
+
+
 def encode_publication_body(publication: Publication) -> bytes:
     """Everything but offset and epoch, which the engine assigns while storing."""
-    wire = broker_pb2.BrokerPublication(data=publication.data, time_unix_ms=publication.time_ms)
-    if publication.info is not None:
-        wire.info.CopyFrom(info_to_wire(publication.info))
-    wire.tags.update(publication.tags)
+    return encode_body(publication.data, publication.info, publication.tags, publication.time_ms)
+
+
+def encode_body(data: bytes, info: ClientInfo | None, tags: Mapping[str, str], time_ms: int) -> bytes:
+    """`encode_publication_body` without building a Publication first (a publish's hot path)."""
+    wire = broker_pb2.BrokerPublication(data=data, time_unix_ms=time_ms)
+    if info is not None:
+        wire.info.CopyFrom(info_to_wire(info))
+    if tags:
+        wire.tags.update(tags)
     return wire.SerializeToString()
 
 
@@ -29,8 +53,8 @@ def decode_publication_body(body: bytes, offset: int, epoch: str) -> Publication
         data=wire.data,
         offset=offset,
         epoch=epoch,
-        info=info_from_wire(wire.info) if wire.HasField("info") else None,
-        tags=dict(wire.tags),
+        info=_shared_info(wire.info) if wire.HasField("info") else None,
+        tags=dict(wire.tags) if wire.tags else {},
         time_ms=wire.time_unix_ms,
     )
 

@@ -1,10 +1,13 @@
-"""Redis engine: pub/sub for fan-out, a stream per channel for history, hashes for presence.
+"""Redis engine: pub/sub for fan-out, a list per channel for history, hashes for presence.
 
 A publish is one Lua script, so the idempotency check, the offset increment, the history append
 and the fan-out happen atomically: every node sees one order per channel and no offset is ever
-published twice or skipped. Stream entry ids are `0-<offset>`, which makes "publications after
-offset N" a plain exclusive XRANGE. Presence expiry uses the Redis server's clock, so replicas
-with skewed clocks agree on who is still there.
+published twice or skipped. One script call carries many publications (`publish_many`, and the
+publishes that concurrent callers issue while one call is in flight). A channel's history is a
+list holding the publications with offsets `top - len + 1 .. top` (appended at the right, trimmed
+at the left, dropped whole when it expires), so "publications after offset N" is one LRANGE by
+index; a list append costs Redis a third of a stream append. Presence expiry uses the Redis
+server's clock, so replicas with skewed clocks agree on who is still there.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,15 +23,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from tsunagu_core.broker.base import (
     Broker,
     BrokerError,
     ClientInfo,
     HistoryResult,
-    Publication,
     PublishOptions,
+    PublishRequest,
     PublishResult,
     StreamPosition,
 )
@@ -35,42 +39,76 @@ from tsunagu_core.broker.codec import (
     decode_client_info,
     decode_presence_event,
     decode_publication_body,
+    encode_body,
     encode_client_info,
     encode_presence_event,
-    encode_publication_body,
 )
 from tsunagu_core.redis_pool import connect_redis
 from tsunagu_core.telemetry import BROKER_OP_SECONDS, BROKER_PUBLISHED, BROKER_RESUBSCRIBES
 
 log = logging.getLogger("tsunagu.broker.redis")
 
+# Publications in one call, applied in order. ARGV[1] is the key prefix, ARGV[2] the epoch a new
+# stream starts with, ARGV[3] the publications packed by `_pack_publication` (a few arguments for
+# hundreds of publications: redis-py's per-argument encoding was most of the client's cost). The keys
+# are built here from the prefix, so this runs on one Redis (with replicas), not a Redis Cluster.
+# Returns offset, epoch and duplicate flag of each publication, flat.
 _PUBLISH = """
-if ARGV[8] == '1' then
-  local seen = redis.call('get', KEYS[3])
+local prefix, new_epoch, packed = ARGV[1], ARGV[2], ARGV[3]
+local results, epochs, ttls = {}, {}, {}
+local pos, n = 1, 0
+while pos <= #packed do
+  local channel, idem, body, size, history_ttl, meta_ttl, idem_ttl
+  channel, idem, body, size, history_ttl, meta_ttl, idem_ttl, pos = struct.unpack('>I2c0I2c0I4c0I4I4I4I4', packed, pos)
+  local tag = '{' .. channel .. '}'
+  local seen = false
+  local idem_key
+  if idem ~= '' then
+    idem_key = prefix .. ':i:' .. tag .. ':' .. idem
+    seen = redis.call('get', idem_key)
+  end
   if seen then
     local sep = string.find(seen, ':', 1, true)
-    return {tonumber(string.sub(seen, 1, sep - 1)), string.sub(seen, sep + 1), 1}
+    results[n + 1] = tonumber(string.sub(seen, 1, sep - 1))
+    results[n + 2] = string.sub(seen, sep + 1)
+    results[n + 3] = 1
+  else
+    local offset, epoch = 0, ''
+    if size > 0 then
+      local history, meta = prefix .. ':hl:' .. tag, prefix .. ':ml:' .. tag
+      epoch = epochs[channel]
+      if not epoch then
+        epoch = redis.call('hget', meta, 'e')
+        if not epoch then
+          epoch = new_epoch
+          redis.call('hset', meta, 'e', epoch)
+          redis.call('del', history)
+        end
+        epochs[channel] = epoch
+      end
+      offset = redis.call('hincrby', meta, 's', 1)
+      redis.call('rpush', history, body)
+      redis.call('ltrim', history, -size, -1)
+      -- expiries once per channel and call, with the last publication's TTLs
+      ttls[channel] = {history, meta, history_ttl, meta_ttl}
+    end
+    redis.call('publish', prefix .. '.ch.' .. channel, 'p' .. offset .. ':' .. epoch .. ':' .. body)
+    if idem_key then redis.call('set', idem_key, offset .. ':' .. epoch, 'PX', idem_ttl) end
+    results[n + 1] = offset
+    results[n + 2] = epoch
+    results[n + 3] = 0
   end
+  n = n + 3
 end
-local offset = 0
-local epoch = ''
-if tonumber(ARGV[2]) > 0 then
-  epoch = redis.call('hget', KEYS[2], 'e')
-  if not epoch then
-    epoch = ARGV[7]
-    redis.call('hset', KEYS[2], 'e', epoch)
-    redis.call('del', KEYS[1])
-  end
-  offset = redis.call('hincrby', KEYS[2], 's', 1)
-  redis.call('xadd', KEYS[1], 'MAXLEN', '=', ARGV[2], '0-' .. offset, 'd', ARGV[1])
-  if tonumber(ARGV[3]) > 0 then redis.call('pexpire', KEYS[1], ARGV[3]) end
-  if tonumber(ARGV[4]) > 0 then redis.call('pexpire', KEYS[2], ARGV[4]) end
+for _, t in pairs(ttls) do
+  if t[3] > 0 then redis.call('pexpire', t[1], t[3]) end
+  if t[4] > 0 then redis.call('pexpire', t[2], t[4]) end
 end
-redis.call('publish', ARGV[6], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
-if ARGV[8] == '1' then redis.call('set', KEYS[3], offset .. ':' .. epoch, 'PX', ARGV[5]) end
-return {offset, epoch, 0}
+return results
 """
 
+# Returns the top offset, the epoch, the publications asked for (oldest first) and the offset of the
+# first of them.
 _HISTORY = """
 local epoch = redis.call('hget', KEYS[2], 'e')
 if not epoch then
@@ -81,31 +119,20 @@ end
 if tonumber(ARGV[2]) > 0 then redis.call('pexpire', KEYS[2], ARGV[2]) end
 local top = tonumber(redis.call('hget', KEYS[2], 's') or '0')
 local limit = tonumber(ARGV[5])
-if limit == 0 then return {top, epoch, {}} end
+if limit == 0 then return {top, epoch, {}, 0} end
+local first = top - redis.call('llen', KEYS[1]) + 1
 local since = tonumber(ARGV[3])
 local use_since = since >= 0 and ARGV[4] == epoch
-local entries
+local lo, hi = first, top
 if ARGV[6] == '1' then
-  local hi = '+'
-  if use_since then
-    if since <= 1 then return {top, epoch, {}} end
-    hi = '(0-' .. since
-  end
-  if limit > 0 then
-    entries = redis.call('xrevrange', KEYS[1], hi, '-', 'COUNT', limit)
-  else
-    entries = redis.call('xrevrange', KEYS[1], hi, '-')
-  end
+  if use_since then hi = math.min(top, since - 1) end
+  if limit > 0 then lo = math.max(first, hi - limit + 1) end
 else
-  local lo = '-'
-  if use_since then lo = '(0-' .. since end
-  if limit > 0 then
-    entries = redis.call('xrange', KEYS[1], lo, '+', 'COUNT', limit)
-  else
-    entries = redis.call('xrange', KEYS[1], lo, '+')
-  end
+  if use_since then lo = math.max(first, since + 1) end
+  if limit > 0 then hi = math.min(top, lo + limit - 1) end
 end
-return {top, epoch, entries}
+if hi < lo then return {top, epoch, {}, 0} end
+return {top, epoch, redis.call('lrange', KEYS[1], lo - first, hi - first), lo}
 """
 
 _PRESENCE_ADD = """
@@ -137,6 +164,34 @@ return 1
 
 
 POOL_WAIT_SECONDS = 10.0
+# Publications per script call: bounds how long one call holds Redis (a few ms).
+PUBLISH_CHUNK = 512
+# Auto-batching calls in flight at once (see RedisBroker.__init__).
+SENDERS = 2
+_HEADER = struct.Struct(">IIII")
+
+
+def _pack_publication(channel: str, body: bytes, options: PublishOptions) -> bytes:
+    """One publication for the _PUBLISH script: channel, idempotency key and body, each length-prefixed,
+    then history size and the three TTLs in milliseconds."""
+    name = channel.encode()
+    key = (options.idempotency_key or "").encode()
+    return b"".join(
+        (
+            len(name).to_bytes(2, "big"),
+            name,
+            len(key).to_bytes(2, "big"),
+            key,
+            len(body).to_bytes(4, "big"),
+            body,
+            _HEADER.pack(
+                max(0, options.history_size),
+                _ms(options.history_ttl),
+                _ms(options.meta_ttl),
+                _ms(options.idempotency_ttl),
+            ),
+        )
+    )
 
 
 def _ms(seconds: float) -> int:
@@ -163,10 +218,13 @@ class RedisBroker(Broker):
         self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        # Auto-pipelining: publishes issued while a round trip is in flight go out together in the
-        # next pipeline, so N concurrent publishers cost ~1 round trip instead of N.
-        self._queued: list[tuple[list[str], Sequence[bytes | str | int], asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        # Auto-batching: publishes issued while a call is in flight go out together in the next script
+        # call, so N concurrent publishers cost ~1 round trip instead of N. Two senders let the client
+        # prepare one batch while Redis runs the other (one caller's publishes are never in two
+        # batches at once: it awaits each, so its order holds).
+        self._queued: list[tuple[bytes, asyncio.Future[PublishResult]]] = []
+        self._senders = 0
+        self._sender_tasks: set[asyncio.Task[None]] = set()
         self._direct = False
 
     # keys: the channel sits in a hash tag so one channel's keys share a Redis Cluster slot
@@ -304,66 +362,87 @@ class RedisBroker(Broker):
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.unsubscribe(self._fanout_name(channel))
 
+    def _pack(self, channel: str, data: bytes, options: PublishOptions, time_ms: int) -> bytes:
+        return _pack_publication(channel, encode_body(data, options.info, options.tags, time_ms), options)
+
     async def publish(self, channel: str, data: bytes, options: PublishOptions = PublishOptions()) -> PublishResult:
-        body = encode_publication_body(
-            Publication(data=data, info=options.info, tags=options.tags, time_ms=int(time.time() * 1000))
-        )
-        idempotent = bool(options.idempotency_key)
-        keys = [
-            self._key("h", channel),
-            self._key("m", channel),
-            self._key("i", channel) + f":{options.idempotency_key or ''}",
-        ]
-        args: Sequence[bytes | str | int] = [
-            body,
-            options.history_size,
-            _ms(options.history_ttl),
-            _ms(options.meta_ttl),
-            _ms(options.idempotency_ttl),
-            self._fanout_name(channel),
-            uuid.uuid4().hex[:8],
-            "1" if idempotent else "0",
-        ]
+        packed = self._pack(channel, data, options, int(time.time() * 1000))
         with BROKER_OP_SECONDS.labels("publish").time():
             try:
-                if self._sender is None and not self._direct:
+                if not self._senders and not self._direct:
                     # Nothing in flight: go straight out, no hop through the sender task.
                     self._direct = True
                     try:
-                        offset, epoch, duplicate = await self._publish_script(keys=keys, args=args)
+                        result = (await self._run_publish([packed]))[0]
                     finally:
                         self._direct = False
                 else:
-                    offset, epoch, duplicate = await self._queue_publish(keys, args)
+                    result = await self._queue_publish(packed)
             except (RedisError, OSError) as exc:
                 raise BrokerError(f"publish to {channel} failed: {exc}") from None
-        if not duplicate:
+        if not result.duplicate:
             BROKER_PUBLISHED.inc()
-        return PublishResult(int(offset), _text(epoch), duplicate=bool(duplicate))
+        return result
 
-    def _queue_publish(self, keys: list[str], args: Sequence[bytes | str | int]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((keys, args, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_queued(), name="redis-broker-publish")
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """One script call per `PUBLISH_CHUNK` publications, the chunks in one pipeline."""
+        if not requests:
+            return []
+        now_ms = int(time.time() * 1000)
+        packed = [self._pack(r.channel, r.data, r.options, now_ms) for r in requests]
+        with BROKER_OP_SECONDS.labels("publish_many").time():
+            try:
+                results = await self._run_publish(packed)
+            except (RedisError, OSError) as exc:
+                raise BrokerError(f"publishing {len(requests)} publications failed: {exc}") from None
+        BROKER_PUBLISHED.inc(sum(1 for r in results if not r.duplicate))
+        return results
+
+    async def _run_publish(self, packed: Sequence[bytes]) -> list[PublishResult]:
+        chunks = [b"".join(packed[i : i + PUBLISH_CHUNK]) for i in range(0, len(packed), PUBLISH_CHUNK)]
+        epoch = uuid.uuid4().hex[:8]
+        if len(chunks) == 1:
+            replies = [await self._publish_script(args=[self.prefix, epoch, chunks[0]])]
+        else:
+            # One connection keeps the chunks in order. EVALSHA directly: a pipeline of registered
+            # scripts asks SCRIPT EXISTS first, a round trip more per call.
+            try:
+                replies = await self._pipeline_publish(chunks, epoch)
+            except NoScriptError:
+                await self.redis.script_load(_PUBLISH)
+                replies = await self._pipeline_publish(chunks, epoch)
+        return [
+            PublishResult(int(flat[i]), _text(flat[i + 1]), duplicate=flat[i + 2] == 1)
+            for flat in replies
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def _pipeline_publish(self, chunks: list[bytes], epoch: str) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for chunk in chunks:
+            pipe.evalsha(self._publish_script.sha, 0, self.prefix, epoch, chunk)
+        return await pipe.execute()
+
+    def _queue_publish(self, packed: bytes) -> asyncio.Future[PublishResult]:
+        future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        self._queued.append((packed, future))
+        if self._senders < SENDERS:
+            self._senders += 1
+            task = asyncio.create_task(self._send_queued(), name="redis-broker-publish")
+            self._sender_tasks.add(task)
+            task.add_done_callback(self._sender_tasks.discard)
         return future
 
     async def _send_queued(self) -> None:
+        """Auto-batching: publishes issued while one is in flight go out together in one script call."""
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
                 try:
-                    if len(batch) == 1:
-                        keys, args, _ = batch[0]
-                        results: list[Any] = [await self._publish_script(keys=keys, args=args)]
-                    else:
-                        pipe = self.redis.pipeline(transaction=False)
-                        for keys, args, _ in batch:
-                            await self._publish_script(keys=keys, args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
+                    results: Sequence[PublishResult | BaseException] = await self._run_publish([p for p, _ in batch])
                 except (RedisError, OSError, BrokerError) as exc:
                     results = [exc] * len(batch)
-                for (_, _, future), result in zip(batch, results, strict=True):
+                for (_, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue  # the publisher gave up waiting (cancelled)
                     if isinstance(result, BaseException):
@@ -371,11 +450,12 @@ class RedisBroker(Broker):
                     else:
                         future.set_result(result)
         finally:
-            self._sender = None
-            for _, _, future in self._queued:
-                if not future.done():
-                    future.set_exception(BrokerError("publish not sent: the broker is closing"))
-            self._queued = []
+            self._senders -= 1
+            if not self._senders:
+                for _, future in self._queued:
+                    if not future.done():
+                        future.set_exception(BrokerError("publish not sent: the broker is closing"))
+                self._queued = []
 
     async def publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         try:
@@ -404,21 +484,20 @@ class RedisBroker(Broker):
         ]
         with BROKER_OP_SECONDS.labels("history").time():
             try:
-                top, epoch, entries = await self._history_script(
-                    keys=[self._key("h", channel), self._key("m", channel)], args=args
+                top, epoch, bodies, first = await self._history_script(
+                    keys=[self._key("hl", channel), self._key("ml", channel)], args=args
                 )
             except (RedisError, OSError) as exc:
                 raise BrokerError(f"history of {channel} failed: {exc}") from None
         epoch_text = _text(epoch)
-        publications = []
-        for entry_id, fields in entries:
-            offset = int(_text(entry_id).split("-", 1)[1])
-            publications.append(decode_publication_body(fields[1], offset, epoch_text))
+        publications = [decode_publication_body(body, first + i, epoch_text) for i, body in enumerate(bodies)]
+        if reverse:
+            publications.reverse()
         return HistoryResult(publications, StreamPosition(int(top), epoch_text))
 
     async def remove_history(self, channel: str) -> None:
         try:
-            await self.redis.delete(self._key("h", channel))
+            await self.redis.delete(self._key("hl", channel))
         except (RedisError, OSError) as exc:
             raise BrokerError(f"removing history of {channel} failed: {exc}") from None
 

@@ -2,11 +2,15 @@
 
 from tsunagu_core.bus.base import (
     DEAD_LETTER_SUFFIX,
+    BatchHandler,
+    BatchPolicy,
     Bus,
     BusError,
     BusMessage,
     Delivery,
     Handler,
+    Outgoing,
+    Rejected,
     RetryPolicy,
     Subscription,
 )
@@ -14,12 +18,16 @@ from tsunagu_core.bus.memory import MemoryBus
 
 __all__ = [
     "DEAD_LETTER_SUFFIX",
+    "BatchHandler",
+    "BatchPolicy",
     "Bus",
     "BusError",
     "BusMessage",
     "Delivery",
     "Handler",
     "MemoryBus",
+    "Outgoing",
+    "Rejected",
     "RetryPolicy",
     "Subscription",
 ]

@@ -4,6 +4,13 @@ Delivery is at least once. A consumer's position moves past an event only after 
 returned; a handler that keeps failing is retried with backoff and, after `max_attempts`, the
 event goes to `<topic>.dlq` with the error in its headers so one poison event cannot stop a
 partition for good.
+
+Batch consumers (`consume_batches`) get up to `BatchPolicy.max_messages` events of one partition
+per call, in partition order; each partition has its own worker, so a slow partition does not
+stall the others. The batch's offsets are committed once the handler returned. The handler names
+the events it cannot take (`Rejected`, with a reason): those go to the dead-letter topic and the
+rest of the batch counts as done. A handler that raises has its batch retried as a whole; once its
+attempts run out, each event of the batch is tried alone, so only the poison ones are dead-lettered.
 """
 
 from __future__ import annotations
@@ -41,7 +48,34 @@ class Delivery:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One event of `Bus.publish_many`."""
+
+    topic: str
+    value: bytes
+    key: bytes | str | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An event a batch handler cannot take: it goes to the dead-letter topic with `reason`."""
+
+    message: BusMessage
+    reason: str
+
+
 Handler = Callable[[BusMessage], Awaitable[None]]
+BatchHandler = Callable[[Sequence[BusMessage]], Awaitable[Sequence[Rejected] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How big a batch gets and how much a partition may hold before fetching for it pauses."""
+
+    max_messages: int = 500
+    max_buffered: int = 5000
 
 
 class BusError(Exception):
@@ -91,7 +125,6 @@ class Bus(abc.ABC):
     ) -> Delivery:
         """Return once the engine has durably accepted the event (acks=all for Kafka)."""
 
-    @abc.abstractmethod
     async def consume(
         self,
         topics: Sequence[str],
@@ -101,6 +134,23 @@ class Bus(abc.ABC):
         retry: RetryPolicy = RetryPolicy(),
     ) -> Subscription:
         """Join `group` and call `handler` for each event, one at a time per consumer, in partition order."""
+        return await self.consume_batches(topics, group, one_at_a_time(handler), batch=EVENT_AT_A_TIME, retry=retry)
+
+    @abc.abstractmethod
+    async def consume_batches(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: BatchHandler,
+        *,
+        batch: BatchPolicy = BatchPolicy(),
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> Subscription:
+        """Join `group` and call `handler` with batches of one partition's events (see the module docstring)."""
+
+    async def publish_many(self, events: Sequence[Outgoing]) -> list[Delivery]:
+        """Publish every event, waiting once for all of them; raise if any was not accepted."""
+        return [await self.publish(e.topic, e.value, key=e.key, headers=e.headers) for e in events]
 
 
 def encode_key(key: bytes | str | None) -> bytes | None:
@@ -109,49 +159,91 @@ def encode_key(key: bytes | str | None) -> bytes | None:
     return key.encode()
 
 
-async def handle_with_retry(bus: Bus, message: BusMessage, group: str, handler: Handler, retry: RetryPolicy) -> None:
-    """Run the handler until it succeeds or its attempts run out; then dead-letter the event."""
+def one_at_a_time(handler: Handler) -> BatchHandler:
+    """A batch handler calling an event handler for each event in turn, one event at a time for the
+    whole consumer, as `Bus.consume` promises (its engines pass batches of one, so each event's
+    offset is stored as soon as it is handled and retries and dead letters stay per event)."""
+    turn = asyncio.Lock()
+
+    async def handle_batch(messages: Sequence[BusMessage]) -> None:
+        for message in messages:
+            async with turn:
+                await handler(message)
+
+    return handle_batch
+
+
+EVENT_AT_A_TIME = BatchPolicy(max_messages=1)
+
+
+async def handle_batch_with_retry(
+    bus: Bus, messages: Sequence[BusMessage], group: str, handler: BatchHandler, retry: RetryPolicy
+) -> None:
+    """Run a batch handler until it succeeds or its attempts run out; then try each event alone and
+    dead-letter those that still fail. Rejected events are dead-lettered with their reason."""
+    topic = messages[0].topic
     backoff = retry.first_backoff
+    last_error = ""
     for attempt in range(1, retry.max_attempts + 1):
         try:
-            await handler(message)
+            rejected = await handler(messages) or ()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            BUS_HANDLER_ERRORS.labels(message.topic, group).inc()
-            if attempt == retry.max_attempts:
-                log.error(
-                    "giving up on %s[%d]@%d in group %s after %d attempts: %r",
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    group,
-                    attempt,
-                    exc,
-                )
-                await _dead_letter(bus, message, group, exc)
-                return
+            BUS_HANDLER_ERRORS.labels(topic, group).inc()
+            last_error = repr(exc)
             log.warning(
-                "handler failed on %s[%d]@%d (attempt %d/%d): %r",
-                message.topic,
-                message.partition,
-                message.offset,
+                "batch handler failed on %s[%d]@%d..%d (attempt %d/%d): %r",
+                topic,
+                messages[0].partition,
+                messages[0].offset,
+                messages[-1].offset,
                 attempt,
                 retry.max_attempts,
                 exc,
             )
+            if attempt == retry.max_attempts:
+                break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, retry.max_backoff)
         else:
-            BUS_CONSUMED.labels(message.topic, group).inc()
+            await _settle_batch(bus, messages, group, rejected)
             return
+    if len(messages) == 1:
+        await _dead_letter(bus, messages[0], group, last_error)
+        return
+    for message in messages:
+        try:
+            rejected = await handler([message]) or ()
+        except asyncio.CancelledError:
+            raise
+        except Exception as alone:
+            BUS_HANDLER_ERRORS.labels(topic, group).inc()
+            log.error("giving up on %s[%d]@%d in group %s: %r", topic, message.partition, message.offset, group, alone)
+            await _dead_letter(bus, message, group, repr(alone))
+        else:
+            await _settle_batch(bus, [message], group, rejected)
 
 
-async def _dead_letter(bus: Bus, message: BusMessage, group: str, exc: Exception) -> None:
+async def _settle_batch(bus: Bus, messages: Sequence[BusMessage], group: str, rejected: Sequence[Rejected]) -> None:
+    for item in rejected:
+        log.warning(
+            "rejected %s[%d]@%d in group %s: %s",
+            item.message.topic,
+            item.message.partition,
+            item.message.offset,
+            group,
+            item.reason,
+        )
+        await _dead_letter(bus, item.message, group, item.reason)
+    BUS_CONSUMED.labels(messages[0].topic, group).inc(len(messages) - len(rejected))
+
+
+async def _dead_letter(bus: Bus, message: BusMessage, group: str, reason: str) -> None:
     headers = dict(message.headers)
     headers.update(
         {
-            "tsunagu-dlq-error": repr(exc)[:1000],
+            "tsunagu-dlq-error": reason[:1000],
             "tsunagu-dlq-group": group,
             "tsunagu-dlq-origin": f"{message.topic}/{message.partition}/{message.offset}",
         }

@@ -11,14 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tsunagu_core.bus.base import (
+    BatchHandler,
+    BatchPolicy,
     Bus,
     BusMessage,
     Delivery,
-    Handler,
     RetryPolicy,
     Subscription,
     encode_key,
-    handle_with_retry,
+    handle_batch_with_retry,
 )
 from tsunagu_core.telemetry import BUS_PUBLISHED, inject_trace_headers
 
@@ -27,6 +28,8 @@ from tsunagu_core.telemetry import BUS_PUBLISHED, inject_trace_headers
 class _Group:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     members: list[_MemoryConsumer] = field(default_factory=list)
+    # Partitions a member is handling a batch of: after a rebalance the new owner waits for it.
+    busy: set[tuple[str, int]] = field(default_factory=set)
 
 
 class MemoryBus(Bus):
@@ -88,18 +91,19 @@ class MemoryBus(Bus):
                 member.wake.set()
         return Delivery(topic, partition, message.offset)
 
-    async def consume(
+    async def consume_batches(
         self,
         topics: Sequence[str],
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         *,
+        batch: BatchPolicy = BatchPolicy(),
         retry: RetryPolicy = RetryPolicy(),
     ) -> Subscription:
         for topic in topics:
             self._topic(topic)
         state = self._groups.setdefault(group, _Group())
-        member = _MemoryConsumer(self, state, list(topics), group, handler, retry)
+        member = _MemoryConsumer(self, state, list(topics), group, handler, retry, batch)
         state.members.append(member)
         member.task = asyncio.create_task(member.run(), name=f"memory-bus-consumer-{group}")
         return member
@@ -124,8 +128,9 @@ class _MemoryConsumer(Subscription):
         state: _Group,
         topics: list[str],
         group: str,
-        handler: Handler,
+        handler: BatchHandler,
         retry: RetryPolicy,
+        batch: BatchPolicy,
     ) -> None:
         self.bus = bus
         self.state = state
@@ -133,25 +138,39 @@ class _MemoryConsumer(Subscription):
         self.group = group
         self.handler = handler
         self.retry = retry
+        self.batch = batch
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._workers: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stopping = False
 
     async def run(self) -> None:
         while not self._stopping:
             self.wake.clear()
-            progressed = False
-            for topic, partition in self.bus.assignment(self):
-                if self._stopping:
+            for pair in self.bus.assignment(self):
+                if pair in self.state.busy:
+                    continue
+                position = self.state.committed.get(pair, 0)
+                if position < len(self.bus.log_of(*pair)):
+                    self.state.busy.add(pair)
+                    self._workers[pair] = asyncio.create_task(self._work(pair), name=f"memory-bus-{self.group}")
+            await self.wake.wait()
+
+    async def _work(self, pair: tuple[str, int]) -> None:
+        """Handle one partition's events a batch at a time while this member owns it."""
+        try:
+            while not self._stopping and pair in self.bus.assignment(self):
+                position = self.state.committed.get(pair, 0)
+                messages = self.bus.log_of(*pair)[position : position + self.batch.max_messages]
+                if not messages:
                     break
-                position = self.state.committed.get((topic, partition), 0)
-                log = self.bus.log_of(topic, partition)
-                if position < len(log):
-                    await handle_with_retry(self.bus, log[position], self.group, self.handler, self.retry)
-                    self.state.committed[(topic, partition)] = position + 1
-                    progressed = True
-            if not progressed:
-                await self.wake.wait()
+                await handle_batch_with_retry(self.bus, messages, self.group, self.handler, self.retry)
+                self.state.committed[pair] = position + len(messages)
+        finally:
+            self.state.busy.discard(pair)
+            self._workers.pop(pair, None)
+            for member in self.state.members:
+                member.wake.set()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -161,6 +180,10 @@ class _MemoryConsumer(Subscription):
             for other in self.state.members:
                 other.wake.set()
         if self.task is not None and self.task is not asyncio.current_task():
-            # Let the event in hand finish so its offset is committed, as Kafka's close() does.
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        # Let the batches in hand finish so their offsets are committed, as Kafka's close() does.
+        workers = [w for w in self._workers.values() if w is not asyncio.current_task()]
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)

@@ -58,6 +58,7 @@ class AvatarSimulation:
         self.idle_timeout = float(params["idle_timeout"])
         self.max_avatars = int(params["max_avatars"])
         self.avatars: dict[str, Avatar] = {}
+        self._entities: dict[str, tuple[tuple[float, float, float, float, str], Entity]] = {}
 
     def apply(self, user: str, data: Mapping[str, Any], now: float) -> None:
         entity = data.get("entity", user)
@@ -110,7 +111,19 @@ class AvatarSimulation:
             del self.avatars[user]
 
     def entities(self) -> dict[str, Entity]:
-        return {user: Entity(a.x, a.y, a.z, a.r, {"g": a.g} if a.g else {}) for user, a in self.avatars.items()}
+        # The same Entity object while an avatar has not changed: the room then reuses its encoding.
+        out = {}
+        cache = self._entities
+        for user, a in self.avatars.items():
+            state = (a.x, a.y, a.z, a.r, a.g)
+            cached = cache.get(user)
+            if cached is None or cached[0] != state:
+                cached = cache[user] = (state, Entity(a.x, a.y, a.z, a.r, {"g": a.g} if a.g else {}))
+            out[user] = cached[1]
+        if len(cache) > len(self.avatars):
+            for gone in [user for user in cache if user not in self.avatars]:
+                del cache[gone]
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         return {user: [a.x, a.y, a.z, a.r, a.g, a.moved_at, a.seen_at] for user, a in self.avatars.items()}
