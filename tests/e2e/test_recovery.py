@@ -31,10 +31,6 @@ SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 API_KEY = "e2e"
 JS_DIR = Path(__file__).parent / "js"
 RATE = 25.0  # publications per second, as a chat room or a ticker sends them
-# While a killed gateway restarts on its port: 100 publications of history cover 5 s at this rate, and a
-# Python gateway needs about 3 s to be back (its imports) on two shared cores; at 25/s (4 s) a loaded CI
-# machine has no margin left. Centrifugo, a Go binary, is back in a tenth of a second.
-RESTART_RATE = 20.0
 
 
 def token(user: str) -> str:
@@ -146,8 +142,9 @@ async def test_subscribers_of_a_killed_gateway_recover_everything_when_it_restar
     start_service, real_env, pick_port
 ) -> None:
     """The case of issue 31: the gateway comes back on its port while publications flow through the other.
-    It has to be back within the history's window (100 publications at RESTART_RATE: 5 s), SDK backoff
-    included: it listens before it imports, so a reconnecting SDK waits in the backlog instead of backing off."""
+    It has to be back within the history's window (100 publications at 25/s: 4 s), SDK backoff included: it
+    listens before it imports (a reconnecting SDK waits in the backlog instead of backing off), imports only
+    itself, and its bytecode is compiled at install (about 1.5 s to be back, where Centrifugo takes 0.1 s)."""
     env = gateway_env(real_env)
     port = pick_port()
     first = start_service(["serve", "ws-gateway"], env, port=port)
@@ -166,7 +163,7 @@ async def test_subscribers_of_a_killed_gateway_recover_everything_when_it_restar
             restarted.append(start_service(["serve", "ws-gateway"], env, port=port))
 
     async with python_subscriber(url, channel) as inbox:
-        await publish_steadily(second.base + "/api", channel, count, kill_at_the_hundredth, rate=RESTART_RATE)
+        await publish_steadily(second.base + "/api", channel, count, kill_at_the_hundredth)
         await wait_for(lambda: len(inbox.received) >= count, 20, f"python got {len(inbox.received)} of {count}")
         js_summary = await js.summary()
     assert_recovered("centrifuge-python", inbox.received, count, [s.recovered for s in inbox.subscribed])
