@@ -460,9 +460,7 @@ class Session:
         self.gateway.policy.check(access, channel, self.principal, granted_by_token=by_token)
         return options
 
-    async def _publish(
-        self, channel: str, data: bytes, key: str | None, key_ttl: float | None = None
-    ) -> PublishResult:
+    async def _publish(self, channel: str, data: bytes, key: str | None, key_ttl: float | None = None) -> PublishResult:
         options = self._channel_access(channel, "allow_publish")
         if not options.client_publish:
             raise ReplyError(codes.PERMISSION_DENIED, f"{channel} is written by the platform, not by clients")
