@@ -143,6 +143,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
+            await gateway.hooks.close()
             if settings.web_enabled:
                 await app.state.web_probe.close()
 
