@@ -8,9 +8,9 @@ PROTO_OUT := libs/core/src/tsunagu_core/wire
 PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
 # The Centrifugo client protocol as the gateway serves it (stock SDKs' wire format).
 CLIENT_PROTO_OUT := services/ws-gateway/src/tsunagu_ws_gateway/protocol/wire
-# Centrifugo's proxy schema, vendored unchanged (proto/centrifugal/centrifugo/README.md).
+# Centrifugo's proxy and server API schemas, vendored unchanged (proto/centrifugal/centrifugo/README.md).
 CENTRIFUGO_PROTO_OUT := services/ws-gateway/src/tsunagu_ws_gateway/centrifugo
-CENTRIFUGO_PROTO_FILES := proxy.proto
+CENTRIFUGO_PROTO_FILES := proxy.proto api.proto
 # mypy checks installed packages by name: the CLI, the core, and one per service.
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=

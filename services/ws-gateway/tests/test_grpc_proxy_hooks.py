@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -18,37 +15,17 @@ import grpc
 import pytest
 from centrifuge import Client, ClientEventHandler, ConnectedContext, DisconnectedContext, ErrorContext
 from centrifuge.exceptions import ReplyError
-from grpc_tools import protoc
 from tsunagu_core.testing import eventually, free_port
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES
 
 from .conftest import running_gateway
-
-PROTO_DIR = Path(__file__).resolve().parents[3] / "proto" / "centrifugal" / "centrifugo"
+from .grpc_stubs import generated
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    """proxy_pb2 and proxy_pb2_grpc, generated from the vendored proto as a backend's build does."""
-    out = tmp_path_factory.mktemp("proxy_stubs")
-    assert (
-        protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}", "proxy.proto"]) == 0
-    )
-    # Its own package name, so the backend's modules do not shadow anything of the gateway's.
-    package = out / "backend_stubs"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("proxy_pb2.py", "proxy_pb2_grpc.py"):
-        text = (out / name).read_text().replace("import proxy_pb2 as", "from backend_stubs import proxy_pb2 as")
-        (package / name).write_text(text)
-    sys.path.insert(0, str(out))
-    try:
-        yield (
-            importlib.import_module("backend_stubs.proxy_pb2"),
-            importlib.import_module("backend_stubs.proxy_pb2_grpc"),
-        )
-    finally:
-        sys.path.remove(str(out))
+    with generated("proxy", tmp_path_factory.mktemp("proxy_stubs")) as modules:
+        yield modules
 
 
 class Events(ClientEventHandler):

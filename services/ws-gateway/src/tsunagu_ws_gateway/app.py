@@ -23,6 +23,7 @@ from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRe
 from tsunagu_core.revocation_store import shared_revocation_store
 from tsunagu_core.service_auth import service_headers
 
+from tsunagu_ws_gateway import grpc_api
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.control import control_handler
@@ -129,9 +130,14 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         # Built once the socket listens and the first reconnecting clients are in (deferred.py).
         warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
         revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
+        grpc_server = (
+            await grpc_api.start(gateway, settings.host, settings.grpc_api_port) if settings.grpc_api_port else None
+        )
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
             if revocations.done() and revocations.exception() is None:
                 await revocations.result().stop()
             else:

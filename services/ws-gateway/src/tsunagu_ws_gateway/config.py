@@ -291,6 +291,14 @@ class GatewaySettings(ServiceSettings):
         "", description="Proxy that extends expiring connections on the server side (clients are not asked to refresh)."
     )
     rpc_proxy: str = Field("", description="Proxy that answers the RPC methods not in RPC_ROUTES; empty: 104 for them.")
+    grpc_api_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the server API over gRPC (Centrifugo's `CentrifugoApi`, proto/centrifugal/centrifugo/"
+        "api.proto; the key of API_KEY in `authorization: apikey <KEY>` metadata), on the service's host; 0: off."
+        " Plaintext gRPC: keep it inside the cluster (a NetworkPolicy, or the mesh's mTLS).",
+    )
     collab_url: str = Field(
         "http://127.0.0.1:8083", description="Base URL of the collab service (documents for `/collab/{doc}`)."
     )
