@@ -7,6 +7,7 @@ the transports (transports/) and the protocols (protocols/) wired to the routes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.transports.http import BodyLimit
 from tsunagu_ws_gateway.web import serve_web_app
+from tsunagu_ws_gateway.webhooks import Relays
 
 SERVICE = "ws-gateway"
 NEEDS = ("bus", "broker", "nonces", "revocations")
@@ -109,6 +111,10 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         feed = RevocationFeed(gateway.revoked, gateway.close_revoked)
         return await runtime.bus.consume([topics.AUTH_REVOCATIONS], f"ws-gateway-revocations-{node.id}", feed)
 
+    async def start_relays(relays: Relays) -> None:
+        await runtime.wait_ready(["bus"])
+        await relays.start()
+
     def graphql_app() -> ASGIApp:
         from tsunagu_ws_gateway.protocols.graphql import build_graphql_app
 
@@ -130,6 +136,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         # Built once the socket listens and the first reconnecting clients are in (deferred.py).
         warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
         revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
+        relays = Relays(runtime.bus, settings.webhooks) if settings.webhooks else None
+        relaying = asyncio.create_task(start_relays(relays), name="webhook-relays") if relays else None
         grpc_server = (
             await grpc_api.start(gateway, settings.host, settings.grpc_api_port) if settings.grpc_api_port else None
         )
@@ -138,6 +146,11 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
+            if relaying is not None and relays is not None:
+                relaying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relaying
+                await relays.stop()
             if revocations.done() and revocations.exception() is None:
                 await revocations.result().stop()
             else:

@@ -67,6 +67,37 @@ class ProxyEndpoint(BaseModel):
         return "grpc" if self.endpoint.startswith("grpc://") else "http"
 
 
+WebhookEvent = Literal["connect", "disconnect", "subscribe", "unsubscribe", "document_changed"]
+
+
+class WebhookEndpoint(BaseModel):
+    """An HTTP endpoint of the application that gets the platform's events (webhooks.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    url: str = Field(pattern=r"^https?://")
+    events: list[WebhookEvent] = Field(min_length=1)
+    # Standard Webhooks secrets (`whsec_<base64>`); several during a rotation, each signs every delivery.
+    secrets: list[str] = Field(min_length=1)
+    timeout: float = Field(5.0, gt=0, le=60)
+    first_backoff: float = Field(0.5, gt=0, le=60)
+    max_backoff: float = Field(30.0, gt=0, le=3600)
+    # Past this many seconds after the event, an undelivered one goes to the dead-letter topic.
+    retry_for: float = Field(3600.0, gt=0)
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_are_keys(cls, value: list[str]) -> list[str]:
+        from standardwebhooks import Webhook
+
+        for secret in value:
+            try:
+                Webhook(secret)
+            except Exception as exc:  # binascii.Error, EmptyWebhookSecretError
+                raise ValueError(f"a webhook secret must be `whsec_` and base64 ({type(exc).__name__})") from None
+        return value
+
+
 class ChannelOptions(BaseModel):
     model_config = {"extra": "forbid", "populate_by_name": True}
 
@@ -298,6 +329,13 @@ class GatewaySettings(ServiceSettings):
         description="Port of the server API over gRPC (Centrifugo's `CentrifugoApi`, proto/centrifugal/centrifugo/"
         "api.proto; the key of API_KEY in `authorization: apikey <KEY>` metadata), on the service's host; 0: off."
         " Plaintext gRPC: keep it inside the cluster (a NetworkPolicy, or the mesh's mTLS).",
+    )
+    webhooks: dict[str, WebhookEndpoint] = Field(
+        default_factory=dict,
+        description='JSON object: name to an endpoint that gets the platform\'s events, `{"url", "events": ["connect",'
+        ' "disconnect", "subscribe", "unsubscribe", "document_changed"], "secrets": ["whsec_..."], "timeout",'
+        ' "first_backoff", "max_backoff", "retry_for"}`: signed, retried with backoff, dead-lettered after `retry_for`'
+        " seconds (docs/protocol.md).",
     )
     collab_url: str = Field(
         "http://127.0.0.1:8083", description="Base URL of the collab service (documents for `/collab/{doc}`)."
