@@ -13,18 +13,13 @@ import grpc
 import pytest
 from centrifuge import (
     Client,
-    ClientEventHandler,
-    DisconnectedContext,
-    PublicationContext,
-    ServerSubscribedContext,
-    SubscriptionEventHandler,
-    UnsubscribedContext,
 )
 from tsunagu_core.broker import MemoryBroker
 from tsunagu_core.testing import eventually, free_port
 
 from .conftest import API_KEY, RunningGateway, make_token, running_gateway
 from .grpc_stubs import generated
+from .sdk_events import Events, Inbox
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +35,6 @@ async def two_replicas() -> AsyncIterator[tuple[RunningGateway, RunningGateway, 
     port = free_port()
     async with running_gateway(broker=broker, grpc_api_port=port) as first, running_gateway(broker=broker) as second:
         yield first, second, port
-
-
-class Events(ClientEventHandler):
-    def __init__(self) -> None:
-        self.disconnected: list[DisconnectedContext] = []
-        self.subscribed: list[ServerSubscribedContext] = []
-
-    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
-        self.disconnected.append(ctx)
-
-    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
-        self.subscribed.append(ctx)
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.publications: list[Any] = []
-        self.unsubscribed: list[UnsubscribedContext] = []
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.publications.append(ctx.pub)
-
-    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
-        self.unsubscribed.append(ctx)
 
 
 KEY = (("authorization", f"apikey {API_KEY}"),)
@@ -111,7 +82,7 @@ async def test_grpc_api_publishes_reads_and_reaches_the_other_replica(stubs: Any
 
         # Cluster-wide: subscribe, unsubscribe and disconnect reach ann on the other replica.
         await api.Subscribe(pb.SubscribeRequest(user="ann", channel="chat:pushed"), metadata=KEY)
-        await eventually(lambda: [s.channel for s in events.subscribed] == ["chat:pushed"])
+        await eventually(lambda: [s.channel for s in events.server_subscribed] == ["chat:pushed"])
         await api.Unsubscribe(pb.UnsubscribeRequest(user="ann", channel="chat:grpc"), metadata=KEY)
         await eventually(lambda: bool(inbox.unsubscribed))
         await api.Disconnect(

@@ -13,35 +13,20 @@ from typing import Any
 
 import grpc
 import pytest
-from centrifuge import Client, ClientEventHandler, ConnectedContext, DisconnectedContext, ErrorContext
+from centrifuge import Client
 from centrifuge.exceptions import ReplyError
 from tsunagu_core.testing import eventually, free_port
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES
 
 from .conftest import running_gateway
 from .grpc_stubs import generated
+from .sdk_events import Events
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
     with generated("proxy", tmp_path_factory.mktemp("proxy_stubs")) as modules:
         yield modules
-
-
-class Events(ClientEventHandler):
-    def __init__(self) -> None:
-        self.connected: list[ConnectedContext] = []
-        self.disconnected: list[DisconnectedContext] = []
-        self.errors: list[ErrorContext] = []
-
-    async def on_connected(self, ctx: ConnectedContext) -> None:
-        self.connected.append(ctx)
-
-    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
-        self.disconnected.append(ctx)
-
-    async def on_error(self, ctx: ErrorContext) -> None:
-        self.errors.append(ctx)
 
 
 @contextlib.asynccontextmanager

@@ -9,34 +9,15 @@ from typing import Any
 import httpx
 from centrifuge import (
     Client,
-    PublicationContext,
     StreamPosition,
-    SubscribedContext,
-    SubscriptionEventHandler,
     SubscriptionState,
-    UnsubscribedContext,
 )
 from centrifuge.filter import Filter
 from tsunagu_core.testing import eventually
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES
 
 from .conftest import API_KEY, RunningGateway, make_token, running_gateway
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.subscribed: list[SubscribedContext] = []
-        self.unsubscribed: list[UnsubscribedContext] = []
-        self.publications: list[Any] = []
-
-    async def on_subscribed(self, ctx: SubscribedContext) -> None:
-        self.subscribed.append(ctx)
-
-    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
-        self.unsubscribed.append(ctx)
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.publications.append(ctx.pub)
+from .sdk_events import Inbox
 
 
 def with_namespaces(**namespaces: dict[str, Any]) -> dict[str, Any]:

@@ -17,19 +17,8 @@ import httpx
 import pytest
 from centrifuge import (
     Client,
-    ClientEventHandler,
     ClientState,
-    ConnectedContext,
-    DisconnectedContext,
-    ErrorContext,
-    PublicationContext,
-    ServerPublicationContext,
-    ServerSubscribedContext,
-    SubscribedContext,
-    SubscriptionErrorContext,
-    SubscriptionEventHandler,
     SubscriptionState,
-    UnsubscribedContext,
 )
 from centrifuge.exceptions import ReplyError
 from tsunagu_core.testing import eventually, free_port
@@ -37,50 +26,7 @@ from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES
 
 from .conftest import API_KEY, RunningGateway, make_token, running_gateway
 from .hook_backend import HookBackend, hook_backend
-
-
-class Events(ClientEventHandler):
-    def __init__(self) -> None:
-        self.connected: list[ConnectedContext] = []
-        self.disconnected: list[DisconnectedContext] = []
-        self.errors: list[ErrorContext] = []
-        self.server_subscribed: list[ServerSubscribedContext] = []
-        self.server_publications: list[ServerPublicationContext] = []
-
-    async def on_connected(self, ctx: ConnectedContext) -> None:
-        self.connected.append(ctx)
-
-    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
-        self.disconnected.append(ctx)
-
-    async def on_error(self, ctx: ErrorContext) -> None:
-        self.errors.append(ctx)
-
-    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
-        self.server_subscribed.append(ctx)
-
-    async def on_publication(self, ctx: ServerPublicationContext) -> None:
-        self.server_publications.append(ctx)
-
-
-class Inbox(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.subscribed: list[SubscribedContext] = []
-        self.unsubscribed: list[UnsubscribedContext] = []
-        self.errors: list[SubscriptionErrorContext] = []
-        self.publications: list[PublicationContext] = []
-
-    async def on_subscribed(self, ctx: SubscribedContext) -> None:
-        self.subscribed.append(ctx)
-
-    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
-        self.unsubscribed.append(ctx)
-
-    async def on_error(self, ctx: SubscriptionErrorContext) -> None:
-        self.errors.append(ctx)
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.publications.append(ctx)
+from .sdk_events import Events, Inbox
 
 
 def namespaces(**app: Any) -> dict[str, Any]:
@@ -320,7 +266,7 @@ async def test_publish_hook_rewrites_or_refuses() -> None:
             await sub.ready(timeout=5)
             await sub.publish({"text": "hello"})
             await eventually(lambda: len(inbox.publications) == 1)
-            publication = inbox.publications[0].pub
+            publication = inbox.publications[0]
             assert publication.data == {"text": "HELLO", "by": "ann"} and publication.tags == {"lang": "en"}
             with pytest.raises(ReplyError) as refused:
                 await sub.publish({"text": "buy spam"})
