@@ -293,3 +293,36 @@ async def test_the_server_api_of_one_replica_acts_on_a_connection_of_the_other(s
     await eventually(lambda: events.disconnected, "ann was never disconnected")
     assert events.disconnected[0] == (4501, "moved")  # 4500-4999: the SDK does not reconnect
     await ann.disconnect()
+
+
+async def test_stock_javascript_sdk_positioning_cache_recovery_and_tags_filter(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+    namespaces = {
+        "chat": {"presence": True, "join_leave": True},
+        "ticks": {"recovery": False, "allow_positioning": True, "allow_subscribe": "authenticated"},
+        "scores": {"recovery_mode": "cache", "history_size": 1, "allow_subscribe": "authenticated"},
+        "quotes": {"allow_tags_filter": True, "allow_subscribe": "authenticated"},
+    }
+    env = {**gateway_env(real_env), "TSUNAGU_GATEWAY_NAMESPACES": json.dumps(namespaces)}
+    gateway = start_service(["serve", "ws-gateway"], env)
+    await asyncio.to_thread(gateway.wait_ready)
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        "stream_features.mjs",
+        f"ws://127.0.0.1:{gateway.port}/connection/websocket",
+        token("ann"),
+        uuid.uuid4().hex[:8],
+        f"http://127.0.0.1:{gateway.port}/api",
+        "e2e",
+        cwd=JS_DIR,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stdout.decode() + stderr.decode()
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    positioned = summary["subscribed"]["positioned"][0]
+    assert positioned == {"positioned": True, "recoverable": False, "recovered": False, "offset": 1}
+    # Cache recovery: the latest state on the first subscribe, and only the latest after the reconnect.
+    assert [item["data"]["score"] for item in summary["received"]["cache"]] == ["1-0", "2-1"]
+    assert all(event["recovered"] for event in summary["subscribed"]["cache"])
+    assert [item["tags"] for item in summary["received"]["filtered"]] == [{"ticker": "AAPL"}] * 2
