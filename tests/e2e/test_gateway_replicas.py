@@ -326,3 +326,54 @@ async def test_stock_javascript_sdk_positioning_cache_recovery_and_tags_filter(s
     assert [item["data"]["score"] for item in summary["received"]["cache"]] == ["1-0", "2-1"]
     assert all(event["recovered"] for event in summary["subscribed"]["cache"])
     assert [item["tags"] for item in summary["received"]["filtered"]] == [{"ticker": "AAPL"}] * 2
+
+
+PROTO_DIR = Path(__file__).resolve().parents[2] / "proto" / "centrifugal" / "centrifugo"
+
+
+async def test_grpc_api_disconnects_a_user_connected_to_the_other_replica(
+    start_service, real_env, pick_port, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+    from tsunagu_core.testing_clients import grpc_stubs
+
+    grpc_port = pick_port()
+    env = gateway_env(real_env)
+    first = start_service(["serve", "ws-gateway"], {**env, "TSUNAGU_GATEWAY_GRPC_API_PORT": str(grpc_port)})
+    second = start_service(["serve", "ws-gateway"], env)
+    for replica in (first, second):
+        await asyncio.to_thread(replica.wait_ready)
+    user = f"grpc-{uuid.uuid4().hex[:8]}"
+    channel = f"chat:{user}"
+    disconnected: asyncio.Future[DisconnectedContext] = asyncio.get_running_loop().create_future()
+
+    class Watch(ClientEventHandler):
+        async def on_disconnected(self, ctx: DisconnectedContext) -> None:
+            if not disconnected.done():
+                disconnected.set_result(ctx)
+
+    client = Client(f"ws://127.0.0.1:{second.port}/connection/websocket", events=Watch(), token=token(user))
+    await client.connect()
+    inbox = Inbox()
+    sub = client.new_subscription(channel, events=inbox)
+    await sub.subscribe()
+    await sub.ready(timeout=10)
+    with grpc_stubs(PROTO_DIR, "api", tmp_path) as (pb, pb_grpc):
+        key = (("authorization", "apikey e2e"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as grpc_channel:
+            api = pb_grpc.CentrifugoApiStub(grpc_channel)
+            published = await api.Publish(pb.PublishRequest(channel=channel, data=b'{"via":"grpc"}'), metadata=key)
+            assert not published.HasField("error"), published
+            await inbox.wait_for(1)
+            assert inbox.data == [{"via": "grpc"}]
+            history = await api.History(pb.HistoryRequest(channel=channel, limit=10), metadata=key)
+            assert [p.data for p in history.result.publications] == [b'{"via":"grpc"}']
+            answer = await api.Disconnect(
+                pb.DisconnectRequest(user=user, disconnect=pb.Disconnect(code=4601, reason="from the other replica")),
+                metadata=key,
+            )
+            assert not answer.HasField("error"), answer
+            ctx = await asyncio.wait_for(disconnected, 10)
+            assert (ctx.code, ctx.reason) == (4601, "from the other replica")
+            info = await api.Info(pb.InfoRequest(), metadata=key)
+            assert len(info.result.nodes) >= 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,15 +17,17 @@ from centrifuge import (
 )
 from tsunagu_core.broker import MemoryBroker
 from tsunagu_core.testing import eventually, free_port
+from tsunagu_core.testing_clients import grpc_stubs
 
 from .conftest import API_KEY, RunningGateway, make_token, running_gateway
-from .grpc_stubs import generated
 from .sdk_events import Events, Inbox
+
+PROTO_DIR = Path(__file__).resolve().parents[3] / "proto" / "centrifugal" / "centrifugo"
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    with generated("api", tmp_path_factory.mktemp("api_stubs")) as modules:
+    with grpc_stubs(PROTO_DIR, "api", tmp_path_factory.mktemp("api_stubs")) as modules:
         yield modules
 
 

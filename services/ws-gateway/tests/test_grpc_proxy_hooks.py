@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,16 +17,18 @@ import pytest
 from centrifuge import Client
 from centrifuge.exceptions import ReplyError
 from tsunagu_core.testing import eventually, free_port
+from tsunagu_core.testing_clients import grpc_stubs
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES
 
 from .conftest import running_gateway
-from .grpc_stubs import generated
 from .sdk_events import Events
+
+PROTO_DIR = Path(__file__).resolve().parents[3] / "proto" / "centrifugal" / "centrifugo"
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    with generated("proxy", tmp_path_factory.mktemp("proxy_stubs")) as modules:
+    with grpc_stubs(PROTO_DIR, "proxy", tmp_path_factory.mktemp("proxy_stubs")) as modules:
         yield modules
 
 
