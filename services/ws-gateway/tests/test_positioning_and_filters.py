@@ -7,6 +7,8 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
+import pytest
 from centrifuge import (
     Client,
     StreamPosition,
@@ -33,10 +35,11 @@ async def publish(gateway: RunningGateway, channel: str, data: Any, tags: dict[s
         assert "error" not in answer.json(), answer.text
 
 
-async def test_a_tags_filter_lets_only_matching_publications_through() -> None:
+@pytest.mark.parametrize("use_protobuf", [False, True], ids=["json", "protobuf"])
+async def test_a_tags_filter_lets_only_matching_publications_through(use_protobuf: bool) -> None:
     settings = with_namespaces(quotes={"allow_tags_filter": True, "allow_subscribe": "authenticated"})
     async with running_gateway(**settings) as gateway:
-        client = Client(gateway.ws_url, token=make_token("ann", []))
+        client = Client(gateway.ws_url, token=make_token("ann", []), use_protobuf=use_protobuf)
         await client.connect()
         apple, everything = Inbox(), Inbox()
         filtered = client.new_subscription(
@@ -57,7 +60,8 @@ async def test_a_tags_filter_lets_only_matching_publications_through() -> None:
         await eventually(lambda: len(everything.publications) == 4)
         await eventually(lambda: len(apple.publications) == 2)
         await asyncio.sleep(0.2)  # nothing else arrives
-        assert [p.data["n"] for p in apple.publications] == [0, 3]
+        # (a protobuf client gets the payload's bytes)
+        assert [orjson.loads(p.data)["n"] if use_protobuf else p.data["n"] for p in apple.publications] == [0, 3]
         assert apple.publications[0].tags == {"ticker": "AAPL", "price": "150"}
         await client.disconnect()
         await plain.disconnect()
