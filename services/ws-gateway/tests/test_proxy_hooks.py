@@ -145,6 +145,30 @@ async def test_backend_refuses_with_an_error_or_a_disconnect() -> None:
         assert client.state == ClientState.DISCONNECTED
 
 
+async def test_an_answer_without_a_result_is_no_yes() -> None:
+    async with hook_backend() as backend:
+        backend.answers["connect"] = lambda body: {}
+        backend.answers["subscribe"] = lambda body: {"result": None}
+        async with gateway_with(
+            backend, connect_proxy="connect", namespaces=namespaces(subscribe_proxy="subscribe")
+        ) as gateway:
+            events = Events()
+            client = Client(gateway.ws_url, events=events, max_reconnect_delay=0.5)
+            await client.connect()
+            await eventually(lambda: bool(events.errors))
+            error = events.errors[0].error
+            assert isinstance(error, ReplyError) and error.code == 100 and events.connected == []
+            await client.disconnect()
+            member = Client(gateway.ws_url, token=make_token("ann", ["app:*"]))
+            await member.connect()
+            inbox = Inbox()
+            sub = member.new_subscription("app:room", events=inbox)
+            await sub.subscribe()
+            await eventually(lambda: bool(inbox.errors))
+            assert inbox.errors[0].error.code == 100 and inbox.subscribed == []
+            await member.disconnect()
+
+
 async def test_a_client_with_a_token_is_not_asked_about() -> None:
     async with hook_backend() as backend:
         async with gateway_with(backend, connect_proxy="connect") as gateway:

@@ -260,6 +260,13 @@ class Hooks:
                 PROXY_CALLS.labels(hook, backend.transport, "error").inc()
                 error = answer.error
                 raise HookError(ErrorCode(error.code, error.message), temporary=error.temporary)
+            if not answer.HasField("result"):
+                # An empty answer is no yes: allowing is said with a `result`, even an empty one.
+                PROXY_CALLS.labels(hook, backend.transport, "unavailable").inc()
+                log.warning(
+                    "%s proxy %r (%s) answered neither result, error nor disconnect", hook, name, proxy.endpoint
+                )
+                raise BackendUnavailable("answered neither result, error nor disconnect")
             PROXY_CALLS.labels(hook, backend.transport, "ok").inc()
             return response
 
