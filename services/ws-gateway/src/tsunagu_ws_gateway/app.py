@@ -7,7 +7,6 @@ the transports (transports/) and the protocols (protocols/) wired to the routes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -113,7 +112,10 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
 
     async def start_relays(relays: Relays) -> None:
         await runtime.wait_ready(["bus"])
-        await relays.start()
+        try:
+            await relays.start()
+        except Exception:
+            logging.getLogger("tsunagu.gateway.webhooks").exception("the webhook relays could not start")
 
     def graphql_app() -> ASGIApp:
         from tsunagu_ws_gateway.protocols.graphql import build_graphql_app
@@ -148,8 +150,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
                 await grpc_server.stop(1.0)
             if relaying is not None and relays is not None:
                 relaying.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await relaying
+                await asyncio.gather(relaying, return_exceptions=True)
                 await relays.stop()
             if revocations.done() and revocations.exception() is None:
                 await revocations.result().stop()
