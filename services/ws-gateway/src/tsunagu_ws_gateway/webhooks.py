@@ -183,10 +183,14 @@ class Relays:
     async def start(self) -> None:
         # The relay retries itself: the bus's retries would redeliver the batch's earlier events.
         once = RetryPolicy(max_attempts=1)
+        # A new endpoint gets the events from when it was added, not all the topics still retain; an endpoint
+        # that was down resumes at its group's committed position.
         for relay in self.relays:
             group = f"ws-gateway-webhooks-{relay.name}"
             self._subscriptions.append(
-                await self.bus.consume_batches(relay.topics, group, relay.handle, batch=_BATCH, retry=once)
+                await self.bus.consume_batches(
+                    relay.topics, group, relay.handle, batch=_BATCH, retry=once, from_latest=True
+                )
             )
 
     async def stop(self) -> None:
