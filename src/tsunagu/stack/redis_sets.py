@@ -293,7 +293,7 @@ class PrivateRedisSentinel(_ServerSet):
 
     def primary(self) -> PrivateRedis:
         """The data server the sentinels name as primary now."""
-        host, port = _client(self._live_sentinel().port).sentinel_get_master_addr_by_name(self.service)
+        _, port = _client(self._live_sentinel().port).sentinel_get_master_addr_by_name(self.service)
         return next(server for server in self.data_servers if server.port == int(port))
 
     def _live_sentinel(self) -> PrivateRedis:

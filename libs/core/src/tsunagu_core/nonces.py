@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.redis_pool import AnyRedis, connect_redis
 
 
 class NonceRegistryError(RuntimeError):
@@ -63,7 +62,7 @@ class RedisNonceRegistry:
     def __init__(self, url: str, prefix: str = "tsunagu:nonce") -> None:
         self.url = url
         self.prefix = prefix
-        self._redis: Redis | None = None
+        self._redis: AnyRedis | None = None
 
     async def start(self) -> None:
         self._redis = await connect_redis(self.url, max_connections=32, wait=3.0, socket_timeout=3.0)

@@ -180,9 +180,7 @@ def redis_client(
         )
     if address.mode == "sentinel":
         common: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
-        sentinel = Sentinel(
-            list(address.nodes), sentinel_kwargs={**common, **(_ssl_files(tls) if address.tls else {})}
-        )
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={**common, **(_ssl_files(tls) if address.tls else {})})
         extra: dict[str, Any] = {}
         if context is not None:
             extra = {"connection_class": _ContextSentinelSSLConnection, "tls_context": context}

@@ -190,10 +190,10 @@ class MemoryCounters(Counters):
 
 class RedisCounters(Counters):
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
-        from tsunagu_core.redis_pool import redis_client
+        from tsunagu_core.redis_pool import AnyRedis, redis_client
 
-        self.redis: Redis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
+        # (the keys share the `{login}` hash tag: one slot on Redis Cluster)
+        self.redis: AnyRedis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
         self._admit = self.redis.register_script(_ADMIT)
         self._finish = self.redis.register_script(_FINISH)
 

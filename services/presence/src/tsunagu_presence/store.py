@@ -18,9 +18,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.redis_pool import AnyRedis, connect_redis, slot_tagged
 
 
 class StoreError(Exception):
@@ -342,8 +341,9 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisPresenceStore(PresenceStore):
-    """State in Redis, shared by every presence replica. The keys of one operation are not in one
-    hash slot, so this needs a single Redis (or a primary with replicas), not Redis Cluster."""
+    """State in Redis, shared by every presence replica. An operation touches keys of several users and
+    nodes at once, so on Redis Cluster every key carries the prefix as its hash tag: the whole state lives
+    in one slot (one shard), which presence's size affords."""
 
     def __init__(
         self, url: str, prefix: str = "tsunagu:presence", tombstone_ttl: float = 900.0, dead_node_ttl: float = 86400.0
@@ -351,13 +351,14 @@ class RedisPresenceStore(PresenceStore):
         super().__init__(tombstone_ttl, dead_node_ttl)
         self.url = url
         self.prefix = prefix
-        self._redis: Redis | None = None
+        self._redis: AnyRedis | None = None
+        self._tagged = prefix
 
     def _key(self, kind: str, name: str = "") -> str:
-        return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
+        return f"{self._tagged}:{kind}:{name}" if name else f"{self._tagged}:{kind}"
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> AnyRedis:
         if self._redis is None:
             raise StoreError("the presence store is not started")
         return self._redis
@@ -370,6 +371,7 @@ class RedisPresenceStore(PresenceStore):
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
+        self._tagged = slot_tagged(self.prefix, client)
         self._connected = client.register_script(_CONNECTED)
         self._subscribed = client.register_script(_SUBSCRIBED)
         self._heartbeat = client.register_script(_HEARTBEAT)

@@ -18,9 +18,8 @@ import json
 import time
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.redis_pool import AnyRedis, connect_redis, slot_tagged
 
 
 class StoreError(Exception):
@@ -171,22 +170,24 @@ class RedisRoomStore(RoomStore):
     def __init__(self, url: str, prefix: str = "tsunagu:sim") -> None:
         self.url = url
         self.prefix = prefix
-        self._redis: Redis | None = None
+        self._redis: AnyRedis | None = None
+        # (on Redis Cluster the prefix is a hash tag: a lease, its snapshot and the registry share a slot)
+        self._tagged = prefix
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> AnyRedis:
         if self._redis is None:
             raise StoreError("the rooms store is not started")
         return self._redis
 
     def _rooms(self) -> str:
-        return f"{self.prefix}:rooms"
+        return f"{self._tagged}:rooms"
 
     def _lease(self, room: str) -> str:
-        return f"{self.prefix}:lease:{room}"
+        return f"{self._tagged}:lease:{room}"
 
     def _snap(self, room: str) -> str:
-        return f"{self.prefix}:snap:{room}"
+        return f"{self._tagged}:snap:{room}"
 
     async def start(self) -> None:
         if self._redis is not None:
@@ -196,6 +197,7 @@ class RedisRoomStore(RoomStore):
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
+        self._tagged = slot_tagged(self.prefix, client)
         self._renew = client.register_script(_RENEW)
         self._save = client.register_script(_SAVE)
         self._release = client.register_script(_RELEASE)
