@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -27,17 +28,37 @@ from typing import Any
 import redis
 
 from tsunagu.stack import proc
-from tsunagu.stack.redis import PrivateRedis
-from tsunagu.stack.settings import HOST, StackError
+from tsunagu.stack.base import Component
+from tsunagu.stack.redis import PrivateRedis, redis_server
+from tsunagu.stack.settings import (
+    HOST,
+    SENTINEL_SERVICE,
+    StackError,
+    StackSettings,
+    redis_cluster_ports,
+    redis_cluster_url,
+    redis_sentinel_ports,
+    redis_sentinel_url,
+)
 
 SLOTS = 16384
-SENTINEL_SERVICE = "tsunagu"
 # A replica's first sync starts at once (Redis waits 5 s by default for more replicas to share it).
 _REPLICATION = ["repl-diskless-sync-delay 0"]
 
 
 def _client(port: int) -> redis.Redis:
     return redis.Redis(host=HOST, port=port, socket_timeout=5, socket_connect_timeout=2)
+
+
+def _sentinel(port: int, timeout: float = 5) -> Any:
+    """A client of one sentinel (redis-py's SENTINEL replies are untyped)."""
+    return redis.Redis(host=HOST, port=port, socket_timeout=timeout, socket_connect_timeout=2)
+
+
+def _primary_address(port: int, service: str, timeout: float = 5) -> tuple[str, int]:
+    """The primary that the sentinel on `port` names for `service`."""
+    host, primary = _sentinel(port, timeout).sentinel_get_master_addr_by_name(service)
+    return host.decode() if isinstance(host, bytes) else str(host), int(primary)
 
 
 def _wait(what: str, condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> None:
@@ -293,7 +314,7 @@ class PrivateRedisSentinel(_ServerSet):
 
     def primary(self) -> PrivateRedis:
         """The data server the sentinels name as primary now."""
-        _, port = _client(self._live_sentinel().port).sentinel_get_master_addr_by_name(self.service)
+        _, port = _primary_address(self._live_sentinel().port, self.service)
         return next(server for server in self.data_servers if server.port == int(port))
 
     def _live_sentinel(self) -> PrivateRedis:
@@ -305,7 +326,7 @@ class PrivateRedisSentinel(_ServerSet):
 
         def healthy() -> bool:
             for sentinel in self.sentinels:
-                client = _client(sentinel.port)
+                client = _sentinel(sentinel.port)
                 master = client.sentinel_master(self.service)
                 if "s_down" in str(master.get("flags", "")) or "o_down" in str(master.get("flags", "")):
                     return False
@@ -332,7 +353,7 @@ class PrivateRedisSentinel(_ServerSet):
 
         def promoted() -> bool:
             for sentinel in self.sentinels:
-                _, port = _client(sentinel.port).sentinel_get_master_addr_by_name(self.service)
+                _, port = _primary_address(sentinel.port, self.service)
                 if int(port) == killed.port:
                     return False
             return _client(self.primary().port).info("replication").get("role") == "master"
@@ -350,7 +371,99 @@ def _free_ports(count: int, avoid: Sequence[int] = ()) -> list[int]:
     return ports
 
 
-# --- the stack's supervising process ----------------------------------------------------------------
+# --- the stack's components: one supervising process per set ----------------------------------------
+
+
+class _RedisSetComponent(Component):
+    """`stack up redis-cluster|redis-sentinel`: the set runs under `python -m tsunagu.stack.redis_sets`,
+    which starts, forms and watches its servers, and stops them on SIGTERM."""
+
+    kind = ""
+
+    def __init__(self, settings: StackSettings) -> None:
+        super().__init__(settings)
+        self.exe_names = (Path(os.path.realpath(sys.executable)).name,)
+
+    def ports(self) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        return self.ports()[0][0]
+
+    def missing_packages(self) -> list[str]:
+        return [] if redis_server() else ["redis-server"]
+
+    def marker(self) -> str:
+        return f"tsunagu.stack.redis_sets {self.kind} {self.home}"
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        ports, others = self.ports()
+        return [
+            sys.executable,
+            "-m",
+            "tsunagu.stack.redis_sets",
+            self.kind,
+            str(self.home),
+            "--ports",
+            *map(str, ports),
+            "--other-ports",
+            *map(str, others),
+        ]
+
+    def stop(self, pid: int) -> str:
+        return proc.terminate(pid, 30.0)
+
+
+class RedisClusterSet(_RedisSetComponent):
+    name = "redis-cluster"
+    kind = "cluster"
+    port_fields = ("redis_cluster_port",)
+
+    def ports(self) -> tuple[list[int], list[int]]:
+        ports = redis_cluster_ports(self.settings)
+        return ports, [port + 10000 for port in ports]
+
+    def detail(self) -> str:
+        return redis_cluster_url(self.settings)
+
+    def probe(self, timeout: float) -> bool:
+        try:
+            for port in self.ports()[0]:
+                info = redis.Redis(host=HOST, port=port, socket_timeout=timeout).cluster("info")
+                if info.get("cluster_state") != "ok":
+                    return False
+            return True
+        except (redis.RedisError, OSError):
+            return False
+
+
+class RedisSentinelSet(_RedisSetComponent):
+    name = "redis-sentinel"
+    kind = "sentinel"
+    port_fields = ("redis_sentinel_port", "redis_sentinel_data_port")
+
+    def ports(self) -> tuple[list[int], list[int]]:
+        return redis_sentinel_ports(self.settings)
+
+    def detail(self) -> str:
+        return redis_sentinel_url(self.settings)
+
+    def probe(self, timeout: float) -> bool:
+        try:
+            for port in self.ports()[1]:
+                host, primary = _primary_address(port, SENTINEL_SERVICE, timeout)
+                if not redis.Redis(host=host, port=primary, socket_timeout=timeout).ping():
+                    return False
+            return True
+        except (redis.RedisError, OSError, TypeError):
+            return False
+
+
+# --- the supervising process ------------------------------------------------------------------------
 
 
 def supervise(argv: Sequence[str] | None = None) -> int:
