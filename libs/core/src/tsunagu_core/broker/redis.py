@@ -555,7 +555,13 @@ class RedisBroker(Broker):
                         keys[f"{self.prefix}:i:{{{item.channel}}}:{item.idempotency_key}"] = None
                 calls.append((list(keys), b"".join(packed[i].data for i in part)))
                 positions.append(part)
-        replies = await self._pipeline_publish(calls, epoch)
+        if len(calls) == 1:
+            # One slot (a lone publish, or a batch of one channel): a plain call, no cluster pipeline.
+            keys, chunk = calls[0]
+            args = [self.prefix, epoch, chunk, self._sharded, self._fenced]
+            replies = [await self._publish_script(keys=keys, args=args)]
+        else:
+            replies = await self._pipeline_publish(calls, epoch)
         results: list[PublishResult | None] = [None] * len(packed)
         for part, flat in zip(positions, replies, strict=True):
             for i, result in zip(part, _results(flat), strict=True):
