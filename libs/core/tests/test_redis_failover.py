@@ -1,4 +1,5 @@
-"""A Redis primary killed while publications flow (Redis Cluster and Sentinel): nobody silently misses one.
+"""A Redis primary killed, or a slot moved, while publications flow (Redis Cluster and Sentinel): nobody
+silently misses one.
 
 Each test runs its own set of private servers (it kills one). A subscriber node acts as the gateway
 does: when the broker reports its fan-out was re-established it recovers every channel from history
@@ -10,13 +11,14 @@ failed publish under its idempotency key, as a client whose publish errored does
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tsunagu_core.broker import BrokerError, Publication, PublishOptions, StreamPosition
+from tsunagu_core.broker import BrokerError, Publication, PublishOptions, PublishRequest, StreamPosition
 from tsunagu_core.broker.redis import RedisBroker
 from tsunagu_core.testing import eventually, require_stack
 
@@ -182,3 +184,47 @@ async def test_a_sentinel_primary_killed_mid_stream_loses_nobody_silently(sentin
     subscriber = await run_failover(sentinel.url, new_channels(), sentinel.kill_primary, sentinel.wait_failover)
     # The promoted replica starts new epochs: every subscriber whose recovery crossed it was told so.
     assert all(state.told_lost for state in subscriber.channels.values())
+
+
+async def test_a_slot_moved_to_another_primary_is_followed_by_publishers_and_subscribers(
+    cluster: PrivateRedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu.broker.redis")
+    name = new_channels()[0]
+    prefix = f"test-reshard-{uuid.uuid4().hex[:8]}"
+    publisher = RedisBroker(cluster.url, prefix=prefix, retry_max=0.5)
+    subscriber_node = RedisBroker(cluster.url, prefix=prefix, retry_max=0.5)
+    subscriber = RecoveringSubscriber(subscriber_node, [name])
+    subscriber_node.set_handler(subscriber)
+    await publisher.start()
+    await subscriber_node.start()
+    try:
+        await subscriber_node.subscribe(name)
+        before = [f"before-{i}".encode() for i in range(10)]
+        await publisher.publish_many([PublishRequest(name, data, KEEP) for data in before])
+        await eventually(lambda: len(subscriber.channels[name].received) == 10)
+        old = cluster.primary_of("{" + name + "}")
+        new = await asyncio.to_thread(cluster.move_slot_of, "{" + name + "}")
+        assert new is not old
+        # The publisher's slot map is stale: its batch is refused by the old owner before any write,
+        # then sent to the new one.
+        after = [f"after-{i}".encode() for i in range(10)]
+        results = await publisher.publish_many([PublishRequest(name, data, KEEP) for data in after])
+        assert len({r.epoch for r in results}) == 1 and [r.offset for r in results] == sorted(r.offset for r in results)
+        assert any("refused 10 publications" in record.message for record in caplog.records)
+        history = await publisher.history(name)
+        assert [p.data for p in history.publications][-10:] == after
+        # The subscriber follows the slot (Redis dropped its shard channel) and catches up or is told.
+        await eventually(lambda: subscriber.recoveries >= 1, timeout=10)
+        late = [f"late-{i}".encode() for i in range(5)]
+        for data in late:
+            await publisher.publish(name, data, KEEP)
+        state = subscriber.channels[name]
+        await eventually(lambda: state.received[-1:] == late[-1:], timeout=10)
+    finally:
+        await publisher.close()
+        await subscriber_node.close()
+    assert not state.gaps, state.gaps
+    missing = [data for data in [*before, *after, *late] if data not in state.received]
+    assert not missing or state.told_lost, f"{len(missing)} publications silently missed"
+    assert all(data in state.received for data in late)

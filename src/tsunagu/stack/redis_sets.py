@@ -222,6 +222,25 @@ class PrivateRedisCluster(_ServerSet):
                 return next(server for server in self.servers if server.port == port)
         raise StackError(f"no node serves slot {slot}")
 
+    def move_slot_of(self, key: str) -> PrivateRedis:
+        """Reshard: move `key`'s slot, with its keys, to another primary (as `redis-cli --cluster
+        reshard` does); returns the new owner."""
+        source = self.primary_of(key)
+        src = _client(source.port)
+        slot = int(src.cluster("keyslot", key))
+        owners = {int(entry[2][1]) for entry in src.execute_command("CLUSTER", "SLOTS")}
+        target = next(s for s in self.servers if s.running and s.port in owners and s is not source)
+        dst = _client(target.port)
+        source_id, target_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (src, dst))
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+        for port in owners:
+            _client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_healthy()
+        return target
+
     def kill_primary_of(self, key: str) -> PrivateRedis:
         """kill -9 the primary holding `key`; its replica is promoted after the node timeout."""
         primary = self.primary_of(key)

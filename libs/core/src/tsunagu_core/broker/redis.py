@@ -41,7 +41,7 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from tsunagu_core.broker.base import (
     Broker,
@@ -162,6 +162,23 @@ for _, t in pairs(ttls) do
 end
 return results
 """
+)
+
+# Redis Cluster: the same publications for every slot one primary serves, in one call. Every channel's
+# meta key is read first, so that a slot this primary no longer serves (moved, failed over) is refused
+# before anything is written: the caller then sends those publications slot by slot.
+_PUBLISH_ON_NODE = (
+    "#!lua flags=allow-cross-slot-keys\n"
+    + """
+local prefix, packed = ARGV[1], ARGV[3]
+local at = 1
+while at <= #packed do
+  local channel, _i, _b, _s, _t1, _t2, _t3
+  channel, _i, _b, _s, _t1, _t2, _t3, at = struct.unpack('>I2c0I2c0I4c0I4I4I4I4', packed, at)
+  redis.call('exists', prefix .. ':ml:{' .. channel .. '}')
+end
+"""
+    + _PUBLISH
 )
 
 # Returns the top offset, the epoch, the publications asked for (oldest first) and the offset of the
@@ -346,6 +363,7 @@ class RedisBroker(Broker):
             raise BrokerError(f"Redis at {self.url} does not answer: {exc}") from None
         self._redis = client
         self._publish_script = client.register_script(_PUBLISH)
+        self._publish_on_node = client.register_script(_PUBLISH_ON_NODE)
         self._history_script = client.register_script(_HISTORY)
         self._presence_add = client.register_script(_PRESENCE_ADD)
         self._presence_get = client.register_script(_PRESENCE_GET)
@@ -534,8 +552,52 @@ class RedisBroker(Broker):
         return [result for flat in replies for result in _results(flat)]
 
     async def _run_publish_sharded(self, packed: Sequence[_Packed], epoch: str) -> list[PublishResult]:
-        """Redis Cluster: the publications grouped by slot (one channel's stay in order in one group), each
-        group one script call (per `PUBLISH_CHUNK`) declaring its keys, the calls pipelined per primary."""
+        """Redis Cluster: the publications grouped by the primary of their channel's slot (one channel's
+        stay in order in one group), each group one script call (per `PUBLISH_CHUNK`) on its primary, the
+        primaries called at once. A group its primary refuses (the slot moved) goes slot by slot."""
+        assert isinstance(self.redis, RedisCluster)
+        cluster = self.redis
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for index, item in enumerate(packed):
+            node = cluster.get_node_from_key(self._key("ml", item.channel))
+            if node is None:
+                return await self._run_publish_by_slot(packed, epoch)  # no slot map yet: let redis-py route
+            groups.setdefault(node.name, (node, []))[1].append(index)
+        parts = [
+            (node, indexes[start : start + PUBLISH_CHUNK])
+            for node, indexes in groups.values()
+            for start in range(0, len(indexes), PUBLISH_CHUNK)
+        ]
+        results: list[PublishResult | None] = [None] * len(packed)
+
+        async def on_node(node: Any, part: list[int]) -> None:
+            chunk = b"".join(packed[i].data for i in part)
+            args: list[str | bytes | int] = [0, self.prefix, epoch, chunk, self._sharded, self._fenced]
+            try:
+                try:
+                    flat = await cluster.execute_command("EVALSHA", self._publish_on_node.sha, *args, target_nodes=node)
+                except NoScriptError:
+                    await cluster.script_load(_PUBLISH_ON_NODE)
+                    flat = await cluster.execute_command("EVALSHA", self._publish_on_node.sha, *args, target_nodes=node)
+                replies = _results(flat)
+            except ResponseError as exc:
+                if "non local key" not in str(exc) and "hash to the same slot" not in str(exc):
+                    raise
+                # Refused before any write (the pre-check): the slot map changed; redis-py routes these.
+                log.info(
+                    "primary %s refused %d publications (slot moved); sending them slot by slot", node.name, len(part)
+                )
+                await cluster.nodes_manager.initialize()
+                replies = await self._run_publish_by_slot([packed[i] for i in part], epoch)
+            for i, result in zip(part, replies, strict=True):
+                results[i] = result
+
+        await asyncio.gather(*(on_node(node, part) for node, part in parts))
+        return [r for r in results if r is not None]
+
+    async def _run_publish_by_slot(self, packed: Sequence[_Packed], epoch: str) -> list[PublishResult]:
+        """Redis Cluster, slot by slot: each call declares its keys, so redis-py routes it and follows
+        MOVED/ASK (the path while slots move or a failover is under way)."""
         assert isinstance(self.redis, RedisCluster)
         keyslot = self.redis.keyslot
         groups: dict[int, list[int]] = {}
@@ -556,10 +618,11 @@ class RedisBroker(Broker):
                 calls.append((list(keys), b"".join(packed[i].data for i in part)))
                 positions.append(part)
         if len(calls) == 1:
-            # One slot (a lone publish, or a batch of one channel): a plain call, no cluster pipeline.
-            keys, chunk = calls[0]
-            args = [self.prefix, epoch, chunk, self._sharded, self._fenced]
-            replies = [await self._publish_script(keys=keys, args=args)]
+            # one slot (a lone publish, a batch of one channel): a plain call, no cluster pipeline
+            declared, chunk = calls[0]
+            replies = [
+                await self._publish_script(keys=declared, args=[self.prefix, epoch, chunk, self._sharded, self._fenced])
+            ]
         else:
             replies = await self._pipeline_publish(calls, epoch)
         results: list[PublishResult | None] = [None] * len(packed)
