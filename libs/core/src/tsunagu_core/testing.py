@@ -7,8 +7,10 @@ real Redis or Kafka from skipped into required: if a server does not answer then
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,7 +42,7 @@ _redis_sets: dict[str, Any] = {}
 def redis_engine_url(engine: str) -> str:
     """`TSUNAGU_REDIS_URL` of a Redis engine: `redis` is the stack's server; `redis-cluster` (3 primaries,
     3 replicas) and `redis-sentinel` (a primary, 2 replicas, 3 sentinels) are private servers on free
-    ports, started once per test process (~2 s each) and killed when it exits. The tests that kill a
+    ports, started once per test process (~2 s each), stopped and removed when it exits. The tests that kill a
     primary start sets of their own (`tsunagu.stack.redis_sets`)."""
     if engine == "redis":
         return REDIS_URL
@@ -50,7 +52,14 @@ def redis_engine_url(engine: str) -> str:
 
         directory = Path(tempfile.mkdtemp(prefix=f"tsunagu-{engine}-"))
         kind = PrivateRedisCluster if engine == "redis-cluster" else PrivateRedisSentinel
-        _redis_sets[engine] = kind(directory).start()
+        servers = kind(directory)
+        _redis_sets[engine] = servers.start()
+
+        def remove() -> None:
+            servers.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
     return str(_redis_sets[engine].url)
 
 
