@@ -36,20 +36,25 @@ async def produce_slowly(producer: Producer, topic: str, numbers: range, pause: 
     await asyncio.to_thread(producer.flush, 10)
 
 
-async def test_records_reach_stock_clients_in_order_once_across_a_crash(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+async def new_topic_and_env(real_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A 3-partition topic of the test's own, and the environment of stream-ingest replicas relaying it
+    (one consumer group)."""
     unique = uuid.uuid4().hex[:10]
     topic = f"prices.e2e.{unique}"
     bus = KafkaBus(KAFKA_BOOTSTRAP, partitions=3)
     await bus.start()
     await bus.ensure_topics([topic])
     await bus.close()
-
-    gateway = start_service(["serve", "ws-gateway"], {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
-    ingest_env = {
+    return topic, {
         **real_env,
         "TSUNAGU_INGEST_MAPPINGS": json.dumps([{"topic": topic}]),
         "TSUNAGU_INGEST_CONSUMER_GROUP": f"stream-ingest-e2e-{unique}",
     }
+
+
+async def test_records_reach_stock_clients_in_order_once_across_a_crash(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+    topic, ingest_env = await new_topic_and_env(real_env)
+    gateway = start_service(["serve", "ws-gateway"], {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
     ingest = start_service(["serve", "stream-ingest"], ingest_env)
     await asyncio.to_thread(gateway.wait_ready)
     await asyncio.to_thread(ingest.wait_ready)
@@ -101,19 +106,8 @@ def published(metrics: str, topic: str) -> float:
 async def test_two_replicas_share_the_partitions_and_the_survivor_takes_over(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
     """Two stream-ingest replicas in one consumer group on a 3-partition topic; one is killed -9 mid-stream:
     the other takes its partitions, and every key's channel gets every record once, in order."""
-    unique = uuid.uuid4().hex[:10]
-    topic = f"prices.e2e.{unique}"
-    bus = KafkaBus(KAFKA_BOOTSTRAP, partitions=3)
-    await bus.start()
-    await bus.ensure_topics([topic])
-    await bus.close()
-
+    topic, ingest_env = await new_topic_and_env(real_env)
     gateway = start_service(["serve", "ws-gateway"], {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
-    ingest_env = {
-        **real_env,
-        "TSUNAGU_INGEST_MAPPINGS": json.dumps([{"topic": topic}]),
-        "TSUNAGU_INGEST_CONSUMER_GROUP": f"stream-ingest-e2e-{unique}",
-    }
     replicas = [start_service(["serve", "stream-ingest"], ingest_env) for _ in range(2)]
     await asyncio.to_thread(gateway.wait_ready)
     for replica in replicas:
