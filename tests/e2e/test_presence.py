@@ -14,7 +14,7 @@ import httpx
 import jwt
 import pytest
 from centrifuge import Client, JoinContext, LeaveContext, SubscriptionEventHandler
-from redis import Redis
+from tsunagu_core.redis_pool import redis_client
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 DEAD_AFTER = 15.0  # the documented default of TSUNAGU_PRESENCE_DEAD_AFTER, tested as it ships
@@ -48,11 +48,18 @@ def presence_env(real_env: dict[str, str]) -> Iterator[dict[str, str]]:
     tag = uuid.uuid4().hex[:10]
     prefix = f"e2e-presence-{tag}"
     yield {**real_env, "TSUNAGU_PRESENCE_CONSUMER_GROUP": f"presence-e2e-{tag}", "TSUNAGU_PRESENCE_KEY_PREFIX": prefix}
-    redis = Redis.from_url(real_env["TSUNAGU_REDIS_URL"])
-    keys = list(redis.scan_iter(f"{prefix}:*"))
-    if keys:
-        redis.delete(*keys)
-    redis.close()
+    asyncio.run(remove_keys(real_env["TSUNAGU_REDIS_URL"], f"*{prefix}*"))
+
+
+async def remove_keys(url: str, pattern: str) -> None:
+    """Delete the keys matching `pattern` (on any kind of Redis: on a cluster, from every primary)."""
+    client = redis_client(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=pattern)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 async def online(base: str, user: str) -> dict[str, Any]:

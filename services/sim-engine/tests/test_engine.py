@@ -12,7 +12,7 @@ from tsunagu_core.bus import MemoryBus
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.envelope import publish_event
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.testing import REDIS_URL, eventually, require_stack
+from tsunagu_core.testing import REDIS_ENGINES, eventually, redis_engine_url, require_stack
 from tsunagu_core.wire.events_pb2 import SimInput
 from tsunagu_sim_engine.app import create_app
 from tsunagu_sim_engine.codec import decode
@@ -39,16 +39,16 @@ class Recorder:
         return [decode(data) for c, data in self.seen if c == channel]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[RoomStore]:
     if request.param == "memory":
         yield MemoryRoomStore()
         return
-    require_stack("the Redis rooms store")
-    redis_store = RedisRoomStore(REDIS_URL, f"tsunagu:test-sim:{uuid.uuid4().hex}")
+    require_stack(f"the {request.param} rooms store")
+    redis_store = RedisRoomStore(redis_engine_url(request.param), f"tsunagu:test-sim:{uuid.uuid4().hex}")
     await redis_store.start()
     yield redis_store
-    keys = [k async for k in redis_store.redis.scan_iter(match=redis_store.prefix + ":*", count=10000)]
+    keys = [k async for k in redis_store.redis.scan_iter(match=f"*{redis_store.prefix}*", count=10000)]
     if keys:
         await redis_store.redis.delete(*keys)
     await redis_store.close()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from tsunagu_core.redis_pool import explain_connection_error, redis_client
+from tsunagu_core.redis_pool import AnyRedis, explain_connection_error, redis_client
 
 
 class RedisStore:
@@ -20,7 +19,7 @@ class RedisStore:
 
     def __init__(self, url: str, **client_options: Any) -> None:
         self.url = url
-        self.redis: Redis = redis_client(url, **client_options)
+        self.redis: AnyRedis = redis_client(url, **client_options)
 
     async def start(self) -> None:
         await self.ping()

@@ -112,12 +112,16 @@ class RedisRevocationStore(RedisStore, RevocationStore):
     """Connects lazily: usable before `start()`, which only checks that Redis answers."""
 
     def __init__(self, url: str) -> None:
+        from tsunagu_core.redis_pool import slot_tagged
+
         RedisStore.__init__(self, url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
+        # One MGET reads a token's three entries: on Redis Cluster they share the prefix's slot.
+        self.key_prefix = slot_tagged(KEY_PREFIX, self.redis)
         self._revoke_user = self.redis.register_script(_REVOKE_USER)
 
     async def revoke(self, scope: Scope, value: str, *, ttl: float, issued_before: float | None = None) -> None:
         _check_args(scope, value, ttl)
-        key = f"{KEY_PREFIX}{scope}:{value}"
+        key = f"{self.key_prefix}{scope}:{value}"
         ttl_ms = max(1, int(ttl * 1000))
         if scope == "user":
             before = issued_before if issued_before is not None else time.time()
@@ -129,9 +133,9 @@ class RedisRevocationStore(RedisStore, RevocationStore):
 
     async def revoked(self, token: TokenIdentity) -> bool:
         keys = [
-            f"{KEY_PREFIX}session:{token.session_id}" if token.session_id else f"{KEY_PREFIX}session:",
-            f"{KEY_PREFIX}token:{token.token_id}" if token.token_id else f"{KEY_PREFIX}token:",
-            f"{KEY_PREFIX}user:{token.user}",
+            f"{self.key_prefix}session:{token.session_id}" if token.session_id else f"{self.key_prefix}session:",
+            f"{self.key_prefix}token:{token.token_id}" if token.token_id else f"{self.key_prefix}token:",
+            f"{self.key_prefix}user:{token.user}",
         ]
         session, token_id, user = await self.redis.mget(keys)
         if (token.session_id and session is not None) or (token.token_id and token_id is not None):

@@ -183,6 +183,7 @@ class MemoryCounters(Counters):
 
 class RedisCounters(RedisStore, Counters):
     def __init__(self, url: str) -> None:
+        # (the keys share the `{login}` hash tag: one slot on Redis Cluster)
         RedisStore.__init__(self, url, socket_timeout=2.0, connect_timeout=2.0)
         self._admit = self.redis.register_script(_ADMIT)
         self._finish = self.redis.register_script(_FINISH)

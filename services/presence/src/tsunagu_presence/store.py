@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_pool import slot_tagged
 from tsunagu_core.redis_store import RedisStore
 
 
@@ -332,8 +333,9 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisPresenceStore(RedisStore, PresenceStore):
-    """State in Redis, shared by every presence replica. The keys of one operation are not in one
-    hash slot, so this needs a single Redis (or a primary with replicas), not Redis Cluster."""
+    """State in Redis, shared by every presence replica. An operation touches keys of several users and
+    nodes at once, so on Redis Cluster every key carries the prefix as its hash tag: the whole state lives
+    in one slot (one shard), which presence's size affords."""
 
     unavailable = StoreError
 
@@ -343,6 +345,7 @@ class RedisPresenceStore(RedisStore, PresenceStore):
         PresenceStore.__init__(self, tombstone_ttl, dead_node_ttl)
         RedisStore.__init__(self, url)
         self.prefix = prefix
+        self._tagged = slot_tagged(prefix, self.redis)
         self._connected = self.redis.register_script(_CONNECTED)
         self._subscribed = self.redis.register_script(_SUBSCRIBED)
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
@@ -350,7 +353,7 @@ class RedisPresenceStore(RedisStore, PresenceStore):
         self._forget_node = self.redis.register_script(_FORGET_NODE)
 
     def _key(self, kind: str, name: str = "") -> str:
-        return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
+        return f"{self._tagged}:{kind}:{name}" if name else f"{self._tagged}:{kind}"
 
     async def connected(self, node: str, client: str, user: str, session: str, at_ms: int, now: float) -> bool:
         connection = json.dumps({"node": node, "session": session, "since": at_ms})

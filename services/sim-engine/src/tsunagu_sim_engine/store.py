@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_pool import slot_tagged
 from tsunagu_core.redis_store import RedisStore
 
 
@@ -163,18 +164,20 @@ class RedisRoomStore(RedisStore, RoomStore):
     def __init__(self, url: str, prefix: str = "tsunagu:sim") -> None:
         RedisStore.__init__(self, url)
         self.prefix = prefix
+        # (on Redis Cluster the prefix is a hash tag: a lease, its snapshot and the registry share a slot)
+        self._tagged = slot_tagged(prefix, self.redis)
         self._renew = self.redis.register_script(_RENEW)
         self._save = self.redis.register_script(_SAVE)
         self._release = self.redis.register_script(_RELEASE)
 
     def _rooms(self) -> str:
-        return f"{self.prefix}:rooms"
+        return f"{self._tagged}:rooms"
 
     def _lease(self, room: str) -> str:
-        return f"{self.prefix}:lease:{room}"
+        return f"{self._tagged}:lease:{room}"
 
     def _snap(self, room: str) -> str:
-        return f"{self.prefix}:snap:{room}"
+        return f"{self._tagged}:snap:{room}"
 
     async def register(self, room: str, spec: dict[str, Any]) -> bool:
         return bool(await self.redis.hsetnx(self._rooms(), room, json.dumps(spec)))
