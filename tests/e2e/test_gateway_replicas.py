@@ -375,5 +375,7 @@ async def test_grpc_api_disconnects_a_user_connected_to_the_other_replica(
             assert not answer.HasField("error"), answer
             ctx = await asyncio.wait_for(disconnected, 10)
             assert (ctx.code, ctx.reason) == (4601, "from the other replica")
-            info = await api.Info(pb.InfoRequest(), metadata=key)
-            assert len(info.result.nodes) >= 2
+            # Both replicas, once each has announced itself to the other (a loaded machine can take a while).
+            async with asyncio.timeout(20):
+                while len((await api.Info(pb.InfoRequest(), metadata=key)).result.nodes) < 2:
+                    await asyncio.sleep(0.5)
