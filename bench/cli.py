@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from record import record
+from record import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,13 +81,16 @@ def main() -> None:
         "max_s": max(runs),
     }
     baseline = figures["python -c 'import tsunagu'"]["median_s"]
+    recorder = Recorder("cli", {"runs": args.runs})
     print(f"{'command':<58} {'median':>8} {'min':>8} {'max':>8}  x python start")
     for name, figure in figures.items():
         ratio = figure["median_s"] / baseline
         times = " ".join(f"{figure[key]:>7.3f}s" for key in ("median_s", "min_s", "max_s"))
         print(f"{name:<58} {times}  {ratio:>6.1f}")
-    path = record("cli", {"runs": args.runs}, figures)
-    print(f"raw results: {path.relative_to(REPO)}")
+        target = "<= 2x python start" if name.startswith("tsunagu --help") or name.startswith("tsunagu token") else ""
+        note = f"min {figure['min_s']:.3f} s, max {figure['max_s']:.3f} s; {ratio:.1f}x python start"
+        recorder.add(name, figure["median_s"], "s (median)", target=target, note=note)
+    recorder.save()
 
 
 if __name__ == "__main__":

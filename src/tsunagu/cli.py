@@ -113,9 +113,9 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
         if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
             defaults["demo_feed"] = True
     elif service == "mqtt-bridge" and _unset("TSUNAGU_MQTT_URL"):
-        # The embedded broker (rumqttd) disconnects a client that acknowledges out of order.
-        if _unset("TSUNAGU_MQTT_BRIDGE_ACK_IN_ORDER"):
-            defaults["ack_in_order"] = True
+        # The embedded broker (rumqttd) disconnects a client that acknowledges out of order: keep the bridge's
+        # default (in order, as MQTT requires) even if the operator's environment relaxed it.
+        defaults["ack_in_order"] = True
         # One bridge there: no shared subscription, which replicas need and rumqttd mishandles (its
         # router panics when a persistent session in a share group disconnects).
         if _unset("TSUNAGU_MQTT_BRIDGE_SHARE_GROUP"):

@@ -94,7 +94,7 @@ async def test_tsunagu_run_keeps_its_internal_apis_shut_and_its_gateway_gets_in(
                     await asyncio.sleep(0.1)
         # the web app's service probes ask /readyz, which stays open
         services = (await http.get(f"http://127.0.0.1:{platform.port}/web/services")).json()
-        assert services["collab"] == services["sim-engine"] == "up", services
+        assert services["collab"] == services["sim-engine"] == {"state": "up"}, services
         for service in SERVICE_PORTS:
             assert (await http.get(f"http://127.0.0.1:{ports[service]}/readyz")).status_code == 200, service
 
@@ -103,7 +103,9 @@ async def test_tsunagu_run_does_not_serve_its_development_secrets_to_the_network
     start_service, pick_port
 ) -> None:
     ports = {name: pick_port() for name in SERVICE_PORTS}
-    exposed = start_service(["run", "--host", "0.0.0.0"], quiet_env(ports))
+    # no MQTT broker of ours: run mode starts its embedded one, which has no authentication
+    env = quiet_env(ports) | {"TSUNAGU_MQTT_URL": "", "TSUNAGU_RUN_MQTT_PORT": "0"}
+    exposed = start_service(["run", "--host", "0.0.0.0"], env)
     assert await asyncio.to_thread(exposed.process.wait, 60) == 2
     message = exposed.output()
     assert "would serve the public development secrets" in message, message
@@ -111,7 +113,7 @@ async def test_tsunagu_run_does_not_serve_its_development_secrets_to_the_network
     for variable in (*secrets, "TSUNAGU_MQTT_URL"):  # the embedded MQTT broker has no authentication
         assert variable in message
     # told explicitly, on a trusted network
-    allowed = start_service(["run", "--host", "0.0.0.0", "--expose-development-secrets"], quiet_env(ports))
+    allowed = start_service(["run", "--host", "0.0.0.0", "--expose-development-secrets"], env)
     await asyncio.to_thread(allowed.wait_healthy, 90)
     assert allowed.stop() == 0
 
@@ -210,7 +212,9 @@ async def test_the_gateways_rpc_reaches_mqtt_bridge_with_the_token_and_a_forged_
             **real_env,
             **internal,
             "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": secret,
-            "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps({"mqtt.": f"http://127.0.0.1:{bridge_port}"}),
+            "TSUNAGU_GATEWAY_RPC_ROUTES": json.dumps(
+                {"mqtt.request": {"url": f"http://127.0.0.1:{bridge_port}/mqtt.request", "allow": "authenticated"}}
+            ),
         },
     )
     for service in (bridge, gateway):

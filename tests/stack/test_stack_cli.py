@@ -412,12 +412,14 @@ def test_run_routes_device_requests_to_the_bridge_and_keeps_it_alone_on_the_embe
 
     monkeypatch.delenv("TSUNAGU_MQTT_URL", raising=False)
     monkeypatch.setenv("TSUNAGU_MQTT_BRIDGE_PORT", "18185")
-    assert development_defaults("ws-gateway")["rpc_routes"] == {"mqtt.": "http://127.0.0.1:18185"}
+    route = development_defaults("ws-gateway")["rpc_routes"]["mqtt.request"]
+    assert route["url"] == "http://127.0.0.1:18185/mqtt.request"
+    assert route["publish_to"] == "mqtt:{topic}"  # the caller must be allowed to command the device
     assert development_defaults("mqtt-bridge") == {"share_group": "", "ack_in_order": True}
     # A real broker keeps the bridge's shared subscription (replicas split the load there).
     monkeypatch.setenv("TSUNAGU_MQTT_URL", "mqtt://broker.internal:1883")
     assert development_defaults("mqtt-bridge") == {}
-    monkeypatch.setenv("TSUNAGU_GATEWAY_RPC_ROUTES", '{"sim.": "http://sim:8086"}')
+    monkeypatch.setenv("TSUNAGU_GATEWAY_RPC_ROUTES", '{"sim.join": {"url": "http://sim:8086/sim.join"}}')
     assert "rpc_routes" not in development_defaults("ws-gateway")
 
 

@@ -46,11 +46,10 @@ class MqttBridgeSettings(ServiceSettings):
         500, ge=1, le=10_000, description="Most MQTT messages a relay publishes in one broker call."
     )
     ack_in_order: bool = Field(
-        False,
-        description="Acknowledge MQTT messages in the order they arrived, as MQTT 5 requires and strict brokers"
-        " (rumqttd, `tsunagu run`'s embedded one, which turns this on) enforce by disconnecting. Off: each as soon"
-        " as it is relayed, which Mosquitto accepts and which keeps its in-flight window from waiting on the"
-        " slowest relay (higher throughput).",
+        True,
+        description="Acknowledge MQTT messages in the order they arrived, as MQTT requires [MQTT-4.6.0-2] and strict"
+        " brokers (rumqttd, `tsunagu run`'s embedded one) enforce by disconnecting. Off: each as soon as it is"
+        " relayed, which Mosquitto tolerates and which keeps its in-flight window from waiting on the slowest relay.",
     )
     max_payload_bytes: int = Field(
         65536, ge=1, description="Largest MQTT payload relayed to a channel; larger ones are rejected and counted."

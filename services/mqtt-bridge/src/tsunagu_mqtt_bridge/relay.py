@@ -9,9 +9,8 @@ so gmqtt's callbacks of one read become one round trip. A broker failure is retr
 
 With `ack_in_order`, `handle` also returns in arrival order, whatever order the relays finish in: MQTT
 requires PUBACKs in the order the PUBLISHes came [MQTT-4.6.0-2], and a strict broker (rumqttd, the one
-`tsunagu run` embeds) disconnects a client that acknowledges out of order. Off (the default, as before
-the setting existed), each message is acknowledged as soon as its batch is relayed, which Mosquitto
-accepts.
+`tsunagu run` embeds) disconnects a client that acknowledges out of order. This is the default; off,
+each message is acknowledged as soon as its batch is relayed, which Mosquitto tolerates.
 """
 
 from __future__ import annotations

@@ -220,6 +220,12 @@ class GatewaySettings(ServiceSettings):
         description="Largest document `/collab` clients may grow (updates past it are dropped).",
     )
     idempotency_ttl: float = Field(300.0, gt=0, description="Seconds a publish idempotency key is remembered.")
+    outbox_idempotency_ttl: float = Field(
+        86400.0,
+        gt=0,
+        description="Seconds the idempotency key of a `$publish` (the offline outbox) is remembered: a resend after"
+        " a lost reply is applied once if it comes within this time. Each key is about 100 bytes in Redis.",
+    )
     rpc_routes: dict[str, RpcRoute] = Field(
         default_factory=dict,
         description='JSON object: client RPC method to its route, e.g. `{"mqtt.request": {"url":'

@@ -460,7 +460,7 @@ class Session:
         self.gateway.policy.check(access, channel, self.principal, granted_by_token=by_token)
         return options
 
-    async def _publish(self, channel: str, data: bytes, key: str | None) -> PublishResult:
+    async def _publish(self, channel: str, data: bytes, key: str | None, key_ttl: float | None = None) -> PublishResult:
         options = self._channel_access(channel, "allow_publish")
         if not options.client_publish:
             raise ReplyError(codes.PERMISSION_DENIED, f"{channel} is written by the platform, not by clients")
@@ -481,7 +481,7 @@ class Session:
             data,
             options.publish_options(
                 idempotency_key=f"{self.user}/{key}" if key else None,
-                idempotency_ttl=self.settings.idempotency_ttl,
+                idempotency_ttl=key_ttl or self.settings.idempotency_ttl,
                 info=self.client_info(subscription),
             ),
         )
@@ -549,7 +549,9 @@ class Session:
         if key is not None and (not isinstance(key, str) or len(key) > cmd.MAX_IDEMPOTENCY_KEY):
             raise ReplyError(codes.BAD_REQUEST, "idempotency_key must be a string of at most 128 characters")
         data = cmd.encode(orjson.dumps, params["data"])
-        result = await self._publish(channel, data, key)
+        # An outbox resends after a reply it lost, possibly hours later (a laptop shut right after sending):
+        # its keys are remembered far longer than a live client's.
+        result = await self._publish(channel, data, key, key_ttl=self.settings.outbox_idempotency_ttl)
         return {"offset": result.get("offset", 0), "epoch": result.get("epoch", "")}
 
     def may(self, access: str, channel: str) -> bool:
