@@ -12,13 +12,13 @@ def test_health_readiness_and_metrics_on_embedded_engines() -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert set(ready.json()["checks"]) == {
-        "bus",
-        "broker",
-        "revocations",
-        "login-limits",
-        "auth-nonces",
-        "auth-connections",
-    }
+            "bus",
+            "broker",
+            "revocations",
+            "login-limits",
+            "auth-nonces",
+            "auth-connections",
+        }
         assert "tsunagu_bus_published_total" in client.get("/metrics").text
 
 
