@@ -46,7 +46,11 @@ DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
 # loopback without --expose-development-secrets.
 SECRET_DEFAULTS = {
     "ws-gateway": {"token_hmac_secret": "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "api_key": "TSUNAGU_GATEWAY_API_KEY"},
-    "auth": {"admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY", "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS"},
+    "auth": {
+        "admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY",
+        "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS",
+        "gateway_api_key": "TSUNAGU_AUTH_GATEWAY_API_KEY",
+    },
 }
 # The web app's world (sim-engine) room.
 DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_timeout": 600}}
@@ -109,6 +113,16 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
                 gateway = gateway.rsplit(":", 1)[0] + f":{gateway_port}"
             port = gateway.rsplit(":", 1)[1]
             defaults["cors_origins"] = sorted({gateway, f"http://127.0.0.1:{port}", f"http://localhost:{port}"})
+        # The operator console reaches the gateway's server API (channel inspector) and audit-log's chain.
+        if _unset("TSUNAGU_AUTH_GATEWAY_API_URL"):
+            gateway = _base_url("ws-gateway", host)
+            if gateway_port is not None:
+                gateway = gateway.rsplit(":", 1)[0] + f":{gateway_port}"
+            defaults["gateway_api_url"] = gateway
+        if _unset("TSUNAGU_AUTH_GATEWAY_API_KEY", "TSUNAGU_GATEWAY_API_KEY"):
+            defaults["gateway_api_key"] = DEVELOPMENT_API_KEY  # the gateway's development key
+        if _unset("TSUNAGU_AUTH_AUDIT_URL"):
+            defaults["audit_url"] = _base_url("audit-log", host)
     elif service == "stream-ingest":
         if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
             defaults["demo_feed"] = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -166,6 +167,19 @@ class Console:
             raise
         self.auth.audit(f"console.{method}", caller.name, channel, "ok", {"channel": channel}, ip)
         return answer
+
+    async def audit_feed(self, caller: Caller, limit: int, after_seq: int) -> dict[str, Any]:
+        """The newest audit events (after `after_seq`, the newest one the console has), from audit-log's
+        API; the console polls this for its live feed. Reading is not itself audited (it would be every
+        poll); what the console changes is."""
+        self.require_admin(caller)
+        limit = limit if 0 < limit <= 200 else 50
+        url = self.settings.audit_url.rstrip("/") + f"/v1/audit?{urlencode({'limit': limit, 'order': 'desc'})}"
+        response = await self._call("GET", url, None, self.service_headers)
+        if response.status_code != 200:
+            raise AuthError(502, "bad_gateway", f"audit-log answered {response.status_code}: {response.text[:200]}")
+        items = [item for item in response.json().get("items", []) if int(item.get("seq", 0)) > after_seq]
+        return {"items": items}
 
     async def verify_audit(self, caller: Caller, ip: str) -> dict[str, Any]:
         self.require_admin(caller)

@@ -340,6 +340,15 @@ def add_session_routes(router: APIRouter) -> None:
         body = await read_body(request)
         return JSONResponse(await console_of(request).inspect(caller, method, body, client_ip(request)))
 
+    @router.get("/v1/console/audit", tags=["console"])
+    async def audit_feed(request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        limit, after = request.query_params.get("limit", "50"), request.query_params.get("after", "0")
+        if not (limit.isdigit() and after.isdigit()):
+            raise invalid_request("limit and after are whole numbers (after: the newest seq seen)")
+        feed = await console_of(request).audit_feed(caller, int(limit), int(after))
+        return JSONResponse(feed, headers={"Cache-Control": "no-store"})
+
     @router.post("/v1/console/audit/verify", tags=["console"])
     async def verify_audit(request: Request) -> JSONResponse:
         caller = await caller_of(request)
