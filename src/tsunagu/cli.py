@@ -37,8 +37,19 @@ DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
 DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
 # The demo's users: two, so two browser tabs can chat and see each other's avatar.
 DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+# The operator console's development admin: a password and a TOTP secret (the console needs a second factor).
+DEVELOPMENT_ADMIN = "ops"
+DEVELOPMENT_ADMIN_PASSWORD = "ops-development-password"
+DEVELOPMENT_ADMIN_TOTP_SECRET = "TSUNAGUDEVELOPMENTTOTPSECRET2345"
 DEVELOPMENT_SECRETS = frozenset(
-    {DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, *DEVELOPMENT_USERS.values()}
+    {
+        DEVELOPMENT_TOKEN_SECRET,
+        DEVELOPMENT_API_KEY,
+        DEVELOPMENT_INTERNAL_TOKEN,
+        DEVELOPMENT_ADMIN_PASSWORD,
+        DEVELOPMENT_ADMIN_TOTP_SECRET,
+        *DEVELOPMENT_USERS.values(),
+    }
 )
 DEVELOPMENT_USER = "alice"
 DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
@@ -106,6 +117,12 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
         if _unset("TSUNAGU_AUTH_BOOTSTRAP_USERS"):
             defaults["bootstrap_users"] = {
                 user: {"password": password, "channels": ["*"]} for user, password in DEVELOPMENT_USERS.items()
+            } | {
+                DEVELOPMENT_ADMIN: {
+                    "password": DEVELOPMENT_ADMIN_PASSWORD,
+                    "roles": ["admin"],
+                    "totp_secret": DEVELOPMENT_ADMIN_TOTP_SECRET,
+                }
             }
         if _unset("TSUNAGU_AUTH_CORS_ORIGINS"):
             gateway = _base_url("ws-gateway", host)
@@ -270,6 +287,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         users = ", ".join(f"{user!r} (password {password!r})" for user, password in DEVELOPMENT_USERS.items())
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
+        print(
+            f"  the operator console: {gateway_url}/console  (admin {DEVELOPMENT_ADMIN!r}, password"
+            f" {DEVELOPMENT_ADMIN_PASSWORD!r}, TOTP secret {DEVELOPMENT_ADMIN_TOTP_SECRET} for an authenticator app)"
+        )
     sys.stdout.flush()
     return asyncio.run(_serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
 

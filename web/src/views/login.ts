@@ -1,4 +1,4 @@
-import { AuthUnavailable, LoginLocked, type Session } from '../session';
+import { AuthUnavailable, LoginLocked, MfaRequired, type Session } from '../session';
 
 /** "4 min 56 s", "45 s", "1 h 5 min". */
 export function duration(seconds: number): string {
@@ -38,6 +38,17 @@ export function showLogin(section: HTMLElement, session: Session): void {
     countdown = window.setInterval(render, 1000);
   };
 
+  // The password was right and a second factor is due: the code field, with the login's mfa_token.
+  const otp = form.querySelector<HTMLElement>('.otp');
+  let pending: { username: string; mfaToken: string } | null = null;
+  const askForCode = (username: string, required: MfaRequired): void => {
+    pending = { username, mfaToken: required.mfaToken };
+    if (otp) otp.hidden = false;
+    form.querySelector<HTMLInputElement>('[data-testid="login-otp"]')?.focus();
+    error.dataset.state = 'mfa';
+    error.textContent = 'Enter the code from your authenticator app, or a recovery code.';
+  };
+
   form.addEventListener('submit', (event) => {
     event.preventDefault();
     const data = new FormData(form);
@@ -46,10 +57,14 @@ export function showLogin(section: HTMLElement, session: Session): void {
     error.textContent = '';
     error.dataset.state = '';
     submit.disabled = true;
-    session
-      .login(username, String(data.get('password') ?? ''))
+    const attempt =
+      pending && pending.username === username
+        ? session.completeMfa(username, pending.mfaToken, String(data.get('otp') ?? ''))
+        : session.login(username, String(data.get('password') ?? ''));
+    attempt
       .catch((reason: unknown) => {
-        if (reason instanceof LoginLocked) showLocked(username, reason);
+        if (reason instanceof MfaRequired) askForCode(username, reason);
+        else if (reason instanceof LoginLocked) showLocked(username, reason);
         else
           error.textContent =
             reason instanceof AuthUnavailable
