@@ -157,5 +157,6 @@ class AuthSettings(ServiceSettings):
         "", description="The gateway's server API key (`TSUNAGU_GATEWAY_API_KEY`); empty: the inspector is off."
     )
     audit_url: str = Field(
-        "http://127.0.0.1:8087", description="audit-log's base URL: the console's live audit feed and chain verification."
+        "http://127.0.0.1:8087",
+        description="audit-log's base URL: the console's live audit feed and chain verification.",
     )
