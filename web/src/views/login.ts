@@ -9,10 +9,23 @@ export function duration(seconds: number): string {
   return `${Math.floor(s / 3600)} h${minutes ? ` ${minutes} min` : ''}`;
 }
 
+/** The fields of every page's login form (the page gives its title and hint). */
+const FIELDS = `
+  <label>User <input name="username" data-testid="login-user" autocomplete="username" required /></label>
+  <label>Password
+    <input name="password" type="password" data-testid="login-password" autocomplete="current-password" required />
+  </label>
+  <label class="otp" hidden>Code (authenticator app or recovery code)
+    <input name="otp" data-testid="login-otp" autocomplete="one-time-code" />
+  </label>
+  <button type="submit" data-testid="login-submit">Log in</button>
+  <p class="error" role="alert" data-testid="login-error"></p>`;
+
 /** The login form; a successful login makes the session emit its change (main.ts starts the app). */
 export function showLogin(section: HTMLElement, session: Session): void {
   section.hidden = false;
   const form = section.querySelector('form')!;
+  form.insertAdjacentHTML('beforeend', FIELDS);
   const error = form.querySelector<HTMLElement>('.error')!;
   const submit = form.querySelector<HTMLButtonElement>('button[type="submit"]')!;
   let countdown: number | undefined;
