@@ -138,6 +138,7 @@ async def test_an_admin_ends_one_of_bobs_sessions_in_the_console(embedded, brows
     assert result["phoneNotice"].startswith("A session of yours was ended: Headless Chrome on Linux from 127.0.0.1")
     assert f"(by {DEVELOPMENT_ADMIN}: ended in the console)" in result["phoneNotice"], result["phoneNotice"]
     assert result["verified"].startswith("chain: verified ("), result["verified"]
+    assert "bob" in {client["user"] for client in result["presence"]["presence"].values()}, result["presence"]
     ended = [i for i in result["feed"] if i["action"] == "auth.revoke"]
     assert ended and ended[0]["actor"] == DEVELOPMENT_ADMIN and ended[0]["subject"] == "bob"
 

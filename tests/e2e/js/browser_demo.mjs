@@ -617,8 +617,23 @@ async function operatorConsole(browser) {
   await waitFor('the verification in the audit feed', async () =>
     (await feed()).some((i) => i.action === 'auth.console.audit_verify') ? true : 'not yet',
   );
+  // The channel inspector: who is in bob's room, then a message to it, which bob's phone shows.
+  await page.getByTestId('inspector-channel').fill(`chat:${options.room}`);
+  await page.getByTestId('inspector-presence').click();
+  const result = page.getByTestId('inspector-result');
+  await waitFor('the room\'s presence', async () => ((await result.textContent()).includes('"bob"') ? true : await result.textContent()));
+  const presence = JSON.parse(await result.textContent());
+  const text = `from the console ${Date.now()}`;
+  await page.getByTestId('inspector-data').fill(JSON.stringify({ text }));
+  await page.getByTestId('inspector-publish').click();
+  await waitFor('bob\'s phone to show the console\'s message', async () => ((await chatTexts(phone.page)).includes(text) ? true : await chatTexts(phone.page)));
+  await waitFor('the inspector\'s actions in the audit feed', async () => {
+    const actions = (await feed()).map((i) => i.action);
+    return actions.includes('auth.console.presence') && actions.includes('auth.console.publish') ? true : actions.slice(0, 6);
+  });
   shots.push(await shot(page, 'console-audit'));
   return {
+    presence,
     asked,
     whoami,
     before,
