@@ -453,7 +453,13 @@ class AuthService:
         subject = f"mfa:{username}"
         admission = await self.factor_limiter.admit(subject, ip)
         if admission.retry_after is not None:
-            raise AuthError(429, "too_many_requests", "too many wrong codes; try later")
+            self.audit("mfa.enrolled", username, username, "limited", {"factor": "totp"}, ip)
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many wrong codes; try later",
+                {"Retry-After": str(max(1, int(admission.retry_after + 0.999)))},
+            )
         try:
             codes = await self.factors.confirm_totp(username, code)
         except FactorError as exc:
