@@ -93,8 +93,10 @@ async def test_inputs_from_the_bus_move_avatars_and_refusals_reach_the_sender() 
 
 async def test_a_new_owner_resumes_from_the_snapshot_losing_at_most_k_ticks(store: RoomStore) -> None:
     k = 10
-    first = SimEngine(MemoryBroker(), store, node="first", snapshot_every=k, lease_ttl=0.3)
-    second = SimEngine(MemoryBroker(), store, node="second", snapshot_every=k, lease_ttl=0.3)
+    # The lease is renewed with each snapshot, every k ticks: 2 s keeps it while a loaded machine ticks slowly.
+    lease_ttl = 2.0
+    first = SimEngine(MemoryBroker(), store, node="first", snapshot_every=k, lease_ttl=lease_ttl)
+    second = SimEngine(MemoryBroker(), store, node="second", snapshot_every=k, lease_ttl=lease_ttl)
     assert await first.create(avatar_spec("arena"))
     room = first.rooms["arena"].room
     for step in range(30):
@@ -106,8 +108,10 @@ async def test_a_new_owner_resumes_from_the_snapshot_losing_at_most_k_ticks(stor
     first.rooms.pop("arena").task.cancel()
     await second.scan()
     assert "arena" not in second.rooms  # the lease is still live
-    await asyncio.sleep(0.35)
-    await second.scan()
+    deadline = asyncio.get_running_loop().time() + lease_ttl + 5
+    while "arena" not in second.rooms and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+        await second.scan()
     resumed = second.rooms["arena"].room
     assert died_at - k <= resumed.tick <= died_at, (died_at, resumed.tick)
     assert resumed.state()["e"]["alice"][0] >= died_state["alice"][0] - 100 * 0.1 * k

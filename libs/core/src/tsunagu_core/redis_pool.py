@@ -59,7 +59,9 @@ def redis_client(
     if context is not None:
         pool.connection_class = _ContextSSLConnection
         pool.connection_kwargs["tls_context"] = context
-    return Redis(connection_pool=pool)
+    # from_pool: the client owns the pool, so its aclose() closes the connections (Redis(connection_pool=...)
+    # leaves them open).
+    return Redis.from_pool(pool)
 
 
 async def connect_redis(

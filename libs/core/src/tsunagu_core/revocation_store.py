@@ -17,6 +17,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_store import RedisStore
+
 if TYPE_CHECKING:
     from tsunagu_core.config import CoreSettings
     from tsunagu_core.lifecycle import Runtime
@@ -37,17 +40,8 @@ class TokenIdentity:
     issued_at: float | None = None
 
 
-class RevocationStore(abc.ABC):
+class RevocationStore(NothingToConnect, abc.ABC):
     """Dependency protocol (start/ping/close) plus revoke and the connect-time check."""
-
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
     @abc.abstractmethod
     async def revoke(self, scope: Scope, value: str, *, ttl: float, issued_before: float | None = None) -> None:
@@ -114,26 +108,12 @@ return before
 """
 
 
-class RedisRevocationStore(RevocationStore):
+class RedisRevocationStore(RedisStore, RevocationStore):
     """Connects lazily: usable before `start()`, which only checks that Redis answers."""
 
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
-
-        from tsunagu_core.redis_pool import redis_client
-
-        self.url = url
-        self.redis: Redis = redis_client(url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
+        RedisStore.__init__(self, url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
         self._revoke_user = self.redis.register_script(_REVOKE_USER)
-
-    async def start(self) -> None:
-        await self.redis.ping()
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
     async def revoke(self, scope: Scope, value: str, *, ttl: float, issued_before: float | None = None) -> None:
         _check_args(scope, value, ttl)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tsunagu_core.config import CoreSettings
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_store import RedisStore
 
 # One hash tag: every key of an attempt lands in one Redis Cluster slot (the script touches several).
 PREFIX = "tsunagu:auth:{login}:"
@@ -99,16 +101,7 @@ class Admission:
     delay: float = 0.0
 
 
-class Counters(abc.ABC):
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
+class Counters(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def admit(
         self, limited: Sequence[tuple[str, int]], counted: Sequence[str], known: str, window: float
@@ -188,23 +181,11 @@ class MemoryCounters(Counters):
                 del self.known[key]
 
 
-class RedisCounters(Counters):
+class RedisCounters(RedisStore, Counters):
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
-        from tsunagu_core.redis_pool import redis_client
-
-        self.redis: Redis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
+        RedisStore.__init__(self, url, socket_timeout=2.0, connect_timeout=2.0)
         self._admit = self.redis.register_script(_ADMIT)
         self._finish = self.redis.register_script(_FINISH)
-
-    async def start(self) -> None:
-        await self.redis.ping()
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
     async def admit(
         self, limited: Sequence[tuple[str, int]], counted: Sequence[str], known: str, window: float

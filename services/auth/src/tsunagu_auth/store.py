@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tsunagu_core.database import Migration, Postgres
+from tsunagu_core.dependency import NothingToConnect
 
 from tsunagu_auth.keys import SigningKey
 
@@ -79,16 +80,7 @@ class MessageKey:
 KeyRotation = Callable[[list[SigningKey]], list[SigningKey] | None]
 
 
-class Store(abc.ABC):
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
+class Store(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def create_user(self, user: User) -> bool:
         """False when the username is taken."""

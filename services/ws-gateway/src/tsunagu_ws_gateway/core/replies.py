@@ -98,7 +98,8 @@ class Renderer(Protocol):
     """Renders what the hub fans out, once per node for every subscriber that shares the renderer.
     An empty frame means "nothing for this kind of client"."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def publication_push(self, channel: str, pub: Publication) -> bytes: ...
 
