@@ -56,13 +56,16 @@ def test_a_user_sees_their_sessions_with_connections_on_two_gateways(auth: Any) 
     laptop = auth.login(user, **{"user-agent": CHROME}).json()
     phone = auth.login(user, **{"user-agent": FIREFOX}).json()
     phone_sid = sid(phone["access_token"])
-    for node in ("gw-a", "gw-b"):
+    # Ids of their own: the Redis index (and its tombstones of closed connections) is shared by every run.
+    c1, c2 = f"c1-{phone_sid}", f"c2-{phone_sid}"
+    gw_a, gw_b = f"gw-a-{user}", f"gw-b-{user}"
+    for node in (gw_a, gw_b):
         gateway_event(auth, node, GatewayEvent.NODE_HEARTBEAT)
-    gateway_event(auth, "gw-a", GatewayEvent.CONNECTED, client_id="c1", user_id=user, session_id=phone_sid,
+    gateway_event(auth, gw_a, GatewayEvent.CONNECTED, client_id=c1, user_id=user, session_id=phone_sid,
                   transport="websocket", client_ip="203.0.113.9")  # fmt: skip
-    gateway_event(auth, "gw-a", GatewayEvent.SUBSCRIBED, client_id="c1", user_id=user, session_id=phone_sid,
+    gateway_event(auth, gw_a, GatewayEvent.SUBSCRIBED, client_id=c1, user_id=user, session_id=phone_sid,
                   channel="chat:lobby")  # fmt: skip
-    gateway_event(auth, "gw-b", GatewayEvent.CONNECTED, client_id="c2", user_id=user, session_id=phone_sid,
+    gateway_event(auth, gw_b, GatewayEvent.CONNECTED, client_id=c2, user_id=user, session_id=phone_sid,
                   transport="sse")  # fmt: skip
 
     def listed() -> list[dict[str, Any]] | None:
@@ -78,11 +81,11 @@ def test_a_user_sees_their_sessions_with_connections_on_two_gateways(auth: Any) 
     phone_entry, laptop_entry = by_id[phone_sid], by_id[sid(laptop["access_token"])]
     assert phone_entry["device"] == "Firefox on Windows" and laptop_entry["device"] == "Chrome on Linux"
     assert laptop_entry["current"] is True and phone_entry["current"] is False
-    assert phone_entry["gateways"] == ["gw-a", "gw-b"] and phone_entry["channels"] == ["chat:lobby"]
+    assert phone_entry["gateways"] == [gw_a, gw_b] and phone_entry["channels"] == ["chat:lobby"]
     assert {c["ip"] for c in phone_entry["connections"]} == {"203.0.113.9", ""}
     assert laptop_entry["connections"] == [] and laptop_entry["acr"] == "1"
 
-    gateway_event(auth, "gw-b", GatewayEvent.DISCONNECTED, client_id="c2", user_id=user, session_id=phone_sid)
+    gateway_event(auth, gw_b, GatewayEvent.DISCONNECTED, client_id=c2, user_id=user, session_id=phone_sid)
 
     def connections() -> int:
         sessions = auth.client.get("/v1/sessions", headers=bearer(laptop["access_token"])).json()["sessions"]

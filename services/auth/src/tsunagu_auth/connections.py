@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tsunagu_core.bus import BusMessage
+from tsunagu_core.dependency import NothingToConnect
 from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
+from tsunagu_core.redis_store import RedisStore
 from tsunagu_core.wire.events_pb2 import GatewayEvent
 
 TOMBSTONE_TTL = 900.0
@@ -60,18 +62,9 @@ class NodeState:
     users: int = 0
 
 
-class ConnectionIndex(abc.ABC):
+class ConnectionIndex(NothingToConnect, abc.ABC):
     def __init__(self, dead_after: float) -> None:
         self.dead_after = dead_after
-
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
     async def handle(self, message: BusMessage) -> None:
         """Bus handler of `tsunagu.gateway.events`."""
@@ -176,25 +169,13 @@ def _connection(event: GatewayEvent, at_ms: int) -> LiveConnection:
     )
 
 
-class RedisConnectionIndex(ConnectionIndex):
+class RedisConnectionIndex(RedisStore, ConnectionIndex):
     """Keys (one hash tag, one slot): `conns` hash client -> connection JSON, `chan:<client>` set of its
     channels, `gone:<client>` tombstones, `nodes` hash node -> last heartbeat ms."""
 
     def __init__(self, url: str, dead_after: float) -> None:
-        from redis.asyncio import Redis
-        from tsunagu_core.redis_pool import redis_client
-
-        super().__init__(dead_after)
-        self.redis: Redis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
-
-    async def start(self) -> None:
-        await self.redis.ping()
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.redis.aclose()
+        RedisStore.__init__(self, url, socket_timeout=2.0, connect_timeout=2.0)
+        ConnectionIndex.__init__(self, dead_after)
 
     async def apply(self, event: GatewayEvent, at_ms: int) -> None:
         redis, client = self.redis, event.client_id
