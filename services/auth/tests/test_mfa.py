@@ -174,3 +174,24 @@ def test_a_bootstrap_admin_with_a_totp_secret_must_present_a_code(make_auth: Any
     assert tokens.status_code == 200, tokens.text
     claims = claims_of(tokens.json()["access_token"])
     assert claims["roles"] == ["admin"] and claims["acr"] == "2"
+
+
+def test_bad_second_factor_input_is_a_clear_4xx(auth: Any) -> None:
+    user = auth.user()
+    access = auth.login(user).json()["access_token"]
+    early = auth.client.post("/v1/mfa/totp/confirm", json={"otp": "123456"}, headers=bearer(access))
+    assert early.status_code == 400 and early.json()["reason"] == "no_enrolment", early.text
+    secret, _ = enrol_totp(auth, user)
+    mfa_token = mfa_login(auth, user)
+    cases = [
+        ({"grant_type": "mfa_otp", "mfa_token": mfa_token}, 400, "otp is required"),
+        ({"grant_type": "mfa_otp", "mfa_token": "not-a-token", "otp": "123456"}, 401, "invalid or expired mfa token"),
+        ({"grant_type": "mfa_otp", "mfa_token": mfa_token, "otp": "12ab56"}, 401, "wrong code"),
+        ({"grant_type": "mfa_otp", "mfa_token": access, "otp": code(secret, 1)}, 401, "invalid or expired mfa token"),
+        ({"grant_type": "mfa_webauthn", "mfa_token": mfa_token, "credential": "x"}, 400, "a passkey needs"),
+    ]
+    for body, status, words in cases:
+        response = auth.client.post("/v1/token", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert words in response.json()["error_description"], (body, response.text)
+    assert auth.client.get("/readyz").status_code == 200
