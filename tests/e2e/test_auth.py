@@ -20,6 +20,7 @@ from centrifuge import (
     DisconnectedContext,
     PublicationContext,
     SubscriptionEventHandler,
+    UnsubscribedContext,
 )
 from tsunagu_core.revocation_store import RedisRevocationStore
 from tsunagu_core.testing import POSTGRES_DSN, REDIS_URL
@@ -371,5 +372,90 @@ async def test_sessions_show_connections_on_two_gateways_and_end_everywhere(  # 
             await laptop_client.disconnect()
             for client, _ in connections:
                 await client.disconnect()
+    finally:
+        await drop_schema(schema)
+
+
+class Refusal(SubscriptionEventHandler):
+    def __init__(self) -> None:
+        self.unsubscribed = asyncio.Event()
+        self.code = 0
+        self.reason = ""
+
+    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
+        self.code, self.reason = ctx.code, ctx.reason
+        self.unsubscribed.set()
+
+
+async def test_step_up_refused_then_granted_on_one_connection(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    """A `trade:` namespace needs acr 2: a password-only connection is refused its channels (103, "step-up
+    required"); after a TOTP step-up at auth, the SDK's next token refresh carries acr 2 and the same
+    connection subscribes, without reconnecting."""
+    import json
+
+    import pyotp
+
+    schema, dsn = await schema_dsn()
+    run = uuid.uuid4().hex[:6]
+    try:
+        env = {**auth_env(real_env, dsn), "TSUNAGU_AUTH_ACCESS_TOKEN_TTL": "5"}  # the SDK refreshes within 5 s
+        auth = start_service(["serve", "auth"], env, port=pick_port())
+        namespaces = json.dumps({"trade": {"min_acr": 2}})
+        gateway = start_service(
+            ["serve", "ws-gateway"], {**gateway_env(real_env, auth.base), "TSUNAGU_GATEWAY_NAMESPACES": namespaces}
+        )
+        await asyncio.gather(*(asyncio.to_thread(p.wait_ready) for p in [auth, gateway]))
+        async with httpx.AsyncClient(timeout=10) as http:
+            user = f"e2e{uuid.uuid4().hex[:8]}"
+            body = {"username": user, "password": PASSWORD, "channels": ["trade:*"]}
+            assert (
+                await http.post(f"{auth.base}/v1/users", json=body, headers={"X-API-Key": ADMIN})
+            ).status_code == 201
+            desk = await login(http, auth.base, user)
+            current = {"token": desk["access_token"]}
+            refreshed = asyncio.Event()
+
+            async def get_token() -> str:
+                refreshed.set()
+                return current["token"]
+
+            watch = Watch()
+            client = Client(f"ws://127.0.0.1:{gateway.port}/connection/websocket", token=current["token"],
+                            get_token=get_token, events=watch)  # fmt: skip
+            await client.connect()
+            await asyncio.wait_for(watch.connected.wait(), 10)
+            refusal = Refusal()
+            await client.new_subscription(f"trade:desk-{run}", refusal).subscribe()
+            await asyncio.wait_for(refusal.unsubscribed.wait(), 10)
+            assert refusal.code == 103 and refusal.reason.startswith(
+                "permission denied: step-up required: this namespace needs acr 2, the connection has 1"
+            ), refusal.reason
+
+            # The factor is enrolled from another session; this one steps up with the next code.
+            other = (await login(http, auth.base, user))["access_token"]
+            begun = (await http.post(f"{auth.base}/v1/mfa/totp", headers={"Authorization": f"Bearer {other}"})).json()
+            totp = pyotp.TOTP(begun["secret"])
+            confirm = await http.post(f"{auth.base}/v1/mfa/totp/confirm", json={"otp": totp.now()},
+                                      headers={"Authorization": f"Bearer {other}"})  # fmt: skip
+            assert confirm.status_code == 200, confirm.text
+            stepped = await http.post(f"{auth.base}/v1/step-up", json={"otp": totp.at(time.time() + 30)},
+                                      headers={"Authorization": f"Bearer {desk['access_token']}"})  # fmt: skip
+            assert stepped.status_code == 200 and stepped.json()["acr"] == "2", stepped.text
+            refreshed.clear()
+            current["token"] = stepped.json()["access_token"]
+            await asyncio.wait_for(refreshed.wait(), 15)
+            deadline = time.monotonic() + 10
+            while True:  # the refresh command's answer follows the token
+                try:
+                    await subscribed(client, f"trade:desk-{run}-{time.monotonic_ns()}")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.3)
+            assert not watch.disconnected.is_set(), "the same connection, refreshed"
+            await client.disconnect()
     finally:
         await drop_schema(schema)

@@ -62,6 +62,9 @@ class ChannelOptions(BaseModel):
     # Clients may publish here themselves; off for channels a service writes (collab's documents, where
     # allow_publish is the permission to write the document through /collab, not to publish raw).
     client_publish: bool = True
+    # Step-up: subscribe, publish, history and presence need a token whose `acr` is at least this (auth:
+    # 2 after a one-time code, 3 after a passkey); a connection refreshed with a stronger token continues.
+    min_acr: int = Field(0, ge=0, le=3)
 
     @property
     def meta_ttl(self) -> float:

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from tsunagu_ws_gateway.certificates import grant_for
-from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.channels import Principal, acr_level
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
 from tsunagu_ws_gateway.core.registry import REFUSALS, Registry
@@ -41,7 +41,9 @@ class Admitted:
     @property
     def principal(self) -> Principal:
         grant = self.grant
-        return Principal(grant.user, grant.channel_patterns, authenticated=self.authenticated)
+        return Principal(
+            grant.user, grant.channel_patterns, authenticated=self.authenticated, acr=acr_level(grant.claims)
+        )
 
 
 class Admission:
