@@ -42,7 +42,9 @@ class ChannelPolicy:
 
     def check(self, access: Access, channel: str, who: Principal, *, granted_by_token: bool = False) -> None:
         """Raise 103 unless `who` may act on `channel` under `access`; a subscription token grants it."""
-        needed = self.options(channel).min_acr
+        # Also asked for names that are no channel (`rpc:<method>` against the token's patterns).
+        options = self.namespaces.get(namespace_of(channel))
+        needed = options.min_acr if options is not None else 0
         if who.acr < needed:
             raise ReplyError(
                 PERMISSION_DENIED,
