@@ -106,6 +106,9 @@ def _default(value: Any) -> Any:
         return publication(value)
     if isinstance(value, ClientInfo):
         return _info(value)
+    if isinstance(value, bytes):
+        # A payload in a result (a backend's connect or subscribe data): JSON as it is, else base64.
+        return json_data(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
