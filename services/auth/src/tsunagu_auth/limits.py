@@ -219,7 +219,11 @@ class LoginLimiter:
         window: float,
         user_slowdown_after: int,
         user_max_delay: float,
+        per_user: int | None = None,
     ) -> None:
+        """`per_user`: also refuse the username from every address at that many failures (second factors:
+        whoever gets there knows the password already, and six digits fall to a distributed guess)."""
+        self.per_user = per_user
         self.counters = counters
         self.per_pair = per_pair
         self.per_ip = per_ip
@@ -240,8 +244,11 @@ class LoginLimiter:
     async def admit(self, username: str, ip: str) -> Admission:
         """Count the attempt as pending, or refuse it; call `finish` once the password was checked."""
         pair, address, user, known = self._keys(username, ip)
+        limited = [(pair, self.per_pair), (address, self.per_ip)]
+        if self.per_user is not None:
+            limited.append((user, self.per_user))
         outcome, wait, user_attempts, is_known = await self.counters.admit(
-            [(pair, self.per_pair), (address, self.per_ip)], [user], known, self.window
+            limited, [] if self.per_user is not None else [user], known, self.window
         )
         if outcome != ADMITTED:
             return Admission(retry_after=wait)

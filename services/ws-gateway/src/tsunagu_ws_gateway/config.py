@@ -136,6 +136,9 @@ class ChannelOptions(BaseModel):
     # Clients may publish here themselves; off for channels a service writes (collab's documents, where
     # allow_publish is the permission to write the document through /collab, not to publish raw).
     client_publish: bool = True
+    # Step-up: subscribe, publish, history and presence need a token whose `acr` is at least this (auth:
+    # 2 after a one-time code, 3 after a passkey); a connection refreshed with a stronger token continues.
+    min_acr: int = Field(0, ge=0, le=3)
 
     @property
     def meta_ttl(self) -> float:
@@ -175,6 +178,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "collab": ChannelOptions(history_size=1000, history_ttl=3600, client_publish=False),
     # Services' answers to one user's forwarded requests: replies:<kind>#<user>.
     "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
+    # Each user's own notices from auth (a new login, a new factor, an ended session): user:#<user>.
+    "user": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=50, history_ttl=86400),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
     "ledger": ChannelOptions(signed=True, audit=True),
     # Socket.IO rooms at /socket.io/ (socketio_namespace): room "lobby" is channel "sio:lobby".

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tsunagu_ws_gateway.certificates import grant_for
-from tsunagu_ws_gateway.channels import Principal
+from tsunagu_ws_gateway.channels import Principal, acr_level
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
 from tsunagu_ws_gateway.core.registry import REFUSALS, Registry
@@ -48,7 +48,9 @@ class Admitted:
     @property
     def principal(self) -> Principal:
         grant = self.grant
-        return Principal(grant.user, grant.channel_patterns, authenticated=self.authenticated)
+        return Principal(
+            grant.user, grant.channel_patterns, authenticated=self.authenticated, acr=acr_level(grant.claims)
+        )
 
 
 class Admission:

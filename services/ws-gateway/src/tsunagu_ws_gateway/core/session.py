@@ -840,6 +840,8 @@ class Session:
                 code=code,
                 reason=reason,
                 transport=self.transport_name,
+                # auth's session list shows where a connection comes from.
+                client_ip=self.connection.peer.ip if kind == GatewayEvent.CONNECTED else "",
             )
         )
 
