@@ -392,3 +392,29 @@ async def test_a_new_group_from_latest_skips_what_the_topic_held_before_it(bus: 
     finally:
         await consumer.stop()
     assert not [m.value for m in received if m.value.startswith(b"old:")]
+
+
+async def test_a_from_latest_group_restarted_gets_what_came_meanwhile_on_every_partition(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    name = group()
+    received: list[BusMessage] = []
+
+    async def handle(messages: Sequence[BusMessage]) -> None:
+        received.extend(messages)
+
+    consumer = await bus.consume_batches([topic], name, handle, from_latest=True)
+    async with asyncio.timeout(30):
+        while not received:  # one key: the first member reads (and commits) one partition only
+            await bus.publish(topic, b"probe", key="probe")
+            await asyncio.sleep(0.2)
+    await consumer.stop()
+    for i in range(12):
+        await bus.publish(topic, f"meanwhile:{i}".encode(), key=f"k{i}")
+    received.clear()
+    consumer = await bus.consume_batches([topic], name, handle, from_latest=True)
+    try:
+        async with asyncio.timeout(30):
+            while sum(m.value.startswith(b"meanwhile:") for m in received) < 12:
+                await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()

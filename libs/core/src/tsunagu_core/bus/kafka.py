@@ -412,7 +412,12 @@ class _KafkaConsumer(Subscription):
 
     def _run(self) -> None:
         consumer = Consumer(self.config)
-        consumer.subscribe(self.topics, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        if self.config.get("auto.offset.reset") == "latest":
+            consumer.subscribe(
+                self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            )
+        else:
+            consumer.subscribe(self.topics, on_revoke=self._on_revoke, on_lost=self._on_revoke)
         try:
             while not self._stopping.is_set():
                 self._store_done(consumer)
@@ -476,6 +481,20 @@ class _KafkaConsumer(Subscription):
                     consumer.resume([TopicPartition(topic, partition)])
             except KafkaException as exc:
                 log.info("consumer %s: pause/resume of %s[%d]: %s", self.group, topic, partition, exc.args[0])
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """`from_latest`: a partition this group never committed starts at its end, and that position is
+        committed at once. Otherwise a member that dies before reading anything there leaves no commit,
+        and the next member starts at the end again, past every event that came meanwhile."""
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+            fresh = [tp for tp in committed if tp.offset < 0]
+            for tp in fresh:
+                _, tp.offset = consumer.get_watermark_offsets(tp, timeout=10)
+            if fresh:
+                consumer.commit(offsets=fresh, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("consumer %s: could not fix the starting position of new partitions: %s", self.group, exc)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Let the revoked partitions' batches in hand finish and commit them before the new owner reads."""
