@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 from tsunagu_core.config import CoreSettings
-from tsunagu_core.tls import ServerTls, uvicorn_options
+from tsunagu_core.tls import ServerTls, merge_server_options, uvicorn_options
 
 # Which service a log line of uvicorn's comes from: `tsunagu run` has eight servers in one process.
 _SERVING = contextvars.ContextVar("tsunagu_serving", default="")
@@ -52,8 +52,10 @@ class EmbeddedServer(uvicorn.Server):
 def uvicorn_config(
     app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
 ) -> uvicorn.Config:
-    # A service may ask for server options of its own (the gateway: the largest WebSocket message).
+    # A service may ask for server options of its own (the gateway: its WebSocket protocol class, the
+    # largest WebSocket message); TLS keeps them (merge_server_options).
     own: dict[str, object] = getattr(getattr(app, "state", None), "server_options", None) or {}
+    options = merge_server_options(own, uvicorn_options(server_tls) if server_tls is not None else {})
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -65,8 +67,7 @@ def uvicorn_config(
         # TSUNAGU_TRUSTED_PROXIES (tsunagu_core.proxies), and the TLS peer lookup needs the real address.
         proxy_headers=False,
         timeout_graceful_shutdown=int(core.shutdown_grace),
-        **(uvicorn_options(server_tls) if server_tls is not None else {}),
-        **own,  # type: ignore[arg-type]
+        **options,
     )
 
 
