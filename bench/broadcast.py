@@ -25,8 +25,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
+from record import Recorder
 
 from tsunagu.devpki import DevPki, ensure_dev_pki
 
@@ -81,6 +83,7 @@ def centrifugo_config(port: int, directory: Path, pki: DevPki | None) -> Path:
         "http_server": http_server,
         "log": {"level": "error"},
         "usage_stats": {"disabled": True},
+        "http_api": {"key": API_KEY},
         "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"]},
         "channel": {
             "without_namespace": {
@@ -152,20 +155,44 @@ def pinned_server(name: str, pki: DevPki | None = None) -> Iterator[tuple[int, i
                 server.kill()
 
 
-def measure(name: str, clients: int, seconds: float, window: int, pki: DevPki | None = None) -> dict[str, float]:
-    with pinned_server(name, pki) as (port, _):
+def loadgen(port: int, pid: int, pki: DevPki | None, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run the load generator on CPU 1 against the server on `port` (pid `pid`, whose CPU it reads)."""
+    scheme = "wss" if pki else "ws"
+    trust = ["-ca", str(pki.ca_cert)] if pki else []
+    api = f"{'https' if pki else 'http'}://127.0.0.1:{port}/api"
+    load = subprocess.run(
+        ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"{scheme}://127.0.0.1:{port}/connection/websocket",
+         *trust, "-token", bench_token(), "-api", api, "-apikey", API_KEY, "-server-pid", str(pid), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if load.returncode != 0:
+        raise RuntimeError(f"load generator failed: {load.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(load.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure(
+    name: str, clients: int, seconds: float, window: int, pki: DevPki | None = None, *extra: str
+) -> dict[str, Any]:
+    """Windowed broadcast (publishes over WebSocket, `window` in flight) or, with `-publish http` in
+    `extra`, through the server API."""
+    with pinned_server(name, pki) as (port, pid):
         time.sleep(1.0)
-        url = f"{'wss' if pki else 'ws'}://127.0.0.1:{port}/connection/websocket"
-        trust = ["-ca", str(pki.ca_cert)] if pki else []
-        load = subprocess.run(
-            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", url, *trust,
-             "-token", bench_token(), "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window)],
-            capture_output=True, text=True, timeout=seconds + 120,
+        return loadgen(
+            port, pid, pki, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window), *extra,
+            timeout=seconds + 180,
         )  # fmt: skip
-        if load.returncode != 0:
-            raise RuntimeError(f"{name}: load generator failed: {load.stderr.strip()[-500:]}")
-        result: dict[str, float] = json.loads(load.stdout.strip().splitlines()[-1])
-        return result
+
+
+def many_channels(name: str, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` connections, each on a channel of its own plus one shared channel, every channel
+    published once a second through the server API (batches every 10 ms)."""
+    with pinned_server(name) as (port, pid):
+        time.sleep(1.0)
+        return loadgen(
+            port, pid, None, "-mode", "channels", "-publish", "http", "-clients", str(clients),
+            "-duration", f"{seconds}s", "-period", "1s", timeout=seconds + 300,
+        )  # fmt: skip
 
 
 def rss_kb(pid: int) -> int:
@@ -203,45 +230,113 @@ def idle_memory(name: str, clients: int) -> tuple[float, float]:
         return (after - before) / clients, float(ready["connect_seconds"])
 
 
+API_WINDOWS = (1, 4, 64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--window", type=int, default=32, help="publish commands in flight")
+    parser.add_argument("--window", type=int, default=32, help="publish commands in flight (windowed scenario)")
     parser.add_argument("--servers", nargs="*", default=["reference", "centrifugo", "tsunagu", "plain"])
+    parser.add_argument(
+        "--api-windows", nargs="*", type=int, default=list(API_WINDOWS),
+        help="server API publishes in flight, one run per value (empty: skip)",
+    )  # fmt: skip
+    parser.add_argument("--channels-clients", type=int, default=10_000, help="0 skips the many-channels scenario")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each server API and many-channels comparison")
     parser.add_argument("--idle-clients", type=int, default=10_000, help="0 skips the idle-memory scenario")
     parser.add_argument(
         "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
     )
+    parser.add_argument("--scenarios", nargs="*", default=["windowed", "api", "channels", "tls", "idle"])
     args = parser.parse_args()
     ensure_tools()
-    print(f"\nbroadcast: {args.clients} subscribers, one channel, ~200 B, {args.seconds:.0f} s of publishing; "
-          f"{os.cpu_count()} cores: server on CPU 0, load on CPU 1\n")  # fmt: skip
-    print("| server | deliveries/s | publishes/s | delivered/expected | disconnects |")
-    print("|---|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory() as tls_dir:
-        pki, _ = ensure_dev_pki(Path(tls_dir))
-        runs = [(name, None) for name in args.servers] + [(name, pki) for name in args.tls_servers]
-        for name, tls in runs:
-            label = f"{name} (wss://, TLS 1.3)" if tls else name
-            try:
-                r = measure(name, args.clients, args.seconds, args.window, tls)
-            except RuntimeError as exc:
-                print(f"| {label} | failed: {exc} | | | |")
-                continue
-            print(
-                f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
-                f"{int(r['delivered']):,}/{int(r['expected']):,} | {int(r['disconnected_during_run'])} |",
-                flush=True,
-            )
-    if args.idle_clients:
+    recorder = Recorder("broadcast", {k: v for k, v in vars(args).items()})
+    compared = [name for name in ("centrifugo", "tsunagu") if name in args.servers]
+    print(f"\n{os.cpu_count()} cores: server on CPU 0, load on CPU 1; {recorder.load_before}")
+    if "windowed" in args.scenarios:
+        windowed(args, recorder)
+    if "api" in args.scenarios and args.api_windows:
+        server_api(args, compared, recorder)
+    if "channels" in args.scenarios and args.channels_clients:
+        channels(args, compared, recorder)
+    if "tls" in args.scenarios and args.tls_servers:
+        with tempfile.TemporaryDirectory() as tls_dir:
+            pki, _ = ensure_dev_pki(Path(tls_dir))
+            windowed(args, recorder, pki)
+    if "idle" in args.scenarios and args.idle_clients:
         print(f"\nidle authenticated connections: {args.idle_clients}, server RSS growth per connection\n")
         print("| server | KB per connection | seconds to connect all |")
         print("|---|---:|---:|")
-        for name in ("centrifugo", "tsunagu"):
-            if name in args.servers:
-                per_connection, seconds = idle_memory(name, args.idle_clients)
-                print(f"| {name} | {per_connection:.1f} | {seconds:.1f} |", flush=True)
+        for name in compared:
+            per_connection, seconds = idle_memory(name, args.idle_clients)
+            recorder.add("idle_kb_per_connection", per_connection, "KB", server=name, clients=args.idle_clients)
+            recorder.add("idle_connect_seconds", seconds, "s", server=name, clients=args.idle_clients)
+            print(f"| {name} | {per_connection:.1f} | {seconds:.1f} |", flush=True)
+    recorder.save()
+
+
+def windowed(args: argparse.Namespace, recorder: Recorder, pki: DevPki | None = None) -> None:
+    names = args.tls_servers if pki else args.servers
+    print(f"\nbroadcast{' over wss://' if pki else ''}: {args.clients} subscribers, one channel, ~200 B, "
+          f"{args.seconds:.0f} s of publishing over WebSocket, {args.window} in flight\n")  # fmt: skip
+    print("| server | deliveries/s | publishes/s | delivered/expected | per server CPU-s | disconnects |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        label = f"{name} (wss://, TLS 1.3)" if pki else name
+        try:
+            r = measure(name, args.clients, args.seconds, args.window, pki)
+        except RuntimeError as exc:
+            print(f"| {label} | failed: {exc} | | | | |")
+            continue
+        recorder.add("windowed_deliveries_per_second", r["deliveries_per_second"], "1/s", server=name,
+                     tls=pki is not None, window=args.window, raw=r)  # fmt: skip
+        print(
+            f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
+            f"{int(r['delivered']):,}/{int(r['expected']):,} | {r['deliveries_per_server_cpu_second']:,.0f} | "
+            f"{int(r['disconnected_during_run'])} |",
+            flush=True,
+        )
+
+
+def server_api(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
+    """Publishes through the HTTP server API, 1/4/64 in flight: deliveries per server CPU-second."""
+    print(f"\nbroadcast through the server API: {args.clients} subscribers, one channel, ~200 B, "
+          f"{args.seconds:.0f} s; deliveries per CPU-second of the server process\n")  # fmt: skip
+    print("| in flight | run | " + " | ".join(names) + " | ratio | lost/dup/reordered | p99 ms |")
+    print("|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|")
+    for window in args.api_windows:
+        for run in range(1, args.repeat + 1):
+            per: dict[str, dict[str, Any]] = {}
+            for name in names:
+                r = measure(name, args.clients, args.seconds, window, None, "-publish", "http")
+                per[name] = r
+                recorder.add("api_deliveries_per_server_cpu_second", r["deliveries_per_server_cpu_second"],
+                             "1/s", server=name, window=window, run=run, raw=r)  # fmt: skip
+            rates = [per[n]["deliveries_per_server_cpu_second"] for n in names]
+            ratio = rates[-1] / rates[0] if len(rates) == 2 and rates[0] else 0.0
+            problems = "; ".join(f"{per[n]['lost']}/{per[n]['duplicated']}/{per[n]['out_of_order']}" for n in names)
+            p99 = "; ".join(f"{per[n]['latency_p99_ms']:.1f}" for n in names)
+            print(f"| {window} | {run} | " + " | ".join(f"{x:,.0f}" for x in rates) +
+                  f" | {ratio:.2f}x | {problems} | {p99} |", flush=True)  # fmt: skip
+
+
+def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
+    seconds = max(args.seconds, 10)
+    print(f"\nmany channels: {args.channels_clients} connections, each on its own channel and one shared "
+          f"channel, every channel published once a second through the server API, {seconds:.0f} s\n")  # fmt: skip
+    print("| server | run | deliveries | server CPU µs per delivery | p50 ms | p99 ms | lost/dup/reordered |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in range(1, args.repeat + 1):
+        for name in names:
+            r = many_channels(name, args.channels_clients, seconds)
+            recorder.add("channels_server_cpu_us_per_delivery", r["server_cpu_us_per_delivery"], "us",
+                         server=name, run=run, raw=r)  # fmt: skip
+            recorder.add("channels_latency_p99_ms", r["latency_p99_ms"], "ms", server=name, run=run)
+            print(f"| {name} | {run} | {int(r['delivered']):,}/{int(r['expected']):,} | "
+                  f"{r['server_cpu_us_per_delivery']:.1f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
+                  f"{r['lost']}/{r['duplicated']}/{r['out_of_order']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
