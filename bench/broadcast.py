@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
-from record import Recorder
+from record import Profile, Recorder
 
 from tsunagu.devpki import DevPki, ensure_dev_pki
 
@@ -155,33 +155,69 @@ def pinned_server(name: str, pki: DevPki | None = None) -> Iterator[tuple[int, i
                 server.kill()
 
 
-def loadgen(port: int, pid: int, pki: DevPki | None, *args: str, timeout: float = 300) -> dict[str, Any]:
-    """Run the load generator on CPU 1 against the server on `port` (pid `pid`, whose CPU it reads)."""
+def loadgen(
+    port: int,
+    pid: int,
+    pki: DevPki | None,
+    *args: str,
+    timeout: float = 300,
+    publishing: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run the load generator on CPU 1 against the server on `port` (pid `pid`, whose CPU it reads);
+    `publishing` is called once its subscribers are connected and it starts publishing."""
     scheme = "wss" if pki else "ws"
     trust = ["-ca", str(pki.ca_cert)] if pki else []
     api = f"{'https' if pki else 'http'}://127.0.0.1:{port}/api"
-    load = subprocess.run(
+    load = subprocess.Popen(
         ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"{scheme}://127.0.0.1:{port}/connection/websocket",
          *trust, "-token", bench_token(), "-api", api, "-apikey", API_KEY, "-server-pid", str(pid), *args],
-        capture_output=True, text=True, timeout=timeout,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert load.stderr is not None
+    log: list[str] = []
+    for line in load.stderr:  # its log goes to stderr; the result is one line of stdout at the end
+        log.append(line)
+        if "subscribers connected" in line:
+            if publishing is not None:
+                publishing()
+            break
+    try:
+        stdout, rest = load.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        load.kill()
+        raise RuntimeError("load generator timed out") from None
     if load.returncode != 0:
-        raise RuntimeError(f"load generator failed: {load.stderr.strip()[-500:]}")
-    result: dict[str, Any] = json.loads(load.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"load generator failed: {(''.join(log) + rest).strip()[-500:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
 
 
 def measure(
-    name: str, clients: int, seconds: float, window: int, pki: DevPki | None = None, *extra: str
-) -> dict[str, Any]:
+    name: str,
+    clients: int,
+    seconds: float,
+    window: int,
+    pki: DevPki | None = None,
+    *extra: str,
+    profile: str = "",
+) -> tuple[dict[str, Any], Profile | None]:
     """Windowed broadcast (publishes over WebSocket, `window` in flight) or, with `-publish http` in
-    `extra`, through the server API."""
+    `extra`, through the server API; with `profile`, py-spy records the server while it publishes."""
     with pinned_server(name, pki) as (port, pid):
         time.sleep(1.0)
-        return loadgen(
+        spy: list[Profile] = []
+
+        def publishing() -> None:
+            if profile:
+                spy.append(Profile(profile, pid, seconds, rate=PROFILE_RATE))
+
+        result = loadgen(
             port, pid, pki, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window), *extra,
-            timeout=seconds + 180,
+            timeout=seconds + 180, publishing=publishing,
         )  # fmt: skip
+        if spy:
+            spy[0].finish()
+        return result, spy[0] if spy else None
 
 
 def many_channels(name: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -231,6 +267,7 @@ def idle_memory(name: str, clients: int) -> tuple[float, float]:
 
 
 API_WINDOWS = (1, 4, 64)
+PROFILE_RATE = 200  # py-spy samples per second
 
 
 def main() -> None:
@@ -249,6 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
     )
+    parser.add_argument("--profile", action="store_true", help="py-spy on our gateway in the server API runs")
     parser.add_argument("--scenarios", nargs="*", default=["windowed", "api", "channels", "tls", "idle"])
     args = parser.parse_args()
     ensure_tools()
@@ -271,8 +309,9 @@ def main() -> None:
         print("|---|---:|---:|")
         for name in compared:
             per_connection, seconds = idle_memory(name, args.idle_clients)
-            recorder.add("idle_kb_per_connection", per_connection, "KB", server=name, clients=args.idle_clients)
-            recorder.add("idle_connect_seconds", seconds, "s", server=name, clients=args.idle_clients)
+            recorder.add("idle_kb_per_connection", per_connection, "KB", note=name, server=name,
+                         clients=args.idle_clients)  # fmt: skip
+            recorder.add("idle_connect_seconds", seconds, "s", note=name, server=name, clients=args.idle_clients)
             print(f"| {name} | {per_connection:.1f} | {seconds:.1f} |", flush=True)
     recorder.save()
 
@@ -286,11 +325,12 @@ def windowed(args: argparse.Namespace, recorder: Recorder, pki: DevPki | None = 
     for name in names:
         label = f"{name} (wss://, TLS 1.3)" if pki else name
         try:
-            r = measure(name, args.clients, args.seconds, args.window, pki)
+            r, _ = measure(name, args.clients, args.seconds, args.window, pki)
         except RuntimeError as exc:
             print(f"| {label} | failed: {exc} | | | | |")
             continue
-        recorder.add("windowed_deliveries_per_second", r["deliveries_per_second"], "1/s", server=name,
+        recorder.add("windowed_deliveries_per_second", r["deliveries_per_second"], "1/s",
+                     note=f"{label}, {args.window} in flight", server=name,
                      tls=pki is not None, window=args.window, raw=r)  # fmt: skip
         print(
             f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
@@ -301,25 +341,75 @@ def windowed(args: argparse.Namespace, recorder: Recorder, pki: DevPki | None = 
 
 
 def server_api(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
-    """Publishes through the HTTP server API, 1/4/64 in flight: deliveries per server CPU-second."""
+    """Publishes through the HTTP server API, 1/4/64 in flight: deliveries per server CPU-second; with
+    --profile, py-spy on our gateway in the last run of each setting and where its CPU goes per delivery."""
     print(f"\nbroadcast through the server API: {args.clients} subscribers, one channel, ~200 B, "
           f"{args.seconds:.0f} s; deliveries per CPU-second of the server process\n")  # fmt: skip
     print("| in flight | run | " + " | ".join(names) + " | ratio | lost/dup/reordered | p99 ms |")
     print("|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|")
+    profiles: list[tuple[int, dict[str, Any], Profile]] = []
     for window in args.api_windows:
         for run in range(1, args.repeat + 1):
             per: dict[str, dict[str, Any]] = {}
             for name in names:
-                r = measure(name, args.clients, args.seconds, window, None, "-publish", "http")
+                profiled = args.profile and name == "tsunagu" and run == args.repeat
+                profile = f"broadcast-api-{window}-{name}" if profiled else ""
+                r, spy = measure(name, args.clients, args.seconds, window, None, "-publish", "http", profile=profile)
                 per[name] = r
-                recorder.add("api_deliveries_per_server_cpu_second", r["deliveries_per_server_cpu_second"],
-                             "1/s", server=name, window=window, run=run, raw=r)  # fmt: skip
+                if spy is not None:
+                    profiles.append((window, r, spy))
+                recorder.add("api_deliveries_per_server_cpu_second", r["deliveries_per_server_cpu_second"], "1/s",
+                             note=f"{name}, {window} in flight, run {run}", server=name, window=window, run=run,
+                             raw=r)  # fmt: skip
             rates = [per[n]["deliveries_per_server_cpu_second"] for n in names]
             ratio = rates[-1] / rates[0] if len(rates) == 2 and rates[0] else 0.0
+            if len(rates) == 2:
+                recorder.add("api_ratio_tsunagu_to_centrifugo", ratio, "x", note=f"{window} in flight, run {run}",
+                             window=window, run=run)  # fmt: skip
             problems = "; ".join(f"{per[n]['lost']}/{per[n]['duplicated']}/{per[n]['out_of_order']}" for n in names)
             p99 = "; ".join(f"{per[n]['latency_p99_ms']:.1f}" for n in names)
             print(f"| {window} | {run} | " + " | ".join(f"{x:,.0f}" for x in rates) +
                   f" | {ratio:.2f}x | {problems} | {p99} |", flush=True)  # fmt: skip
+    for window, r, spy in profiles:
+        per_delivery = float(r["server_cpu_us_per_delivery"])
+        print(f"\nwhere our gateway's CPU goes, {window} in flight ({per_delivery:.2f} µs of server CPU per delivery; "
+              f"py-spy, {spy.raw.relative_to(REPO)}):\n")  # fmt: skip
+        print("| part | share of samples | µs per delivery |")
+        print("|---|---:|---:|")
+        for share, part in cpu_by_part(spy.raw):
+            recorder.add("api_profile_us_per_delivery", share * per_delivery, "us",
+                         note=f"{window} in flight: {part} ({share:.0%})", window=window, part=part, share=share,
+                         profile=str(spy.raw.relative_to(REPO)))  # fmt: skip
+            print(f"| {part} | {share:.1%} | {share * per_delivery:.2f} |", flush=True)
+
+
+# Where a sample is counted: the first part (in this order) with a frame in its stack.
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("socket writes (transport.write, the send syscall)", ("_SelectorSocketTransport.write",)),
+    ("flush: one callback per loop iteration, Python side", ("_Flusher.run",)),
+    ("encoding the publication (once per flavour)", ("publication_push",)),
+    ("queueing per subscriber (WebSocketTransport.send)", ("WebSocketTransport.send",)),
+    ("fan-out loop (Node.on_publication), the rest", ("Node.on_publication",)),
+    ("the publish itself (broker, history)", ("MemoryBroker.publish", "Broker.publish")),
+    ("server API: HTTP parsing, routing, JSON", ("HttpToolsProtocol", "H11Protocol", "RequestResponseCycle")),
+    ("reading client frames (pings, commands)", ("WebSocketsSansIOProtocol.data_received", "serve (tsunagu_ws")),
+    ("event loop: epoll and scheduling", ("_run_once",)),
+)
+
+
+def cpu_by_part(raw: Path) -> list[tuple[float, str]]:
+    """The share of py-spy's samples per part of the gateway (PARTS), from its raw (collapsed) output."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        part = next((name for name, frames in PARTS if any(frame in stack for frame in frames)), "other")
+        counts[part] = counts.get(part, 0) + int(number)
+        total += int(number)
+    order = [name for name, _ in PARTS] + ["other"]
+    return [(counts[name] / total, name) for name in order if counts.get(name)]
 
 
 def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
@@ -332,8 +422,10 @@ def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> 
         for name in names:
             r = many_channels(name, args.channels_clients, seconds)
             recorder.add("channels_server_cpu_us_per_delivery", r["server_cpu_us_per_delivery"], "us",
+                         note=f"{name}, run {run}",
                          server=name, run=run, raw=r)  # fmt: skip
-            recorder.add("channels_latency_p99_ms", r["latency_p99_ms"], "ms", server=name, run=run)
+            recorder.add("channels_latency_p99_ms", r["latency_p99_ms"], "ms", note=f"{name}, run {run}",
+                         server=name, run=run)  # fmt: skip
             print(f"| {name} | {run} | {int(r['delivered']):,}/{int(r['expected']):,} | "
                   f"{r['server_cpu_us_per_delivery']:.1f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
                   f"{r['lost']}/{r['duplicated']}/{r['out_of_order']} |", flush=True)  # fmt: skip

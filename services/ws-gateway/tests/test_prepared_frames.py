@@ -10,11 +10,14 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 from centrifuge.protocol import client_pb2 as upstream
 from google.protobuf.internal.decoder import _DecodeVarint  # type: ignore[attr-defined]
 from tsunagu_ws_gateway.protocol import protobuf_frames
+from tsunagu_ws_gateway.transports.frames import framing_for
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 PUBLICATIONS = 200
 
@@ -124,3 +127,14 @@ async def test_what_was_queued_goes_out_before_a_server_disconnect(gateway, toke
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 4321, closed
     assert got == list(range(50))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+@pytest.mark.parametrize("binary", [False, True])
+def test_uncompressed_frames_are_what_websockets_would_send(size: int, binary: bool) -> None:
+    payload = b"y" * size
+    framing = framing_for(binary, [])
+    expected = Frame(Opcode.BINARY if binary else Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert framing.frame(payload) == expected
+    assert framing.frame(payload) is framing.frame(payload)  # prepared once for every subscriber
+    assert framing.frame_once(payload) == expected
