@@ -9,7 +9,8 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from tsunagu_core.config import CoreSettings
@@ -47,6 +48,17 @@ class EmbeddedServer(uvicorn.Server):
         if sockets is None and self.listener is not None:
             sockets = [self.listener]
         await super().serve(sockets)
+
+
+def run_loop(core: CoreSettings, main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` to its end on the event loop `TSUNAGU_EVENT_LOOP` names."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if core.event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def uvicorn_config(

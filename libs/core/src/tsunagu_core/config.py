@@ -123,6 +123,11 @@ class CoreSettings(TlsSettings):
     dependency_retry_max: float = Field(
         15.0, gt=0, le=300, description="Longest wait in seconds between attempts to reach a dependency."
     )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="Event loop of `tsunagu serve` and `tsunagu run`: `uvloop` (libuv, in C) costs the gateway's"
+        " fan-out less CPU per delivery than the standard library's (docs/benchmarks.md).",
+    )
     shutdown_grace: float = Field(
         20.0, ge=0, le=600, description="Seconds a stopping service waits for open connections to finish."
     )
