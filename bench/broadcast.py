@@ -107,7 +107,13 @@ def server_command(name: str, port: int, directory: Path, pki: DevPki | None) ->
         return [str(BIN / "loadgen"), "-serve", f"127.0.0.1:{port}"], env
     if name == "centrifugo":
         return [str(BIN / "centrifugo"), "--config", str(centrifugo_config(port, directory, pki))], env
-    if name == "tsunagu":
+    if name in ("tsunagu", "tsunagu-uvloop", "before"):
+        if name == "tsunagu-uvloop":
+            env["TSUNAGU_EVENT_LOOP"] = "uvloop"
+        if name == "before":  # the gateway of `--before REV`, its sources ahead of ours on the path
+            tree = BEFORE_TREE[0]
+            paths = [tree / "src", tree / "libs" / "core" / "src", *sorted((tree / "services").glob("*/src"))]
+            env["PYTHONPATH"] = os.pathsep.join(map(str, paths))
         if pki is not None:
             env |= {
                 "TSUNAGU_SERVER_TLS_CERT_FILE": str(pki.server_cert),
@@ -129,6 +135,16 @@ def server_command(name: str, port: int, directory: Path, pki: DevPki | None) ->
     if name == "plain":
         return [sys.executable, str(REPO / "bench" / "plain_broadcast.py"), "--port", str(port)], env
     raise ValueError(name)
+
+
+BEFORE_TREE: list[Path] = []
+
+
+def export_before(revision: str, directory: Path) -> None:
+    """`revision`'s tree in `directory`, served as the server `before` (what a change is measured against)."""
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    BEFORE_TREE[:] = [directory]
 
 
 def bench_token() -> str:
@@ -307,12 +323,16 @@ def main() -> None:
     parser.add_argument(
         "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
     )
+    parser.add_argument("--before", default="", help="a git revision: its gateway is the server `before`")
     parser.add_argument("--profile", action="store_true", help="py-spy on our gateway in the server API runs")
     parser.add_argument("--scenarios", nargs="*", default=["windowed", "api", "channels", "tls", "idle"])
     args = parser.parse_args()
     ensure_tools()
+    before_dir = tempfile.TemporaryDirectory()
+    if args.before:
+        export_before(args.before, Path(before_dir.name))
     recorder = Recorder("broadcast", {k: v for k, v in vars(args).items()})
-    compared = [name for name in ("centrifugo", "tsunagu") if name in args.servers]
+    compared = [name for name in ("centrifugo", "before", "tsunagu", "tsunagu-uvloop") if name in args.servers]
     print(f"\n{os.cpu_count()} cores: server on CPU 0, load on CPU 1; {recorder.load_before}")
     if "windowed" in args.scenarios:
         windowed(args, recorder)
@@ -366,40 +386,42 @@ def server_api(args: argparse.Namespace, names: list[str], recorder: Recorder) -
     --profile, py-spy on our gateway in the last run of each setting and where its CPU goes per delivery."""
     print(f"\nbroadcast through the server API: {args.clients} subscribers, one channel, ~200 B, "
           f"{args.seconds:.0f} s; deliveries per CPU-second of the server process\n")  # fmt: skip
-    print("| in flight | run | " + " | ".join(names) + " | ratio | lost/dup/reordered | p99 ms |")
+    print("| in flight | run | " + " | ".join(names) + " | ÷ centrifugo | lost/dup/reordered | p99 ms |")
     print("|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|")
-    profiles: list[tuple[int, dict[str, Any], Profile]] = []
+    profiles: list[tuple[str, int, dict[str, Any], Profile]] = []
     for window in args.api_windows:
         for run in range(1, args.repeat + 1):
             per: dict[str, dict[str, Any]] = {}
             for name in names:
-                profiled = args.profile and name == "tsunagu" and run == args.repeat
+                profiled = args.profile and name.startswith("tsunagu") and run == args.repeat
                 profile = f"broadcast-api-{window}-{name}" if profiled else ""
                 r, spy = measure(name, args.clients, args.seconds, window, None, "-publish", "http", profile=profile)
                 per[name] = r
                 if spy is not None:
-                    profiles.append((window, r, spy))
+                    profiles.append((name, window, r, spy))
                 recorder.add("api_deliveries_per_server_cpu_second", r["deliveries_per_server_cpu_second"], "1/s",
                              note=f"{name}, {window} in flight, run {run}", server=name, window=window, run=run,
                              raw=r)  # fmt: skip
             rates = [per[n]["deliveries_per_server_cpu_second"] for n in names]
-            ratio = rates[-1] / rates[0] if len(rates) == 2 and rates[0] else 0.0
-            if len(rates) == 2:
-                recorder.add("api_ratio_tsunagu_to_centrifugo", ratio, "x", note=f"{window} in flight, run {run}",
+            ratios = {n: per[n]["deliveries_per_server_cpu_second"] / rates[0] for n in names[1:] if rates[0]}
+            for n, ratio in ratios.items():
+                recorder.add(f"api_ratio_{n}_to_centrifugo", ratio, "x", note=f"{window} in flight, run {run}",
                              window=window, run=run)  # fmt: skip
             problems = "; ".join(f"{per[n]['lost']}/{per[n]['duplicated']}/{per[n]['out_of_order']}" for n in names)
             p99 = "; ".join(f"{per[n]['latency_p99_ms']:.1f}" for n in names)
             print(f"| {window} | {run} | " + " | ".join(f"{x:,.0f}" for x in rates) +
-                  f" | {ratio:.2f}x | {problems} | {p99} |", flush=True)  # fmt: skip
-    for window, r, spy in profiles:
+                  f" | {' / '.join(f'{r:.2f}x' for r in ratios.values())} | {problems} | {p99} |",
+                  flush=True)  # fmt: skip
+    for name, window, r, spy in profiles:
         per_delivery = float(r["server_cpu_us_per_delivery"])
-        print(f"\nwhere our gateway's CPU goes, {window} in flight ({per_delivery:.2f} µs of server CPU per delivery; "
+        print(f"\nwhere {name}'s CPU goes, {window} in flight ({per_delivery:.2f} µs of server CPU per delivery; "
               f"py-spy, {spy.raw.relative_to(REPO)}):\n")  # fmt: skip
         print("| part | share of samples | µs per delivery |")
         print("|---|---:|---:|")
         for share, part in cpu_by_part(spy.raw):
             recorder.add("api_profile_us_per_delivery", share * per_delivery, "us",
-                         note=f"{window} in flight: {part} ({share:.0%})", window=window, part=part, share=share,
+                         note=f"{name}, {window} in flight: {part} ({share:.0%})", server=name, window=window,
+                         part=part, share=share,
                          profile=str(spy.raw.relative_to(REPO)))  # fmt: skip
             print(f"| {part} | {share:.1%} | {share * per_delivery:.2f} |", flush=True)
 
