@@ -555,15 +555,24 @@ func finish(c config, res *result, r *readers, wanted func(int) func(yield func(
 	}
 }
 
-// broadcast: every client on one channel; `window` publishes in flight, as fast as acks come back.
-func broadcast(c config) (*result, error) {
-	conns, connectSeconds, err := subscribers(c.url, c.token, c.clients, func(int) []string { return []string{c.channel} })
+// start connects the subscribers (client i on channels(i)), starts their readers and the publisher.
+func (c config) start(channels func(int) []string) ([]*websocket.Conn, float64, *readers, publisher, error) {
+	conns, connectSeconds, err := subscribers(c.url, c.token, c.clients, channels)
 	if err != nil {
-		return nil, err
+		return nil, 0, nil, nil, err
 	}
 	log.Printf("%d subscribers connected in %.2fs", c.clients, connectSeconds)
 	r := startReaders(conns)
 	pub, err := c.publisher(strings.Repeat("x", max(c.payload-70, 1)))
+	if err != nil {
+		return nil, 0, nil, nil, err
+	}
+	return conns, connectSeconds, r, pub, nil
+}
+
+// broadcast: every client on one channel; `window` publishes in flight, as fast as acks come back.
+func broadcast(c config) (*result, error) {
+	conns, connectSeconds, r, pub, err := c.start(func(int) []string { return []string{c.channel} })
 	if err != nil {
 		return nil, err
 	}
@@ -648,13 +657,7 @@ func broadcast(c config) (*result, error) {
 func channels(c config) (*result, error) {
 	own := func(i int) string { return fmt.Sprintf("%s.c%d", c.channel, i) }
 	shared := c.channel + ".all"
-	conns, connectSeconds, err := subscribers(c.url, c.token, c.clients, func(i int) []string { return []string{own(i), shared} })
-	if err != nil {
-		return nil, err
-	}
-	log.Printf("%d subscribers connected in %.2fs", c.clients, connectSeconds)
-	r := startReaders(conns)
-	pub, err := c.publisher(strings.Repeat("x", max(c.payload-70, 1)))
+	conns, connectSeconds, r, pub, err := c.start(func(i int) []string { return []string{own(i), shared} })
 	if err != nil {
 		return nil, err
 	}
