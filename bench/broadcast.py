@@ -429,7 +429,7 @@ def server_api(args: argparse.Namespace, names: list[str], recorder: Recorder) -
 # Where a sample is counted: the first part (in this order) with a frame in its stack.
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("socket writes (transport.write, the send syscall)", ("_SelectorSocketTransport.write",)),
-    ("flush: one callback per loop iteration, Python side", ("_Flusher.run",)),
+    ("flush callbacks (with uvloop: its C transport.write and the syscall too)", ("_Flusher.run",)),
     ("encoding the publication (once per flavour)", ("publication_push",)),
     ("queueing per subscriber (WebSocketTransport.send)", ("WebSocketTransport.send",)),
     ("fan-out loop (Node.on_publication), the rest", ("Node.on_publication",)),

@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tsunagu_core.tls import ServerTls
 
     from tsunagu.embedded_mqtt import EmbeddedMqttBroker, RunSettings, mqtt_url_configured
-    from tsunagu.serving import EmbeddedServer, metrics_server, run_loop, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, event_loop, metrics_server, run_loop, uvicorn_config
 
     # No TSUNAGU_MQTT_URL: run mode brings its own MQTT broker and a demo device, as it brings its
     # in-process bus, so the IoT half of the demo works with no server installed.
@@ -218,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     server_tls = ServerTls.from_settings(core)
     scheme = "https" if server_tls is not None else "http"
     servers = []
-    print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database} loop={core.event_loop}")
+    print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database} loop={event_loop(core)}")
     probes = "/healthz /readyz" if core.metrics_port else "/healthz /readyz /metrics"
     for entry in SERVICES.values():
         settings = chosen[entry.name]
@@ -256,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
     sys.stdout.flush()
-    return run_loop(core, _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
+    return run_loop(event_loop(core), _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
 
 
 async def _serve_run_mode(
@@ -324,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, metrics_server, run_loop, serve_all, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, event_loop, metrics_server, run_loop, serve_all, uvicorn_config
 
     entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
@@ -337,7 +337,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_tls = ServerTls.from_settings(core)
     app = entry.factory(Runtime(core), settings)
     scheme = "https" if server_tls is not None else "http"
-    engines = f"bus={core.bus} broker={core.broker} loop={core.event_loop}"
+    loop = event_loop(core, entry.event_loop)
+    engines = f"bus={core.bus} broker={core.broker} loop={loop}"
     print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ ({engines})")
     sys.stdout.flush()
     server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
@@ -349,7 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if core.metrics_port:
         servers.append(metrics_server(core, host, server_tls))
         print(f"  /metrics on {scheme}://{host}:{core.metrics_port}/metrics", flush=True)
-    return run_loop(core, serve_all(servers, server_tls, core.server_tls_reload_interval))
+    return run_loop(loop, serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:

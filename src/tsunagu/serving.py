@@ -50,10 +50,15 @@ class EmbeddedServer(uvicorn.Server):
         await super().serve(sockets)
 
 
-def run_loop(core: CoreSettings, main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` to its end on the event loop `TSUNAGU_EVENT_LOOP` names."""
+def event_loop(core: CoreSettings, preferred: str = "asyncio") -> str:
+    """The loop `TSUNAGU_EVENT_LOOP` names, or with `auto` the one a service prefers (services.py)."""
+    return preferred if core.event_loop == "auto" else core.event_loop
+
+
+def run_loop(loop: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` to its end on `loop` (`asyncio` or `uvloop`)."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if core.event_loop == "uvloop":
+    if loop == "uvloop":
         import uvloop
 
         factory = uvloop.new_event_loop

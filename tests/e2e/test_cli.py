@@ -91,13 +91,15 @@ def test_the_service_table_knows_each_service_address_as_its_settings_do() -> No
         assert settings.model_fields["port"].default == entry.port, entry.name
 
 
-async def test_the_gateway_on_uvloop_fans_out_as_on_asyncio(start_service) -> None:  # type: ignore[no-untyped-def]
-    """TSUNAGU_EVENT_LOOP=uvloop: the same gateway, its prepared frames written by libuv's transports."""
+async def test_the_gateway_serves_on_uvloop_by_default(start_service) -> None:  # type: ignore[no-untyped-def]
+    """TSUNAGU_EVENT_LOOP=auto: `tsunagu serve ws-gateway` runs on uvloop, its prepared frames written by
+    libuv's transports, and stock SDK clients get every publication in order (the unit tests run the same
+    code on the standard library's loop)."""
     secret = "e2e-uvloop-secret-that-is-long-enough"
-    env = {"TSUNAGU_EVENT_LOOP": "uvloop", "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": secret}
+    env = {"TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": secret}
     gateway = start_service(["serve", "ws-gateway"], env)
     await asyncio.to_thread(gateway.wait_ready)
-    assert f"loop={env['TSUNAGU_EVENT_LOOP']}" in gateway.output()
+    assert "loop=uvloop" in gateway.output()
     url = f"ws://127.0.0.1:{gateway.port}/connection/websocket"
     claims = {"channels": ["chat:*"], "exp": int(time.time()) + 600}
     tokens = [jwt.encode({"sub": user, **claims}, secret, "HS256") for user in ("ann", "bob")]
