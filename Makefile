@@ -8,6 +8,9 @@ PROTO_OUT := libs/core/src/tsunagu_core/wire
 PROTO_FILES := $(notdir $(wildcard proto/tsunagu/v1/*.proto))
 # The Centrifugo client protocol as the gateway serves it (stock SDKs' wire format).
 CLIENT_PROTO_OUT := services/ws-gateway/src/tsunagu_ws_gateway/protocol/wire
+# Centrifugo's proxy and server API schemas, vendored unchanged (proto/centrifugal/centrifugo/README.md).
+CENTRIFUGO_PROTO_OUT := services/ws-gateway/src/tsunagu_ws_gateway/centrifugo
+CENTRIFUGO_PROTO_FILES := proxy.proto api.proto
 # mypy checks installed packages by name: the CLI, the core, and one per service.
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=
@@ -43,13 +46,16 @@ fmt: install ## apply ruff's fixes and formatting
 proto: install ## regenerate the Python code of proto/ (committed)
 	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTO_FILES)
 	$(UV) run python -m grpc_tools.protoc -Iproto/centrifugal --python_out=$(CLIENT_PROTO_OUT) --pyi_out=$(CLIENT_PROTO_OUT) centrifuge_client.proto
+	$(UV) run python -m grpc_tools.protoc -Iproto/centrifugal/centrifugo --python_out=$(CENTRIFUGO_PROTO_OUT) --pyi_out=$(CENTRIFUGO_PROTO_OUT) $(CENTRIFUGO_PROTO_FILES)
 
 proto-check: install ## fail when the committed generated code differs from proto/
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
 	$(UV) run python -m grpc_tools.protoc -Iproto/tsunagu/v1 --python_out=$$tmp --pyi_out=$$tmp $(PROTO_FILES); \
 	for f in $$tmp/*; do cmp -s $$f $(PROTO_OUT)/$$(basename $$f) || { echo "$(PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done; \
 	rm -f $$tmp/*; $(UV) run python -m grpc_tools.protoc -Iproto/centrifugal --python_out=$$tmp --pyi_out=$$tmp centrifuge_client.proto; \
-	for f in $$tmp/*; do cmp -s $$f $(CLIENT_PROTO_OUT)/$$(basename $$f) || { echo "$(CLIENT_PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done
+	for f in $$tmp/*; do cmp -s $$f $(CLIENT_PROTO_OUT)/$$(basename $$f) || { echo "$(CLIENT_PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done; \
+	rm -f $$tmp/*; $(UV) run python -m grpc_tools.protoc -Iproto/centrifugal/centrifugo --python_out=$$tmp --pyi_out=$$tmp $(CENTRIFUGO_PROTO_FILES); \
+	for f in $$tmp/*; do cmp -s $$f $(CENTRIFUGO_PROTO_OUT)/$$(basename $$f) || { echo "$(CENTRIFUGO_PROTO_OUT)/$$(basename $$f) is stale: run make proto"; exit 1; }; done
 
 docs: install ## regenerate docs/configuration.md from the settings classes
 	$(UV) run tsunagu config-docs
@@ -102,6 +108,7 @@ bench: install js-install ## benchmarks (engines and every stage on the real sta
 	$(UV) run tsunagu stack up redis kafka postgres mosquitto
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
 	$(UV) run python bench/broadcast.py
+	$(UV) run python bench/redis_cluster.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
 		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mqtt.py && $(UV) run python bench/sim.py \
 		&& $(UV) run python bench/collab.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py

@@ -30,6 +30,8 @@ export default defineConfig({
     target: 'es2022',
     sourcemap: false,
     chunkSizeWarningLimit: 1000,
+    // The operator console is a page of its own (/console/): admins only, none of the demo's views.
+    rollupOptions: { input: { main: here('index.html'), console: here('console/index.html') } },
   },
   plugins: [
     VitePWA({
@@ -50,7 +52,7 @@ export default defineConfig({
         globPatterns: ['**/*.{html,js,css,svg,webmanifest}'],
         navigateFallback: '/index.html',
         // Gateway endpoints are never the app shell.
-        navigateFallbackDenylist: [/^\/(web|connection|collab|api|v1|healthz|readyz|metrics|socket\.io|stomp|graphql)/],
+        navigateFallbackDenylist: [/^\/(console|web|connection|collab|api|v1|healthz|readyz|metrics|socket\.io|stomp|graphql)/],
         skipWaiting: true,
         clientsClaim: true,
         cleanupOutdatedCaches: true,

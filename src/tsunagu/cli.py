@@ -37,8 +37,19 @@ DEVELOPMENT_API_KEY = "tsunagu-development-api-key"
 DEVELOPMENT_INTERNAL_TOKEN = "tsunagu-development-internal-token"
 # The demo's users: two, so two browser tabs can chat and see each other's avatar.
 DEVELOPMENT_USERS = {"alice": "alice-development-password", "bob": "bob-development-password"}
+# The operator console's development admin: a password and a TOTP secret (the console needs a second factor).
+DEVELOPMENT_ADMIN = "ops"
+DEVELOPMENT_ADMIN_PASSWORD = "ops-development-password"
+DEVELOPMENT_ADMIN_TOTP_SECRET = "TSUNAGUDEVELOPMENTTOTPSECRET2345"
 DEVELOPMENT_SECRETS = frozenset(
-    {DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_API_KEY, DEVELOPMENT_INTERNAL_TOKEN, *DEVELOPMENT_USERS.values()}
+    {
+        DEVELOPMENT_TOKEN_SECRET,
+        DEVELOPMENT_API_KEY,
+        DEVELOPMENT_INTERNAL_TOKEN,
+        DEVELOPMENT_ADMIN_PASSWORD,
+        DEVELOPMENT_ADMIN_TOTP_SECRET,
+        *DEVELOPMENT_USERS.values(),
+    }
 )
 DEVELOPMENT_USER = "alice"
 DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
@@ -46,7 +57,11 @@ DEVELOPMENT_PASSWORD = DEVELOPMENT_USERS[DEVELOPMENT_USER]
 # loopback without --expose-development-secrets.
 SECRET_DEFAULTS = {
     "ws-gateway": {"token_hmac_secret": "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET", "api_key": "TSUNAGU_GATEWAY_API_KEY"},
-    "auth": {"admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY", "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS"},
+    "auth": {
+        "admin_api_key": "TSUNAGU_AUTH_ADMIN_API_KEY",
+        "bootstrap_users": "TSUNAGU_AUTH_BOOTSTRAP_USERS",
+        "gateway_api_key": "TSUNAGU_AUTH_GATEWAY_API_KEY",
+    },
 }
 # The web app's world (sim-engine) room.
 DEMO_ROOM = {"room": "world", "kind": "avatar", "tick_hz": 20, "params": {"idle_timeout": 600}}
@@ -102,6 +117,12 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
         if _unset("TSUNAGU_AUTH_BOOTSTRAP_USERS"):
             defaults["bootstrap_users"] = {
                 user: {"password": password, "channels": ["*"]} for user, password in DEVELOPMENT_USERS.items()
+            } | {
+                DEVELOPMENT_ADMIN: {
+                    "password": DEVELOPMENT_ADMIN_PASSWORD,
+                    "roles": ["admin"],
+                    "totp_secret": DEVELOPMENT_ADMIN_TOTP_SECRET,
+                }
             }
         if _unset("TSUNAGU_AUTH_CORS_ORIGINS"):
             gateway = _base_url("ws-gateway", host)
@@ -109,6 +130,16 @@ def development_defaults(service: str, host: str | None = None, gateway_port: in
                 gateway = gateway.rsplit(":", 1)[0] + f":{gateway_port}"
             port = gateway.rsplit(":", 1)[1]
             defaults["cors_origins"] = sorted({gateway, f"http://127.0.0.1:{port}", f"http://localhost:{port}"})
+        # The operator console reaches the gateway's server API (channel inspector) and audit-log's chain.
+        if _unset("TSUNAGU_AUTH_GATEWAY_API_URL"):
+            gateway = _base_url("ws-gateway", host)
+            if gateway_port is not None:
+                gateway = gateway.rsplit(":", 1)[0] + f":{gateway_port}"
+            defaults["gateway_api_url"] = gateway
+        if _unset("TSUNAGU_AUTH_GATEWAY_API_KEY", "TSUNAGU_GATEWAY_API_KEY"):
+            defaults["gateway_api_key"] = DEVELOPMENT_API_KEY  # the gateway's development key
+        if _unset("TSUNAGU_AUTH_AUDIT_URL"):
+            defaults["audit_url"] = _base_url("audit-log", host)
     elif service == "stream-ingest":
         if _unset("TSUNAGU_INGEST_MAPPINGS", "TSUNAGU_INGEST_DEMO_FEED"):
             defaults["demo_feed"] = True
@@ -255,6 +286,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         users = ", ".join(f"{user!r} (password {password!r})" for user, password in DEVELOPMENT_USERS.items())
         print(f"  development users {users}; an auth-issued token:")
         print(f"    uv run tsunagu token --user {DEVELOPMENT_USER} --auth-url {_auth_base_url(args.host)}")
+        print(
+            f"  the operator console: {gateway_url}/console  (admin {DEVELOPMENT_ADMIN!r}, password"
+            f" {DEVELOPMENT_ADMIN_PASSWORD!r}, TOTP secret {DEVELOPMENT_ADMIN_TOTP_SECRET} for an authenticator app)"
+        )
     sys.stdout.flush()
     return run_loop(event_loop(core), _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
 

@@ -13,9 +13,18 @@ from typing import Any
 import asyncpg
 import httpx
 import jwt
-from centrifuge import Client, ClientEventHandler, ConnectedContext, DisconnectedContext
+from centrifuge import (
+    Client,
+    ClientEventHandler,
+    ConnectedContext,
+    DisconnectedContext,
+    PublicationContext,
+    SubscriptionEventHandler,
+    UnsubscribedContext,
+)
 from tsunagu_core.revocation_store import RedisRevocationStore
 from tsunagu_core.testing import POSTGRES_DSN, REDIS_URL
+from tsunagu_core.testing_clients import subscribed
 
 ADMIN = "e2e-auth-admin-key"
 PASSWORD = "correct horse battery"
@@ -280,6 +289,173 @@ async def test_revoking_a_device_certificate_through_auth_disconnects_it_on_ever
             assert watch.disconnected.is_set() and watch.code == 3500, "the revoked certificate is refused"
             await client.disconnect()
         for client, _ in sessions:
+            await client.disconnect()
+    finally:
+        await drop_schema(schema)
+
+
+class Notices(SubscriptionEventHandler):
+    """The user's own channel (`user:#<name>`), as a stock SDK subscribes to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+
+    async def on_publication(self, ctx: PublicationContext) -> None:
+        self.received.append(ctx.pub.data)
+        self.arrived.set()
+
+
+async def test_sessions_show_connections_on_two_gateways_and_end_everywhere(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    """A user's phone is connected to two gateways; from the laptop the user lists the sessions (each with
+    its connections per gateway, from the gateways' Kafka events) and ends the phone's: both its
+    connections close with 3500, and the laptop hears of it on its own channel through the stock SDK."""
+    schema, dsn = await schema_dsn()
+    run = uuid.uuid4().hex[:6]
+
+    def named(gateways: list[str]) -> list[str]:
+        return sorted(g.split("@")[0] for g in gateways)  # a gateway adds `@<instance>` to TSUNAGU_NODE_NAME
+
+    nodes = [f"e2e-gw-a-{run}", f"e2e-gw-b-{run}"]
+    try:
+        auth = start_service(["serve", "auth"], auth_env(real_env, dsn), port=pick_port())
+        genv = gateway_env(real_env, auth.base)
+        gateways = [start_service(["serve", "ws-gateway"], {**genv, "TSUNAGU_NODE_NAME": node}) for node in nodes]
+        await asyncio.gather(*(asyncio.to_thread(p.wait_ready) for p in [auth, *gateways]))
+        async with httpx.AsyncClient(timeout=10) as http:
+            admin = {"X-API-Key": ADMIN}
+            user = f"e2e{uuid.uuid4().hex[:8]}"
+            body = {"username": user, "password": PASSWORD, "channels": ["chat:*"]}
+            assert (await http.post(f"{auth.base}/v1/users", json=body, headers=admin)).status_code == 201
+            laptop = (await login(http, auth.base, user))["access_token"]
+            phone = (await login(http, auth.base, user))["access_token"]
+            phone_sid = jwt.decode(phone, options={"verify_signature": False})["sid"]
+
+            notices = Notices()
+            laptop_client, _ = await connect(gateways[0].port, laptop)
+            await subscribed(laptop_client, f"user:#{user}", notices)
+            connections = [await connect(g.port, phone) for g in gateways]
+            assert all(w.connected.is_set() and not w.disconnected.is_set() for _, w in connections)
+            await subscribed(connections[1][0], f"chat:room-{run}")
+
+            own = {"Authorization": f"Bearer {laptop}"}
+            deadline = time.monotonic() + 30  # auth's consumer joins its group after readiness
+            entry: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                listed = (await http.get(f"{auth.base}/v1/sessions", headers=own)).json()["sessions"]
+                entry = next(s for s in listed if s["id"] == phone_sid)
+                if named(entry["gateways"]) == sorted(nodes) and entry["channels"] == [f"chat:room-{run}"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert named(entry["gateways"]) == sorted(nodes), entry
+            assert len(entry["connections"]) == 2 and {c["ip"] for c in entry["connections"]} == {"127.0.0.1"}
+            assert entry["channels"] == [f"chat:room-{run}"] and entry["device"].startswith("python-httpx")
+            gateways_seen = (await http.get(f"{auth.base}/v1/console/gateways", headers=admin)).json()["gateways"]
+            assert set(named([g["node"] for g in gateways_seen if g["alive"]])) >= set(nodes)
+
+            ended = await http.delete(f"{auth.base}/v1/sessions/{phone_sid}", headers=own)
+            assert ended.status_code == 200, ended.text
+            async with asyncio.timeout(REVOCATION_BOUND):
+                for _, watch in connections:
+                    await watch.disconnected.wait()
+            assert [watch.code for _, watch in connections] == [3500, 3500]
+            async with asyncio.timeout(REVOCATION_BOUND):
+                while not any(n["type"] == "session_ended" for n in notices.received):
+                    notices.arrived.clear()
+                    await notices.arrived.wait()
+            told = next(n for n in notices.received if n["type"] == "session_ended")
+            assert told["session"]["id"] == phone_sid and told["by"] == user
+            listed = (await http.get(f"{auth.base}/v1/sessions", headers=own)).json()["sessions"]
+            assert phone_sid not in {s["id"] for s in listed}
+            await laptop_client.disconnect()
+            for client, _ in connections:
+                await client.disconnect()
+    finally:
+        await drop_schema(schema)
+
+
+class Refusal(SubscriptionEventHandler):
+    def __init__(self) -> None:
+        self.unsubscribed = asyncio.Event()
+        self.code = 0
+        self.reason = ""
+
+    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
+        self.code, self.reason = ctx.code, ctx.reason
+        self.unsubscribed.set()
+
+
+async def test_step_up_refused_then_granted_on_one_connection(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    """A `trade:` namespace needs acr 2: a password-only connection is refused its channels (103, "step-up
+    required"); after a TOTP step-up at auth, the SDK's next token refresh carries acr 2 and the same
+    connection subscribes, without reconnecting."""
+    import json
+
+    import pyotp
+
+    schema, dsn = await schema_dsn()
+    run = uuid.uuid4().hex[:6]
+    try:
+        env = {**auth_env(real_env, dsn), "TSUNAGU_AUTH_ACCESS_TOKEN_TTL": "5"}  # the SDK refreshes within 5 s
+        auth = start_service(["serve", "auth"], env, port=pick_port())
+        namespaces = json.dumps({"trade": {"min_acr": 2}})
+        gateway = start_service(
+            ["serve", "ws-gateway"], {**gateway_env(real_env, auth.base), "TSUNAGU_GATEWAY_NAMESPACES": namespaces}
+        )
+        await asyncio.gather(*(asyncio.to_thread(p.wait_ready) for p in [auth, gateway]))
+        async with httpx.AsyncClient(timeout=10) as http:
+            user = f"e2e{uuid.uuid4().hex[:8]}"
+            body = {"username": user, "password": PASSWORD, "channels": ["trade:*"]}
+            assert (
+                await http.post(f"{auth.base}/v1/users", json=body, headers={"X-API-Key": ADMIN})
+            ).status_code == 201
+            desk = await login(http, auth.base, user)
+            current = {"token": desk["access_token"]}
+            refreshed = asyncio.Event()
+
+            async def get_token() -> str:
+                refreshed.set()
+                return current["token"]
+
+            watch = Watch()
+            client = Client(f"ws://127.0.0.1:{gateway.port}/connection/websocket", token=current["token"],
+                            get_token=get_token, events=watch)  # fmt: skip
+            await client.connect()
+            await asyncio.wait_for(watch.connected.wait(), 10)
+            refusal = Refusal()
+            await client.new_subscription(f"trade:desk-{run}", refusal).subscribe()
+            await asyncio.wait_for(refusal.unsubscribed.wait(), 10)
+            assert refusal.code == 103 and refusal.reason.startswith(
+                "permission denied: step-up required: this namespace needs acr 2, the connection has 1"
+            ), refusal.reason
+
+            # The factor is enrolled from another session; this one steps up with the next code.
+            other = (await login(http, auth.base, user))["access_token"]
+            begun = (await http.post(f"{auth.base}/v1/mfa/totp", headers={"Authorization": f"Bearer {other}"})).json()
+            totp = pyotp.TOTP(begun["secret"])
+            confirm = await http.post(f"{auth.base}/v1/mfa/totp/confirm", json={"otp": totp.now()},
+                                      headers={"Authorization": f"Bearer {other}"})  # fmt: skip
+            assert confirm.status_code == 200, confirm.text
+            stepped = await http.post(f"{auth.base}/v1/step-up", json={"otp": totp.at(time.time() + 30)},
+                                      headers={"Authorization": f"Bearer {desk['access_token']}"})  # fmt: skip
+            assert stepped.status_code == 200 and stepped.json()["acr"] == "2", stepped.text
+            refreshed.clear()
+            current["token"] = stepped.json()["access_token"]
+            await asyncio.wait_for(refreshed.wait(), 15)
+            deadline = time.monotonic() + 10
+            while True:  # the refresh command's answer follows the token
+                try:
+                    await subscribed(client, f"trade:desk-{run}-{time.monotonic_ns()}")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.3)
+            assert not watch.disconnected.is_set(), "the same connection, refreshed"
             await client.disconnect()
     finally:
         await drop_schema(schema)

@@ -115,6 +115,34 @@ async def test_a_chat_message_from_the_server_api_shows_its_author_and_time(embe
     assert re.fullmatch(r"\d{1,2}:\d{2}( [AP]M)?", result["shown"]["time"]), result["shown"]
 
 
+async def test_an_admin_ends_one_of_bobs_sessions_in_the_console(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
+    """The issue's console story: the admin logs in with a TOTP code, sees bob's two sessions, ends one;
+    that tab is logged out, bob's other browser is told, and the live audit feed shows both and verifies."""
+    import pyotp
+
+    from tsunagu.cli import DEVELOPMENT_ADMIN, DEVELOPMENT_ADMIN_PASSWORD, DEVELOPMENT_ADMIN_TOTP_SECRET
+
+    admin = {
+        "user": DEVELOPMENT_ADMIN,
+        "password": DEVELOPMENT_ADMIN_PASSWORD,
+        "otp": pyotp.TOTP(DEVELOPMENT_ADMIN_TOTP_SECRET).now(),
+    }
+    result = await scenario("console", {**embedded, "chromium": browser}, admin=admin)
+    assert result["asked"].startswith("Enter the code from your authenticator app"), result["asked"]
+    assert result["whoami"] == f"{DEVELOPMENT_ADMIN} (acr 2)"
+    sessions = {row["id"]: row for row in result["before"]}
+    for sid in (result["laptopSid"], result["phoneSid"]):
+        assert sessions[sid]["connections"] >= 1 and sessions[sid]["gateways"], sessions[sid]
+        assert sessions[sid]["device"] == "Headless Chrome on Linux", sessions[sid]
+    assert result["laptopMessage"].startswith("Your session was ended (token revoked"), result["laptopMessage"]
+    assert result["phoneNotice"].startswith("A session of yours was ended: Headless Chrome on Linux from 127.0.0.1")
+    assert f"(by {DEVELOPMENT_ADMIN}: ended in the console)" in result["phoneNotice"], result["phoneNotice"]
+    assert result["verified"].startswith("chain: verified ("), result["verified"]
+    assert "bob" in {client["user"] for client in result["presence"]["presence"].values()}, result["presence"]
+    ended = [i for i in result["feed"] if i["action"] == "auth.revoke"]
+    assert ended and ended[0]["actor"] == DEVELOPMENT_ADMIN and ended[0]["subject"] == "bob"
+
+
 def _children(pid: int) -> list[int]:
     """The process's children, whichever of its threads started them."""
     children = []

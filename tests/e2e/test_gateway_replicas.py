@@ -293,3 +293,89 @@ async def test_the_server_api_of_one_replica_acts_on_a_connection_of_the_other(s
     await eventually(lambda: events.disconnected, "ann was never disconnected")
     assert events.disconnected[0] == (4501, "moved")  # 4500-4999: the SDK does not reconnect
     await ann.disconnect()
+
+
+async def test_stock_javascript_sdk_positioning_cache_recovery_and_tags_filter(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+    namespaces = {
+        "chat": {"presence": True, "join_leave": True},
+        "ticks": {"recovery": False, "allow_positioning": True, "allow_subscribe": "authenticated"},
+        "scores": {"recovery_mode": "cache", "history_size": 1, "allow_subscribe": "authenticated"},
+        "quotes": {"allow_tags_filter": True, "allow_subscribe": "authenticated"},
+    }
+    env = {**gateway_env(real_env), "TSUNAGU_GATEWAY_NAMESPACES": json.dumps(namespaces)}
+    gateway = start_service(["serve", "ws-gateway"], env)
+    await asyncio.to_thread(gateway.wait_ready)
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        "stream_features.mjs",
+        f"ws://127.0.0.1:{gateway.port}/connection/websocket",
+        token("ann"),
+        uuid.uuid4().hex[:8],
+        f"http://127.0.0.1:{gateway.port}/api",
+        "e2e",
+        cwd=JS_DIR,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stdout.decode() + stderr.decode()
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    positioned = summary["subscribed"]["positioned"][0]
+    assert positioned == {"positioned": True, "recoverable": False, "recovered": False, "offset": 1}
+    # Cache recovery: the latest state on the first subscribe, and only the latest after the reconnect.
+    assert [item["data"]["score"] for item in summary["received"]["cache"]] == ["1-0", "2-1"]
+    assert all(event["recovered"] for event in summary["subscribed"]["cache"])
+    assert [item["tags"] for item in summary["received"]["filtered"]] == [{"ticker": "AAPL"}] * 2
+
+
+PROTO_DIR = Path(__file__).resolve().parents[2] / "proto" / "centrifugal" / "centrifugo"
+
+
+async def test_grpc_api_disconnects_a_user_connected_to_the_other_replica(
+    start_service, real_env, pick_port, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+    from tsunagu_core.testing_clients import grpc_stubs
+
+    grpc_port = pick_port()
+    env = gateway_env(real_env)
+    first = start_service(["serve", "ws-gateway"], {**env, "TSUNAGU_GATEWAY_GRPC_API_PORT": str(grpc_port)})
+    second = start_service(["serve", "ws-gateway"], env)
+    for replica in (first, second):
+        await asyncio.to_thread(replica.wait_ready)
+    user = f"grpc-{uuid.uuid4().hex[:8]}"
+    channel = f"chat:{user}"
+    disconnected: asyncio.Future[DisconnectedContext] = asyncio.get_running_loop().create_future()
+
+    class Watch(ClientEventHandler):
+        async def on_disconnected(self, ctx: DisconnectedContext) -> None:
+            if not disconnected.done():
+                disconnected.set_result(ctx)
+
+    client = Client(f"ws://127.0.0.1:{second.port}/connection/websocket", events=Watch(), token=token(user))
+    await client.connect()
+    inbox = Inbox()
+    sub = client.new_subscription(channel, events=inbox)
+    await sub.subscribe()
+    await sub.ready(timeout=10)
+    with grpc_stubs(PROTO_DIR, "api", tmp_path) as (pb, pb_grpc):
+        key = (("authorization", "apikey e2e"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as grpc_channel:
+            api = pb_grpc.CentrifugoApiStub(grpc_channel)
+            published = await api.Publish(pb.PublishRequest(channel=channel, data=b'{"via":"grpc"}'), metadata=key)
+            assert not published.HasField("error"), published
+            await inbox.wait_for(1)
+            assert inbox.data == [{"via": "grpc"}]
+            history = await api.History(pb.HistoryRequest(channel=channel, limit=10), metadata=key)
+            assert [p.data for p in history.result.publications] == [b'{"via":"grpc"}']
+            answer = await api.Disconnect(
+                pb.DisconnectRequest(user=user, disconnect=pb.Disconnect(code=4601, reason="from the other replica")),
+                metadata=key,
+            )
+            assert not answer.HasField("error"), answer
+            ctx = await asyncio.wait_for(disconnected, 10)
+            assert (ctx.code, ctx.reason) == (4601, "from the other replica")
+            # Both replicas, once each has announced itself to the other (a loaded machine can take a while).
+            async with asyncio.timeout(20):
+                while len((await api.Info(pb.InfoRequest(), metadata=key)).result.nodes) < 2:
+                    await asyncio.sleep(0.5)

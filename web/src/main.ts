@@ -1,7 +1,8 @@
 import './style.css';
 
 import { authBase, loadConfig, type WebConfig } from './config';
-import { connect } from './connection';
+import { connect, ENDED_KEY } from './connection';
+import { showNotices } from './notices';
 import { ServiceStatus } from './services';
 import { Session } from './session';
 import { showLogin } from './views/login';
@@ -51,6 +52,7 @@ function startApp(config: WebConfig, session: Session, services: ServiceStatus):
   const user = session.user!;
   const client = connect(config, session, $('[data-testid="connection-state"]'));
   const context: AppContext = { config, session, services, client, user };
+  showNotices(client, session, $('[data-testid="notices"]'));
   const views = new Map<Route, Promise<View>>();
 
   $('.nav').hidden = false;
@@ -108,7 +110,16 @@ async function main(): Promise<void> {
     else if (appUser !== null && next?.user !== appUser) location.reload();
   });
   if (session.loggedIn) start();
-  else showLogin($('.login'), session);
+  else {
+    showLogin($('.login'), session);
+    const ended = sessionStorage.getItem(ENDED_KEY);
+    if (ended) {
+      sessionStorage.removeItem(ENDED_KEY);
+      const error = $('[data-testid="login-error"]');
+      error.dataset.state = 'ended';
+      error.textContent = `Your session was ended (${ended}): log in again.`;
+    }
+  }
 }
 
 void main();

@@ -29,6 +29,26 @@ export class SessionExpired extends Error {}
 /** A network error or an auth outage: try again later, keep the session. */
 export class AuthUnavailable extends Error {}
 
+/** The password was right and the user has a second factor: send it with `mfaToken` (Session.completeMfa). */
+export class MfaRequired extends Error {
+  constructor(
+    message: string,
+    readonly mfaToken: string,
+    readonly factors: string[],
+  ) {
+    super(message);
+  }
+}
+
+/** What the access token says about its user: roles, how strongly the session is authenticated, its id. */
+export interface Claims {
+  sub?: string;
+  sid?: string;
+  acr?: string;
+  amr?: string[];
+  roles?: string[];
+}
+
 /** auth refuses logins for this user (or from here) after too many failures, for `retryAfter` seconds. */
 export class LoginLocked extends AuthUnavailable {
   readonly until: number; // ms since the epoch
@@ -61,34 +81,41 @@ function readStored(): StoredSession | null {
   }
 }
 
-function subject(token: string, fallback: string): string {
+/** The access token's claims (not verified: the servers do that; the app only reads them). */
+export function claimsOf(token: string): Claims {
   try {
     const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    const claims = JSON.parse(atob(payload)) as { sub?: unknown };
-    return typeof claims.sub === 'string' && claims.sub ? claims.sub : fallback;
+    return JSON.parse(atob(payload)) as Claims;
   } catch {
-    return fallback;
+    return {};
   }
 }
 
-async function post(url: string, body: unknown): Promise<TokenResponse> {
+function subject(token: string, fallback: string): string {
+  const sub = claimsOf(token).sub;
+  return typeof sub === 'string' && sub ? sub : fallback;
+}
+
+async function post(url: string, body: unknown, bearer?: string): Promise<TokenResponse> {
   let response: Response;
+  const headers: Record<string, string> = { 'content-type': 'application/json' };
+  if (bearer) headers.authorization = `Bearer ${bearer}`;
   try {
-    response = await fetch(url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-    });
+    response = await fetch(url, { method: 'POST', headers, body: JSON.stringify(body) });
   } catch (error) {
     throw new AuthUnavailable(`auth is not reachable (${String(error)})`);
   }
   if (response.ok) return (await response.json()) as TokenResponse;
   let message = `HTTP ${response.status}`;
+  let detail: { error?: string; error_description?: string; message?: string; detail?: unknown; mfa_token?: string; factors?: string[] } = {};
   try {
-    const detail = (await response.json()) as { error_description?: string; message?: string; detail?: unknown };
+    detail = (await response.json()) as typeof detail;
     message = detail.error_description ?? detail.message ?? (typeof detail.detail === 'string' ? detail.detail : message);
   } catch {
     // not JSON: keep the status
+  }
+  if (response.status === 403 && detail.error === 'mfa_required' && detail.mfa_token) {
+    throw new MfaRequired(message, detail.mfa_token, detail.factors ?? []);
   }
   if (response.status === 400 || response.status === 401 || response.status === 403) throw new SessionExpired(message);
   if (response.status === 429) {
@@ -144,6 +171,30 @@ export class Session {
     const tokens = await post(`${this.authUrl}/v1/token`, { grant_type: 'password', username, password });
     this.store(tokens, username);
     this.emit();
+  }
+
+  /** The second step of a login: a TOTP code, or a recovery code (it has dashes: XXXX-XXXX-XXXX-XXXX). */
+  async completeMfa(username: string, mfaToken: string, code: string): Promise<void> {
+    const trimmed = code.trim();
+    const body = trimmed.includes('-')
+      ? { grant_type: 'mfa_recovery_code', mfa_token: mfaToken, recovery_code: trimmed }
+      : { grant_type: 'mfa_otp', mfa_token: mfaToken, otp: trimmed.replace(/\s/g, '') };
+    const tokens = await post(`${this.authUrl}/v1/token`, body);
+    this.store(tokens, username);
+    this.emit();
+  }
+
+  /** Step-up: a TOTP code raises this session's level; the new access token replaces the current one. */
+  async stepUp(code: string): Promise<void> {
+    const current = this.current;
+    if (!current) throw new SessionExpired('not logged in');
+    const tokens = await post(`${this.authUrl}/v1/step-up`, { otp: code.trim() }, current.access_token);
+    this.store({ ...tokens, refresh_token: current.refresh_token }, current.user);
+    this.emit();
+  }
+
+  get claims(): Claims {
+    return this.current ? claimsOf(this.current.access_token) : {};
   }
 
   logout(): void {

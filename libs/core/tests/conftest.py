@@ -8,21 +8,22 @@ from collections.abc import AsyncIterator
 import pytest
 from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import Bus, MemoryBus
-from tsunagu_core.testing import KAFKA_BOOTSTRAP, REDIS_URL, Recorder, require_stack
+from tsunagu_core.testing import KAFKA_BOOTSTRAP, REDIS_ENGINES, Recorder, redis_engine_url, require_stack
 
 
-def new_redis_broker() -> Broker:
+def new_redis_broker(engine: str = "redis") -> Broker:
     from tsunagu_core.broker.redis import RedisBroker
 
     # A fresh key prefix per broker keeps tests independent of each other and of earlier runs.
-    return RedisBroker(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:10]}")
+    return RedisBroker(redis_engine_url(engine), prefix=f"test-{uuid.uuid4().hex[:10]}")
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    if request.param == "redis":
-        require_stack("the Redis broker")
-        engine = new_redis_broker()
+    """Every engine: memory, the stack's Redis, a Redis Cluster and a Sentinel-watched primary."""
+    if request.param in REDIS_ENGINES:
+        require_stack(f"the {request.param} broker")
+        engine = new_redis_broker(request.param)
     else:
         engine = MemoryBroker()
     engine.set_handler(Recorder())

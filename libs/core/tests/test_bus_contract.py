@@ -366,3 +366,29 @@ async def test_a_slow_partition_does_not_stall_the_others(bus: Bus, topic: str) 
     release.set()
     await wait_for_count(handled, 60)
     await consumer.stop()
+
+
+async def test_a_new_group_from_latest_skips_what_the_topic_held_before_it(bus: Bus, topic: str) -> None:
+    await bus.ensure_topics([topic])
+    for i in range(10):
+        await bus.publish(topic, f"old:{i}".encode(), key=f"k{i}")
+    received: list[BusMessage] = []
+
+    async def handle(messages: Sequence[BusMessage]) -> None:
+        received.extend(messages)
+
+    consumer = await bus.consume_batches([topic], group(), handle, from_latest=True)
+    try:
+        # Kafka places a new group at the end when partitions are assigned: probe until the consumer reads.
+        async with asyncio.timeout(30):
+            while not received:
+                await bus.publish(topic, b"probe", key="probe")
+                await asyncio.sleep(0.2)
+        for i in range(10):
+            await bus.publish(topic, f"new:{i}".encode(), key=f"k{i}")
+        async with asyncio.timeout(30):
+            while sum(m.value.startswith(b"new:") for m in received) < 10:
+                await asyncio.sleep(0.02)
+    finally:
+        await consumer.stop()
+    assert not [m.value for m in received if m.value.startswith(b"old:")]

@@ -11,7 +11,6 @@ import pytest
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.lifecycle import Runtime
 from tsunagu_core.revocation_store import (
-    KEY_PREFIX,
     MemoryRevocationStore,
     RedisRevocationStore,
     RevocationStore,
@@ -19,16 +18,16 @@ from tsunagu_core.revocation_store import (
     create_revocation_store,
     shared_revocation_store,
 )
-from tsunagu_core.testing import REDIS_URL, require_stack
+from tsunagu_core.testing import REDIS_ENGINES, REDIS_URL, redis_engine_url, require_stack
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[RevocationStore]:
     if request.param == "memory":
         yield MemoryRevocationStore()
         return
-    require_stack("the Redis revocation store")
-    redis_store = RedisRevocationStore(REDIS_URL)
+    require_stack(f"the {request.param} revocation store")
+    redis_store = RedisRevocationStore(redis_engine_url(request.param))
     await redis_store.start()
     yield redis_store
     await redis_store.close()
@@ -97,7 +96,7 @@ async def test_redis_keys_carry_the_remaining_lifetime() -> None:
     store = RedisRevocationStore(REDIS_URL)
     sid = uid()
     await store.revoke("session", sid, ttl=30)
-    left = await store.redis.pttl(f"{KEY_PREFIX}session:{sid}")
+    left = await store.redis.pttl(f"{store.key_prefix}session:{sid}")
     assert 25_000 < left <= 30_000
     await store.close()
 

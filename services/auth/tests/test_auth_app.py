@@ -11,7 +11,14 @@ def test_health_readiness_and_metrics_on_embedded_engines() -> None:
         assert client.get("/healthz").json() == {"status": "ok", "service": "auth"}
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert set(ready.json()["checks"]) == {"bus", "revocations", "login-limits"}
+        assert set(ready.json()["checks"]) == {
+            "bus",
+            "broker",
+            "revocations",
+            "login-limits",
+            "auth-nonces",
+            "auth-connections",
+        }
         assert "tsunagu_bus_published_total" in client.get("/metrics").text
 
 

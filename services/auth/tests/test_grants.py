@@ -23,13 +23,15 @@ def test_password_grant_issues_eddsa_access_and_refresh_tokens(auth: Any) -> Non
     response = auth.login(name)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"access_token", "refresh_token", "expires_in", "token_type"}
+    assert set(body) == {"access_token", "refresh_token", "expires_in", "token_type", "acr", "amr"}
     assert body["token_type"] == "Bearer" and body["expires_in"] == 900
+    assert body["acr"] == "1" and body["amr"] == ["pwd"], "a password alone is one factor"
     header = jwt.get_unverified_header(body["access_token"])
     assert header["alg"] == "EdDSA" and header["kid"]
     claims = decode(auth, body["access_token"])
     assert claims["sub"] == name and claims["channels"] == ["chat:*", "news"]
     assert claims["sid"] and claims["jti"] and claims["aud"] == "tsunagu"
+    assert claims["acr"] == "1" and claims["amr"] == ["pwd"] and "roles" not in claims
     assert isinstance(claims["exp"], int) and 899 < claims["exp"] - claims["iat"] <= 900  # type: ignore[operator]
     audits = [AuditEvent.FromString(e.payload) for e in auth.events("tsunagu.audit") if e.type == "auth.login"]
     assert any(a.subject == name and a.outcome == "ok" and a.client_ip for a in audits)
@@ -175,7 +177,8 @@ def test_bad_input_is_a_clear_4xx(auth: Any) -> None:
 
 def test_readiness_names_its_dependencies(auth: Any) -> None:
     checks = auth.client.get("/readyz").json()["checks"]
-    expected = {"bus", "revocations", "login-limits"} | ({"auth-database"} if auth.engine == "postgres" else set())
+    expected = {"bus", "broker", "revocations", "login-limits", "auth-nonces", "auth-connections"}
+    expected |= {"auth-database"} if auth.engine == "postgres" else set()
     assert set(checks) == expected
     metrics = auth.client.get("/metrics").text
     assert "tsunagu_auth_logins_total" in metrics and "tsunagu_auth_token_issue_seconds" in metrics

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from tsunagu_core.broker import Broker, ClientInfo, MemoryBroker
 from tsunagu_core.broker.redis import RedisBroker
-from tsunagu_core.testing import REDIS_URL, Recorder, eventually, require_stack
+from tsunagu_core.testing import REDIS_ENGINES, Recorder, eventually, redis_engine_url, require_stack
 from tsunagu_core.wire.events_pb2 import GatewayEvent
 from tsunagu_presence.store import MemoryPresenceStore, PresenceStore, RedisPresenceStore
 from tsunagu_presence.tracker import PresenceTracker
@@ -41,15 +41,16 @@ class Engines:
         return PresenceTracker(self.store, self.broker, dead_after=DEAD_AFTER, clock=self.clock)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
 async def engines(request: pytest.FixtureRequest) -> AsyncIterator[Engines]:
     store: PresenceStore
     broker: Broker
     prefix = f"test-presence-{uuid.uuid4().hex[:10]}"
-    if request.param == "redis":
-        require_stack("the Redis presence store")
-        store = RedisPresenceStore(REDIS_URL, prefix=prefix, tombstone_ttl=60)
-        broker = RedisBroker(REDIS_URL, prefix=prefix)
+    if request.param in REDIS_ENGINES:
+        require_stack(f"the {request.param} presence store")
+        url = redis_engine_url(request.param)
+        store = RedisPresenceStore(url, prefix=prefix, tombstone_ttl=60)
+        broker = RedisBroker(url, prefix=prefix)
     else:
         store = MemoryPresenceStore(tombstone_ttl=60)
         broker = MemoryBroker()
@@ -61,7 +62,7 @@ async def engines(request: pytest.FixtureRequest) -> AsyncIterator[Engines]:
         yield Engines(store, broker, recorder, Clock())
     finally:
         if isinstance(store, RedisPresenceStore):
-            keys = [key async for key in store.redis.scan_iter(f"{prefix}*")]
+            keys = [key async for key in store.redis.scan_iter(f"*{prefix}*")]
             if keys:
                 await store.redis.delete(*keys)
         await broker.close()

@@ -12,7 +12,7 @@ from tsunagu_core.bus import MemoryBus
 from tsunagu_core.config import CoreSettings
 from tsunagu_core.envelope import publish_event
 from tsunagu_core.lifecycle import Runtime
-from tsunagu_core.testing import REDIS_URL, eventually, require_stack
+from tsunagu_core.testing import REDIS_ENGINES, eventually, redis_engine_url, require_stack
 from tsunagu_core.wire.events_pb2 import SimInput
 from tsunagu_sim_engine.app import create_app
 from tsunagu_sim_engine.codec import decode
@@ -39,16 +39,16 @@ class Recorder:
         return [decode(data) for c, data in self.seen if c == channel]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[RoomStore]:
     if request.param == "memory":
         yield MemoryRoomStore()
         return
-    require_stack("the Redis rooms store")
-    redis_store = RedisRoomStore(REDIS_URL, f"tsunagu:test-sim:{uuid.uuid4().hex}")
+    require_stack(f"the {request.param} rooms store")
+    redis_store = RedisRoomStore(redis_engine_url(request.param), f"tsunagu:test-sim:{uuid.uuid4().hex}")
     await redis_store.start()
     yield redis_store
-    keys = [k async for k in redis_store.redis.scan_iter(match=redis_store.prefix + ":*", count=10000)]
+    keys = [k async for k in redis_store.redis.scan_iter(match=f"*{redis_store.prefix}*", count=10000)]
     if keys:
         await redis_store.redis.delete(*keys)
     await redis_store.close()
@@ -93,8 +93,10 @@ async def test_inputs_from_the_bus_move_avatars_and_refusals_reach_the_sender() 
 
 async def test_a_new_owner_resumes_from_the_snapshot_losing_at_most_k_ticks(store: RoomStore) -> None:
     k = 10
-    first = SimEngine(MemoryBroker(), store, node="first", snapshot_every=k, lease_ttl=0.3)
-    second = SimEngine(MemoryBroker(), store, node="second", snapshot_every=k, lease_ttl=0.3)
+    # The lease is renewed with each snapshot, every k ticks: 2 s keeps it while a loaded machine ticks slowly.
+    lease_ttl = 2.0
+    first = SimEngine(MemoryBroker(), store, node="first", snapshot_every=k, lease_ttl=lease_ttl)
+    second = SimEngine(MemoryBroker(), store, node="second", snapshot_every=k, lease_ttl=lease_ttl)
     assert await first.create(avatar_spec("arena"))
     room = first.rooms["arena"].room
     for step in range(30):
@@ -106,8 +108,10 @@ async def test_a_new_owner_resumes_from_the_snapshot_losing_at_most_k_ticks(stor
     first.rooms.pop("arena").task.cancel()
     await second.scan()
     assert "arena" not in second.rooms  # the lease is still live
-    await asyncio.sleep(0.35)
-    await second.scan()
+    deadline = asyncio.get_running_loop().time() + lease_ttl + 5
+    while "arena" not in second.rooms and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+        await second.scan()
     resumed = second.rooms["arena"].room
     assert died_at - k <= resumed.tick <= died_at, (died_at, resumed.tick)
     assert resumed.state()["e"]["alice"][0] >= died_state["alice"][0] - 100 * 0.1 * k

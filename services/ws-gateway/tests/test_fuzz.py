@@ -120,7 +120,7 @@ def test_the_server_api_answers_any_body_with_a_result_or_an_error(method: str, 
     async def run() -> dict[str, Any]:
         gateway = bare_gateway(api_key="k")
         handler = server_api.batch if method == "batch" else server_api.METHODS[method]
-        return await server_api._answer(handler, gateway, body)
+        return await server_api.answer_call(handler, gateway, body)
 
     answer = asyncio.run(run())
     assert set(answer) in ({"result"}, {"error"}), answer

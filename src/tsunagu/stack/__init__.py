@@ -26,6 +26,9 @@ The modules, from the command line down:
 
 # The components in start order, and the other names they answer to.
 COMPONENTS = ("redis", "kafka", "postgres", "mqtt", "prometheus")
+# Started only when named (`stack up redis-cluster`): sets of Redis servers for the cluster and Sentinel
+# engines; `stack env redis-cluster` points TSUNAGU_REDIS_URL at one.
+OPTIONAL_COMPONENTS = ("redis-cluster", "redis-sentinel")
 ALIASES = {"mosquitto": "mqtt", "postgresql": "postgres", "pg": "postgres", "prom": "prometheus"}
 
 # `stack env --engines`: the engines that use the stack instead of the services' in-process ones.

@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tsunagu.stack import COMPONENTS, ENGINE_ENV, FAILED, INTERRUPTED, NOT_UP, OK, USAGE
+from tsunagu.stack import COMPONENTS, ENGINE_ENV, FAILED, INTERRUPTED, NOT_UP, OK, OPTIONAL_COMPONENTS, USAGE
 
 DESCRIPTION = "The real local infrastructure on 127.0.0.1 (configured by TSUNAGU_STACK_* variables)."
 EXIT_CODES = f"""\
@@ -29,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="up: start and wait until each answers; down: stop (data kept); status: which answer; "
         "env: print `export` lines for eval",
     )
-    parser.add_argument("components", nargs="*", metavar="COMPONENT", help=f"{' '.join(COMPONENTS)} (default: all)")
+    parser.add_argument(
+        "components",
+        nargs="*",
+        metavar="COMPONENT",
+        help=f"{' '.join(COMPONENTS)} (default: all of these), or {' or '.join(OPTIONAL_COMPONENTS)} "
+        "(env: TSUNAGU_REDIS_URL points at that set)",
+    )
     parser.add_argument("--purge", action="store_true", help="down: also delete the data of the stopped components")
     parser.add_argument(
         "--tls", action="store_true", help="env: the TLS-only ports, mTLS with the development PKI (.stack/tls)"
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         if args.action == "env":
-            return cmd_env(settings, args.tls, args.engines)
+            components(settings, args.components)  # unknown names are refused here too
+            return cmd_env(settings, args.tls, args.engines, args.components)
         selected = components(settings, args.components)
         if args.action == "up":
             return cmd_up(settings, selected)

@@ -16,7 +16,15 @@ from tsunagu.devpki import ensure_dev_pki
 from tsunagu.stack import COMPONENTS, ENGINE_ENV, FAILED, NOT_UP, OK, proc
 from tsunagu.stack.apt import apt_install
 from tsunagu.stack.base import Component
-from tsunagu.stack.settings import HOST, StackError, StackSettings, connection_env, tls_connection_env, tls_dir
+from tsunagu.stack.settings import (
+    HOST,
+    REDIS_SET_URLS,
+    StackError,
+    StackSettings,
+    connection_env,
+    tls_connection_env,
+    tls_dir,
+)
 
 _print_lock = threading.Lock()
 
@@ -205,8 +213,13 @@ def cmd_status(settings: StackSettings, selected: list[Component]) -> int:
     return OK if all_up else NOT_UP
 
 
-def cmd_env(settings: StackSettings, tls: bool = False, engines: bool = False) -> int:
+def cmd_env(settings: StackSettings, tls: bool = False, engines: bool = False, names: Sequence[str] = ()) -> int:
     env = tls_connection_env(settings) if tls else connection_env(settings)
+    for name in names:
+        if name in REDIS_SET_URLS:
+            if tls:
+                raise StackError(f"{name} listens without TLS: `stack env {name}` without --tls")
+            env["TSUNAGU_REDIS_URL"] = REDIS_SET_URLS[name](settings)
     if engines:
         env.update(ENGINE_ENV)
     for key, value in env.items():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tsunagu.stack import ALIASES, COMPONENTS
+from tsunagu.stack import ALIASES, COMPONENTS, OPTIONAL_COMPONENTS
 from tsunagu.stack.base import Component
 from tsunagu.stack.kafka import Kafka
 from tsunagu.stack.mqtt import Mqtt
 from tsunagu.stack.postgres import Postgres
 from tsunagu.stack.prometheus import Prometheus
 from tsunagu.stack.redis import Redis
+from tsunagu.stack.redis_sets import RedisClusterSet, RedisSentinelSet
 from tsunagu.stack.settings import StackError, StackSettings
 
 COMPONENT_CLASSES: dict[str, Callable[[StackSettings], Component]] = {
@@ -19,13 +20,18 @@ COMPONENT_CLASSES: dict[str, Callable[[StackSettings], Component]] = {
     "postgres": Postgres,
     "mqtt": Mqtt,
     "prometheus": Prometheus,
+    "redis-cluster": RedisClusterSet,
+    "redis-sentinel": RedisSentinelSet,
 }
 
 
 def components(settings: StackSettings, names: Sequence[str] = ()) -> list[Component]:
-    """The named components (all when none are named), in start order."""
+    """The named components (all but the optional ones when none are named), in start order."""
     wanted = {ALIASES.get(name, name) for name in names}
-    unknown = sorted(wanted - set(COMPONENTS))
+    known = (*COMPONENTS, *OPTIONAL_COMPONENTS)
+    unknown = sorted(wanted - set(known))
     if unknown:
-        raise StackError(f"unknown component {', '.join(unknown)}: choose from {' '.join(COMPONENTS)}")
-    return [COMPONENT_CLASSES[name](settings) for name in COMPONENTS if not wanted or name in wanted]
+        raise StackError(f"unknown component {', '.join(unknown)}: choose from {' '.join(known)}")
+    if not wanted:
+        return [COMPONENT_CLASSES[name](settings) for name in COMPONENTS]
+    return [COMPONENT_CLASSES[name](settings) for name in known if name in wanted]

@@ -95,7 +95,8 @@ class PrivateRedis:
 
     `appendonly`: keep an append-only file (fsync every second; `config=["appendfsync always"]` for
     every write); without it nothing is saved, so a restart starts empty. `config`: more redis.conf
-    directives, one a line. The server stops when the block ends, or at `stop()`.
+    directives, one a line. `sentinel`: run it as a Redis Sentinel (its `sentinel ...` lines in `config`).
+    The server stops when the block ends, or at `stop()`.
     """
 
     def __init__(
@@ -106,8 +107,10 @@ class PrivateRedis:
         config: Sequence[str] = (),
         port: int | None = None,
         start_timeout: float = 20.0,
+        sentinel: bool = False,
     ) -> None:
         self.directory = Path(directory)
+        self.sentinel = sentinel
         self.appendonly = appendonly
         self.config = tuple(config)
         self.port = port or proc.free_port()
@@ -146,7 +149,7 @@ class PrivateRedis:
         offset = proc.log_size(self.log)
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
-                [binary, str(self.conf)],
+                [binary, str(self.conf), *(["--sentinel"] if self.sentinel else [])],
                 cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

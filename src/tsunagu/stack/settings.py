@@ -57,6 +57,22 @@ class StackSettings(BaseSettings):
         8883, ge=1, le=65535, description="Mosquitto TLS-only listener on 127.0.0.1 (client certificate required)."
     )
     postgres_port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port on 127.0.0.1.")
+    redis_cluster_port: int = Field(
+        7000,
+        ge=1,
+        le=55529,
+        description="`stack up redis-cluster`: the first of 6 consecutive node ports (3 primaries, 3 replicas) on "
+        "127.0.0.1; each node's cluster bus is its port + 10000.",
+    )
+    redis_sentinel_port: int = Field(
+        26379, ge=1, le=65533, description="`stack up redis-sentinel`: the first of 3 consecutive Sentinel ports."
+    )
+    redis_sentinel_data_port: int = Field(
+        6390,
+        ge=1,
+        le=65533,
+        description="`stack up redis-sentinel`: the first of 3 consecutive Redis ports (the primary, 2 replicas).",
+    )
     prometheus_port: int = Field(9090, ge=1, le=65535, description="Prometheus web and API port on 127.0.0.1.")
     kafka_version: str = Field(
         "4.1.1",
@@ -85,6 +101,9 @@ class StackSettings(BaseSettings):
             "redis_tls_port",
             "kafka_tls_port",
             "mqtt_tls_port",
+            "redis_cluster_port",
+            "redis_sentinel_port",
+            "redis_sentinel_data_port",
         ):
             port = getattr(self, name)
             if port in seen:
@@ -140,6 +159,34 @@ def tls_connection_env(settings: StackSettings) -> dict[str, str]:
         "TSUNAGU_SERVER_TLS_KEY_FILE": str(pki.server_key),
         "TSUNAGU_SERVER_TLS_CLIENT_CA_FILE": str(pki.ca_cert),
     }
+
+
+CLUSTER_NODES, SENTINEL_DATA_NODES, SENTINELS = 6, 3, 3
+SENTINEL_SERVICE = "tsunagu"
+
+
+def redis_cluster_ports(settings: StackSettings) -> list[int]:
+    return [settings.redis_cluster_port + i for i in range(CLUSTER_NODES)]
+
+
+def redis_sentinel_ports(settings: StackSettings) -> tuple[list[int], list[int]]:
+    """The data servers' ports (the first one starts as primary) and the sentinels'."""
+    return (
+        [settings.redis_sentinel_data_port + i for i in range(SENTINEL_DATA_NODES)],
+        [settings.redis_sentinel_port + i for i in range(SENTINELS)],
+    )
+
+
+def redis_cluster_url(settings: StackSettings) -> str:
+    return "redis-cluster://" + ",".join(f"{HOST}:{port}" for port in redis_cluster_ports(settings))
+
+
+def redis_sentinel_url(settings: StackSettings) -> str:
+    sentinels = redis_sentinel_ports(settings)[1]
+    return "redis-sentinel://" + ",".join(f"{HOST}:{port}" for port in sentinels) + f"#{SENTINEL_SERVICE}"
+
+
+REDIS_SET_URLS = {"redis-cluster": redis_cluster_url, "redis-sentinel": redis_sentinel_url}
 
 
 def connection_env(settings: StackSettings) -> dict[str, str]:

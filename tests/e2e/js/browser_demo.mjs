@@ -545,6 +545,109 @@ async function sessionRefresh(browser) {
   };
 }
 
+// The operator console: an admin logs in with a password and a TOTP code, sees bob's two sessions (two
+// browsers) with their connections, ends one; that tab is logged out, bob's other browser shows the
+// "session ended" notice, and the console's live audit feed shows the admin's login and the revocation,
+// with the chain verified. options: {admin: {user, password, otp}}
+async function operatorConsole(browser) {
+  const laptop = await open(browser, 'bob');
+  const phone = await open(browser, 'bob');
+  const sidOf = (page) =>
+    page.evaluate(() => {
+      const token = JSON.parse(localStorage.getItem('tsunagu.session')).access_token;
+      return JSON.parse(atob(token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sid;
+    });
+  const [laptopSid, phoneSid] = [await sidOf(laptop.page), await sidOf(phone.page)];
+
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const { page, errors } = await tab(context, options.base, '/console');
+  await page.getByTestId('login-user').fill(options.admin.user);
+  await page.getByTestId('login-password').fill(options.admin.password);
+  await page.getByTestId('login-submit').click();
+  await page.getByTestId('login-otp').waitFor({ state: 'visible' });
+  const asked = (await page.getByTestId('login-error').textContent()).trim();
+  await page.getByTestId('login-otp').fill(options.admin.otp);
+  await page.getByTestId('login-submit').click();
+  await page.getByTestId('console').waitFor({ state: 'visible' });
+  const whoami = (await page.getByTestId('console-whoami').textContent()).trim();
+
+  const bobRows = () =>
+    page.$$eval('[data-testid="session-row"][data-user="bob"]', (rows) =>
+      rows.map((row) => ({
+        id: row.dataset.session,
+        connections: Number(row.querySelector('[data-testid="session-connections"]').textContent),
+        device: row.cells[1].textContent,
+        gateways: row.cells[6].textContent,
+      })),
+    );
+  await waitFor('bob\'s two sessions, connected', async () => {
+    const rows = (await bobRows()).filter((r) => r.id === laptopSid || r.id === phoneSid);
+    return rows.length === 2 && rows.every((r) => r.connections >= 1) ? true : rows;
+  });
+  const before = await bobRows();
+  const shots = [await shot(page, 'console-sessions')];
+
+  await page.locator(`[data-testid="session-row"][data-session="${laptopSid}"] [data-testid="end-session"]`).click();
+  await laptop.page.getByTestId('login-submit').waitFor({ state: 'visible', timeout: 15_000 });
+  const laptopMessage = (await laptop.page.getByTestId('login-error').textContent()).trim();
+  const notice = phone.page.locator('[data-testid="notices"] li[data-type="session_ended"]');
+  await notice.first().waitFor({ state: 'visible', timeout: 15_000 });
+  const phoneNotice = (await notice.first().textContent()).trim();
+  shots.push(await shot(phone.page, 'console-notice'));
+  await waitFor('the ended session to leave the list', async () => {
+    const ids = (await bobRows()).map((r) => r.id);
+    return !ids.includes(laptopSid) && ids.includes(phoneSid) ? true : ids;
+  });
+
+  const feed = () =>
+    page.$$eval('[data-testid="audit-item"]', (items) =>
+      items.map((li) => ({ action: li.dataset.action, actor: li.dataset.actor, subject: li.dataset.subject, outcome: li.dataset.outcome })),
+    );
+  await waitFor('the login and the revocation in the audit feed', async () => {
+    const items = await feed();
+    const login = items.some((i) => i.action === 'auth.login' && i.subject === options.admin.user && i.outcome === 'ok');
+    const revoke = items.some((i) => i.action === 'auth.revoke' && i.actor === options.admin.user && i.subject === 'bob');
+    return login && revoke ? true : items.slice(0, 8);
+  });
+  await page.getByTestId('audit-verify-button').click();
+  await waitFor('the chain verified', async () =>
+    (await page.getByTestId('audit-verify').getAttribute('data-state')) === 'ok' ? true : await page.getByTestId('audit-verify').textContent(),
+  );
+  const verified = (await page.getByTestId('audit-verify').textContent()).trim();
+  await waitFor('the verification in the audit feed', async () =>
+    (await feed()).some((i) => i.action === 'auth.console.audit_verify') ? true : 'not yet',
+  );
+  // The channel inspector: who is in bob's room, then a message to it, which bob's phone shows.
+  await page.getByTestId('inspector-channel').fill(`chat:${options.room}`);
+  await page.getByTestId('inspector-presence').click();
+  const result = page.getByTestId('inspector-result');
+  await waitFor('the room\'s presence', async () => ((await result.textContent()).includes('"bob"') ? true : await result.textContent()));
+  const presence = JSON.parse(await result.textContent());
+  const text = `from the console ${Date.now()}`;
+  await page.getByTestId('inspector-data').fill(JSON.stringify({ text }));
+  await page.getByTestId('inspector-publish').click();
+  await waitFor('bob\'s phone to show the console\'s message', async () => ((await chatTexts(phone.page)).includes(text) ? true : await chatTexts(phone.page)));
+  await waitFor('the inspector\'s actions in the audit feed', async () => {
+    const actions = (await feed()).map((i) => i.action);
+    return actions.includes('auth.console.presence') && actions.includes('auth.console.publish') ? true : actions.slice(0, 6);
+  });
+  shots.push(await shot(page, 'console-audit'));
+  return {
+    presence,
+    asked,
+    whoami,
+    before,
+    laptopSid,
+    phoneSid,
+    laptopMessage,
+    phoneNotice,
+    verified,
+    feed: (await feed()).slice(0, 20),
+    errors: [...errors, ...laptop.errors, ...phone.errors],
+    screenshots: shots,
+  };
+}
+
 const scenarios = {
   session: sessionRefresh,
   'chat-offline': chatOffline,
@@ -558,6 +661,7 @@ const scenarios = {
   'login-locked': loginLocked,
   'chat-server': chatFromServer,
   'missing-broker': missingBroker,
+  console: operatorConsole,
 };
 
 const browser = await chromium.launch({

@@ -98,7 +98,13 @@ class CoreSettings(TlsSettings):
         le=7,
         description="Replication factor of the `tsunagu.*` topics when the platform creates them.",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (`redis://` or `rediss://`).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: `redis://host:port/db` (`rediss://` with TLS) for one server; "
+        "`redis-cluster://host:port,host:port` for Redis Cluster (any nodes: the others are discovered); "
+        "`redis-sentinel://host:26379,host:26380/db#primary` for the primary that Sentinel names "
+        "(`rediss-cluster://`, `rediss-sentinel://` with TLS).",
+    )
     postgres_dsn: str = Field(
         "postgresql://tsunagu:tsunagu@127.0.0.1:5432/tsunagu",
         description="PostgreSQL DSN for auth, collab and audit-log (used when `TSUNAGU_DATABASE=postgres`).",

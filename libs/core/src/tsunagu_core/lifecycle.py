@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -24,18 +24,11 @@ from tsunagu_core.body_limit import BodyLimit, default_error
 from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import BatchHandler, BatchPolicy, Bus, Handler, MemoryBus, RetryPolicy, Subscription
 from tsunagu_core.config import ConfigError, CoreSettings
+from tsunagu_core.dependency import Dependency
 
 log = logging.getLogger("tsunagu.lifecycle")
 
 READINESS_TIMEOUT = 2.0
-
-
-class Dependency(Protocol):
-    async def start(self) -> None: ...
-
-    async def ping(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 def create_bus(settings: CoreSettings) -> Bus:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.redis_store import RedisStore
 
 
 class NonceRegistryError(RuntimeError):
@@ -59,30 +58,16 @@ class MemoryNonceRegistry:
         return True
 
 
-class RedisNonceRegistry:
+class RedisNonceRegistry(RedisStore):
+    unavailable = NonceRegistryError
+
     def __init__(self, url: str, prefix: str = "tsunagu:nonce") -> None:
-        self.url = url
+        super().__init__(url, max_connections=32, wait=3.0, socket_timeout=3.0)
         self.prefix = prefix
-        self._redis: Redis | None = None
-
-    async def start(self) -> None:
-        self._redis = await connect_redis(self.url, max_connections=32, wait=3.0, socket_timeout=3.0)
-
-    async def ping(self) -> None:
-        if self._redis is None:
-            raise NonceRegistryError("not connected")
-        await self._redis.ping()
-
-    async def close(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
-            await client.aclose()
 
     async def claim(self, key: str, ttl: float) -> bool:
-        if self._redis is None:
-            raise NonceRegistryError("nonce registry not connected")
         try:
-            created = await self._redis.set(f"{self.prefix}:{key}", b"1", nx=True, px=max(1, int(ttl * 1000)))
+            created = await self.redis.set(f"{self.prefix}:{key}", b"1", nx=True, px=max(1, int(ttl * 1000)))
         except RedisError as exc:
             raise NonceRegistryError(f"nonce registry unavailable: {exc}") from exc
         return bool(created)

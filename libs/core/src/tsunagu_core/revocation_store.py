@@ -17,6 +17,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_store import RedisStore
+
 if TYPE_CHECKING:
     from tsunagu_core.config import CoreSettings
     from tsunagu_core.lifecycle import Runtime
@@ -37,17 +40,8 @@ class TokenIdentity:
     issued_at: float | None = None
 
 
-class RevocationStore(abc.ABC):
+class RevocationStore(NothingToConnect, abc.ABC):
     """Dependency protocol (start/ping/close) plus revoke and the connect-time check."""
-
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
     @abc.abstractmethod
     async def revoke(self, scope: Scope, value: str, *, ttl: float, issued_before: float | None = None) -> None:
@@ -114,30 +108,20 @@ return before
 """
 
 
-class RedisRevocationStore(RevocationStore):
+class RedisRevocationStore(RedisStore, RevocationStore):
     """Connects lazily: usable before `start()`, which only checks that Redis answers."""
 
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
+        from tsunagu_core.redis_pool import slot_tagged
 
-        from tsunagu_core.redis_pool import redis_client
-
-        self.url = url
-        self.redis: Redis = redis_client(url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
+        RedisStore.__init__(self, url, max_connections=32, wait=5.0, socket_timeout=5.0, connect_timeout=2.0)
+        # One MGET reads a token's three entries: on Redis Cluster they share the prefix's slot.
+        self.key_prefix = slot_tagged(KEY_PREFIX, self.redis)
         self._revoke_user = self.redis.register_script(_REVOKE_USER)
-
-    async def start(self) -> None:
-        await self.redis.ping()
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
     async def revoke(self, scope: Scope, value: str, *, ttl: float, issued_before: float | None = None) -> None:
         _check_args(scope, value, ttl)
-        key = f"{KEY_PREFIX}{scope}:{value}"
+        key = f"{self.key_prefix}{scope}:{value}"
         ttl_ms = max(1, int(ttl * 1000))
         if scope == "user":
             before = issued_before if issued_before is not None else time.time()
@@ -149,9 +133,9 @@ class RedisRevocationStore(RevocationStore):
 
     async def revoked(self, token: TokenIdentity) -> bool:
         keys = [
-            f"{KEY_PREFIX}session:{token.session_id}" if token.session_id else f"{KEY_PREFIX}session:",
-            f"{KEY_PREFIX}token:{token.token_id}" if token.token_id else f"{KEY_PREFIX}token:",
-            f"{KEY_PREFIX}user:{token.user}",
+            f"{self.key_prefix}session:{token.session_id}" if token.session_id else f"{self.key_prefix}session:",
+            f"{self.key_prefix}token:{token.token_id}" if token.token_id else f"{self.key_prefix}token:",
+            f"{self.key_prefix}user:{token.user}",
         ]
         session, token_id, user = await self.redis.mget(keys)
         if (token.session_id and session is not None) or (token.token_id and token_id is not None):

@@ -7,10 +7,14 @@ real Redis or Kafka from skipped into required: if a server does not answer then
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -29,6 +33,35 @@ def require_stack(what: str) -> None:
         import pytest
 
         pytest.skip(f"{what} needs the real stack: run `make test` (or `tsunagu stack up` and TSUNAGU_TEST_STACK=1)")
+
+
+# The Redis engines the contract suites run on: the stack's one server, and private sets started here.
+REDIS_ENGINES = ("redis", "redis-cluster", "redis-sentinel")
+_redis_sets: dict[str, Any] = {}
+
+
+def redis_engine_url(engine: str) -> str:
+    """`TSUNAGU_REDIS_URL` of a Redis engine: `redis` is the stack's server; `redis-cluster` (3 primaries,
+    3 replicas) and `redis-sentinel` (a primary, 2 replicas, 3 sentinels) are private servers on free
+    ports, started once per test process (~2 s each), stopped and removed when it exits. The tests that kill a
+    primary start sets of their own (`tsunagu.stack.redis_sets`)."""
+    if engine == "redis":
+        return REDIS_URL
+    require_stack(f"the {engine} engine")
+    if engine not in _redis_sets:
+        from tsunagu.stack.redis_sets import PrivateRedisCluster, PrivateRedisSentinel
+
+        directory = Path(tempfile.mkdtemp(prefix=f"tsunagu-{engine}-"))
+        kind = PrivateRedisCluster if engine == "redis-cluster" else PrivateRedisSentinel
+        servers = kind(directory)
+        _redis_sets[engine] = servers.start()
+
+        def remove() -> None:
+            servers.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
+    return str(_redis_sets[engine].url)
 
 
 class Recorder:

@@ -108,8 +108,8 @@ def postgres_ssl(dsn: str, settings: TlsSettings | None = None) -> ssl.SSLContex
 
 
 def redis_tls(url: str, settings: TlsSettings | None = None) -> ssl.SSLContext | None:
-    """The context of a `rediss://` URL (None for `redis://`)."""
-    if urlsplit(url).scheme != "rediss":
+    """The context of a `rediss://` URL, and of `rediss-cluster://` and `rediss-sentinel://` (None without TLS)."""
+    if not urlsplit(url).scheme.startswith("rediss"):
         return None
     return client_context(settings)
 

@@ -31,6 +31,10 @@ class BootstrapUser(BaseModel):
 
     password: str = Field(min_length=1)
     channels: list[str] = Field(default_factory=list)
+    # `["admin"]`: an operator (the console, every session); the token carries them in `roles`.
+    roles: list[str] = Field(default_factory=list)
+    # A TOTP secret (base32) enrolled with the user: unattended set-ups whose admin must use MFA at once.
+    totp_secret: str = ""
 
 
 class AuthSettings(ServiceSettings):
@@ -105,5 +109,54 @@ class AuthSettings(ServiceSettings):
     )
     bootstrap_users: dict[str, BootstrapUser] = Field(
         default_factory=dict,
-        description='JSON object: username to `{"password", "channels"}`, created at start when missing (development).',
+        description='JSON object: username to `{"password", "channels", "roles", "totp_secret"}`, created at start'
+        ' when missing; `"roles": ["admin"]` makes an operator (docs/auth.md).',
+    )
+    mfa_token_ttl: float = Field(
+        300.0, ge=30, le=3600, description="Seconds between a right password and its second factor (`mfa_token`)."
+    )
+    totp_issuer: str = Field("Tsunagu", min_length=1, description="Issuer shown by authenticator apps for TOTP.")
+    totp_skew: int = Field(
+        1, ge=0, le=4, description="30-second TOTP windows accepted either side of the current one (clock drift)."
+    )
+    mfa_max_failures: int = Field(
+        5,
+        ge=1,
+        description="Wrong second factors for one user (from all addresses) within the login window before that"
+        " user's second factors are refused (429) until the window ends; audited.",
+    )
+    webauthn_rp_id: str = Field(
+        "localhost", min_length=1, description="WebAuthn relying party id: the domain browsers bind passkeys to."
+    )
+    webauthn_rp_name: str = Field("Tsunagu", min_length=1, description="WebAuthn relying party name shown to users.")
+    webauthn_origins: list[str] = Field(
+        default_factory=lambda: ["http://localhost:8080"],
+        description="JSON list of the origins WebAuthn ceremonies may come from (the web app's); others are refused.",
+    )
+    console_min_acr: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="`acr` an admin's token needs for the console and the session endpoints of all users.",
+    )
+    notify_namespace: str = Field(
+        "user",
+        description="Namespace of each user's own channel (`user:#alice`) that hears of new logins, new factors and"
+        " ended sessions; empty: no notifications.",
+    )
+    sessions_consumer_group: str = Field(
+        "auth-sessions", min_length=1, description="Kafka consumer group auth reads `tsunagu.gateway.events` in."
+    )
+    gateway_dead_after: float = Field(
+        15.0, gt=0, description="Seconds without a gateway's heartbeat after which its connections are not shown."
+    )
+    gateway_api_url: str = Field(
+        "http://127.0.0.1:8080", description="The gateway's base URL for the console's channel inspector and stats."
+    )
+    gateway_api_key: str = Field(
+        "", description="The gateway's server API key (`TSUNAGU_GATEWAY_API_KEY`); empty: the inspector is off."
+    )
+    audit_url: str = Field(
+        "http://127.0.0.1:8087",
+        description="audit-log's base URL: the console's live audit feed and chain verification.",
     )

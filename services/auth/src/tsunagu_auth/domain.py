@@ -1,4 +1,5 @@
-"""What auth does, without HTTP: grants, refresh rotation, revocation, keys, audit."""
+"""What auth does, without HTTP: grants (a password, then a second factor when the user has one), refresh
+rotation, step-up, revocation, keys, audit, and the notices on each user's own channel."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from prometheus_client import Counter, Histogram
 from tsunagu_core import topics
 from tsunagu_core.bus import Bus
 from tsunagu_core.envelope import publish_event
+from tsunagu_core.nonces import NonceRegistry
 from tsunagu_core.revocation_store import RevocationStore, Scope, TokenIdentity
 from tsunagu_core.wire.events_pb2 import AuditEvent, Revocation
 
 from tsunagu_auth import keys as keyring
 from tsunagu_auth.config import AuthSettings
+from tsunagu_auth.factors import LEVEL_PASSWORD, FactorError, Factors, Proof, level
 from tsunagu_auth.keys import PrivateKey, SigningKey
 from tsunagu_auth.limits import LoginLimiter
+from tsunagu_auth.notices import Notices
 from tsunagu_auth.store import MessageKey, Session, Store, User
 
 log = logging.getLogger("tsunagu.auth")
@@ -54,12 +58,27 @@ SOURCE = "auth"
 
 
 class AuthError(Exception):
-    def __init__(self, status: int, error: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+
+def step_up_required(needed: int, has: object) -> AuthError:
+    """RFC 9470: the token is valid but its authentication is too weak for this request."""
+    message = f"this needs acr {needed} or more (the token has {has or 'none'}): verify a second factor (step-up)"
+    challenge = f'Bearer error="insufficient_user_authentication", acr_values="{needed}"'
+    return AuthError(401, "insufficient_user_authentication", message, {"WWW-Authenticate": challenge})
 
 
 def invalid_request(message: str) -> AuthError:
@@ -83,12 +102,21 @@ class AuthService:
         bus: Bus,
         limiter: LoginLimiter,
         node: str = "",
+        *,
+        factors: Factors,
+        factor_limiter: LoginLimiter,
+        nonces: NonceRegistry,
+        notices: Notices,
     ) -> None:
         self.settings = settings
         self.store = store
         self.revocations = revocations
         self.bus = bus
         self.limiter = limiter
+        self.factors = factors
+        self.factor_limiter = factor_limiter
+        self.nonces = nonces
+        self.notices = notices
         self.source = f"{SOURCE}/{node}" if node else SOURCE
         self.hasher = PasswordHasher(
             time_cost=settings.argon2_time_cost,
@@ -175,10 +203,16 @@ class AuthService:
             "jti": uuid.uuid4().hex,
         }
 
-    async def _access_token(self, user: User, session_id: str, now: float) -> str:
+    async def _access_token(self, user: User, session: Session, now: float) -> str:
         claims = self._base_claims(user.username, self.settings.access_token_ttl, now)
-        claims["sid"] = session_id
+        claims["sid"] = session.id
         claims["channels"] = list(user.channels)
+        # How the session was authenticated (RFC 8176 `amr`, the level as `acr`), for step-up checks.
+        claims["acr"] = session.acr
+        claims["amr"] = list(session.amr)
+        claims["auth_time"] = int(session.auth_time or session.created_at)
+        if user.roles:
+            claims["roles"] = list(user.roles)
         message_keys = await self.store.message_keys(user.username)
         if message_keys:
             claims["sig_keys"] = [{"kid": k.kid, "key": k.key} for k in message_keys]
@@ -194,7 +228,9 @@ class AuthService:
             body["refresh_token"] = refresh
         return body
 
-    async def password_grant(self, username: str, password: str, ip: str) -> dict[str, Any]:
+    async def password_grant(self, username: str, password: str, ip: str, user_agent: str = "") -> dict[str, Any]:
+        """Tokens, or, when the user has a second factor, 403 `mfa_required` with an `mfa_token` to
+        present it with (grant types mfa_otp, mfa_recovery_code, mfa_webauthn)."""
         started = time.perf_counter()
         if not username or not password or len(username) > 256 or len(password) > 1024:
             raise invalid_request("username and password are required")
@@ -211,6 +247,24 @@ class AuthService:
             LOGINS.labels("failed").inc()
             self.audit("login", username, username, "failed", {"grant": "password"}, ip)
             raise AuthError(401, "invalid_grant", "invalid username or password")
+        factors = await self.factors.available(user.username)
+        if factors:
+            LOGINS.labels("mfa_required").inc()
+            self.audit("login", user.username, user.username, "mfa_required", {"grant": "password"}, ip)
+            token = await self._ceremony(user.username, "mfa", self.settings.mfa_token_ttl)
+            raise AuthError(
+                403,
+                "mfa_required",
+                "the password is right; a second factor is required: " + ", ".join(factors),
+                extra={"mfa_token": token, "factors": factors, "expires_in": int(self.settings.mfa_token_ttl)},
+            )
+        result = await self._open_session(user, ip, user_agent, None, "password")
+        TOKEN_ISSUE_SECONDS.labels("password").observe(time.perf_counter() - started)
+        return result
+
+    async def _open_session(
+        self, user: User, ip: str, user_agent: str, proof: Proof | None, grant: str
+    ) -> dict[str, Any]:
         now = time.time()
         session = Session(
             id=uuid.uuid4().hex,
@@ -218,14 +272,232 @@ class AuthService:
             created_at=now,
             expires_at=now + self.settings.refresh_token_ttl,
             channels=user.channels,
+            ip=ip,
+            user_agent=user_agent[:512],
+            acr=proof.acr if proof else LEVEL_PASSWORD,
+            amr=proof.amr if proof else ("pwd",),
+            auth_time=now,
+            last_seen_at=now,
         )
         refresh = secrets.token_urlsafe(32)
         await self.store.create_session(session, _hash_refresh(refresh))
-        access = await self._access_token(user, session.id, now)
+        access = await self._access_token(user, session, now)
         LOGINS.labels("ok").inc()
-        self.audit("login", user.username, user.username, "ok", {"grant": "password", "session": session.id}, ip)
-        TOKEN_ISSUE_SECONDS.labels("password").observe(time.perf_counter() - started)
-        return self._token_response(access, refresh)
+        details = {"grant": grant, "session": session.id, "acr": session.acr, "amr": list(session.amr)}
+        self.audit("login", user.username, user.username, "ok", details, ip)
+        self.notices.tell(user.username, "login", session=session)
+        return self._token_response(access, refresh) | {"acr": session.acr, "amr": list(session.amr)}
+
+    async def mfa_grant(self, method: str, mfa_token: str, value: Any, ip: str, user_agent: str = "") -> dict[str, Any]:
+        """The second step of a login: the mfa_token of the right password and a factor."""
+        started = time.perf_counter()
+        claims = await self._read_ceremony(mfa_token, "mfa")
+        user = await self.store.get_user(str(claims["sub"]))
+        if user is None:
+            raise AuthError(401, "invalid_grant", "invalid mfa_token")
+        proof = await self._prove(user.username, method, value, claims.get("chal"), ip, "login")
+        if not await self.nonces.claim(f"tsunagu:auth:mfa:{claims['jti']}", self.settings.mfa_token_ttl + 60):
+            raise AuthError(401, "invalid_grant", "this mfa_token was used already: log in again")
+        result = await self._open_session(user, ip, user_agent, proof, f"mfa_{method}")
+        TOKEN_ISSUE_SECONDS.labels(f"mfa_{method}").observe(time.perf_counter() - started)
+        return result
+
+    async def _prove(self, username: str, method: str, value: Any, challenge: object, ip: str, purpose: str) -> Proof:
+        """Check one second factor, counted by the factor limiter and audited whatever the outcome."""
+        subject = f"mfa:{username}"
+        admission = await self.factor_limiter.admit(subject, ip)
+        if admission.retry_after is not None:
+            self.audit(f"mfa.{method}", username, username, "limited", {"purpose": purpose}, ip)
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many wrong second factors for this user; try later",
+                {"Retry-After": str(max(1, int(admission.retry_after + 0.999)))},
+            )
+        try:
+            if method == "otp":
+                proof = await self.factors.verify_totp(username, _string(value, "otp"))
+            elif method == "recovery_code":
+                proof = await self.factors.verify_recovery_code(username, _string(value, "recovery_code"))
+            elif method == "webauthn":
+                if not isinstance(challenge, str) or not isinstance(value, dict):
+                    raise invalid_request("a passkey needs the challenge's token and the credential object")
+                proof = await self.factors.verify_webauthn(username, value, _unb64(challenge))
+            else:
+                raise invalid_request(f"unknown second factor {method!r}")
+        except FactorError as exc:
+            await self.factor_limiter.finish(subject, ip, "failed")
+            self.audit(f"mfa.{method}", username, username, exc.reason, {"purpose": purpose}, ip)
+            raise AuthError(401, "invalid_grant", exc.message, extra={"reason": exc.reason}) from None
+        except BaseException:
+            await self.factor_limiter.finish(subject, ip, "abandoned")
+            raise
+        await self.factor_limiter.finish(subject, ip, "ok")
+        self.audit(f"mfa.{method}", username, username, "ok", {"purpose": purpose, **proof.detail}, ip)
+        return proof
+
+    # signed, single-use ceremony tokens: the mfa_token of a login, the challenge of a passkey ceremony
+
+    async def _ceremony(self, sub: str, kind: str, ttl: float, **extra: Any) -> str:
+        claims = self._base_claims(sub, ttl, time.time())
+        claims["aud"] = f"{self.settings.audience}:{kind}"
+        claims["typ"] = kind
+        claims.update(extra)
+        return await self.sign(claims)
+
+    async def _read_ceremony(self, token: str, kind: str) -> dict[str, Any]:
+        if not token or len(token) > 8192:
+            raise invalid_request(f"{'mfa_token' if kind == 'mfa' else 'ceremony'} is required")
+        try:
+            claims = await self._decode(token, f"{self.settings.audience}:{kind}")
+        except AuthError:
+            raise AuthError(401, "invalid_grant", f"invalid or expired {kind} token: start again") from None
+        if claims.get("typ") != kind:
+            raise AuthError(401, "invalid_grant", f"not a {kind} token")
+        return claims
+
+    async def webauthn_login_options(self, mfa_token: str) -> dict[str, Any]:
+        """A passkey challenge for a login: the options for navigator.credentials.get and the mfa_token
+        to send back with the assertion (it carries the challenge)."""
+        claims = await self._read_ceremony(mfa_token, "mfa")
+        options, challenge = await self._factor_call(self.factors.authentication_options(str(claims["sub"])))
+        ttl = max(30.0, float(claims["exp"]) - time.time())
+        token = await self._ceremony(str(claims["sub"]), "mfa", ttl, chal=_b64(challenge))
+        return {"options": options, "mfa_token": token}
+
+    async def _factor_call(self, work: Any) -> Any:
+        try:
+            return await work
+        except FactorError as exc:
+            raise AuthError(400, "invalid_request", exc.message, extra={"reason": exc.reason}) from None
+
+    # step-up and enrolment, for a logged-in user (claims of a verified access token)
+
+    async def step_up(
+        self, claims: Mapping[str, Any], method: str, value: Any, ceremony: str, ip: str
+    ) -> dict[str, Any]:
+        """Raise the session's level with a second factor; the fresh access token (and every refreshed
+        one) carries the new `acr`, which a connection takes over with a refresh."""
+        username, session_id = str(claims["sub"]), str(claims.get("sid", ""))
+        challenge = None
+        if method == "webauthn":
+            ceremony_claims = await self._read_ceremony(ceremony, "webauthn")
+            if ceremony_claims.get("sub") != username or ceremony_claims.get("purpose") != "step-up":
+                raise AuthError(401, "invalid_grant", "this challenge is for another user or purpose")
+            challenge = ceremony_claims.get("chal")
+        proof = await self._prove(username, method, value, challenge, ip, "step-up")
+        return await self._elevate(username, session_id, proof)
+
+    async def _elevate(self, username: str, session_id: str, proof: Proof) -> dict[str, Any]:
+        if not session_id:
+            raise invalid_request("this token belongs to no session")
+        current = await self.store.get_session(session_id)
+        acr, amr = proof.acr, proof.amr
+        if current is not None and level(current.acr) > level(acr):
+            acr, amr = current.acr, current.amr  # a passkey session stays at its level after an OTP
+        session = await self.store.elevate_session(session_id, acr, amr, time.time())
+        user = await self.store.get_user(username)
+        if session is None or user is None:
+            raise AuthError(401, "invalid_token", "the session has ended")
+        self.audit("step_up", username, username, "ok", {"session": session_id, "acr": acr, "method": proof.method})
+        access = await self._access_token(user, session, time.time())
+        return self._token_response(access, None) | {"acr": session.acr, "amr": list(session.amr)}
+
+    async def webauthn_options(self, claims: Mapping[str, Any], purpose: str) -> dict[str, Any]:
+        """Passkey options for a logged-in user: `register` a new one, or `step-up` with one."""
+        username = str(claims["sub"])
+        if purpose == "register":
+            await self._may_add_factor(claims)
+            options, challenge = await self.factors.registration_options(username)
+        else:
+            options, challenge = await self._factor_call(self.factors.authentication_options(username))
+        ceremony = await self._ceremony(
+            username, "webauthn", 300.0, purpose=purpose, chal=_b64(challenge), sid=claims.get("sid", "")
+        )
+        return {"options": options, "ceremony": ceremony}
+
+    async def _may_add_factor(self, claims: Mapping[str, Any]) -> None:
+        """A user with a factor adds or replaces one only from a session that proved one (acr >= 2)."""
+        if await self.factors.available(str(claims["sub"])) and level(claims.get("acr")) < 2:
+            raise step_up_required(2, claims.get("acr"))
+
+    async def register_webauthn(
+        self, claims: Mapping[str, Any], ceremony: str, credential: Any, name: str, ip: str
+    ) -> dict[str, Any]:
+        username = str(claims["sub"])
+        ceremony_claims = await self._read_ceremony(ceremony, "webauthn")
+        if ceremony_claims.get("sub") != username or ceremony_claims.get("purpose") != "register":
+            raise AuthError(401, "invalid_grant", "this challenge is for another user or purpose")
+        if not isinstance(credential, dict):
+            raise invalid_request("credential must be the object navigator.credentials.create returned")
+        try:
+            registered = await self.factors.register(
+                username, credential, _unb64(str(ceremony_claims["chal"])), name[:64]
+            )
+        except FactorError as exc:
+            self.audit("mfa.enrolled", username, username, exc.reason, {"factor": "webauthn"}, ip)
+            raise AuthError(400, "invalid_request", exc.message, extra={"reason": exc.reason}) from None
+        if not await self.nonces.claim(f"tsunagu:auth:webauthn:{ceremony_claims['jti']}", 400.0):
+            raise AuthError(401, "invalid_grant", "this challenge was used already")
+        self.audit("mfa.enrolled", username, username, "ok", {"factor": "webauthn", **registered}, ip)
+        self.notices.tell(username, "factor_added", factor="webauthn", name=registered["name"])
+        return registered
+
+    async def begin_totp(self, claims: Mapping[str, Any]) -> dict[str, str]:
+        await self._may_add_factor(claims)
+        return await self.factors.begin_totp(str(claims["sub"]))
+
+    async def confirm_totp(self, claims: Mapping[str, Any], code: str, ip: str) -> dict[str, Any]:
+        """The enrolment proven by a first code: recovery codes (shown once) and this session stepped up."""
+        username = str(claims["sub"])
+        subject = f"mfa:{username}"
+        admission = await self.factor_limiter.admit(subject, ip)
+        if admission.retry_after is not None:
+            self.audit("mfa.enrolled", username, username, "limited", {"factor": "totp"}, ip)
+            raise AuthError(
+                429,
+                "too_many_requests",
+                "too many wrong codes; try later",
+                {"Retry-After": str(max(1, int(admission.retry_after + 0.999)))},
+            )
+        try:
+            codes = await self.factors.confirm_totp(username, code)
+        except FactorError as exc:
+            await self.factor_limiter.finish(subject, ip, "failed")
+            self.audit("mfa.enrolled", username, username, exc.reason, {"factor": "totp"}, ip)
+            raise AuthError(400, "invalid_grant", exc.message, extra={"reason": exc.reason}) from None
+        await self.factor_limiter.finish(subject, ip, "ok")
+        self.audit("mfa.enrolled", username, username, "ok", {"factor": "totp"}, ip)
+        self.notices.tell(username, "factor_added", factor="totp")
+        proof = Proof("2", ("pwd", "otp"), "totp", {})
+        tokens = await self._elevate(username, str(claims.get("sid", "")), proof)
+        return tokens | {"recovery_codes": codes}
+
+    async def new_recovery_codes(self, claims: Mapping[str, Any], ip: str) -> dict[str, Any]:
+        username = str(claims["sub"])
+        if level(claims.get("acr")) < 2:
+            raise step_up_required(2, claims.get("acr"))
+        if await self.store.totp(username) is None:
+            raise invalid_request("recovery codes come with a TOTP factor: enrol one first")
+        codes = await self.factors.new_recovery_codes(username)
+        self.audit("mfa.recovery_codes", username, username, "ok", {"count": len(codes)}, ip)
+        return {"recovery_codes": codes}
+
+    async def mfa_status(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        username = str(claims["sub"])
+        credentials = await self.store.webauthn_credentials(username)
+        return {
+            "user": username,
+            "acr": claims.get("acr"),
+            "amr": claims.get("amr", []),
+            "roles": claims.get("roles", []),
+            "totp": await self.store.totp(username) is not None,
+            "recovery_codes_left": await self.store.recovery_codes_left(username),
+            "passkeys": [
+                {"id": c.id, "name": c.name, "created_at": c.created_at, "last_used_at": c.last_used_at}
+                for c in credentials
+            ],
+        }
 
     async def _admit(self, subject: str, ip: str, grant: str) -> None:
         """The limiter's word on a login attempt: 429 when refused, a wait when slowed down."""
@@ -304,6 +576,7 @@ class AuthService:
             log.warning("refresh token of session %s used twice: revoking the session", session.id)
             self.audit("refresh.reuse_detected", session.user, session.user, "revoked", {"session": session.id}, ip)
             await self._publish_revocation("session", session.id, session.user, "refresh token reused", "auth")
+            self.notices.tell(session.user, "session_ended", session=session, by="auth", reason="refresh token reused")
             raise AuthError(401, "invalid_grant", "invalid refresh token")
         if outcome.status != "ok" or outcome.session is None:
             raise AuthError(401, "invalid_grant", "invalid refresh token")
@@ -311,7 +584,7 @@ class AuthService:
         user = await self.store.get_user(session.user)
         if user is None:
             raise AuthError(401, "invalid_grant", "invalid refresh token")
-        access = await self._access_token(user, session.id, now)
+        access = await self._access_token(user, session, now)
         self.audit("refresh", user.username, user.username, "ok", {"session": session.id}, ip)
         TOKEN_ISSUE_SECONDS.labels("refresh_token").observe(time.perf_counter() - started)
         return self._token_response(access, new)
@@ -319,6 +592,18 @@ class AuthService:
     # access tokens presented to auth itself
 
     async def verify_access(self, token: str) -> dict[str, Any]:
+        claims = await self._decode(token, self.settings.audience)
+        if claims.get("typ", "access") != "access":
+            raise AuthError(401, "invalid_token", "not an access token", {"WWW-Authenticate": "Bearer"})
+        identity = TokenIdentity(
+            str(claims["sub"]), str(claims.get("sid", "")), str(claims.get("jti", "")), float(claims["iat"])
+        )
+        if await self.revocations.revoked(identity):
+            raise AuthError(401, "invalid_token", "invalid or expired access token", {"WWW-Authenticate": "Bearer"})
+        return claims
+
+    async def _decode(self, token: str, audience: str) -> dict[str, Any]:
+        """A token auth signed, for `audience`, not expired."""
         unauthorized = AuthError(
             401, "invalid_token", "invalid or expired access token", {"WWW-Authenticate": "Bearer"}
         )
@@ -338,17 +623,12 @@ class AuthService:
                 token,
                 public,
                 algorithms=[key.algorithm],
-                audience=self.settings.audience,
+                audience=audience,
                 issuer=self.settings.issuer,
                 options={"require": ["sub", "exp", "iat"]},
             )
         except jwt.InvalidTokenError:
             raise unauthorized from None
-        identity = TokenIdentity(
-            str(claims["sub"]), str(claims.get("sid", "")), str(claims.get("jti", "")), float(claims["iat"])
-        )
-        if await self.revocations.revoked(identity):
-            raise unauthorized
         return claims
 
     async def subscription_token(self, claims: Mapping[str, Any], channel: str) -> dict[str, Any]:
@@ -366,7 +646,9 @@ class AuthService:
 
     # admin
 
-    async def create_user(self, username: str, password: str, channels: list[str], actor: str) -> dict[str, Any]:
+    async def create_user(
+        self, username: str, password: str, channels: list[str], actor: str, roles: list[str] | None = None
+    ) -> dict[str, Any]:
         if not USERNAME.match(username):
             raise invalid_request("username: 1-64 of letters, digits, `_ . @ -`")
         if not 8 <= len(password) <= 1024:
@@ -375,10 +657,13 @@ class AuthService:
         if bad:
             raise invalid_request(f"invalid channel pattern {bad[0][:64]!r}")
         password_hash = await asyncio.to_thread(self.hasher.hash, password)
-        if not await self.store.create_user(User(username, password_hash, tuple(channels))):
+        roles = list(roles or [])
+        if not all(isinstance(r, str) and USERNAME.match(r) for r in roles):
+            raise invalid_request("roles: a list of names such as admin")
+        if not await self.store.create_user(User(username, password_hash, tuple(channels), tuple(roles))):
             raise AuthError(409, "conflict", f"user {username!r} exists")
-        self.audit("user.created", actor, username, "ok", {"channels": channels})
-        return {"id": username, "username": username, "channels": channels}
+        self.audit("user.created", actor, username, "ok", {"channels": channels, "roles": roles})
+        return {"id": username, "username": username, "channels": channels, "roles": roles}
 
     async def register_message_key(self, username: str, kid: str, key: str, actor: str) -> dict[str, Any]:
         try:
@@ -403,16 +688,21 @@ class AuthService:
         if not value or len(value) > 256:
             raise invalid_request(f"{scope} is required")
         sessions: list[str] = []
+        ended: Session | None = None
         if scope == "session":
-            session = await self.store.revoke_session(value, time.time())
-            if session is None:
+            ended = await self.store.revoke_session(value, time.time())
+            if ended is None:
                 raise AuthError(404, "not_found", f"no session {value!r}")
-            user = session.user
+            user = ended.user
         elif scope == "user":
             user = value
             sessions = await self.store.revoke_user_sessions(value, time.time())
         revocation = await self._publish_revocation(scope, value, user, reason, actor)
         self.audit("revoke", actor, user or value, "ok", {"scope": scope, "value": value, "reason": reason})
+        if ended is not None:
+            self.notices.tell(ended.user, "session_ended", session=ended, by=actor, reason=reason)
+        elif scope == "user":
+            self.notices.tell(value, "sessions_ended", by=actor, reason=reason, count=len(sessions))
         body: dict[str, Any] = {
             "scope": scope,
             "value": value,
@@ -477,5 +767,22 @@ class AuthService:
         for username, entry in self.settings.bootstrap_users.items():
             if await self.store.get_user(username) is None:
                 password_hash = await asyncio.to_thread(self.hasher.hash, entry.password)
-                if await self.store.create_user(User(username, password_hash, tuple(entry.channels))):
-                    log.info("bootstrap user %s created", username)
+                user = User(username, password_hash, tuple(entry.channels), tuple(entry.roles))
+                if await self.store.create_user(user):
+                    log.info("bootstrap user %s created%s", username, " (admin)" if "admin" in entry.roles else "")
+                    if entry.totp_secret:
+                        await self.factors.enrol_totp(username, entry.totp_secret)
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid_request(f"{name} is required")
+    return value
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

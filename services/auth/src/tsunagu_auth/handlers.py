@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from tsunagu_core.proxies import TrustedProxies
 from tsunagu_core.revocation_store import Scope
 
+from tsunagu_auth.console import Caller, Console
 from tsunagu_auth.domain import AuthError, AuthService, invalid_request
 
 MAX_BODY = 64 * 1024
@@ -20,6 +21,14 @@ MAX_BODY = 64 * 1024
 
 def service_of(request: Request) -> AuthService:
     return cast(AuthService, request.app.state.auth)
+
+
+def console_of(request: Request) -> Console:
+    return cast(Console, request.app.state.console)
+
+
+def user_agent(request: Request) -> str:
+    return request.headers.get("user-agent", "")[:512]
 
 
 def client_ip(request: Request) -> str:
@@ -106,10 +115,28 @@ def basic_client(request: Request) -> tuple[str, str] | None:
     return client_id, secret
 
 
+async def caller_of(request: Request) -> Caller:
+    """The admin key (as `require_admin` takes it), or a user's access token."""
+    given = admin_key(request)
+    if given and is_admin(request, given):
+        return Caller("admin", True, {})
+    claims = await service_of(request).verify_access(bearer(request))
+    return console_of(request).caller(claims)
+
+
+async def access_claims(request: Request) -> dict[str, Any]:
+    return await service_of(request).verify_access(bearer(request))
+
+
 def error_response(exc: AuthError) -> JSONResponse:
     return JSONResponse(
-        {"error": exc.error, "error_description": exc.message}, status_code=exc.status, headers=exc.headers
+        {"error": exc.error, "error_description": exc.message, **exc.extra},
+        status_code=exc.status,
+        headers=exc.headers,
     )
+
+
+MFA_GRANTS = {"mfa_otp": ("otp", "otp"), "mfa_recovery_code": ("recovery_code", "recovery_code")}
 
 
 def build_router() -> APIRouter:
@@ -124,14 +151,24 @@ def build_router() -> APIRouter:
         auth = service_of(request)
         body = await read_body(request)
         grant = text(body, "grant_type")
+        ip, agent = client_ip(request), user_agent(request)
         if grant == "password":
-            result = await auth.password_grant(text(body, "username"), text(body, "password"), client_ip(request))
+            result = await auth.password_grant(text(body, "username"), text(body, "password"), ip, agent)
+        elif grant in MFA_GRANTS:
+            method, field = MFA_GRANTS[grant]
+            result = await auth.mfa_grant(method, text(body, "mfa_token"), text(body, field), ip, agent)
+        elif grant == "mfa_webauthn":
+            result = await auth.mfa_grant("webauthn", text(body, "mfa_token"), body.get("credential"), ip, agent)
         elif grant == "client_credentials":
             basic = basic_client(request)
             client_id, secret = basic or (text(body, "client_id"), text(body, "client_secret"))
             result = await auth.client_grant(client_id, secret, text(body, "scope", required=False), client_ip(request))
         else:
-            raise AuthError(400, "unsupported_grant_type", "grant_type must be password or client_credentials")
+            raise AuthError(
+                400,
+                "unsupported_grant_type",
+                "grant_type must be password, client_credentials, mfa_otp, mfa_recovery_code or mfa_webauthn",
+            )
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
     @router.post("/v1/refresh", tags=["auth"])
@@ -173,8 +210,11 @@ def build_router() -> APIRouter:
         channels = body.get("channels", [])
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise invalid_request("channels must be a list of channel patterns")
+        roles = body.get("roles", [])
+        if not isinstance(roles, list):
+            raise invalid_request("roles must be a list")
         result = await service_of(request).create_user(
-            text(body, "username"), text(body, "password"), channels, actor=actor
+            text(body, "username"), text(body, "password"), channels, actor=actor, roles=roles
         )
         return JSONResponse(result, status_code=201)
 
@@ -204,4 +244,112 @@ def build_router() -> APIRouter:
         result = await auth.subscription_token(claims, text(body, "channel"))
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
+    add_factor_routes(router)
+    add_session_routes(router)
     return router
+
+
+def add_factor_routes(router: APIRouter) -> None:
+    """Second factors: enrolment, the passkey step of a login, step-up (docs/auth.md)."""
+
+    @router.post("/v1/mfa/webauthn/login-options", tags=["mfa"])
+    async def webauthn_login_options(request: Request) -> JSONResponse:
+        body = await read_body(request)
+        return JSONResponse(await service_of(request).webauthn_login_options(text(body, "mfa_token")))
+
+    @router.get("/v1/mfa", tags=["mfa"])
+    async def mfa_status(request: Request) -> JSONResponse:
+        return JSONResponse(await service_of(request).mfa_status(await access_claims(request)))
+
+    @router.post("/v1/mfa/totp", tags=["mfa"])
+    async def begin_totp(request: Request) -> JSONResponse:
+        result = await service_of(request).begin_totp(await access_claims(request))
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/mfa/totp/confirm", tags=["mfa"])
+    async def confirm_totp(request: Request) -> JSONResponse:
+        claims = await access_claims(request)
+        body = await read_body(request)
+        result = await service_of(request).confirm_totp(claims, text(body, "otp"), client_ip(request))
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/mfa/recovery-codes", tags=["mfa"])
+    async def recovery_codes(request: Request) -> JSONResponse:
+        result = await service_of(request).new_recovery_codes(await access_claims(request), client_ip(request))
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/mfa/webauthn/register-options", tags=["mfa"])
+    async def register_options(request: Request) -> JSONResponse:
+        return JSONResponse(await service_of(request).webauthn_options(await access_claims(request), "register"))
+
+    @router.post("/v1/mfa/webauthn/register", tags=["mfa"], status_code=201)
+    async def register(request: Request) -> JSONResponse:
+        claims = await access_claims(request)
+        body = await read_body(request)
+        result = await service_of(request).register_webauthn(
+            claims,
+            text(body, "ceremony"),
+            body.get("credential"),
+            text(body, "name", required=False),
+            client_ip(request),
+        )
+        return JSONResponse(result, status_code=201)
+
+    @router.post("/v1/step-up/webauthn-options", tags=["mfa"])
+    async def step_up_options(request: Request) -> JSONResponse:
+        return JSONResponse(await service_of(request).webauthn_options(await access_claims(request), "step-up"))
+
+    @router.post("/v1/step-up", tags=["mfa"])
+    async def step_up(request: Request) -> JSONResponse:
+        """A second factor for a logged-in session: `otp`, `recovery_code`, or `ceremony` + `credential`."""
+        claims = await access_claims(request)
+        body = await read_body(request)
+        auth = service_of(request)
+        ip = client_ip(request)
+        if body.get("credential") is not None:
+            result = await auth.step_up(claims, "webauthn", body["credential"], text(body, "ceremony"), ip)
+        elif body.get("recovery_code"):
+            result = await auth.step_up(claims, "recovery_code", text(body, "recovery_code"), "", ip)
+        else:
+            result = await auth.step_up(claims, "otp", text(body, "otp"), "", ip)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+
+def add_session_routes(router: APIRouter) -> None:
+    """Sessions (a user's own; every one for an admin) and the operator console's backend."""
+
+    @router.get("/v1/sessions", tags=["sessions"])
+    async def list_sessions(request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        user = request.query_params.get("user", "")
+        return JSONResponse(await console_of(request).sessions(caller, user), headers={"Cache-Control": "no-store"})
+
+    @router.delete("/v1/sessions/{session_id}", tags=["sessions"])
+    async def end_session(session_id: str, request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        reason = request.query_params.get("reason", "")[:200]
+        return JSONResponse(await console_of(request).end_session(caller, session_id, reason))
+
+    @router.get("/v1/console/gateways", tags=["console"])
+    async def gateways(request: Request) -> JSONResponse:
+        return JSONResponse(await console_of(request).gateways(await caller_of(request)))
+
+    @router.post("/v1/console/channels/{method}", tags=["console"])
+    async def inspect(method: str, request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        body = await read_body(request)
+        return JSONResponse(await console_of(request).inspect(caller, method, body, client_ip(request)))
+
+    @router.get("/v1/console/audit", tags=["console"])
+    async def audit_feed(request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        limit, after = request.query_params.get("limit", "50"), request.query_params.get("after", "0")
+        if not (limit.isdigit() and after.isdigit()):
+            raise invalid_request("limit and after are whole numbers (after: the newest seq seen)")
+        feed = await console_of(request).audit_feed(caller, int(limit), int(after))
+        return JSONResponse(feed, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/console/audit/verify", tags=["console"])
+    async def verify_audit(request: Request) -> JSONResponse:
+        caller = await caller_of(request)
+        return JSONResponse(await console_of(request).verify_audit(caller, client_ip(request)))

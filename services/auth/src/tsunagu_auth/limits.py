@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tsunagu_core.config import CoreSettings
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_store import RedisStore
 
 # One hash tag: every key of an attempt lands in one Redis Cluster slot (the script touches several).
 PREFIX = "tsunagu:auth:{login}:"
@@ -99,16 +101,7 @@ class Admission:
     delay: float = 0.0
 
 
-class Counters(abc.ABC):
-    async def start(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
+class Counters(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def admit(
         self, limited: Sequence[tuple[str, int]], counted: Sequence[str], known: str, window: float
@@ -188,23 +181,12 @@ class MemoryCounters(Counters):
                 del self.known[key]
 
 
-class RedisCounters(Counters):
+class RedisCounters(RedisStore, Counters):
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
-        from tsunagu_core.redis_pool import redis_client
-
-        self.redis: Redis = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
+        # (the keys share the `{login}` hash tag: one slot on Redis Cluster)
+        RedisStore.__init__(self, url, socket_timeout=2.0, connect_timeout=2.0)
         self._admit = self.redis.register_script(_ADMIT)
         self._finish = self.redis.register_script(_FINISH)
-
-    async def start(self) -> None:
-        await self.redis.ping()
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
     async def admit(
         self, limited: Sequence[tuple[str, int]], counted: Sequence[str], known: str, window: float
@@ -237,7 +219,11 @@ class LoginLimiter:
         window: float,
         user_slowdown_after: int,
         user_max_delay: float,
+        per_user: int | None = None,
     ) -> None:
+        """`per_user`: also refuse the username from every address at that many failures (second factors:
+        whoever gets there knows the password already, and six digits fall to a distributed guess)."""
+        self.per_user = per_user
         self.counters = counters
         self.per_pair = per_pair
         self.per_ip = per_ip
@@ -258,8 +244,11 @@ class LoginLimiter:
     async def admit(self, username: str, ip: str) -> Admission:
         """Count the attempt as pending, or refuse it; call `finish` once the password was checked."""
         pair, address, user, known = self._keys(username, ip)
+        limited = [(pair, self.per_pair), (address, self.per_ip)]
+        if self.per_user is not None:
+            limited.append((user, self.per_user))
         outcome, wait, user_attempts, is_known = await self.counters.admit(
-            [(pair, self.per_pair), (address, self.per_ip)], [user], known, self.window
+            limited, [] if self.per_user is not None else [user], known, self.window
         )
         if outcome != ADMITTED:
             return Admission(retry_after=wait)

@@ -18,9 +18,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_pool import slot_tagged
+from tsunagu_core.redis_store import RedisStore
 
 
 class StoreError(Exception):
@@ -45,19 +45,10 @@ class TrackedClient:
     channels: tuple[str, ...]
 
 
-class PresenceStore(abc.ABC):
+class PresenceStore(NothingToConnect, abc.ABC):
     def __init__(self, tombstone_ttl: float = 900.0, dead_node_ttl: float = 86400.0) -> None:
         self.tombstone_ttl = tombstone_ttl
         self.dead_node_ttl = dead_node_ttl
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
 
     # from the gateways' events; `at_ms` is the event's time, `now` the time it is processed
 
@@ -341,51 +332,28 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisPresenceStore(PresenceStore):
-    """State in Redis, shared by every presence replica. The keys of one operation are not in one
-    hash slot, so this needs a single Redis (or a primary with replicas), not Redis Cluster."""
+class RedisPresenceStore(RedisStore, PresenceStore):
+    """State in Redis, shared by every presence replica. An operation touches keys of several users and
+    nodes at once, so on Redis Cluster every key carries the prefix as its hash tag: the whole state lives
+    in one slot (one shard), which presence's size affords."""
+
+    unavailable = StoreError
 
     def __init__(
         self, url: str, prefix: str = "tsunagu:presence", tombstone_ttl: float = 900.0, dead_node_ttl: float = 86400.0
     ) -> None:
-        super().__init__(tombstone_ttl, dead_node_ttl)
-        self.url = url
+        PresenceStore.__init__(self, tombstone_ttl, dead_node_ttl)
+        RedisStore.__init__(self, url)
         self.prefix = prefix
-        self._redis: Redis | None = None
+        self._tagged = slot_tagged(prefix, self.redis)
+        self._connected = self.redis.register_script(_CONNECTED)
+        self._subscribed = self.redis.register_script(_SUBSCRIBED)
+        self._heartbeat = self.redis.register_script(_HEARTBEAT)
+        self._disconnected = self.redis.register_script(_DISCONNECTED)
+        self._forget_node = self.redis.register_script(_FORGET_NODE)
 
     def _key(self, kind: str, name: str = "") -> str:
-        return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
-
-    @property
-    def redis(self) -> Redis:
-        if self._redis is None:
-            raise StoreError("the presence store is not started")
-        return self._redis
-
-    async def start(self) -> None:
-        if self._redis is not None:
-            return
-        try:
-            client = await connect_redis(self.url)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
-        self._redis = client
-        self._connected = client.register_script(_CONNECTED)
-        self._subscribed = client.register_script(_SUBSCRIBED)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._disconnected = client.register_script(_DISCONNECTED)
-        self._forget_node = client.register_script(_FORGET_NODE)
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-        self._redis = None
-
-    async def ping(self) -> None:
-        try:
-            await self.redis.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
+        return f"{self._tagged}:{kind}:{name}" if name else f"{self._tagged}:{kind}"
 
     async def connected(self, node: str, client: str, user: str, session: str, at_ms: int, now: float) -> bool:
         connection = json.dumps({"node": node, "session": session, "since": at_ms})

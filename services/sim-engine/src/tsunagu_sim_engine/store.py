@@ -18,25 +18,16 @@ import json
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from tsunagu_core.redis_pool import connect_redis
+from tsunagu_core.dependency import NothingToConnect
+from tsunagu_core.redis_pool import slot_tagged
+from tsunagu_core.redis_store import RedisStore
 
 
 class StoreError(Exception):
     """The rooms store could not carry out an operation."""
 
 
-class RoomStore(abc.ABC):
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
-
+class RoomStore(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def register(self, room: str, spec: dict[str, Any]) -> bool:
         """Add a room; False when it exists already."""
@@ -165,51 +156,28 @@ return 0
 """
 
 
-class RedisRoomStore(RoomStore):
+class RedisRoomStore(RedisStore, RoomStore):
     """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`."""
 
-    def __init__(self, url: str, prefix: str = "tsunagu:sim") -> None:
-        self.url = url
-        self.prefix = prefix
-        self._redis: Redis | None = None
+    unavailable = StoreError
 
-    @property
-    def redis(self) -> Redis:
-        if self._redis is None:
-            raise StoreError("the rooms store is not started")
-        return self._redis
+    def __init__(self, url: str, prefix: str = "tsunagu:sim") -> None:
+        RedisStore.__init__(self, url)
+        self.prefix = prefix
+        # (on Redis Cluster the prefix is a hash tag: a lease, its snapshot and the registry share a slot)
+        self._tagged = slot_tagged(prefix, self.redis)
+        self._renew = self.redis.register_script(_RENEW)
+        self._save = self.redis.register_script(_SAVE)
+        self._release = self.redis.register_script(_RELEASE)
 
     def _rooms(self) -> str:
-        return f"{self.prefix}:rooms"
+        return f"{self._tagged}:rooms"
 
     def _lease(self, room: str) -> str:
-        return f"{self.prefix}:lease:{room}"
+        return f"{self._tagged}:lease:{room}"
 
     def _snap(self, room: str) -> str:
-        return f"{self.prefix}:snap:{room}"
-
-    async def start(self) -> None:
-        if self._redis is not None:
-            return
-        try:
-            client = await connect_redis(self.url)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis at {self.url} does not answer: {exc}") from None
-        self._redis = client
-        self._renew = client.register_script(_RENEW)
-        self._save = client.register_script(_SAVE)
-        self._release = client.register_script(_RELEASE)
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-        self._redis = None
-
-    async def ping(self) -> None:
-        try:
-            await self.redis.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis does not answer: {exc}") from None
+        return f"{self._tagged}:snap:{room}"
 
     async def register(self, room: str, spec: dict[str, Any]) -> bool:
         return bool(await self.redis.hsetnx(self._rooms(), room, json.dumps(spec)))

@@ -23,6 +23,7 @@ from tsunagu_core.nonces import MemoryNonceRegistry, NonceRegistry, RedisNonceRe
 from tsunagu_core.revocation_store import shared_revocation_store
 from tsunagu_core.service_auth import service_headers
 
+from tsunagu_ws_gateway import grpc_api
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.control import control_handler
@@ -45,6 +46,7 @@ from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.transports.http import BodyLimit
 from tsunagu_ws_gateway.transports.server import GatewayWebSocketProtocol
 from tsunagu_ws_gateway.web import serve_web_app
+from tsunagu_ws_gateway.webhooks import Relays
 
 SERVICE = "ws-gateway"
 NEEDS = ("bus", "broker", "nonces", "revocations")
@@ -113,6 +115,13 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         feed = RevocationFeed(gateway.revoked, gateway.close_revoked)
         return await runtime.bus.consume([topics.AUTH_REVOCATIONS], f"ws-gateway-revocations-{node.id}", feed)
 
+    async def start_relays(relays: Relays) -> None:
+        await runtime.wait_ready(["bus"])
+        try:
+            await relays.start()
+        except Exception:
+            logging.getLogger("tsunagu.gateway.webhooks").exception("the webhook relays could not start")
+
     def graphql_app() -> ASGIApp:
         from tsunagu_ws_gateway.protocols.graphql import build_graphql_app
 
@@ -134,9 +143,20 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         # Built once the socket listens and the first reconnecting clients are in (deferred.py).
         warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
         revocations = asyncio.create_task(follow_revocations(), name="follow-revocations")
+        relays = Relays(runtime.bus, settings.webhooks) if settings.webhooks else None
+        relaying = asyncio.create_task(start_relays(relays), name="webhook-relays") if relays else None
+        grpc_server = (
+            await grpc_api.start(gateway, settings.host, settings.grpc_api_port) if settings.grpc_api_port else None
+        )
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
+            if relaying is not None and relays is not None:
+                relaying.cancel()
+                await asyncio.gather(relaying, return_exceptions=True)
+                await relays.stop()
             if revocations.done() and revocations.exception() is None:
                 await revocations.result().stop()
             else:
@@ -148,6 +168,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
+            await gateway.hooks.close()
             if settings.web_enabled:
                 await app.state.web_probe.close()
 

@@ -20,6 +20,8 @@ class Principal:
     user: str
     channel_patterns: Sequence[str] = ()
     authenticated: bool = False
+    # The token's `acr` as a number (auth: 1 password, 2 one-time code, 3 passkey); namespaces' min_acr.
+    acr: int = 0
 
 
 def namespace_of(channel: str) -> str:
@@ -40,6 +42,15 @@ class ChannelPolicy:
 
     def check(self, access: Access, channel: str, who: Principal, *, granted_by_token: bool = False) -> None:
         """Raise 103 unless `who` may act on `channel` under `access`; a subscription token grants it."""
+        # Also asked for names that are no channel (`rpc:<method>` against the token's patterns).
+        options = self.namespaces.get(namespace_of(channel))
+        needed = options.min_acr if options is not None else 0
+        if who.acr < needed:
+            raise ReplyError(
+                PERMISSION_DENIED,
+                f"step-up required: this namespace needs acr {needed}, the connection has {who.acr};"
+                " verify a second factor at auth, then refresh the connection",
+            )
         if granted_by_token:
             return
         if not _user_may_use(channel, who.user):
@@ -62,6 +73,14 @@ class ChannelPolicy:
         except ReplyError:
             return False
         return True
+
+
+def acr_level(claims: Mapping[str, object]) -> int:
+    """The `acr` claim as a number ("2" -> 2); absent or not a number: 0."""
+    try:
+        return int(str(claims.get("acr", 0)))
+    except ValueError:
+        return 0
 
 
 def _user_may_use(channel: str, user: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from tsunagu_core.broker import ClientInfo, PublishOptions
 from tsunagu_core.config import ServiceSettings
@@ -39,8 +39,67 @@ class RpcRoute(BaseModel):
     publish_to: str = ""
 
 
-class ChannelOptions(BaseModel):
+class ProxyEndpoint(BaseModel):
+    """A backend the gateway asks before it decides (a proxy, in Centrifugo's words): Centrifugo's proxy
+    requests as JSON POSTed to an `http(s)://` URL, or as calls of its `CentrifugoProxy` gRPC service at
+    `grpc://host:port` (proto/centrifugal/centrifugo/proxy.proto), so existing backends answer unchanged."""
+
     model_config = {"extra": "forbid"}
+
+    endpoint: str = Field(pattern=r"^(https?|grpc)://", description="`http(s)://...` (JSON) or `grpc://host:port`")
+    timeout: float = Field(1.0, gt=0, le=60, description="seconds the backend may take; past it, the fallback")
+    # Headers of the client's WebSocket handshake passed on (HTTP headers, or gRPC metadata), by name.
+    http_headers: list[str] = Field(default_factory=list)
+    # Headers a client put in its connect command's `headers` (browsers cannot set handshake headers):
+    # client-controlled, so passed on only when named here.
+    emulated_headers: list[str] = Field(default_factory=list)
+    # Sent with every call (a credential of the gateway towards the backend, for instance).
+    static_headers: dict[str, str] = Field(default_factory=dict)
+    # Payloads as `b64data` (base64) instead of `data` (JSON); payloads that are not JSON always go as b64data.
+    binary_encoding: bool = False
+    # When the backend cannot be asked (down, slow, an answer that is not one): "refuse" the client
+    # (error 100, temporary: the SDK retries), or, for subscribe and publish, decide by the namespace's
+    # own permissions ("permissions": the token's claims, as without a proxy). Never "let in".
+    fallback: Literal["refuse", "permissions"] = "refuse"
+
+    @property
+    def transport(self) -> str:
+        return "grpc" if self.endpoint.startswith("grpc://") else "http"
+
+
+WebhookEvent = Literal["connect", "disconnect", "subscribe", "unsubscribe", "document_changed"]
+
+
+class WebhookEndpoint(BaseModel):
+    """An HTTP endpoint of the application that gets the platform's events (webhooks.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    url: str = Field(pattern=r"^https?://")
+    events: list[WebhookEvent] = Field(min_length=1)
+    # Standard Webhooks secrets (`whsec_<base64>`); several during a rotation, each signs every delivery.
+    secrets: list[str] = Field(min_length=1)
+    timeout: float = Field(5.0, gt=0, le=60)
+    first_backoff: float = Field(0.5, gt=0, le=60)
+    max_backoff: float = Field(30.0, gt=0, le=3600)
+    # Past this many seconds after the event, an undelivered one goes to the dead-letter topic.
+    retry_for: float = Field(3600.0, gt=0)
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_are_keys(cls, value: list[str]) -> list[str]:
+        from standardwebhooks import Webhook
+
+        for secret in value:
+            try:
+                Webhook(secret)
+            except Exception as exc:  # binascii.Error, EmptyWebhookSecretError
+                raise ValueError(f"a webhook secret must be `whsec_` and base64 ({type(exc).__name__})") from None
+        return value
+
+
+class ChannelOptions(BaseModel):
+    model_config = {"extra": "forbid", "populate_by_name": True}
 
     allow_subscribe: Access = "claim"
     allow_publish: Access = "claim"
@@ -48,10 +107,25 @@ class ChannelOptions(BaseModel):
     allow_presence: Access = "claim"
     history_size: int = Field(100, ge=0, le=100_000)
     history_ttl: float = Field(600.0, ge=0)
-    recovery: bool = True
+    # Every subscriber is recoverable (Centrifugo's `force_recovery`, also accepted under that name).
+    recovery: bool = Field(True, validation_alias=AliasChoices("recovery", "force_recovery"))
+    # "stream": a recovering subscriber gets every publication it missed; "cache": only the latest one
+    # (the channel holds a state, each publication replacing the last).
+    recovery_mode: Literal["stream", "cache"] = "stream"
+    # Subscribers get the stream position (offset, epoch) without recovering.
+    force_positioning: bool = False
+    # A client may ask for positioning or recovery itself (the SDKs' `positioned`/`recoverable` options);
+    # a client allowed to read the channel's history may anyway, as in Centrifugo.
+    allow_positioning: bool = False
+    allow_recovery: bool = False
+    # Subscribers may filter publications by their tags (the SDKs' `tagsFilter`).
+    allow_tags_filter: bool = False
     presence: bool = False
     join_leave: bool = False
-    force_positioning: bool = False
+    # Backends that decide instead of the permissions above (names in TSUNAGU_GATEWAY_PROXIES).
+    subscribe_proxy: str = ""
+    publish_proxy: str = ""
+    sub_refresh_proxy: str = ""
     # Publications must be signed by the publisher's registered Ed25519 key (docs/protocol.md).
     signed: bool = False
     # Client publications go to this forwarder (forwarding.py: "sim-input", "mqtt-command") as events
@@ -62,6 +136,9 @@ class ChannelOptions(BaseModel):
     # Clients may publish here themselves; off for channels a service writes (collab's documents, where
     # allow_publish is the permission to write the document through /collab, not to publish raw).
     client_publish: bool = True
+    # Step-up: subscribe, publish, history and presence need a token whose `acr` is at least this (auth:
+    # 2 after a one-time code, 3 after a passkey); a connection refreshed with a stronger token continues.
+    min_acr: int = Field(0, ge=0, le=3)
 
     @property
     def meta_ttl(self) -> float:
@@ -101,6 +178,8 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "collab": ChannelOptions(history_size=1000, history_ttl=3600, client_publish=False),
     # Services' answers to one user's forwarded requests: replies:<kind>#<user>.
     "replies": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=100, history_ttl=300),
+    # Each user's own notices from auth (a new login, a new factor, an ended session): user:#<user>.
+    "user": ChannelOptions(allow_subscribe="authenticated", allow_publish="none", history_size=50, history_ttl=86400),
     # Finance/medical records: every publication signed by its author and kept in the audit log.
     "ledger": ChannelOptions(signed=True, audit=True),
     # Socket.IO rooms at /socket.io/ (socketio_namespace): room "lobby" is channel "sio:lobby".
@@ -234,6 +313,35 @@ class GatewaySettings(ServiceSettings):
         " listed: 104.",
     )
     rpc_timeout: float = Field(5.0, gt=0, le=120, description="Seconds an RPC backend may take before error 100.")
+    proxies: dict[str, ProxyEndpoint] = Field(
+        default_factory=dict,
+        description='JSON object: name to a backend the gateway asks, `{"endpoint": "http://app/centrifugo/connect"'
+        ' | "grpc://app:10001", "timeout", "http_headers", "emulated_headers", "static_headers", "binary_encoding",'
+        ' "fallback"}` (Centrifugo\'s proxy requests, docs/protocol.md); used by CONNECT_PROXY, REFRESH_PROXY,'
+        " RPC_PROXY and the namespaces' `subscribe_proxy`, `publish_proxy`, `sub_refresh_proxy`.",
+    )
+    connect_proxy: str = Field(
+        "", description="Proxy (in PROXIES) that lets in clients that connect without a token; empty: none."
+    )
+    refresh_proxy: str = Field(
+        "", description="Proxy that extends expiring connections on the server side (clients are not asked to refresh)."
+    )
+    rpc_proxy: str = Field("", description="Proxy that answers the RPC methods not in RPC_ROUTES; empty: 104 for them.")
+    grpc_api_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the server API over gRPC (Centrifugo's `CentrifugoApi`, proto/centrifugal/centrifugo/"
+        "api.proto; the key of API_KEY in `authorization: apikey <KEY>` metadata), on the service's host; 0: off."
+        " Plaintext gRPC: keep it inside the cluster (a NetworkPolicy, or the mesh's mTLS).",
+    )
+    webhooks: dict[str, WebhookEndpoint] = Field(
+        default_factory=dict,
+        description='JSON object: name to an endpoint that gets the platform\'s events, `{"url", "events": ["connect",'
+        ' "disconnect", "subscribe", "unsubscribe", "document_changed"], "secrets": ["whsec_..."], "timeout",'
+        ' "first_backoff", "max_backoff", "retry_for"}`: signed, retried with backoff, dead-lettered after `retry_for`'
+        " seconds (docs/protocol.md).",
+    )
     collab_url: str = Field(
         "http://127.0.0.1:8083", description="Base URL of the collab service (documents for `/collab/{doc}`)."
     )
@@ -291,6 +399,24 @@ class GatewaySettings(ServiceSettings):
                 f" TSUNAGU_GATEWAY_MAX_CHANNELS_PER_CLIENT={self.max_channels_per_client}: stock SDKs send connect"
                 " and every subscription made before it in one frame"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _proxies_exist(self) -> GatewaySettings:
+        uses = {"CONNECT_PROXY": self.connect_proxy, "REFRESH_PROXY": self.refresh_proxy, "RPC_PROXY": self.rpc_proxy}
+        for name, options in self.namespaces.items():
+            for hook in ("subscribe_proxy", "publish_proxy", "sub_refresh_proxy"):
+                uses[f"namespace {name!r} {hook}"] = getattr(options, hook)
+        for use, proxy in uses.items():
+            if proxy and proxy not in self.proxies:
+                raise ValueError(f"{use} names proxy {proxy!r}, which TSUNAGU_GATEWAY_PROXIES does not define")
+        for use, proxy in uses.items():
+            if (
+                proxy
+                and self.proxies[proxy].fallback != "refuse"
+                and not use.endswith(("subscribe_proxy", "publish_proxy"))
+            ):
+                raise ValueError(f"{use} {proxy!r}: only subscribe and publish have permissions to fall back on")
         return self
 
     @field_validator("namespaces")

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,10 @@ class Subscription:
     buffer: list[Publication | PresenceEvent] = field(default_factory=list)
     expires_at: float | None = None
     chan_info: bytes = b""
+    # The subscriber knows the stream position (recoverable ones always do).
+    positioned: bool = False
+    # Only publications whose tags pass reach the subscriber (filters.py).
+    tags_filter: Callable[[Mapping[str, str]], bool] | None = None
 
 
 class Renderer(Protocol):
@@ -112,6 +116,11 @@ class _Channel:
     senders: dict[Any, dict[Subscriber, Callable[[bytes], None]]] = field(default_factory=dict)
     pending: dict[Subscriber, Subscription] = field(default_factory=dict)
     live: asyncio.Future[None] | None = None
+    # Live subscribers with a tags filter, kept off the hot path: a publication is checked against each
+    # of them only when there are any.
+    filtered: dict[Subscriber, tuple[Callable[[Mapping[str, str]], bool], Callable[[bytes], None]]] = field(
+        default_factory=dict
+    )
 
 
 class Node:
@@ -195,6 +204,7 @@ class Node:
         if group is not None:
             group.pop(session, None)
         state.pending.pop(session, None)
+        state.filtered.pop(session, None)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
             del self.channels[channel]
@@ -226,6 +236,8 @@ class Node:
                 for send in list(senders.values()):
                     send(frame)
                 delivered += len(senders)
+        if state.filtered:
+            delivered += self._deliver_filtered(channel, state, publication)
         if delivered:
             DELIVERIES.inc(delivered)
             if publication.time_ms:
@@ -233,12 +245,31 @@ class Node:
         for subscription in state.pending.values():
             subscription.buffer.append(publication)
 
+    def _deliver_filtered(self, channel: str, state: _Channel, publication: Publication) -> int:
+        frames: dict[Any, bytes] = {}
+        delivered = 0
+        tags = publication.tags
+        for session, (matches, send) in list(state.filtered.items()):
+            if not matches(tags):
+                continue
+            renderer = session.sink.renderer
+            frame = frames.get(renderer)
+            if frame is None:
+                frame = frames[renderer] = renderer.publication_push(channel, publication)
+            if frame:
+                send(frame)
+                delivered += 1
+        return delivered
+
     def go_live(self, channel: str, session: Subscriber) -> None:
         """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
         state = self.channels.get(channel)
-        if state is not None and state.pending.pop(session, None) is not None:
+        if state is not None and (subscription := state.pending.pop(session, None)) is not None:
             sink = session.sink
-            state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
+            if subscription.tags_filter is not None:
+                state.filtered[session] = (subscription.tags_filter, sink.deliver)
+            else:
+                state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)

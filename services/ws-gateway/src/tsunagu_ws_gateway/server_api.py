@@ -72,7 +72,7 @@ async def broadcast(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
         raise ReplyError(codes.BAD_REQUEST, "channels must be a non-empty list")
     responses = []
     for channel in channels:
-        responses.append(await _answer(publish, gateway, {**body, "channel": channel}))
+        responses.append(await answer_call(publish, gateway, {**body, "channel": channel}))
     return {"responses": responses}
 
 
@@ -201,7 +201,7 @@ METHODS: dict[str, ApiMethod] = {
 }
 
 
-async def _answer(method: ApiMethod, gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+async def answer_call(method: ApiMethod, gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     try:
         return {"result": await method(gateway, body)}
     except ReplyError as exc:
@@ -228,7 +228,7 @@ async def batch(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
         if method is None or not isinstance(params, dict):
             replies.append({"error": {"code": codes.METHOD_NOT_FOUND.code, "message": f"unknown method {name!r}"}})
             continue
-        answer = await _answer(method, gateway, params)
+        answer = await answer_call(method, gateway, params)
         # Each batch reply carries its result under the method's name, as Centrifugo's batch does.
         replies.append({name: answer["result"]} if "result" in answer else answer)
     return {"replies": replies}
@@ -260,11 +260,11 @@ def build_router() -> APIRouter:
         if not isinstance(body, dict):
             return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
         if method == "batch":
-            answer = await _answer(batch, gateway, body)
+            answer = await answer_call(batch, gateway, body)
             return Response(orjson.dumps(answer.get("result", answer)), media_type="application/json")
         handler = METHODS.get(method)
         if handler is None:
             return JSONResponse({"error": f"unknown method {method!r}"}, status_code=404)
-        return Response(orjson.dumps(await _answer(handler, gateway, body)), media_type="application/json")
+        return Response(orjson.dumps(await answer_call(handler, gateway, body)), media_type="application/json")
 
     return router

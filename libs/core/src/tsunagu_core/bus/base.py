@@ -145,8 +145,12 @@ class Bus(abc.ABC):
         *,
         batch: BatchPolicy = BatchPolicy(),
         retry: RetryPolicy = RetryPolicy(),
+        from_latest: bool = False,
     ) -> Subscription:
-        """Join `group` and call `handler` with batches of one partition's events (see the module docstring)."""
+        """Join `group` and call `handler` with batches of one partition's events (see the module docstring).
+
+        A group with no committed position starts at the oldest event the topics hold, or with `from_latest`
+        at the newest (a relay added to a running platform, which must not replay what came before it)."""
 
     async def publish_many(self, events: Sequence[Outgoing]) -> list[Delivery]:
         """Publish every event, waiting once for all of them; raise if any was not accepted."""

@@ -280,14 +280,14 @@ class KafkaBus(Bus):
             raise BusError(f"Kafka did not accept {len(errors)} of {len(events)} events: {errors[0]}")
         return [r for r in results if r is not None]
 
-    def _consumer_config(self, group: str) -> dict[str, Any]:
+    def _consumer_config(self, group: str, from_latest: bool = False) -> dict[str, Any]:
         return {
             **self._common_config(),
             "group.id": group,
             "enable.auto.commit": True,
             "auto.commit.interval.ms": 1000,
             "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
+            "auto.offset.reset": "latest" if from_latest else "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
@@ -304,10 +304,10 @@ class KafkaBus(Bus):
         *,
         batch: BatchPolicy = BatchPolicy(),
         retry: RetryPolicy = RetryPolicy(),
+        from_latest: bool = False,
     ) -> Subscription:
-        consumer = _KafkaConsumer(
-            self, asyncio.get_running_loop(), list(topics), group, handler, retry, batch, self._consumer_config(group)
-        )
+        config = self._consumer_config(group, from_latest)
+        consumer = _KafkaConsumer(self, asyncio.get_running_loop(), list(topics), group, handler, retry, batch, config)
         self._consumers.add(consumer)
         consumer.start()
         return consumer

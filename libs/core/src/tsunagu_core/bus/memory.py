@@ -99,10 +99,17 @@ class MemoryBus(Bus):
         *,
         batch: BatchPolicy = BatchPolicy(),
         retry: RetryPolicy = RetryPolicy(),
+        from_latest: bool = False,
     ) -> Subscription:
         for topic in topics:
             self._topic(topic)
-        state = self._groups.setdefault(group, _Group())
+        state = self._groups.get(group)
+        if state is None:
+            state = self._groups[group] = _Group()
+            if from_latest:
+                for topic in topics:
+                    for partition, log in enumerate(self._logs[topic]):
+                        state.committed[(topic, partition)] = len(log)
         member = _MemoryConsumer(self, state, list(topics), group, handler, retry, batch)
         state.members.append(member)
         member.task = asyncio.create_task(member.run(), name=f"memory-bus-consumer-{group}")

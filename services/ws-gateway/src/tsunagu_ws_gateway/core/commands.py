@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from tsunagu_core.broker import StreamPosition
 
+from tsunagu_ws_gateway.filters import TagsFilter, compile_filter
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
 
@@ -31,6 +32,13 @@ class Subscribe:
     since: StreamPosition | None = None
     reject_unrecovered: bool = False
     join_leave: bool = False
+    # The client asks for the stream position, or to be recoverable (where the namespace lets it).
+    positioned: bool = False
+    recoverable: bool = False
+    # Only publications whose tags match reach this subscriber (where the namespace allows filters).
+    tags_filter: TagsFilter | None = None
+    # For the subscribe hook's backend.
+    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,12 @@ class Connect:
     token: str = ""
     # Where the client stands in the channels the server subscribes it to (the token's `subs`).
     subs: Mapping[str, Subscribe] = field(default_factory=dict)
+    # For the connect hook's backend: the client's data, name and version, and the headers it sets
+    # in the command (browsers cannot set handshake headers).
+    data: bytes = b""
+    name: str = ""
+    version: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,19 +174,27 @@ def position_of(value: Any, name: str) -> StreamPosition:
     return StreamPosition(_integer(value.get("offset"), f"{name}.offset"), epoch or "")
 
 
-def subscribe_of(request: Mapping[str, Any], *, channel: str | None = None) -> Subscribe:
+def subscribe_of(
+    request: Mapping[str, Any], *, channel: str | None = None, payload: Callable[[Any], bytes] | None = None
+) -> Subscribe:
     channel = channel if channel is not None else _string(request, "channel", required=True)
     since = None
-    epoch = request.get("epoch")
-    if _flag(request, "recover") and isinstance(epoch, str):
-        since = StreamPosition(_integer(request.get("offset"), "offset"), epoch)
+    if _flag(request, "recover"):
+        # An empty epoch is "whatever the stream's epoch is" (a client that knows only an offset, or
+        # none: a cache-mode subscriber asking for the latest publication).
+        since = StreamPosition(_integer(request.get("offset"), "offset"), _string(request, "epoch"))
     flags = _integer(request.get("flag"), "flag", high=2**63)
+    tree = request.get("tf")
     return Subscribe(
         channel=channel,
         token=_string(request, "token"),
         since=since,
         reject_unrecovered=bool(flags & REJECT_UNRECOVERED_FLAG),
         join_leave=_flag(request, "join_leave"),
+        positioned=_flag(request, "positioned"),
+        recoverable=_flag(request, "recoverable"),
+        tags_filter=compile_filter(tree) if tree else None,
+        data=encode(payload, request["data"]) if payload is not None and request.get("data") else b"",
     )
 
 
@@ -196,9 +218,19 @@ def parse(
             for channel, sub in subs.items()
             if isinstance(channel, str) and isinstance(sub, Mapping)
         }
-        return Connect(token=token, subs=wanted)
+        headers = request.get("headers") or {}
+        if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
+            raise _bad("headers must map names to strings")
+        return Connect(
+            token=token,
+            subs=wanted,
+            data=encode(payload, request["data"]) if request.get("data") else b"",
+            name=_string(request, "name"),
+            version=_string(request, "version"),
+            headers={str(k).lower(): v for k, v in headers.items()},
+        )
     if method == "subscribe":
-        return subscribe_of(request)
+        return subscribe_of(request, payload=payload)
     if method == "unsubscribe":
         return Unsubscribe(_string(request, "channel", required=True))
     if method == "publish":

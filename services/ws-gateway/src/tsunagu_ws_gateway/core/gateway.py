@@ -14,6 +14,7 @@ from tsunagu_ws_gateway.core.admission import Admission
 from tsunagu_ws_gateway.core.registry import Registry
 from tsunagu_ws_gateway.events import EventEmitter
 from tsunagu_ws_gateway.forwarding import Forwarder
+from tsunagu_ws_gateway.hooks import Hooks
 from tsunagu_ws_gateway.hub import Node
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.revocations import RevocationList
@@ -49,7 +50,9 @@ class Gateway:
         self.signatures = signatures or SignatureVerifier(MemoryNonceRegistry(), settings.signature_window)
         self.forwarders = forwarders or {}
         self.registry = registry or Registry(settings)
-        self.admission = Admission(settings, verifier, revoked, self.registry)
+        # The backend's say (proxy hooks): at admission, and in the sessions' commands.
+        self.hooks = Hooks(settings)
+        self.admission = Admission(settings, verifier, revoked, self.registry, self.hooks)
         node.census = self.registry.census
 
     def close_revoked(self, revocation: Revocation) -> None:

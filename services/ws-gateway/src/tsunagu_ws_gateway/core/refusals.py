@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from tsunagu_ws_gateway.protocol import codes
-from tsunagu_ws_gateway.protocol.codes import Disconnect
+from tsunagu_ws_gateway.protocol.codes import Disconnect, ReplyError
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +28,29 @@ class Refusal(Enum):
     IP_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
     USER_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
     UNAVAILABLE = Kind("internal server error", codes.SERVER_ERROR, 503)  # the revocation store did not answer
+    # The connect hook's backend said no (with an error of its own, or a disconnect), or could not be asked.
+    BACKEND_REFUSED = Kind("refused by the backend", codes.PERMISSION_DENIED_DISCONNECT, 403)
+    BACKEND_UNAVAILABLE = Kind("internal server error", codes.SERVER_ERROR, 503)
 
 
 class Refused(Exception):
-    """The one way admission says no: `refusal` is what kind of no, `detail` tells the client why."""
+    """The one way admission says no: `refusal` is what kind of no, `detail` tells the client why.
 
-    def __init__(self, refusal: Refusal, detail: str = "", disconnect: Disconnect | None = None) -> None:
+    `error`: the native protocol answers the connect command with this error reply instead of closing (an
+    expired token, a backend's refusal with an error, a backend that could not be asked)."""
+
+    def __init__(
+        self,
+        refusal: Refusal,
+        detail: str = "",
+        disconnect: Disconnect | None = None,
+        error: ReplyError | None = None,
+    ) -> None:
         super().__init__(detail or refusal.value.name)
         self.refusal = refusal
         self.detail = detail or refusal.value.name
         self.disconnect = disconnect or refusal.value.disconnect
+        self.error = error
 
     @property
     def status(self) -> int:

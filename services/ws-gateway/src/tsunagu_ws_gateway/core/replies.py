@@ -32,6 +32,8 @@ class SubscribeResult(TypedDict, total=False):
     publications: list[Publication]
     expires: bool
     ttl: int
+    # From a subscribe hook's backend (raw JSON, or bytes for protobuf clients).
+    data: bytes
 
 
 class ConnectResult(TypedDict, total=False):
@@ -44,6 +46,8 @@ class ConnectResult(TypedDict, total=False):
     expires: bool
     ttl: int
     subs: dict[str, SubscribeResult]
+    # From the connect hook's backend.
+    data: bytes
 
 
 class PublishResult(TypedDict, total=False):
@@ -98,7 +102,8 @@ class Renderer(Protocol):
     """Renders what the hub fans out, once per node for every subscriber that shares the renderer.
     An empty frame means "nothing for this kind of client"."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def publication_push(self, channel: str, pub: Publication) -> bytes: ...
 

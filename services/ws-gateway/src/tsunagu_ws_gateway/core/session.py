@@ -13,28 +13,29 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
 from prometheus_client import Counter
-from tsunagu_core.broker import BrokerError, ClientInfo
+from tsunagu_core.broker import BrokerError, ClientInfo, StreamPosition
 from tsunagu_core.wire.events_pb2 import AuditEvent, GatewayEvent
 
 from tsunagu_ws_gateway.channels import Principal
 from tsunagu_ws_gateway.config import ChannelOptions
 from tsunagu_ws_gateway.core import commands as cmd
 from tsunagu_ws_gateway.core.gateway import Gateway
-from tsunagu_ws_gateway.core.refusals import Refusal, Refused
+from tsunagu_ws_gateway.core.refusals import Refused
 from tsunagu_ws_gateway.core.replies import ConnectResult, PublishResult, Sink, SubscribeResult
 from tsunagu_ws_gateway.core.transport import Connection
 from tsunagu_ws_gateway.forwarding import Sender
+from tsunagu_ws_gateway.hooks import Caller, ConnectAttempt, SubscriptionPreset
 from tsunagu_ws_gateway.hub import PresenceEvent, Subscription
-from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol import codes, json_frames
 from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import ProtocolError, ReplyError
 from tsunagu_ws_gateway.signatures import SignedPublication
-from tsunagu_ws_gateway.tokens import ConnectionGrant
+from tsunagu_ws_gateway.tokens import ConnectionGrant, SubscriptionGrant
 
 log = logging.getLogger("tsunagu.gateway.session")
 
@@ -49,6 +50,12 @@ UNSUBSCRIBE_EXPIRED = (2501, "subscription expired")
 COMMANDS = Counter("tsunagu_gateway_commands_total", "Client commands handled", ["method"])
 COMMAND_ERRORS = Counter("tsunagu_gateway_command_errors_total", "Client commands answered with an error", ["code"])
 PRESENCE_AVAILABLE: dict[str, Any] = {"available": lambda o: o.presence, "what": "presence is off"}
+
+
+def _meta_claim(claims: Mapping[str, Any]) -> bytes:
+    """A connection token's `meta` claim (Centrifugo's), for the hooks' backends."""
+    meta = claims.get("meta")
+    return orjson.dumps(meta) if meta is not None else b""
 
 
 class Session:
@@ -72,7 +79,13 @@ class Session:
         self.next_ping = 0.0
         self.pong_deadline: float | None = None
         self.expires_at: float | None = None
+        # From the connect hook's backend (or the token's `meta` claim): sent with every later hook call.
+        self.meta = b""
+        # Set by the connect command: the headers it carried (for hooks that pass emulated headers on).
+        self.emulated_headers: dict[str, str] = {}
         self._expiring: set[str] = set()
+        self._refreshing = False
+        self._tasks: set[asyncio.Task[None]] = set()
         gateway.registry.add(self)
 
     @property
@@ -100,9 +113,12 @@ class Session:
                 try:
                     await self._decoded(command_id, request, codec)
                 except Refused as refused:
-                    if refused.refusal is not Refusal.TOKEN_EXPIRED:
+                    if refused.error is None:
                         raise ProtocolError(refused.disconnect, refused.detail) from None
-                    self._error(command_id, ReplyError(codes.TOKEN_EXPIRED))
+                    # An expired token, a backend's error: answered, and (as Centrifugo) nothing more of
+                    # this frame is carried out; the SDK decides what comes next.
+                    self._error(command_id, refused.error)
+                    return
             if self.closed:
                 return
 
@@ -140,7 +156,7 @@ class Session:
         COMMAND_ERRORS.labels(str(exc.error.code)).inc()
         # The detail tells the client what exactly was wrong; the code is what SDKs react to.
         error = codes.ErrorCode(exc.error.code, f"{exc.error.message}: {exc.detail}") if exc.detail else exc.error
-        self.sink.error(command_id, error)
+        self.sink.error(command_id, error, temporary=exc.temporary)
 
     # typed commands
 
@@ -215,9 +231,14 @@ class Session:
     async def _connect(self, command_id: int, command: cmd.Connect) -> None:
         if self.connected:
             raise ProtocolError(codes.BAD_REQUEST_DISCONNECT, "connect sent twice")
-        admitted = await self.gateway.admission.admit(self.connection.peer, command.token, self.connection.protocol)
+        self.emulated_headers = dict(command.headers)
+        attempt = ConnectAttempt(command.data, command.name, command.version, tuple(command.subs))
+        admitted = await self.gateway.admission.admit(
+            self.connection.peer, command.token, self.connection.protocol, caller=self.caller(), attempt=attempt
+        )
         grant = admitted.grant
         self.admit(grant, admitted.principal)
+        self.meta = admitted.meta or _meta_claim(grant.claims)
         result: ConnectResult = {
             "client": self.id,
             "version": VERSION,
@@ -227,12 +248,16 @@ class Session:
         }
         if grant.session_id:
             result["session"] = grant.session_id
-        result.update(self._expiry())  # type: ignore[typeddict-item]
+        if admitted.data:
+            result["data"] = admitted.data
+        # With a refresh hook the server extends the connection itself: the client is not told it expires.
+        if not self.gateway.hooks.refresh_proxy:
+            result.update(self._expiry())  # type: ignore[typeddict-item]
         server_subs: dict[str, SubscribeResult] = {}
         flushes = []
         for channel in grant.server_subs:
             wanted = command.subs.get(channel) or cmd.Subscribe(channel)
-            sub_result, flush = await self._subscribe(wanted, server_side=True)
+            sub_result, flush = await self._subscribe(wanted, server_side=True, preset=admitted.subs.get(channel))
             server_subs[channel] = sub_result
             flushes.append(flush)
         if server_subs:
@@ -259,6 +284,38 @@ class Session:
             return {}
         return {"expires": True, "ttl": max(0, int(self.expires_at - time.time()))}
 
+    def caller(self) -> Caller:
+        """This connection as the proxy hooks' backends are told of it."""
+        return Caller(
+            client=self.id,
+            transport=self.transport_name,
+            protocol=getattr(self.sink.renderer, "name", "json"),
+            user=self.user,
+            meta=self.meta,
+            handshake_headers=self.connection.peer.headers,
+            emulated_headers=self.emulated_headers,
+        )
+
+    async def _refresh_by_backend(self) -> None:
+        """The refresh hook, when the connection's expiry came: the backend extends it or lets it end."""
+        try:
+            verdict = await self.gateway.hooks.refresh(self.caller())
+        except ProtocolError as exc:
+            self.disconnect(exc.disconnect)
+            return
+        except ReplyError as exc:
+            log.warning("refresh of client %s refused or failed: %s", self.id, exc)
+            self.disconnect(codes.SERVER_ERROR)
+            return
+        finally:
+            self._refreshing = False
+        if verdict.expired or verdict.expires_at is None or verdict.expires_at <= time.time():
+            self.disconnect(codes.CONNECTION_EXPIRED)
+            return
+        self.expires_at = verdict.expires_at
+        if verdict.info is not None:
+            self.conn_info = verdict.info
+
     async def _refresh(self, command: cmd.Refresh) -> dict[str, Any]:
         admitted = await self.gateway.admission.grant(self.connection.peer, command.token, self.connection.protocol)
         grant = admitted.grant
@@ -272,10 +329,11 @@ class Session:
     # subscriptions
 
     async def _subscribe(
-        self, request: cmd.Subscribe, *, server_side: bool
+        self, request: cmd.Subscribe, *, server_side: bool, preset: SubscriptionPreset | None = None
     ) -> tuple[SubscribeResult, Callable[[], None]]:
         """Subscribe and compute the result; the returned flush sends what was buffered meanwhile,
-        and must run right after the reply is queued."""
+        and must run right after the reply is queued. `preset`: what a backend decided for a channel it
+        subscribes the client to (the connect hook's answer)."""
         gateway = self.gateway
         channel = request.channel
         options = gateway.policy.options(channel)
@@ -283,22 +341,21 @@ class Session:
             raise ReplyError(codes.ALREADY_SUBSCRIBED)
         if len(self.subscriptions) >= self.settings.max_channels_per_client:
             raise ReplyError(codes.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+        if request.tags_filter is not None and not options.allow_tags_filter:
+            raise ReplyError(codes.BAD_REQUEST, "tags filters are not allowed in this namespace")
         sub_grant = None
         if request.token:
             sub_grant = await gateway.verifier.verify_subscription(request.token, self.user, channel)
-        if not server_side:
-            gateway.policy.check(
-                options.allow_subscribe, channel, self.principal, granted_by_token=sub_grant is not None
-            )
-        recoverable = options.history_size > 0 and options.recovery
-        subscription = Subscription(
-            channel=channel,
-            options=options,
-            recoverable=recoverable,
-            join_leave=options.join_leave and (server_side or request.join_leave),
-            expires_at=sub_grant.expires_at if sub_grant else None,
-            chan_info=sub_grant.info if sub_grant else b"",
-        )
+        if not server_side and sub_grant is None:
+            if options.subscribe_proxy and "#" not in channel:
+                # The backend decides (user-limited channels excepted: their names say who may).
+                preset = await gateway.hooks.subscribe(options.subscribe_proxy, self.caller(), channel, request.data)
+            if preset is None:
+                gateway.policy.check(options.allow_subscribe, channel, self.principal)
+        subscription = self._subscription(request, options, server_side, sub_grant, preset)
+        if preset is not None and preset.expires_at is not None and preset.expires_at <= time.time():
+            # (a token's expiry has its clock-skew leeway; a backend's answer is read as it says)
+            raise ReplyError(codes.EXPIRED, "the backend's expiry for this subscription is in the past")
         self.subscriptions[channel] = subscription
         try:
             await self.node.add_subscriber(channel, self, subscription)
@@ -307,9 +364,13 @@ class Session:
             self.subscriptions.pop(channel, None)
             await self.node.remove_subscriber(channel, self)
             raise
-        if sub_grant is not None and sub_grant.expires_at is not None:
+        if preset is not None and preset.data:
+            result["data"] = preset.data
+        # With a sub_refresh hook the server extends the subscription itself: the client is not told it expires.
+        if subscription.expires_at is not None and not subscription.options.sub_refresh_proxy:
             result["expires"] = True
-            result["ttl"] = max(0, int(sub_grant.expires_at - time.time()))
+            result["ttl"] = max(0, int(subscription.expires_at - time.time()))
+        positioned, matches = subscription.positioned, subscription.tags_filter
 
         def flush() -> None:
             subscription.buffering = False
@@ -318,7 +379,7 @@ class Session:
             for event in buffered:
                 if isinstance(event, PresenceEvent):
                     frame = (renderer.join_push if event.join else renderer.leave_push)(channel, event.info)
-                elif not recoverable or event.offset > last_offset:
+                elif (not positioned or event.offset > last_offset) and (matches is None or matches(event.tags)):
                     # (the others are part of the recovered history or older than where the client starts)
                     frame = renderer.publication_push(channel, event)
                 else:
@@ -328,31 +389,81 @@ class Session:
             self.node.go_live(channel, self)
 
         info = self.client_info(subscription)
-        if options.presence:
+        if subscription.options.presence:
             await gateway.broker.add_presence(channel, self.id, info, ttl=self.settings.presence_ttl)
-        if options.join_leave:
+        if subscription.options.join_leave:
             await gateway.broker.publish_presence(channel, True, info)
         self._event(GatewayEvent.SUBSCRIBED, channel)
         return result, flush
 
+    def _subscription(
+        self,
+        request: cmd.Subscribe,
+        options: ChannelOptions,
+        server_side: bool,
+        sub_grant: SubscriptionGrant | None,
+        preset: SubscriptionPreset | None,
+    ) -> Subscription:
+        """The subscription's features, as Centrifugo weighs them: the namespace's options, a backend's
+        overrides, and what the client asked for where the namespace (or its history permission) lets it."""
+        channel = request.channel
+        kept = options.history_size > 0
+        may_read_history = sub_grant is not None or self.gateway.policy.allows(
+            options.allow_history, channel, self.principal
+        )
+        overrides: dict[str, Any] = {}
+        if preset is not None:
+            if preset.presence is not None:
+                overrides["presence"] = preset.presence
+            if preset.join_leave is not None:
+                overrides["join_leave"] = preset.join_leave
+        if overrides:
+            options = options.model_copy(update=overrides)
+        recovery = options.recovery if preset is None or preset.recovery is None else preset.recovery
+        if request.recoverable and (options.allow_recovery or may_read_history):
+            recovery = True
+        positioning = options.force_positioning if preset is None or preset.positioning is None else preset.positioning
+        if request.positioned and (options.allow_positioning or may_read_history):
+            positioning = True
+        recoverable = kept and recovery
+        filters = [f.matches for f in (request.tags_filter, preset.server_tags_filter if preset else None) if f]
+        return Subscription(
+            channel=channel,
+            options=options,
+            recoverable=recoverable,
+            positioned=recoverable or (kept and positioning),
+            join_leave=options.join_leave and (server_side or request.join_leave),
+            expires_at=(preset.expires_at if preset is not None else None)
+            or (sub_grant.expires_at if sub_grant else None),
+            chan_info=(preset.info if preset is not None else b"") or (sub_grant.info if sub_grant else b""),
+            tags_filter=filters[0]
+            if len(filters) == 1
+            else (lambda tags: all(f(tags) for f in filters))
+            if filters
+            else None,
+        )
+
     async def _position(self, request: cmd.Subscribe, subscription: Subscription) -> tuple[SubscribeResult, int]:
-        if not subscription.recoverable:
+        if not subscription.positioned:
             return {}, 0
         broker = self.gateway.broker
         channel = request.channel
         options = subscription.options
         meta_ttl = options.meta_ttl
-        since = request.since
+        since = request.since if subscription.recoverable else None
         if since is None:
             top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
             position = top.position
-            fresh: SubscribeResult = {
-                "recoverable": True,
-                "positioned": True,
-                "epoch": position.epoch,
-                "offset": position.offset,
-            }
+            fresh: SubscribeResult = {"positioned": True, "epoch": position.epoch, "offset": position.offset}
+            if subscription.recoverable:
+                fresh["recoverable"] = True
             return fresh, position.offset
+        if options.recovery_mode == "cache":
+            return await self._recover_latest(channel, since, subscription)
+        if not since.epoch:
+            # "Any epoch": recover from the offset in the stream's current one.
+            top = await broker.history(channel, limit=0, meta_ttl=meta_ttl)
+            since = StreamPosition(since.offset, top.position.epoch)
         history = await broker.history(channel, since=since, limit=options.history_size, meta_ttl=meta_ttl)
         position = history.position
         publications = history.publications if position.epoch == since.epoch else []
@@ -371,12 +482,47 @@ class Session:
             "was_recovering": True,
         }
         if recovered:
+            matches = subscription.tags_filter
+            if matches is not None:
+                publications = [p for p in publications if matches(p.tags)]
             # As Centrifugo: the client's own offset, and the publications that carry it to the top.
             result |= {"offset": since.offset, "recovered": True, "publications": publications}
         else:
             # Publications only where the stream is continuous: a client told `recovered: false` reloads its
             # state, and a partial history would look like all there is.
             result["offset"] = position.offset
+        return result, position.offset
+
+    async def _recover_latest(
+        self, channel: str, since: StreamPosition, subscription: Subscription
+    ) -> tuple[SubscribeResult, int]:
+        """Cache recovery: the channel's latest publication (the latest that passes the subscriber's
+        filter), unless the client already stands at the top; `recovered` when the latest publication is
+        still kept, as Centrifugo's cache mode answers."""
+        options = subscription.options
+        matches = subscription.tags_filter
+        limit = 1 if matches is None else options.history_size
+        newest = await self.gateway.broker.history(channel, limit=limit, reverse=True, meta_ttl=options.meta_ttl)
+        position = newest.position
+        latest = newest.publications[0] if newest.publications else None
+        chosen = latest if matches is None else next((p for p in newest.publications if matches(p.tags)), None)
+        if chosen is None:
+            latest = None
+        same_state = since.offset > 0 and since.offset == position.offset and since.epoch == position.epoch
+        if latest is None:
+            recovered, publications = same_state, []
+        else:
+            recovered = latest.offset == position.offset
+            publications = [chosen] if recovered and not same_state and chosen is not None else []
+        result: SubscribeResult = {
+            "recoverable": True,
+            "positioned": True,
+            "epoch": position.epoch,
+            "offset": since.offset if recovered else position.offset,
+            "was_recovering": True,
+        }
+        if recovered:
+            result |= {"recovered": True, "publications": publications}
         return result, position.offset
 
     def client_info(self, subscription: Subscription | None = None) -> ClientInfo:
@@ -461,13 +607,27 @@ class Session:
         return options
 
     async def _publish(self, channel: str, data: bytes, key: str | None, key_ttl: float | None = None) -> PublishResult:
-        options = self._channel_access(channel, "allow_publish")
+        if not channel:
+            raise ReplyError(codes.BAD_REQUEST, "a channel is required")
+        options = self.gateway.policy.options(channel)
+        if not options.publish_proxy:
+            self._channel_access(channel, "allow_publish")
         if not options.client_publish:
             raise ReplyError(codes.PERMISSION_DENIED, f"{channel} is written by the platform, not by clients")
         signed = None
         if options.signed:
             claims = self.grant.claims if self.grant is not None else {}
             signed = await self.gateway.signatures.verify(channel, self.user, claims, data)
+        tags: dict[str, str] = {}
+        keep_history = True
+        if options.publish_proxy:
+            # The backend decides instead of the permission, and may rewrite what is published.
+            verdict = await self.gateway.hooks.publish(options.publish_proxy, self.caller(), channel, data)
+            if verdict is None:
+                self._channel_access(channel, "allow_publish")
+            else:
+                data, tags, keep_history = verdict.data, dict(verdict.tags), not verdict.skip_history
+                key = verdict.idempotency_key or key
         if options.forward:
             forwarder = self.gateway.forwarders.get(options.forward)
             if forwarder is None:
@@ -483,6 +643,8 @@ class Session:
                 idempotency_key=f"{self.user}/{key}" if key else None,
                 idempotency_ttl=key_ttl or self.settings.idempotency_ttl,
                 info=self.client_info(subscription),
+                keep_history=keep_history,
+                tags=tags,
             ),
         )
         if options.audit:
@@ -535,6 +697,11 @@ class Session:
     async def _rpc(self, command: cmd.Rpc) -> dict[str, Any]:
         if command.name == PUBLISH_RPC:
             return {"data": await self._publish_by_rpc(command.data)}
+        hooks = self.gateway.hooks
+        if hooks.rpc_proxy and command.name not in self.gateway.rpc.routes:
+            # A method without a route: the RPC hook's backend answers it (and decides who may call it).
+            params = cmd.encode(orjson.dumps, command.data) if command.data is not None else b""
+            return {"data": json_frames.json_value(await hooks.rpc(self.caller(), command.name, params))}
         data = await self.gateway.rpc.call(command.name, command.data, user=self.user, client=self.id, session=self)
         return {"data": data}
 
@@ -577,11 +744,20 @@ class Session:
             return
         wall = time.time()
         grace = self.settings.pong_timeout
-        if self.expires_at is not None and wall > self.expires_at + grace:
-            self.disconnect(codes.CONNECTION_EXPIRED)
-            return
+        if self.expires_at is not None:
+            if self.gateway.hooks.refresh_proxy:
+                # Server-side refresh: at expiry, the backend is asked (once at a time).
+                if wall > self.expires_at and not self._refreshing:
+                    self._refreshing = True
+                    self._background(self._refresh_by_backend(), "refresh")
+            elif wall > self.expires_at + grace:
+                self.disconnect(codes.CONNECTION_EXPIRED)
+                return
         for channel, subscription in self.subscriptions.items():
-            if subscription.expires_at is not None and wall > subscription.expires_at + grace:
+            if subscription.expires_at is None:
+                continue
+            by_backend = bool(subscription.options.sub_refresh_proxy)
+            if wall > subscription.expires_at + (0 if by_backend else grace):
                 self._expire(channel)
         # A sink without pings (the protocol adapters) keeps the connection alive its own way.
         if self.sink.pings and now >= self.next_ping:
@@ -598,11 +774,42 @@ class Session:
 
         async def unsubscribe() -> None:
             try:
+                subscription = self.subscriptions.get(channel)
+                if (
+                    subscription is not None
+                    and subscription.options.sub_refresh_proxy
+                    and await self._sub_refresh_by_backend(channel, subscription)
+                ):
+                    return
                 await self.server_unsubscribe(channel, code, reason)
             finally:
                 self._expiring.discard(channel)
 
-        asyncio.get_running_loop().create_task(unsubscribe(), name=f"expire-{channel}")
+        self._background(unsubscribe(), f"expire-{channel}")
+
+    async def _sub_refresh_by_backend(self, channel: str, subscription: Subscription) -> bool:
+        """The sub_refresh hook at a subscription's expiry: True when the backend extended it."""
+        name = subscription.options.sub_refresh_proxy
+        try:
+            verdict = await self.gateway.hooks.sub_refresh(name, self.caller(), channel)
+        except ProtocolError as exc:
+            self.disconnect(exc.disconnect)
+            return True
+        except ReplyError as exc:
+            log.warning("sub_refresh of client %s on %s refused or failed: %s", self.id, channel, exc)
+            self.disconnect(codes.SERVER_ERROR)
+            return True
+        if verdict.expired or verdict.expires_at is None or verdict.expires_at <= time.time():
+            return False
+        subscription.expires_at = verdict.expires_at
+        if verdict.info is not None:
+            subscription.chan_info = verdict.info
+        return True
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # the end
 
@@ -633,6 +840,8 @@ class Session:
                 code=code,
                 reason=reason,
                 transport=self.transport_name,
+                # auth's session list shows where a connection comes from.
+                client_ip=self.connection.peer.ip if kind == GatewayEvent.CONNECTED else "",
             )
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -46,6 +46,8 @@ class Peer:
     host: str = ""  # the Host header: what a same-origin page's Origin names
     secure: bool = False  # https / wss
     certificate: PeerCertificate | None = None  # a client certificate the TLS handshake verified
+    # The handshake's headers by lower-case name (what proxy hooks may pass on to a backend).
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def of(cls, scope: Mapping[str, Any]) -> Peer:
@@ -58,6 +60,7 @@ class Peer:
             host=headers.get(b"host", b"").decode("latin-1"),
             secure=scope.get("scheme") in ("https", "wss"),
             certificate=scope_peer(scope),
+            headers={key.decode("latin-1").lower(): value.decode("latin-1") for key, value in headers.items()},
         )
 
     def same_origin(self) -> bool:

@@ -21,15 +21,19 @@ base64 (docs/protocol.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from tsunagu_core.broker import ClientInfo, Publication
 
 from tsunagu_ws_gateway.protocol.codes import ErrorCode
 
 
-class Codec(Protocol):
+@dataclass(slots=True, repr=False, eq=False)
+class Codec:
+    """One flavour's functions; `json_frames.JSON` and `protobuf_frames.PROTOBUF` are the two instances."""
+
     name: str
     # Frames queued together are joined with this into one WebSocket message...
     separator: bytes
@@ -37,31 +41,23 @@ class Codec(Protocol):
     binary: bool
     # The server's ping: an empty reply.
     ping_frame: bytes
+    # The commands of one client frame (at most the given number); raises ProtocolError when malformed.
+    decode_commands: Callable[[bytes | str, int], list[dict[str, Any]]]
+    # A publish command's `data` as the bytes the broker stores and subscribers receive.
+    payload: Callable[[Any], bytes]
+    # An rpc command's `data` as the JSON value RPC backends receive.
+    rpc_data: Callable[[Any], Any]
+    # (command id, method, result)
+    reply: Callable[[int, str, Mapping[str, Any]], bytes]
+    # (command id, error, temporary)
+    error_reply: Callable[[int, ErrorCode, bool], bytes]
+    publication_push: Callable[[str, Publication], bytes]
+    join_push: Callable[[str, ClientInfo], bytes]
+    leave_push: Callable[[str, ClientInfo], bytes]
+    # (channel, code, reason)
+    unsubscribe_push: Callable[[str, int, str], bytes]
+    subscribe_push: Callable[[str, Mapping[str, Any]], bytes]
+    message_push: Callable[[bytes], bytes]
 
-    def decode_commands(self, frame: bytes | str, max_commands: int) -> list[dict[str, Any]]:
-        """The commands of one client frame; raises ProtocolError when the frame is malformed."""
-        ...
-
-    def payload(self, data: Any) -> bytes:
-        """A publish command's `data` as the bytes the broker stores and subscribers receive."""
-        ...
-
-    def rpc_data(self, data: Any) -> Any:
-        """An rpc command's `data` as the JSON value RPC backends receive."""
-        ...
-
-    def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> bytes: ...
-
-    def error_reply(self, command_id: int, error: ErrorCode, temporary: bool = False) -> bytes: ...
-
-    def publication_push(self, channel: str, pub: Publication) -> bytes: ...
-
-    def join_push(self, channel: str, info: ClientInfo) -> bytes: ...
-
-    def leave_push(self, channel: str, info: ClientInfo) -> bytes: ...
-
-    def unsubscribe_push(self, channel: str, code: int, reason: str) -> bytes: ...
-
-    def subscribe_push(self, channel: str, result: Mapping[str, Any]) -> bytes: ...
-
-    def message_push(self, data: bytes) -> bytes: ...
+    def __repr__(self) -> str:
+        return f"<codec {self.name}>"

@@ -81,6 +81,9 @@ class ProtocolError(Exception):
 class ReplyError(Exception):
     """A command failed; the client gets an error reply and the connection stays."""
 
+    # The error is temporary (the SDK retries the command): a backend that could not be asked, say.
+    temporary = False
+
     def __init__(self, error: ErrorCode, detail: str = "") -> None:
         super().__init__(detail or error.message)
         self.error = error

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from tsunagu_core.broker import ClientInfo, Publication
 
+from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import BAD_REQUEST_DISCONNECT, ErrorCode, ProtocolError
 
 # A server ping is an empty reply; a client pong is an empty command.
@@ -105,6 +106,9 @@ def _default(value: Any) -> Any:
         return publication(value)
     if isinstance(value, ClientInfo):
         return _info(value)
+    if isinstance(value, bytes):
+        # A payload in a result (a backend's connect or subscribe data): JSON as it is, else base64.
+        return json_data(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -159,49 +163,25 @@ def presence_result(clients: Mapping[str, ClientInfo]) -> dict[str, Any]:
     return {"presence": {client_id: _info(info) for client_id, info in clients.items()}}
 
 
-class JsonCodec:
-    """The JSON flavour as a codec: text messages, frames separated by newlines."""
-
-    name = "json"
-    separator = b"\n"
-    binary = False
-    ping_frame = PING_FRAME
-
-    def decode_commands(self, frame: bytes | str, max_commands: int) -> list[dict[str, Any]]:
-        return decode_commands(frame, max_commands)
-
-    def payload(self, data: Any) -> bytes:
-        return encode_data(data)
-
-    def rpc_data(self, data: Any) -> Any:
-        return data
-
-    def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
-        return reply(command_id, method, result)
-
-    def error_reply(self, command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:
-        return error_reply(command_id, error, temporary)
-
-    def publication_push(self, channel: str, pub: Publication) -> bytes:
-        return publication_push(channel, pub)
-
-    def join_push(self, channel: str, info: ClientInfo) -> bytes:
-        return join_push(channel, info)
-
-    def leave_push(self, channel: str, info: ClientInfo) -> bytes:
-        return leave_push(channel, info)
-
-    def unsubscribe_push(self, channel: str, code: int, reason: str) -> bytes:
-        return unsubscribe_push(channel, code, reason)
-
-    def subscribe_push(self, channel: str, result: Mapping[str, Any]) -> bytes:
-        return subscribe_push(channel, result)
-
-    def message_push(self, data: bytes) -> bytes:
-        return message_push(data)
-
-    def __repr__(self) -> str:
-        return "<codec json>"
+def _identity(data: Any) -> Any:
+    return data
 
 
-JSON = JsonCodec()
+# Text messages, frames separated by newlines.
+JSON = Codec(
+    name="json",
+    separator=b"\n",
+    binary=False,
+    ping_frame=PING_FRAME,
+    decode_commands=decode_commands,
+    payload=encode_data,
+    rpc_data=_identity,
+    reply=reply,
+    error_reply=error_reply,
+    publication_push=publication_push,
+    join_push=join_push,
+    leave_push=leave_push,
+    unsubscribe_push=unsubscribe_push,
+    subscribe_push=subscribe_push,
+    message_push=message_push,
+)

@@ -18,6 +18,7 @@ from google.protobuf.message import Message as ProtoMessage
 from tsunagu_core.broker import ClientInfo, Publication
 
 from tsunagu_ws_gateway.protocol import json_frames
+from tsunagu_ws_gateway.protocol.codec import Codec
 from tsunagu_ws_gateway.protocol.codes import BAD_REQUEST_DISCONNECT, ErrorCode, ProtocolError
 from tsunagu_ws_gateway.protocol.wire import centrifuge_client_pb2 as pb
 
@@ -247,49 +248,25 @@ def message_push(data: bytes) -> bytes:
 PING_FRAME = _delimited(pb.Reply())
 
 
-class ProtobufCodec:
-    """The protobuf flavour as a codec: binary messages, length-delimited frames simply concatenated."""
-
-    name = "protobuf"
-    separator = b""
-    binary = True
-    ping_frame = PING_FRAME
-
-    def decode_commands(self, frame: bytes | str, max_commands: int) -> list[dict[str, Any]]:
-        return decode_commands(frame, max_commands)
-
-    def payload(self, data: Any) -> bytes:
-        return bytes(data)
-
-    def rpc_data(self, data: Any) -> Any:
-        return json_frames.json_value(data or b"")
-
-    def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
-        return reply(command_id, method, result)
-
-    def error_reply(self, command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:
-        return error_reply(command_id, error, temporary)
-
-    def publication_push(self, channel: str, pub: Publication) -> bytes:
-        return publication_push(channel, pub)
-
-    def join_push(self, channel: str, info: ClientInfo) -> bytes:
-        return join_push(channel, info)
-
-    def leave_push(self, channel: str, info: ClientInfo) -> bytes:
-        return leave_push(channel, info)
-
-    def unsubscribe_push(self, channel: str, code: int, reason: str) -> bytes:
-        return unsubscribe_push(channel, code, reason)
-
-    def subscribe_push(self, channel: str, result: Mapping[str, Any]) -> bytes:
-        return subscribe_push(channel, result)
-
-    def message_push(self, data: bytes) -> bytes:
-        return message_push(data)
-
-    def __repr__(self) -> str:
-        return "<codec protobuf>"
+def _rpc_data(data: Any) -> Any:
+    return json_frames.json_value(data or b"")
 
 
-PROTOBUF = ProtobufCodec()
+# Binary messages, length-delimited frames simply concatenated.
+PROTOBUF = Codec(
+    name="protobuf",
+    separator=b"",
+    binary=True,
+    ping_frame=PING_FRAME,
+    decode_commands=decode_commands,
+    payload=bytes,
+    rpc_data=_rpc_data,
+    reply=reply,
+    error_reply=error_reply,
+    publication_push=publication_push,
+    join_push=join_push,
+    leave_push=leave_push,
+    unsubscribe_push=unsubscribe_push,
+    subscribe_push=subscribe_push,
+    message_push=message_push,
+)
