@@ -23,10 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
+from record import Profile, Recorder
 
 from tsunagu.devpki import DevPki, ensure_dev_pki
 
@@ -81,6 +84,7 @@ def centrifugo_config(port: int, directory: Path, pki: DevPki | None) -> Path:
         "http_server": http_server,
         "log": {"level": "error"},
         "usage_stats": {"disabled": True},
+        "http_api": {"key": API_KEY},
         "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"]},
         "channel": {
             "without_namespace": {
@@ -103,7 +107,13 @@ def server_command(name: str, port: int, directory: Path, pki: DevPki | None) ->
         return [str(BIN / "loadgen"), "-serve", f"127.0.0.1:{port}"], env
     if name == "centrifugo":
         return [str(BIN / "centrifugo"), "--config", str(centrifugo_config(port, directory, pki))], env
-    if name == "tsunagu":
+    if name in ("tsunagu", "tsunagu-uvloop", "before"):
+        if name == "tsunagu-uvloop":
+            env["TSUNAGU_EVENT_LOOP"] = "uvloop"
+        if name == "before":  # the gateway of `--before REV`, its sources ahead of ours on the path
+            tree = BEFORE_TREE[0]
+            paths = [tree / "src", tree / "libs" / "core" / "src", *sorted((tree / "services").glob("*/src"))]
+            env["PYTHONPATH"] = os.pathsep.join(map(str, paths))
         if pki is not None:
             env |= {
                 "TSUNAGU_SERVER_TLS_CERT_FILE": str(pki.server_cert),
@@ -125,6 +135,16 @@ def server_command(name: str, port: int, directory: Path, pki: DevPki | None) ->
     if name == "plain":
         return [sys.executable, str(REPO / "bench" / "plain_broadcast.py"), "--port", str(port)], env
     raise ValueError(name)
+
+
+BEFORE_TREE: list[Path] = []
+
+
+def export_before(revision: str, directory: Path) -> None:
+    """`revision`'s tree in `directory`, served as the server `before` (what a change is measured against)."""
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    BEFORE_TREE[:] = [directory]
 
 
 def bench_token() -> str:
@@ -152,20 +172,100 @@ def pinned_server(name: str, pki: DevPki | None = None) -> Iterator[tuple[int, i
                 server.kill()
 
 
-def measure(name: str, clients: int, seconds: float, window: int, pki: DevPki | None = None) -> dict[str, float]:
-    with pinned_server(name, pki) as (port, _):
-        time.sleep(1.0)
-        url = f"{'wss' if pki else 'ws'}://127.0.0.1:{port}/connection/websocket"
-        trust = ["-ca", str(pki.ca_cert)] if pki else []
-        load = subprocess.run(
-            ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", url, *trust,
-             "-token", bench_token(), "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window)],
-            capture_output=True, text=True, timeout=seconds + 120,
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pid: int, port: int, timeout: float = 60.0) -> None:
+    """Wait until the server is idle. Our gateway builds its GraphQL and Socket.IO stacks in a worker
+    thread a second after it listens (deferred.py): a request to each waits for them, then the CPU
+    they took is over before the run's is counted."""
+    for path in ("/graphql", "/socket.io/?EIO=4&transport=polling"):
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout).close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.03:
+            return
+
+
+def loadgen(
+    port: int,
+    pid: int,
+    pki: DevPki | None,
+    *args: str,
+    timeout: float = 300,
+    publishing: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run the load generator on CPU 1 against the server on `port` (pid `pid`, whose CPU it reads);
+    `publishing` is called once its subscribers are connected and it starts publishing."""
+    scheme = "wss" if pki else "ws"
+    trust = ["-ca", str(pki.ca_cert)] if pki else []
+    api = f"{'https' if pki else 'http'}://127.0.0.1:{port}/api"
+    load = subprocess.Popen(
+        ["taskset", "-c", "1", str(BIN / "loadgen"), "-url", f"{scheme}://127.0.0.1:{port}/connection/websocket",
+         *trust, "-token", bench_token(), "-api", api, "-apikey", API_KEY, "-server-pid", str(pid), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert load.stderr is not None
+    log: list[str] = []
+    for line in load.stderr:  # its log goes to stderr; the result is one line of stdout at the end
+        log.append(line)
+        if "subscribers connected" in line:
+            if publishing is not None:
+                publishing()
+            break
+    try:
+        stdout, rest = load.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        load.kill()
+        raise RuntimeError("load generator timed out") from None
+    if load.returncode != 0:
+        raise RuntimeError(f"load generator failed: {(''.join(log) + rest).strip()[-500:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure(
+    name: str,
+    clients: int,
+    seconds: float,
+    window: int,
+    pki: DevPki | None = None,
+    *extra: str,
+    profile: str = "",
+) -> tuple[dict[str, Any], Profile | None]:
+    """Windowed broadcast (publishes over WebSocket, `window` in flight) or, with `-publish http` in
+    `extra`, through the server API; with `profile`, py-spy records the server while it publishes."""
+    with pinned_server(name, pki) as (port, pid):
+        settle(pid, port)
+        spy: list[Profile] = []
+
+        def publishing() -> None:
+            if profile:
+                spy.append(Profile(profile, pid, seconds, rate=PROFILE_RATE))
+
+        result = loadgen(
+            port, pid, pki, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window), *extra,
+            timeout=seconds + 180, publishing=publishing,
         )  # fmt: skip
-        if load.returncode != 0:
-            raise RuntimeError(f"{name}: load generator failed: {load.stderr.strip()[-500:]}")
-        result: dict[str, float] = json.loads(load.stdout.strip().splitlines()[-1])
-        return result
+        if spy:
+            spy[0].finish()
+        return result, spy[0] if spy else None
+
+
+def many_channels(name: str, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` connections, each on a channel of its own plus one shared channel, every channel
+    published once a second through the server API (batches every 10 ms)."""
+    with pinned_server(name) as (port, pid):
+        settle(pid, port)
+        return loadgen(
+            port, pid, None, "-mode", "channels", "-publish", "http", "-clients", str(clients),
+            "-duration", f"{seconds}s", "-period", "1s", timeout=seconds + 300,
+        )  # fmt: skip
 
 
 def rss_kb(pid: int) -> int:
@@ -203,45 +303,175 @@ def idle_memory(name: str, clients: int) -> tuple[float, float]:
         return (after - before) / clients, float(ready["connect_seconds"])
 
 
+API_WINDOWS = (1, 4, 64)
+PROFILE_RATE = 200  # py-spy samples per second
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--window", type=int, default=32, help="publish commands in flight")
+    parser.add_argument("--window", type=int, default=32, help="publish commands in flight (windowed scenario)")
     parser.add_argument("--servers", nargs="*", default=["reference", "centrifugo", "tsunagu", "plain"])
+    parser.add_argument(
+        "--api-windows", nargs="*", type=int, default=list(API_WINDOWS),
+        help="server API publishes in flight, one run per value (empty: skip)",
+    )  # fmt: skip
+    parser.add_argument("--channels-clients", type=int, default=10_000, help="0 skips the many-channels scenario")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each server API and many-channels comparison")
     parser.add_argument("--idle-clients", type=int, default=10_000, help="0 skips the idle-memory scenario")
     parser.add_argument(
         "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
     )
+    parser.add_argument("--before", default="", help="a git revision: its gateway is the server `before`")
+    parser.add_argument("--profile", action="store_true", help="py-spy on our gateway in the server API runs")
+    parser.add_argument("--scenarios", nargs="*", default=["windowed", "api", "channels", "tls", "idle"])
     args = parser.parse_args()
     ensure_tools()
-    print(f"\nbroadcast: {args.clients} subscribers, one channel, ~200 B, {args.seconds:.0f} s of publishing; "
-          f"{os.cpu_count()} cores: server on CPU 0, load on CPU 1\n")  # fmt: skip
-    print("| server | deliveries/s | publishes/s | delivered/expected | disconnects |")
-    print("|---|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory() as tls_dir:
-        pki, _ = ensure_dev_pki(Path(tls_dir))
-        runs = [(name, None) for name in args.servers] + [(name, pki) for name in args.tls_servers]
-        for name, tls in runs:
-            label = f"{name} (wss://, TLS 1.3)" if tls else name
-            try:
-                r = measure(name, args.clients, args.seconds, args.window, tls)
-            except RuntimeError as exc:
-                print(f"| {label} | failed: {exc} | | | |")
-                continue
-            print(
-                f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
-                f"{int(r['delivered']):,}/{int(r['expected']):,} | {int(r['disconnected_during_run'])} |",
-                flush=True,
-            )
-    if args.idle_clients:
+    before_dir = tempfile.TemporaryDirectory()
+    if args.before:
+        export_before(args.before, Path(before_dir.name))
+    recorder = Recorder("broadcast", {k: v for k, v in vars(args).items()})
+    compared = [name for name in ("centrifugo", "before", "tsunagu", "tsunagu-uvloop") if name in args.servers]
+    print(f"\n{os.cpu_count()} cores: server on CPU 0, load on CPU 1; {recorder.load_before}")
+    if "windowed" in args.scenarios:
+        windowed(args, recorder)
+    if "api" in args.scenarios and args.api_windows:
+        server_api(args, compared, recorder)
+    if "channels" in args.scenarios and args.channels_clients:
+        channels(args, compared, recorder)
+    if "tls" in args.scenarios and args.tls_servers:
+        with tempfile.TemporaryDirectory() as tls_dir:
+            pki, _ = ensure_dev_pki(Path(tls_dir))
+            windowed(args, recorder, pki)
+    if "idle" in args.scenarios and args.idle_clients:
         print(f"\nidle authenticated connections: {args.idle_clients}, server RSS growth per connection\n")
         print("| server | KB per connection | seconds to connect all |")
         print("|---|---:|---:|")
-        for name in ("centrifugo", "tsunagu"):
-            if name in args.servers:
-                per_connection, seconds = idle_memory(name, args.idle_clients)
-                print(f"| {name} | {per_connection:.1f} | {seconds:.1f} |", flush=True)
+        for name in compared:
+            per_connection, seconds = idle_memory(name, args.idle_clients)
+            recorder.add("idle_kb_per_connection", per_connection, "KB", note=name, server=name,
+                         clients=args.idle_clients)  # fmt: skip
+            recorder.add("idle_connect_seconds", seconds, "s", note=name, server=name, clients=args.idle_clients)
+            print(f"| {name} | {per_connection:.1f} | {seconds:.1f} |", flush=True)
+    recorder.save()
+
+
+def windowed(args: argparse.Namespace, recorder: Recorder, pki: DevPki | None = None) -> None:
+    names = args.tls_servers if pki else args.servers
+    print(f"\nbroadcast{' over wss://' if pki else ''}: {args.clients} subscribers, one channel, ~200 B, "
+          f"{args.seconds:.0f} s of publishing over WebSocket, {args.window} in flight\n")  # fmt: skip
+    print("| server | deliveries/s | publishes/s | delivered/expected | per server CPU-s | disconnects |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        label = f"{name} (wss://, TLS 1.3)" if pki else name
+        try:
+            r, _ = measure(name, args.clients, args.seconds, args.window, pki)
+        except RuntimeError as exc:
+            print(f"| {label} | failed: {exc} | | | | |")
+            continue
+        recorder.add("windowed_deliveries_per_second", r["deliveries_per_second"], "1/s",
+                     note=f"{label}, {args.window} in flight", server=name,
+                     tls=pki is not None, window=args.window, raw=r)  # fmt: skip
+        print(
+            f"| {label} | {r['deliveries_per_second']:,.0f} | {r['publishes_per_second']:,.0f} | "
+            f"{int(r['delivered']):,}/{int(r['expected']):,} | {r['deliveries_per_server_cpu_second']:,.0f} | "
+            f"{int(r['disconnected_during_run'])} |",
+            flush=True,
+        )
+
+
+def server_api(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
+    """Publishes through the HTTP server API, 1/4/64 in flight: deliveries per server CPU-second; with
+    --profile, py-spy on our gateway in the last run of each setting and where its CPU goes per delivery."""
+    print(f"\nbroadcast through the server API: {args.clients} subscribers, one channel, ~200 B, "
+          f"{args.seconds:.0f} s; deliveries per CPU-second of the server process\n")  # fmt: skip
+    print("| in flight | run | " + " | ".join(names) + " | ÷ centrifugo | lost/dup/reordered | p99 ms |")
+    print("|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|")
+    profiles: list[tuple[str, int, dict[str, Any], Profile]] = []
+    for window in args.api_windows:
+        for run in range(1, args.repeat + 1):
+            per: dict[str, dict[str, Any]] = {}
+            for name in names:
+                profiled = args.profile and name.startswith("tsunagu") and run == args.repeat
+                profile = f"broadcast-api-{window}-{name}" if profiled else ""
+                r, spy = measure(name, args.clients, args.seconds, window, None, "-publish", "http", profile=profile)
+                per[name] = r
+                if spy is not None:
+                    profiles.append((name, window, r, spy))
+                recorder.add("api_deliveries_per_server_cpu_second", r["deliveries_per_server_cpu_second"], "1/s",
+                             note=f"{name}, {window} in flight, run {run}", server=name, window=window, run=run,
+                             raw=r)  # fmt: skip
+            rates = [per[n]["deliveries_per_server_cpu_second"] for n in names]
+            ratios = {n: per[n]["deliveries_per_server_cpu_second"] / rates[0] for n in names[1:] if rates[0]}
+            for n, ratio in ratios.items():
+                recorder.add(f"api_ratio_{n}_to_centrifugo", ratio, "x", note=f"{window} in flight, run {run}",
+                             window=window, run=run)  # fmt: skip
+            problems = "; ".join(f"{per[n]['lost']}/{per[n]['duplicated']}/{per[n]['out_of_order']}" for n in names)
+            p99 = "; ".join(f"{per[n]['latency_p99_ms']:.1f}" for n in names)
+            print(f"| {window} | {run} | " + " | ".join(f"{x:,.0f}" for x in rates) +
+                  f" | {' / '.join(f'{r:.2f}x' for r in ratios.values())} | {problems} | {p99} |",
+                  flush=True)  # fmt: skip
+    for name, window, r, spy in profiles:
+        per_delivery = float(r["server_cpu_us_per_delivery"])
+        print(f"\nwhere {name}'s CPU goes, {window} in flight ({per_delivery:.2f} µs of server CPU per delivery; "
+              f"py-spy, {spy.raw.relative_to(REPO)}):\n")  # fmt: skip
+        print("| part | share of samples | µs per delivery |")
+        print("|---|---:|---:|")
+        for share, part in cpu_by_part(spy.raw):
+            recorder.add("api_profile_us_per_delivery", share * per_delivery, "us",
+                         note=f"{name}, {window} in flight: {part} ({share:.0%})", server=name, window=window,
+                         part=part, share=share,
+                         profile=str(spy.raw.relative_to(REPO)))  # fmt: skip
+            print(f"| {part} | {share:.1%} | {share * per_delivery:.2f} |", flush=True)
+
+
+# Where a sample is counted: the first part (in this order) with a frame in its stack.
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("socket writes (transport.write, the send syscall)", ("_SelectorSocketTransport.write",)),
+    ("flush callbacks (with uvloop: its C transport.write and the syscall too)", ("_Flusher.run",)),
+    ("encoding the publication (once per flavour)", ("publication_push",)),
+    ("queueing per subscriber (WebSocketTransport.send)", ("WebSocketTransport.send",)),
+    ("fan-out loop (Node.on_publication), the rest", ("Node.on_publication",)),
+    ("the publish itself (broker, history)", ("MemoryBroker.publish", "Broker.publish")),
+    ("server API: HTTP parsing, routing, JSON", ("HttpToolsProtocol", "H11Protocol", "RequestResponseCycle")),
+    ("reading client frames (pings, commands)", ("WebSocketsSansIOProtocol.data_received", "serve (tsunagu_ws")),
+    ("event loop: epoll and scheduling", ("_run_once",)),
+)
+
+
+def cpu_by_part(raw: Path) -> list[tuple[float, str]]:
+    """The share of py-spy's samples per part of the gateway (PARTS), from its raw (collapsed) output."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        part = next((name for name, frames in PARTS if any(frame in stack for frame in frames)), "other")
+        counts[part] = counts.get(part, 0) + int(number)
+        total += int(number)
+    order = [name for name, _ in PARTS] + ["other"]
+    return [(counts[name] / total, name) for name in order if counts.get(name)]
+
+
+def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> None:
+    seconds = max(args.seconds, 10)
+    print(f"\nmany channels: {args.channels_clients} connections, each on its own channel and one shared "
+          f"channel, every channel published once a second through the server API, {seconds:.0f} s\n")  # fmt: skip
+    print("| server | run | deliveries | server CPU µs per delivery | p50 ms | p99 ms | lost/dup/reordered |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in range(1, args.repeat + 1):
+        for name in names:
+            r = many_channels(name, args.channels_clients, seconds)
+            recorder.add("channels_server_cpu_us_per_delivery", r["server_cpu_us_per_delivery"], "us",
+                         note=f"{name}, run {run}",
+                         server=name, run=run, raw=r)  # fmt: skip
+            recorder.add("channels_latency_p99_ms", r["latency_p99_ms"], "ms", note=f"{name}, run {run}",
+                         server=name, run=run)  # fmt: skip
+            print(f"| {name} | {run} | {int(r['delivered']):,}/{int(r['expected']):,} | "
+                  f"{r['server_cpu_us_per_delivery']:.1f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
+                  f"{r['lost']}/{r['duplicated']}/{r['out_of_order']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

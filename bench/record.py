@@ -159,14 +159,14 @@ class Profile:
     """`py-spy record` of a running process into bench/results/profiles/ (a flame graph SVG and the
     collapsed stacks), and the functions where its samples end, for docs/benchmarks.md."""
 
-    def __init__(self, name: str, pid: int, seconds: float) -> None:
+    def __init__(self, name: str, pid: int, seconds: float, rate: int = 50) -> None:
         directory = RESULTS / "profiles"
         directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.raw = directory / f"{stamp}-{name}.txt"
         self.svg = directory / f"{stamp}-{name}.svg"
         spy = [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record"]
-        common = ["--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50", "--nonblocking"]
+        common = ["--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate), "--nonblocking"]
         self.processes = [
             subprocess.Popen([*spy, *common, "--format", "raw", "-o", str(self.raw)], stdout=subprocess.DEVNULL),
             subprocess.Popen([*spy, *common, "--format", "flamegraph", "-o", str(self.svg)], stdout=subprocess.DEVNULL),

@@ -213,7 +213,6 @@ def _development_credentials(host: str | None) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
 
     from tsunagu_core.config import CoreSettings, load_settings
     from tsunagu_core.lifecycle import Runtime
@@ -221,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tsunagu_core.tls import ServerTls
 
     from tsunagu.embedded_mqtt import EmbeddedMqttBroker, RunSettings, mqtt_url_configured
-    from tsunagu.serving import EmbeddedServer, metrics_server, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, event_loop, metrics_server, run_loop, uvicorn_config
 
     # No TSUNAGU_MQTT_URL: run mode brings its own MQTT broker and a demo device, as it brings its
     # in-process bus, so the IoT half of the demo works with no server installed.
@@ -250,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     server_tls = ServerTls.from_settings(core)
     scheme = "https" if server_tls is not None else "http"
     servers = []
-    print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database}")
+    print(f"tsunagu run: bus={core.bus} broker={core.broker} database={core.database} loop={event_loop(core)}")
     probes = "/healthz /readyz" if core.metrics_port else "/healthz /readyz /metrics"
     for entry in SERVICES.values():
         settings = chosen[entry.name]
@@ -292,7 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f" {DEVELOPMENT_ADMIN_PASSWORD!r}, TOTP secret {DEVELOPMENT_ADMIN_TOTP_SECRET} for an authenticator app)"
         )
     sys.stdout.flush()
-    return asyncio.run(_serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
+    return run_loop(event_loop(core), _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
 
 
 async def _serve_run_mode(
@@ -354,14 +353,13 @@ def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> so
 
 def cmd_serve(args: argparse.Namespace) -> int:
     listener = _listen_early(SERVICES[args.service], args.host, args.port)
-    import asyncio
 
     from tsunagu_core.config import CoreSettings, load_settings
     from tsunagu_core.lifecycle import Runtime
     from tsunagu_core.telemetry import setup_logging, setup_tracing
     from tsunagu_core.tls import ServerTls
 
-    from tsunagu.serving import EmbeddedServer, metrics_server, serve_all, uvicorn_config
+    from tsunagu.serving import EmbeddedServer, event_loop, metrics_server, run_loop, serve_all, uvicorn_config
 
     entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
@@ -374,7 +372,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_tls = ServerTls.from_settings(core)
     app = entry.factory(Runtime(core), settings)
     scheme = "https" if server_tls is not None else "http"
-    print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ (bus={core.bus} broker={core.broker})")
+    loop = event_loop(core, entry.event_loop)
+    engines = f"bus={core.bus} broker={core.broker} loop={loop}"
+    print(f"tsunagu serve {entry.name}: {scheme}://{host}:{port}/ ({engines})")
     sys.stdout.flush()
     server = EmbeddedServer(uvicorn_config(app, host, port, core, server_tls), entry.name)
     if listener is not None and listener.getsockname()[1] != port:  # the settings chose otherwise after all
@@ -385,7 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if core.metrics_port:
         servers.append(metrics_server(core, host, server_tls))
         print(f"  /metrics on {scheme}://{host}:{core.metrics_port}/metrics", flush=True)
-    return asyncio.run(serve_all(servers, server_tls, core.server_tls_reload_interval))
+    return run_loop(loop, serve_all(servers, server_tls, core.server_tls_reload_interval))
 
 
 def config_docs_text() -> str:

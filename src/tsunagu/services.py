@@ -30,10 +30,14 @@ class ServiceEntry:
     """A service by name, with its settings class and app factory imported on first use (a plain class:
     even `dataclasses` costs a CLI start-up more than the rest of this module)."""
 
-    __slots__ = ("env_prefix", "factory_path", "name", "port", "settings_path")
+    __slots__ = ("env_prefix", "event_loop", "factory_path", "name", "port", "settings_path")
 
-    def __init__(self, name: str, settings_path: str, factory_path: str, env_prefix: str, port: int) -> None:
+    def __init__(
+        self, name: str, settings_path: str, factory_path: str, env_prefix: str, port: int, event_loop: str
+    ) -> None:
         self.name = name
+        # What `tsunagu serve` runs it on unless TSUNAGU_EVENT_LOOP says otherwise.
+        self.event_loop = event_loop
         self.settings_path = settings_path
         self.factory_path = factory_path
         # What the settings class says too (tests/stack checks they agree): known here without importing it,
@@ -53,15 +57,19 @@ class ServiceEntry:
         return factory
 
 
-def _entry(name: str, package: str, settings_class: str, env_prefix: str, port: int) -> ServiceEntry:
-    return ServiceEntry(name, f"{package}.config:{settings_class}", f"{package}.app:create_app", env_prefix, port)
+def _entry(
+    name: str, package: str, settings_class: str, env_prefix: str, port: int, event_loop: str = "asyncio"
+) -> ServiceEntry:
+    factory = f"{package}.app:create_app"
+    return ServiceEntry(name, f"{package}.config:{settings_class}", factory, env_prefix, port, event_loop)
 
 
 # In the order `tsunagu run` starts them; the gateway first so its port answers soonest.
 SERVICES: dict[str, ServiceEntry] = {
     entry.name: entry
     for entry in (
-        _entry("ws-gateway", "tsunagu_ws_gateway", "GatewaySettings", "TSUNAGU_GATEWAY_", 8080),
+        # uvloop: the gateway's fan-out writes a socket per subscriber, in C there (docs/benchmarks.md).
+        _entry("ws-gateway", "tsunagu_ws_gateway", "GatewaySettings", "TSUNAGU_GATEWAY_", 8080, "uvloop"),
         _entry("auth", "tsunagu_auth", "AuthSettings", "TSUNAGU_AUTH_", 8081),
         _entry("presence", "tsunagu_presence", "PresenceSettings", "TSUNAGU_PRESENCE_", 8082),
         _entry("collab", "tsunagu_collab", "CollabSettings", "TSUNAGU_COLLAB_", 8083),

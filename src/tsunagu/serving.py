@@ -9,11 +9,12 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from tsunagu_core.config import CoreSettings
-from tsunagu_core.tls import ServerTls, uvicorn_options
+from tsunagu_core.tls import ServerTls, merge_server_options, uvicorn_options
 
 # Which service a log line of uvicorn's comes from: `tsunagu run` has eight servers in one process.
 _SERVING = contextvars.ContextVar("tsunagu_serving", default="")
@@ -49,11 +50,29 @@ class EmbeddedServer(uvicorn.Server):
         await super().serve(sockets)
 
 
+def event_loop(core: CoreSettings, preferred: str = "asyncio") -> str:
+    """The loop `TSUNAGU_EVENT_LOOP` names, or with `auto` the one a service prefers (services.py)."""
+    return preferred if core.event_loop == "auto" else core.event_loop
+
+
+def run_loop(loop: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` to its end on `loop` (`asyncio` or `uvloop`)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 def uvicorn_config(
     app: object, host: str, port: int, core: CoreSettings, server_tls: ServerTls | None
 ) -> uvicorn.Config:
-    # A service may ask for server options of its own (the gateway: the largest WebSocket message).
+    # A service may ask for server options of its own (the gateway: its WebSocket protocol class, the
+    # largest WebSocket message); TLS keeps them (merge_server_options).
     own: dict[str, object] = getattr(getattr(app, "state", None), "server_options", None) or {}
+    options = merge_server_options(own, uvicorn_options(server_tls) if server_tls is not None else {})
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -65,8 +84,7 @@ def uvicorn_config(
         # TSUNAGU_TRUSTED_PROXIES (tsunagu_core.proxies), and the TLS peer lookup needs the real address.
         proxy_headers=False,
         timeout_graceful_shutdown=int(core.shutdown_grace),
-        **(uvicorn_options(server_tls) if server_tls is not None else {}),
-        **own,  # type: ignore[arg-type]
+        **options,
     )
 
 

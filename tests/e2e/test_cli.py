@@ -3,12 +3,15 @@ cannot do what was asked, and a gateway that says when it can verify no token.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jwt
+from centrifuge import Client, PublicationContext, SubscriptionEventHandler
 
 from tsunagu.cli import DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_USERS
 
@@ -86,3 +89,42 @@ def test_the_service_table_knows_each_service_address_as_its_settings_do() -> No
         settings = entry.settings
         assert settings.model_config.get("env_prefix") == entry.env_prefix, entry.name
         assert settings.model_fields["port"].default == entry.port, entry.name
+
+
+async def test_the_gateway_serves_on_uvloop_by_default(start_service) -> None:  # type: ignore[no-untyped-def]
+    """TSUNAGU_EVENT_LOOP=auto: `tsunagu serve ws-gateway` runs on uvloop, its prepared frames written by
+    libuv's transports, and stock SDK clients get every publication in order (the unit tests run the same
+    code on the standard library's loop)."""
+    secret = "e2e-uvloop-secret-that-is-long-enough"
+    env = {"TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": secret}
+    gateway = start_service(["serve", "ws-gateway"], env)
+    await asyncio.to_thread(gateway.wait_ready)
+    assert "loop=uvloop" in gateway.output()
+    url = f"ws://127.0.0.1:{gateway.port}/connection/websocket"
+    claims = {"channels": ["chat:*"], "exp": int(time.time()) + 600}
+    tokens = [jwt.encode({"sub": user, **claims}, secret, "HS256") for user in ("ann", "bob")]
+    clients = [Client(url, token=value) for value in tokens]
+    inboxes: list[list[int]] = [[], []]
+
+    class Inbox(SubscriptionEventHandler):
+        def __init__(self, inbox: list[int]) -> None:
+            self.inbox = inbox
+
+        async def on_publication(self, ctx: PublicationContext) -> None:
+            self.inbox.append(ctx.pub.data["n"])
+
+    subscriptions = []
+    for client, inbox in zip(clients, inboxes, strict=True):
+        await client.connect()
+        subscription = client.new_subscription("chat:uvloop", events=Inbox(inbox))
+        await subscription.subscribe()
+        subscriptions.append(subscription)
+    for n in range(50):
+        await subscriptions[n % 2].publish({"n": n})
+    async with asyncio.timeout(10):
+        while any(len(inbox) < 50 for inbox in inboxes):
+            await asyncio.sleep(0.02)
+    assert inboxes == [list(range(50)), list(range(50))]
+    for client in clients:
+        await client.disconnect()
+    assert await asyncio.to_thread(gateway.stop) == 0

@@ -129,6 +129,12 @@ class CoreSettings(TlsSettings):
     dependency_retry_max: float = Field(
         15.0, gt=0, le=300, description="Longest wait in seconds between attempts to reach a dependency."
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description="Event loop of `tsunagu serve` and `tsunagu run`. `auto`: uvloop (libuv, in C) for"
+        " `tsunagu serve ws-gateway`, whose fan-out costs less than half the CPU per delivery on it"
+        " (docs/benchmarks.md), the standard library's for the other services and `tsunagu run`.",
+    )
     shutdown_grace: float = Field(
         20.0, ge=0, le=600, description="Seconds a stopping service waits for open connections to finish."
     )

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from tsunagu_core.broker import ClientInfo, Publication
+from tsunagu_core.tls import merge_server_options
 
 REAL_STACK = os.environ.get("TSUNAGU_TEST_STACK") == "1"
 REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -107,7 +108,8 @@ async def serving(app: Any, port: int, **options: Any) -> AsyncIterator[uvicorn.
     """Serve an ASGI app on 127.0.0.1:`port` in the running loop until the block ends; `options` go to
     `uvicorn.Config` (e.g. `tsunagu_core.tls.uvicorn_options(...)` for https/wss)."""
     own = getattr(getattr(app, "state", None), "server_options", None) or {}  # as tsunagu serve honours them
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **{**own, **options})
+    merged = merge_server_options(own, options)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **merged)
     server = _InProcessServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

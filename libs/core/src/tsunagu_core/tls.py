@@ -348,8 +348,16 @@ def tls_protocols(
 
     if ws_class is None:
         return TlsHttp, None
+    return TlsHttp, tls_websocket_protocol(ws_class)
+
+
+def tls_websocket_protocol(ws_class: type[asyncio.Protocol]) -> type:
+    """`ws_class` (uvicorn's or an app's own WebSocket protocol) forgetting its TLS peer at the end."""
 
     class TlsWs(ws_class):  # type: ignore[valid-type,misc]
+        # what `merge_server_options` replaces by the app's own class, subclassed the same way
+        tsunagu_tls = True
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # the address now: a closed TLS transport no longer answers get_extra_info
             self._tsunagu_address = _address(transport)
@@ -361,7 +369,7 @@ def tls_protocols(
                 _PEERS.pop(address, None)
             super().connection_lost(exc)
 
-    return TlsHttp, TlsWs
+    return TlsWs
 
 
 def scope_tls(scope: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -395,6 +403,17 @@ def uvicorn_options(server_tls: ServerTls) -> dict[str, Any]:
         "http": http,
         "ws": ws if ws is not None else "none",
     }
+
+
+def merge_server_options(own: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """An app's own uvicorn options (`app.state.server_options`) with `options` (e.g. `uvicorn_options`)
+    over them; an app's own WebSocket protocol class stays, subclassed to record TLS peers when
+    `options` serves TLS."""
+    merged = {**own, **options}
+    base, tls_ws = own.get("ws"), options.get("ws")
+    if isinstance(base, type) and getattr(tls_ws, "tsunagu_tls", False):
+        merged["ws"] = tls_websocket_protocol(base)
+    return merged
 
 
 def known_peers() -> Iterable[tuple[str, int, int]]:

@@ -1,0 +1,112 @@
+"""The gateway's uvicorn WebSocket protocol: uvicorn's sans-I/O one (websockets' `ServerProtocol`), plus
+a way for the gateway's transports to write prepared frames straight to the socket.
+
+Sending a message through ASGI costs Starlette's `send`, the middleware stack's wrappers and uvicorn's
+`send` (an await, a dict, framing the message for this one socket) per message and per subscriber.
+This class puts itself in the scope as the `tsunagu.frames` extension (`FrameSocket` below), and the
+WebSocket transport (websocket.py) writes bytes framed once per message (frames.py) to the asyncio
+transport, with the same flow control uvicorn uses (`pause_writing`/`resume_writing`). Everything
+else, the handshake, reading, pings and ASGI's own `send` (still used by the libraries that serve
+their sockets themselves: strawberry, engine.io), is uvicorn's.
+
+permessage-deflate is negotiated with `server_no_context_takeover`: each message is compressed on its
+own, so one compressed frame serves every subscriber that negotiated the same window. A context kept
+across messages would make every frame depend on what that one client received before, and each
+delivery would cost a compression of its own (the profile of the stage benchmarks showed deflate at
+13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
+keeps whatever it asked for.
+
+`tsunagu serve` and `tsunagu_core.testing.serving` use it through `app.state.server_options`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.server import ServerProtocol
+
+from tsunagu_ws_gateway.transports.frames import COMPRESS_SETTINGS, Framing, framing_for
+
+FRAMES_EXTENSION = "tsunagu.frames"
+# The window size we compress with, as uvicorn offers it.
+DEFLATE_WINDOW_BITS = 12
+
+
+def _ignore() -> None:
+    return
+
+
+class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        extensions = []
+        if self.config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True,
+                    server_max_window_bits=DEFLATE_WINDOW_BITS,
+                    client_max_window_bits=DEFLATE_WINDOW_BITS,
+                    compress_settings=dict(COMPRESS_SETTINGS),
+                )
+            ]
+        self.conn = ServerProtocol(
+            extensions=extensions, max_size=self.config.ws_max_size, logger=logging.getLogger("uvicorn.error")
+        )
+        # Called when the transport takes writes again after pausing them.
+        self.on_resume: Callable[[], None] = _ignore
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # The app's task is created but has not run yet: it sees the extension from its first step.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][FRAMES_EXTENSION] = self
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.on_resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.on_resume()  # nothing will be written now: let a closing transport finish at once
+
+    # what the gateway's transports use (FrameSocket)
+
+    @property
+    def paused(self) -> bool:
+        """The asyncio transport's buffer is over its high-water mark: hold writes until `on_resume`."""
+        return not self.writable.is_set()
+
+    @property
+    def open(self) -> bool:
+        """Past the handshake's 101 and before any close: frames may be written."""
+        return self.handshake_complete and not (self.close_sent or self.disconnected or self.transport.is_closing())
+
+    def framing(self, binary: bool) -> Framing:
+        return framing_for(binary, self.conn.extensions)
+
+    def write(self, data: bytes) -> None:
+        """Bytes of whole frames, framed by a `Framing` of this socket."""
+        if self.open:
+            self.transport.write(data)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """The closing handshake, as uvicorn's `websocket.close` starts it, without an await."""
+        if not self.open:
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    def abort(self) -> None:
+        """Drop the connection and what it has buffered (a client that does not read)."""
+        self.transport.abort()
