@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from record import Profile, Recorder
+from record import Profile, Recorder, leaf_share
 
 from tsunagu.devpki import DevPki, ensure_dev_pki
 
@@ -257,15 +257,25 @@ def measure(
         return result, spy[0] if spy else None
 
 
-def many_channels(name: str, clients: int, seconds: float) -> dict[str, Any]:
+def many_channels(name: str, clients: int, seconds: float, profile: str = "") -> tuple[dict[str, Any], Profile | None]:
     """`clients` connections, each on a channel of its own plus one shared channel, every channel
-    published once a second through the server API (batches every 10 ms)."""
+    published once a second through the server API (batches every 10 ms); with `profile`, py-spy records
+    the server while it publishes."""
     with pinned_server(name) as (port, pid):
         settle(pid, port)
-        return loadgen(
+        spy: list[Profile] = []
+
+        def publishing() -> None:
+            if profile:
+                spy.append(Profile(profile, pid, seconds, rate=PROFILE_RATE))
+
+        result = loadgen(
             port, pid, None, "-mode", "channels", "-publish", "http", "-clients", str(clients),
-            "-duration", f"{seconds}s", "-period", "1s", timeout=seconds + 300,
+            "-duration", f"{seconds}s", "-period", "1s", timeout=seconds + 300, publishing=publishing,
         )  # fmt: skip
+        if spy:
+            spy[0].finish()
+        return result, spy[0] if spy else None
 
 
 def rss_kb(pid: int) -> int:
@@ -324,7 +334,9 @@ def main() -> None:
         "--tls-servers", nargs="*", default=["centrifugo", "tsunagu"], help="measured once more over wss://"
     )
     parser.add_argument("--before", default="", help="a git revision: its gateway is the server `before`")
-    parser.add_argument("--profile", action="store_true", help="py-spy on our gateway in the server API runs")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on our gateway in the last server API and many-channels runs"
+    )
     parser.add_argument("--scenarios", nargs="*", default=["windowed", "api", "channels", "tls", "idle"])
     args = parser.parse_args()
     ensure_tools()
@@ -461,9 +473,15 @@ def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> 
           f"channel, every channel published once a second through the server API, {seconds:.0f} s\n")  # fmt: skip
     print("| server | run | deliveries | server CPU µs per delivery | p50 ms | p99 ms | lost/dup/reordered |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    profiles: list[tuple[str, dict[str, Any], Profile]] = []
     for run in range(1, args.repeat + 1):
         for name in names:
-            r = many_channels(name, args.channels_clients, seconds)
+            profiled = args.profile and name.startswith("tsunagu") and run == args.repeat
+            r, spy = many_channels(
+                name, args.channels_clients, seconds, f"broadcast-channels-{name}" if profiled else ""
+            )
+            if spy is not None:
+                profiles.append((name, r, spy))
             recorder.add("channels_server_cpu_us_per_delivery", r["server_cpu_us_per_delivery"], "us",
                          note=f"{name}, run {run}",
                          server=name, run=run, raw=r)  # fmt: skip
@@ -472,6 +490,21 @@ def channels(args: argparse.Namespace, names: list[str], recorder: Recorder) -> 
             print(f"| {name} | {run} | {int(r['delivered']):,}/{int(r['expected']):,} | "
                   f"{r['server_cpu_us_per_delivery']:.1f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
                   f"{r['lost']}/{r['duplicated']}/{r['out_of_order']} |", flush=True)  # fmt: skip
+    for name, r, spy in profiles:
+        per_delivery = float(r["server_cpu_us_per_delivery"])
+        print(f"\nwhere {name}'s CPU goes with many channels ({per_delivery:.1f} µs of server CPU per delivery; "
+              f"py-spy, {spy.raw.relative_to(REPO)}):\n")  # fmt: skip
+        print("| part | share of samples | µs per delivery |")
+        print("|---|---:|---:|")
+        for share, part in cpu_by_part(spy.raw):
+            recorder.add("channels_profile_us_per_delivery", share * per_delivery, "us",
+                         note=f"{name}: {part} ({share:.0%})", server=name, part=part, share=share,
+                         profile=str(spy.raw.relative_to(REPO)))  # fmt: skip
+            print(f"| {part} | {share:.1%} | {share * per_delivery:.2f} |", flush=True)
+        print("\n| function (self time) | share of samples |\n|---|---:|")
+        for share, function in leaf_share(spy.raw, 15):
+            recorder.add("channels_profile_self_share", share, "", note=f"{name}: {function}", server=name)
+            print(f"| `{function}` | {share:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -336,3 +336,11 @@ async def test_origins_are_same_origin_by_default_and_collab_checks_the_allow_li
     async with running_gateway() as gw:
         outcome = await native(Target(gw.port, origin="https://evil"), make_token("alice", ["chat:*"]))
         assert (outcome.admitted, outcome.code) == (False, 403)
+
+
+def test_an_rpc_route_in_the_old_bare_url_shape_is_refused_with_the_new_shape_named() -> None:
+    from pydantic import ValidationError
+    from tsunagu_ws_gateway.config import GatewaySettings
+
+    with pytest.raises(ValidationError, match=r'a route is an object now, e\.g\. \{"url": "http://sim:8086/v1"'):
+        GatewaySettings(rpc_routes={"sim.rooms": "http://sim:8086/v1"})  # type: ignore[dict-item]

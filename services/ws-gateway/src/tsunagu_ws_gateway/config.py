@@ -38,6 +38,14 @@ class RpcRoute(BaseModel):
     # publish to it, as if it published there.
     publish_to: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_bare_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            # The shape before the allow-list (method -> URL): say what replaces it instead of a type error.
+            raise ValueError(f'a route is an object now, e.g. {{"url": "{value}", "allow": "claim"}}, not a bare URL')
+        return value
+
 
 class ProxyEndpoint(BaseModel):
     """A backend the gateway asks before it decides (a proxy, in Centrifugo's words): Centrifugo's proxy
