@@ -151,3 +151,68 @@ def test_every_event_exactly_once_across_a_kill_and_the_chain_verifies(
         for future in admin.delete_consumer_groups([group], request_timeout=10).values():
             with contextlib.suppress(Exception):
                 future.result(timeout=15)
+
+
+def appended(base: str) -> float:
+    """Audit events this replica appended (its /metrics), whatever their type."""
+    total = 0.0
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("tsunagu_audit_events_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_replicas_share_the_partitions_and_the_chain_holds_when_one_is_killed(
+    start_service: Any, real_env: dict[str, str]
+) -> None:
+    """Two audit-log replicas in one consumer group append to one chain; one is killed -9 mid-stream; the
+    survivor takes its partitions: every event once, per-actor order kept, and the chain verifies across
+    both writers."""
+    run = uuid.uuid4().hex[:10]
+    schema, group = f"audit_e2e_{run}", f"audit-e2e-{run}"
+    env = {
+        **real_env,
+        "TSUNAGU_AUDIT_SCHEMA_NAME": schema,
+        "TSUNAGU_AUDIT_GROUP": group,
+        "TSUNAGU_AUDIT_CHECKPOINT_INTERVAL": "1",
+    }
+    bus = KafkaBus(KAFKA_BOOTSTRAP, client_id=f"audit-e2e-{run}")
+    loop = asyncio.Runner()
+    loop.run(bus.start())
+    replicas = [start_service(["serve", "audit-log"], env) for _ in range(2)]
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        doomed, survivor = replicas
+        ids: list[str] = []
+        # Both hold partitions once the group has settled: publish until each has appended some.
+        batch = 0
+        deadline = time.monotonic() + 60
+        while not (appended(doomed.base) and appended(survivor.base)):
+            assert time.monotonic() < deadline, "the two replicas never shared the partitions"
+            ids += loop.run(publish(bus, run, range(batch * 70, batch * 70 + 70)))
+            batch += 1
+            time.sleep(1)
+        start = batch * 70
+        # Ranges start at multiples of 7, so an event's actor is its Kafka key (publish keys by position).
+        ids += loop.run(publish(bus, run, range(start, start + 294)))
+        doomed.process.kill()  # kill -9 while the second part streams in
+        doomed.process.wait()
+        ids += loop.run(publish(bus, run, range(start + 294, start + 392)))
+        wait_for(lambda: len(listed(survivor.base, subject=run)) >= len(ids), 60, "every event after the kill")
+        rows = listed(survivor.base, subject=run)
+        assert sorted(row["event_id"] for row in rows) == sorted(ids), "each event exactly once"
+        for actor in {row["actor"] for row in rows}:  # per key, in publish order
+            numbers = [row["details"]["n"] for row in rows if row["actor"] == actor]
+            assert numbers == sorted(numbers), f"{actor}'s events out of order"
+        report = httpx.get(survivor.base + "/v1/audit/verify", timeout=30).json()
+        assert report["ok"] is True and report["first_broken"] is None, report
+        assert report["rows_checked"] >= len(ids)
+    finally:
+        loop.run(bus.close())
+        loop.run(drop_schema(schema))
+        loop.close()
+        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
+        for future in admin.delete_consumer_groups([group], request_timeout=10).values():
+            with contextlib.suppress(Exception):
+                future.result(timeout=15)

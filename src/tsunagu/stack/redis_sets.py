@@ -236,7 +236,9 @@ class PrivateRedisCluster(_ServerSet):
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
-        for port in owners:
+        # The target first, then the source, then the others, as the Redis Cluster specification orders it
+        # (the source first would leave a moment in which each redirects to the other).
+        for port in sorted(owners, key=lambda p: (p != target.port, p != source.port)):
             _client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
         self.wait_healthy()
         return target

@@ -203,14 +203,17 @@ class ShardedFanout:
         if lost:
             names = set(shard.names)
             await self._drop(shard)
+        elif names is None:
+            # A MOVED names no channel, so every name of this shard is placed again (SSUBSCRIBE twice on one
+            # node is harmless). While a slot moves, nodes can disagree for a moment (the source already
+            # gave it up, the target not yet told): wait a little so the refreshed map is the settled one.
+            await asyncio.sleep(backoff)
         while not self._closing:
             pending = {name for name in (names if names is not None else set(shard.names)) if name in self.wanted}
             try:
                 await self.cluster.nodes_manager.initialize()
                 async with self._lock:
                     for name in pending:
-                        if names is None and self._owner(name).name == shard.node:
-                            continue  # (a MOVED for another name of this shard)
                         await self._place(name)
                 break
             except (RedisError, OSError) as exc:
