@@ -20,6 +20,7 @@ from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, i
 from tsunagu_sim_engine.config import SimSettings
 from tsunagu_sim_engine.engine import SimEngine
 from tsunagu_sim_engine.kinds import kind_names, load_kinds
+from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest
 from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
 from tsunagu_sim_engine.store import MemoryRoomStore, RedisRoomStore, RoomStore, StoreError
 
@@ -70,6 +71,8 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         input_max_age=settings.input_max_age,
     )
 
+    matchmaker = Matchmaker(engine, store, settings.seat_ttl)
+
     consumers = consumer_hook(
         runtime,
         needs=["bus", "broker", STORE],
@@ -104,6 +107,10 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.error, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(MatchError)
+    async def match_error(request: Request, exc: MatchError) -> JSONResponse:
         return JSONResponse({"error": exc.error, "message": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StoreError)
@@ -153,5 +160,34 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         await spec_of(room)
         await engine.delete(room)
         return {"room": room, "deleted": True}
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            raise ApiError(400, "bad_request", "the body is not JSON") from None
+
+    @app.post("/v1/matchmake/join-or-create", tags=["matchmaking"])
+    async def join_or_create(request: Request) -> dict[str, Any]:
+        """Seat `session` in a public room of `kind` with the same `{mode, region, max_clients}`, or make one.
+
+        `{"room": name, "session": s}` joins a room by name (a private one, or the seat you had: the same
+        session within `seat_ttl` gets its seat back). A full room answers 409 `full`.
+        """
+        return await matchmaker.join_or_create(MatchRequest.parse(await json_body(request)))
+
+    @app.post("/v1/matchmake/seats/{room}", tags=["matchmaking"])
+    async def refresh_seat(room: str, request: Request) -> dict[str, Any]:
+        """Keep `{session}`'s seat alive (a connected client's heartbeat); 409 when the seat is gone and full."""
+        body = await json_body(request)
+        session = body.get("session") if isinstance(body, dict) else None
+        if not isinstance(session, str):
+            raise ApiError(400, "bad_request", "session is a string")
+        return await matchmaker.join(room, session)
+
+    @app.get("/v1/matchmake/rooms", tags=["matchmaking"])
+    async def matchmade_rooms(kind: str | None = None) -> dict[str, Any]:
+        """Public matchmade rooms with their live client counts."""
+        return {"rooms": await matchmaker.listing(kind)}
 
     return app

@@ -23,6 +23,12 @@ class SimSettings(ServiceSettings):
         le=300,
         description="Seconds a replica's claim on a room lives without renewal; an unclaimed room is adopted.",
     )
+    seat_ttl: float = Field(
+        30.0,
+        gt=0.5,
+        le=3600,
+        description="Seconds a matchmade seat lives after its last refresh: a dropped client's window to reconnect.",
+    )
     scan_interval: float = Field(
         1.0, gt=0, le=60, description="Seconds between renewals of this replica's rooms and scans for orphan rooms."
     )

@@ -72,9 +72,10 @@ class SimEngine:
 
     # lifecycle of rooms
 
-    async def create(self, spec: RoomSpec) -> bool:
+    async def create(self, spec: RoomSpec, match: dict[str, Any] | None = None) -> bool:
         """Register the room; False when it exists. This replica adopts it at once (see store.py)."""
-        if not await self.store.register(spec.room, spec.as_dict()):
+        entry = spec.as_dict() if match is None else spec.as_dict() | {"match": match}
+        if not await self.store.register(spec.room, entry):
             return False
         if len(self.rooms) < self.max_rooms and await self.store.adopt(spec.room, self.node, self.lease_ttl):
             await self._start(spec)

@@ -105,7 +105,8 @@ class RoomSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoomSpec:
-        return cls(**dict(data))
+        # the registry entry may carry the matchmaker's "match" block beside the spec (see matchmaker.py)
+        return cls(**{key: value for key, value in data.items() if key != "match"})
 
 
 @dataclass(frozen=True, slots=True)

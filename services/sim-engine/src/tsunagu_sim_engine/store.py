@@ -66,6 +66,15 @@ class RoomStore(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def snapshot(self, room: str) -> dict[str, Any] | None: ...
 
+    # Seats (matchmaking): a seat is held until its expiry; a full room refuses a new session.
+    @abc.abstractmethod
+    async def reserve_seat(self, room: str, session: str, ttl: float, max_clients: int) -> bool:
+        """Hold (or refresh) `session`'s seat for `ttl` seconds; False when the room is full."""
+
+    @abc.abstractmethod
+    async def seats(self, room: str) -> int:
+        """Seats held now (expired ones are not counted)."""
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -76,6 +85,7 @@ class MemoryRoomStore(RoomStore):
         self._specs: dict[str, dict[str, Any]] = {}
         self._snapshots: dict[str, str] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._seats: dict[str, dict[str, float]] = {}
 
     def _holder(self, room: str) -> str | None:
         lease = self._leases.get(room)
@@ -92,12 +102,29 @@ class MemoryRoomStore(RoomStore):
     async def spec(self, room: str) -> dict[str, Any] | None:
         return self._specs.get(room)
 
+    def _live_seats(self, room: str) -> dict[str, float]:
+        now = time.monotonic()
+        held = {s: t for s, t in self._seats.get(room, {}).items() if t > now}
+        self._seats[room] = held
+        return held
+
+    async def reserve_seat(self, room: str, session: str, ttl: float, max_clients: int) -> bool:
+        held = self._live_seats(room)
+        if session not in held and len(held) >= max_clients:
+            return False
+        held[session] = time.monotonic() + ttl
+        return True
+
+    async def seats(self, room: str) -> int:
+        return len(self._live_seats(room))
+
     async def specs(self) -> dict[str, dict[str, Any]]:
         return dict(self._specs)
 
     async def delete(self, room: str) -> bool:
         self._snapshots.pop(room, None)
         self._leases.pop(room, None)
+        self._seats.pop(room, None)
         return self._specs.pop(room, None) is not None
 
     async def adopt(self, room: str, node: str, ttl: float) -> bool:
@@ -150,6 +177,20 @@ redis.call('SET', KEYS[3], ARGV[4])
 return 1
 """
 
+# KEYS[1] the room's seat zset (member session, score expiry in ms of server time); ARGV session, ttl ms, max.
+# One script so two replicas filling the last seat at once cannot both win it.
+_SEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -169,6 +210,7 @@ class RedisRoomStore(RedisStore, RoomStore):
         self._renew = self.redis.register_script(_RENEW)
         self._save = self.redis.register_script(_SAVE)
         self._release = self.redis.register_script(_RELEASE)
+        self._seat = self.redis.register_script(_SEAT)
 
     def _rooms(self) -> str:
         return f"{self._tagged}:rooms"
@@ -193,7 +235,7 @@ class RedisRoomStore(RedisStore, RoomStore):
     async def delete(self, room: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._rooms(), room)
-            pipe.delete(self._snap(room), self._lease(room))
+            pipe.delete(self._snap(room), self._lease(room), self._seats_key(room))
             removed, _ = await pipe.execute()
         return bool(removed)
 
@@ -222,3 +264,16 @@ class RedisRoomStore(RedisStore, RoomStore):
     async def snapshot(self, room: str) -> dict[str, Any] | None:
         raw = await self.redis.get(self._snap(room))
         return None if raw is None else json.loads(raw)
+
+    def _seats_key(self, room: str) -> str:
+        return f"{self._tagged}:seats:{room}"
+
+    async def reserve_seat(self, room: str, session: str, ttl: float, max_clients: int) -> bool:
+        args: list[str | int] = [session, max(1, int(ttl * 1000)), max_clients]
+        return int(await self._seat(keys=[self._seats_key(room)], args=args)) == 1
+
+    async def seats(self, room: str) -> int:
+        key = self._seats_key(room)
+        t = await self.redis.time()
+        now = int(t[0]) * 1000 + int(t[1]) // 1000
+        return int(await self.redis.zcount(key, now + 1, "+inf"))

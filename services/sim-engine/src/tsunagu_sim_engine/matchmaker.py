@@ -1,0 +1,149 @@
+"""Matchmaking: join-or-create by kind and filters, seats held for a time, locked and private rooms.
+
+The model is Colyseus's `joinOrCreate` / `reserveSeatFor`: a client asks for a kind and filters
+(mode, region); the matchmaker seats it in a public, unlocked room of that kind whose filters match and
+which has a free seat, or creates one. A seat is a reservation held in the room store (Redis on a real
+stack, so every sim-engine replica sees the same counts, and one script decides the last seat); the
+client keeps it alive while connected and it expires `seat_ttl` seconds after the last refresh — that is
+also the reconnection window. Created rooms spread over replicas through the existing leases.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from tsunagu_sim_engine.engine import SimEngine
+from tsunagu_sim_engine.room import RoomSpec
+from tsunagu_sim_engine.store import RoomStore
+
+_FILTER = re.compile(r"^[A-Za-z0-9_.-]{0,32}$")
+_SESSION = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_CLIENTS_LIMIT = 10_000
+
+
+class MatchError(Exception):
+    """A request the matchmaker refuses: `error` is the machine code, the message says why."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRequest:
+    kind: str
+    session: str
+    mode: str = ""
+    region: str = ""
+    max_clients: int = 16
+    private: bool = False
+    room: str | None = None  # join this room by name (a private room is only reachable this way)
+
+    @classmethod
+    def parse(cls, body: Any) -> MatchRequest:
+        if not isinstance(body, dict):
+            raise MatchError(400, "bad_request", "the body is a JSON object")
+        kind, session = body.get("kind"), body.get("session")
+        if not isinstance(session, str) or not _SESSION.match(session):
+            raise MatchError(400, "bad_request", "session is 1 to 128 characters of A-Z a-z 0-9 _ . : -")
+        if body.get("room") is None and not isinstance(kind, str):
+            raise MatchError(400, "bad_request", "kind is a room kind name")
+        filters = {}
+        for key in ("mode", "region"):
+            value = body.get(key, "")
+            if not isinstance(value, str) or not _FILTER.match(value):
+                raise MatchError(400, "bad_request", f"{key} is up to 32 characters of A-Z a-z 0-9 _ . -")
+            filters[key] = value
+        max_clients = body.get("max_clients", 16)
+        if (
+            isinstance(max_clients, bool)
+            or not isinstance(max_clients, int)
+            or not 1 <= max_clients <= MAX_CLIENTS_LIMIT
+        ):
+            raise MatchError(400, "bad_request", f"max_clients is an integer from 1 to {MAX_CLIENTS_LIMIT}")
+        private = body.get("private", False)
+        if not isinstance(private, bool):
+            raise MatchError(400, "bad_request", "private is true or false")
+        room = body.get("room")
+        if room is not None and not isinstance(room, str):
+            raise MatchError(400, "bad_request", "room is a room name")
+        return cls(str(kind or ""), session, filters["mode"], filters["region"], max_clients, private, room)
+
+
+class Matchmaker:
+    def __init__(self, engine: SimEngine, store: RoomStore, seat_ttl: float) -> None:
+        self.engine = engine
+        self.store = store
+        self.seat_ttl = seat_ttl
+
+    async def listing(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Public rooms made by the matchmaker with their live seat counts."""
+        out = []
+        for name, raw in sorted((await self.store.specs()).items()):
+            match = raw.get("match")
+            if not isinstance(match, dict) or match.get("private") or (kind and raw.get("kind") != kind):
+                continue
+            out.append(await self._describe(name, raw))
+        return out
+
+    async def _describe(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        match = raw.get("match") or {}
+        return {
+            "room": name,
+            "kind": raw.get("kind"),
+            **{key: match.get(key) for key in ("mode", "region", "max_clients", "private", "locked")},
+            "clients": await self.store.seats(name),
+        }
+
+    async def join(self, name: str, session: str) -> dict[str, Any]:
+        """Take (or keep: same session, the reconnection path) a seat in the room `name`."""
+        raw = await self.store.spec(name)
+        if raw is None:
+            raise MatchError(404, "not_found", f"no room {name!r}")
+        match = raw.get("match")
+        if not isinstance(match, dict):
+            raise MatchError(409, "not_matchmade", f"room {name!r} was not made by the matchmaker")
+        if match.get("locked"):
+            raise MatchError(423, "locked", f"room {name!r} is locked")
+        if not await self.store.reserve_seat(name, session, self.seat_ttl, int(match["max_clients"])):
+            raise MatchError(409, "full", f"room {name!r} is full ({match['max_clients']} clients)")
+        return {**await self._describe(name, raw), "session": session, "seat_ttl": self.seat_ttl}
+
+    async def join_or_create(self, request: MatchRequest) -> dict[str, Any]:
+        if request.room is not None:
+            return await self.join(request.room, request.session)
+        if not request.private:
+            for name, raw in sorted((await self.store.specs()).items()):
+                match = raw.get("match")
+                if not isinstance(match, dict) or raw.get("kind") != request.kind:
+                    continue
+                if match.get("private") or match.get("locked"):
+                    continue
+                if (match.get("mode"), match.get("region"), match.get("max_clients")) != (
+                    request.mode,
+                    request.region,
+                    request.max_clients,
+                ):
+                    continue
+                # a room filled between listing and reserving is skipped: the seat script decides
+                if await self.store.reserve_seat(name, request.session, self.seat_ttl, request.max_clients):
+                    return {**await self._describe(name, raw), "session": request.session, "seat_ttl": self.seat_ttl}
+        name = f"{request.kind}-{secrets.token_hex(4)}"
+        try:
+            spec = RoomSpec.parse({"room": name, "kind": request.kind})
+        except ValueError as exc:
+            raise MatchError(400, "bad_request", str(exc)) from None
+        match = {
+            "mode": request.mode,
+            "region": request.region,
+            "max_clients": request.max_clients,
+            "private": request.private,
+            "locked": False,
+        }
+        await self.engine.create(spec, match)
+        return await self.join(name, request.session)

@@ -1,0 +1,111 @@
+"""Matchmaking against the memory store and each real Redis engine: seats decide joins across replicas."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi.testclient import TestClient
+from tsunagu_core.broker import MemoryBroker
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.testing import REDIS_ENGINES, redis_engine_url, require_stack
+from tsunagu_sim_engine.app import create_app
+from tsunagu_sim_engine.config import SimSettings
+from tsunagu_sim_engine.engine import SimEngine
+from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest
+from tsunagu_sim_engine.store import MemoryRoomStore, RedisRoomStore, RoomStore
+
+
+@pytest.fixture(params=["memory", *REDIS_ENGINES])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RoomStore]:
+    if request.param == "memory":
+        yield MemoryRoomStore()
+        return
+    require_stack(f"the {request.param} rooms store")
+    redis_store = RedisRoomStore(redis_engine_url(request.param), f"tsunagu:test-mm:{uuid.uuid4().hex}")
+    await redis_store.start()
+    yield redis_store
+    keys = [k async for k in redis_store.redis.scan_iter(match=f"*{redis_store.prefix}*", count=10000)]
+    if keys:
+        await redis_store.redis.delete(*keys)
+    await redis_store.close()
+
+
+def matchmakers(store: RoomStore, n: int, seat_ttl: float = 30.0) -> list[Matchmaker]:
+    """`n` replicas sharing one store (the real deployment's shape)."""
+    return [
+        Matchmaker(SimEngine(MemoryBroker(), store, node=f"n{i}", max_rooms=100), store, seat_ttl) for i in range(n)
+    ]
+
+
+def ask(session: str, **filters: object) -> MatchRequest:
+    return MatchRequest.parse({"kind": "avatar", "session": session, **filters})
+
+
+async def test_two_join_one_room_other_filters_another_full_refuses(store: RoomStore) -> None:
+    a, b = matchmakers(store, 2)
+    first = await a.join_or_create(ask("s1", mode="duel", region="eu", max_clients=2))
+    second = await b.join_or_create(ask("s2", mode="duel", region="eu", max_clients=2))
+    assert second["room"] == first["room"] and second["clients"] == 2
+    other = await b.join_or_create(ask("s3", mode="duel", region="us", max_clients=2))
+    assert other["room"] != first["room"]
+    # the filters are full: join-or-create makes a new room, joining the full one by name is refused
+    fourth = await a.join_or_create(ask("s4", mode="duel", region="eu", max_clients=2))
+    assert fourth["room"] not in (first["room"], other["room"])
+    with pytest.raises(MatchError, match="is full") as refused:
+        await a.join(first["room"], "s5")
+    assert refused.value.error == "full"
+    listing = {r["room"]: r["clients"] for r in await a.listing("avatar")}
+    assert listing == {first["room"]: 2, other["room"]: 1, fourth["room"]: 1}
+
+
+async def test_a_seat_comes_back_within_the_window_and_is_gone_after(store: RoomStore) -> None:
+    (a,) = matchmakers(store, 1, seat_ttl=0.6)
+    seat = await a.join_or_create(ask("keep", max_clients=1))
+    # within the window the same session gets its seat back though the room is full
+    again = await a.join(seat["room"], "keep")
+    assert again["clients"] == 1
+    with pytest.raises(MatchError, match="full"):
+        await a.join(seat["room"], "stranger")
+    await asyncio.sleep(0.9)
+    assert (await a.listing())[0]["clients"] == 0
+    taken = await a.join(seat["room"], "stranger")
+    assert taken["clients"] == 1
+    with pytest.raises(MatchError, match="full"):
+        await a.join(seat["room"], "keep")
+
+
+async def test_private_rooms_are_not_listed_nor_matched(store: RoomStore) -> None:
+    (a,) = matchmakers(store, 1)
+    private = await a.join_or_create(ask("p1", private=True))
+    assert await a.listing() == []
+    public = await a.join_or_create(ask("p2"))
+    assert public["room"] != private["room"]
+    assert (await a.join(private["room"], "p3"))["clients"] == 2
+
+
+async def test_last_seat_raced_by_many_replicas_goes_to_one(store: RoomStore) -> None:
+    replicas = matchmakers(store, 4)
+    seat = await replicas[0].join_or_create(ask("x0", max_clients=2))
+    results = await asyncio.gather(
+        *(m.join(seat["room"], f"x{i + 1}") for i, m in enumerate(replicas)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+
+
+def test_rest_answers_and_bad_input_is_a_clear_400() -> None:
+    with TestClient(create_app(Runtime(CoreSettings()), SimSettings())) as client:
+        body = {"kind": "avatar", "session": "r1", "max_clients": 1}
+        first = client.post("/v1/matchmake/join-or-create", json=body)
+        assert first.status_code == 200, first.text
+        room = first.json()["room"]
+        assert client.get(f"/v1/rooms/{room}").json()["match"]["max_clients"] == 1
+        full = client.post("/v1/matchmake/join-or-create", json={"room": room, "session": "r2"})
+        assert full.status_code == 409 and full.json()["error"] == "full"
+        assert client.get("/v1/matchmake/rooms").json()["rooms"][0]["clients"] == 1
+        for bad in ({"kind": "avatar"}, {"kind": "avatar", "session": "s", "max_clients": 0}, [1]):
+            answer = client.post("/v1/matchmake/join-or-create", json=bad)
+            assert answer.status_code == 400 and answer.json()["error"] == "bad_request", answer.text
+        nokind = client.post("/v1/matchmake/join-or-create", json={"kind": "nope", "session": "s"})
+        assert nokind.status_code == 400 and "kind is one of" in nokind.json()["message"]
