@@ -57,7 +57,9 @@ async def serve(app: Any, port: int) -> AsyncIterator[None]:
         yield
 
 
-async def y_client(url: str, room: str, tok: str, letter: str, count: int, expect: int, timeout: float = 40) -> Any:
+async def y_client(
+    url: str, room: str, tok: str, letter: str, count: int, expect: int, timeout: float = 40, delay_ms: int = 2
+) -> Any:
     process = await asyncio.create_subprocess_exec(
         "node",
         "y_client.mjs",
@@ -68,6 +70,7 @@ async def y_client(url: str, room: str, tok: str, letter: str, count: int, expec
         str(count),
         str(expect),
         str(timeout),
+        str(delay_ms),
         cwd=JS,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -218,3 +221,91 @@ async def test_real_stack_two_gateways_converge_and_survive_restarts(start_servi
     assert c["text"] == d["text"]
     assert sorted(c["text"]) == sorted("a" * 100 + "b" * 100 + "c" * 150 + "d" * 150)
     assert await stored_text(collab.base, doc, 500, timeout=30) == c["text"]
+
+
+def applied(base: str) -> float:
+    """Updates this collab replica applied and published (its /metrics)."""
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("tsunagu_collab_updates_applied_total "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_two_collab_replicas_share_the_documents_and_one_is_killed(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    """Two collab replicas in one consumer group on the 6-partition updates topic; pycrdt writers (and two
+    stock y-websocket clients) edit eight documents through a gateway. The second replica joins while
+    the first holds every document in memory, takes some partitions, compacts as it goes, and is killed
+    -9 mid-stream; the first takes its partitions back. Every document ends with every update once, each
+    writer's in its order, in the store, at every writer and at a late joiner."""
+    run = uuid.uuid4().hex[:8]
+    collab_port = pick_port()
+    collab_env, gateway_env = stack_envs(real_env, collab_port)
+    # A group of its own, that every run reuses: a new group would first replay the whole topic.
+    collab_env |= {"TSUNAGU_COLLAB_CONSUMER_GROUP": "collab-e2e-replicas", "TSUNAGU_COLLAB_COMPACT_MAX_UPDATES": "20"}
+    survivor = start_service(["serve", "collab"], collab_env, port=collab_port)
+    gateway = start_service(["serve", "ws-gateway"], gateway_env)
+    for service in (survivor, gateway):
+        await asyncio.to_thread(service.wait_ready, 90)
+    url = f"ws://127.0.0.1:{gateway.port}/collab"
+    writer_token = token("ann", ["collab:*"])
+    docs = [f"replicas-{run}-{n}" for n in range(8)]
+    stop = asyncio.Event()
+    sent: dict[str, int] = {}
+
+    async def write(doc: str, ytext: Text) -> None:
+        count = 0
+        while not stop.is_set():
+            ytext += f"{count:03d},"
+            count += 1
+            await asyncio.sleep(0.03)
+        sent[doc] = count
+
+    async with contextlib.AsyncExitStack() as stack:
+        texts: dict[str, Text] = {}
+        for doc in docs:
+            ydoc: Doc = Doc()
+            texts[doc] = ydoc.get("text", type=Text)
+            websocket = await stack.enter_async_context(connect(f"{url}/{doc}?token={writer_token}"))
+            await stack.enter_async_context(Provider(ydoc, WebsocketChannel(websocket, doc)))
+        await asyncio.sleep(0.5)  # synced with the (empty) documents
+        writers = [asyncio.create_task(write(doc, texts[doc])) for doc in docs]
+        await asyncio.sleep(2)  # the first replica opens every document
+        doomed = start_service(["serve", "collab"], collab_env)
+        await asyncio.to_thread(doomed.wait_ready, 90)
+        async with asyncio.timeout(40):
+            while not await asyncio.to_thread(applied, doomed.base):
+                await asyncio.sleep(0.3)
+        # stock y-websocket clients insert at random places on two documents across the kill
+        letters = [asyncio.create_task(y_client(url, doc, writer_token, "Y", 60, 60, 60, 50)) for doc in docs[:2]]
+        await asyncio.sleep(1.5)
+        doomed.process.kill()  # kill -9 with batches in hand and offsets not committed
+        doomed.process.wait()
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*writers, *letters)
+
+        def wanted(doc: str) -> str:
+            return "".join(f"{n:03d}," for n in range(sent[doc]))
+
+        def complete(text: str, doc: str) -> bool:
+            return len(text) >= len(wanted(doc)) + (60 if doc in docs[:2] else 0)
+
+        # the survivor waits out the dead member's session, then applies its partitions' backlog
+        async with asyncio.timeout(40):
+            while not all(complete(str(texts[doc]), doc) for doc in docs):
+                await asyncio.sleep(0.2)
+        for doc in docs:
+            text = str(texts[doc])
+            assert text.replace("Y", "") == wanted(doc), f"{doc}: lost, doubled or reordered updates"
+            assert text.count("Y") == (60 if doc in docs[:2] else 0)
+            assert await stored_text(survivor.base, doc, len(text)) == text
+            late: Doc = Doc()
+            late_text = late.get("text", type=Text)
+            async with (
+                connect(f"{url}/{doc}?token={writer_token}") as websocket,
+                Provider(late, WebsocketChannel(websocket, doc)),
+            ):
+                assert await wait_text(late_text, len(text)) == text
+    assert min(sent.values()) > 50

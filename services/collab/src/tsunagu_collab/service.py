@@ -8,6 +8,13 @@ history, so a gateway catches up by offset) -> return, and only then the bus com
 Runs are per client because the gateway skips the connection an update came from. A replica that
 dies before the commit has its updates replayed by the next owner of the partition; Yjs updates are
 idempotent, so a replay changes nothing. A malformed update goes to the dead-letter topic.
+
+Several replicas share the partitions, and a partition moves when one joins or dies. The in-memory Doc
+of a document whose partition another replica consumed meanwhile lacks that replica's updates, so:
+a batch that does not start where this replica last left its partition drops that partition's
+documents from memory (the next update reopens them from the store); late joiners get the state
+from the store, never from memory (this replica may no longer own the document); and compaction
+merges into the stored snapshot instead of replacing it (a stale replica evicting its copy loses nothing).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class OpenDoc:
     appended_bytes: int = 0
     appended: int = 0
     last_seq: int = 0
+    partition: tuple[str, int] | None = None  # the Kafka partition its updates last came from
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -105,6 +113,8 @@ class DocService:
         self.node = node
         self.docs: dict[str, OpenDoc] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        # per Kafka partition: the offset after the last event this replica handled
+        self._next_offset: dict[tuple[str, int], int] = {}
 
     def publish_options(self) -> PublishOptions:
         return PublishOptions(
@@ -134,8 +144,28 @@ class DocService:
 
     # the Kafka consumer
 
+    def _follow(self, messages: Sequence[BusMessage]) -> None:
+        """Drop from memory the documents of a partition another replica consumed since this one last
+        did (the batch starts past where it left off): they lack the other replica's updates. A batch
+        starting before is a replay of events this replica applied already (idempotent), not a gap."""
+        first = messages[0]
+        pair = (first.topic, first.partition)
+        expected = self._next_offset.get(pair)
+        if expected is not None and first.offset > expected:
+            stale = [doc for doc, opened in self.docs.items() if opened.partition == pair]
+            for doc in stale:
+                del self.docs[doc]
+            if stale:
+                log.info("partition %s[%d] was consumed elsewhere: reloading %d documents", *pair, len(stale))
+            OPEN_DOCS.set(len(self.docs))
+        self._next_offset[pair] = max(m.offset for m in messages) + 1
+
     async def handle_batch(self, messages: Sequence[BusMessage]) -> list[Rejected]:
         rejected: list[Rejected] = []
+        if not messages:
+            return rejected
+        self._follow(messages)  # a batch is one partition's events
+        partition = (messages[0].topic, messages[0].partition)
         by_doc: dict[str, list[tuple[BusMessage, CollabUpdate]]] = {}  # in Kafka order
         for message in messages:
             try:
@@ -148,7 +178,7 @@ class DocService:
             by_doc.setdefault(update.doc, []).append((message, update))
         publications: list[PublishRequest] = []
         for doc, pairs in by_doc.items():
-            published, malformed = await self._apply_many(doc, [update for _, update in pairs])
+            published, malformed = await self._apply_many(doc, [update for _, update in pairs], partition)
             publications += published
             rejected += [Rejected(pairs[index][0], reason) for index, reason in malformed]
         if publications:
@@ -164,11 +194,13 @@ class DocService:
             APPLIED.inc(len(publications))
 
     async def _apply_many(
-        self, doc: str, updates: Sequence[CollabUpdate]
+        self, doc: str, updates: Sequence[CollabUpdate], partition: tuple[str, int] | None = None
     ) -> tuple[list[PublishRequest], list[tuple[int, str]]]:
         """Apply and persist a document's updates in order: the publications to make for them, and
         the malformed ones (their index and why)."""
         opened = await self.open(doc)
+        if partition is not None:
+            opened.partition = partition
         options = self.publish_options()
         publications = []
         malformed = []
@@ -238,12 +270,9 @@ class DocService:
         """The document and the channel position it includes (every publication up to `offset`)."""
         check_doc(doc)
         # Position first, then the state: every update published up to that offset was persisted
-        # (and applied in memory) before it was published.
+        # before it was published. From the store, not memory: the replica that now owns the
+        # document's partition may be another one, and this one's copy may lack its updates.
         position = (await self.broker.history(channel_of(doc), limit=0)).position
-        opened = self.docs.get(doc)
-        if opened is not None:
-            async with opened.lock:
-                return opened.ydoc.get_update(), position.offset, position.epoch, opened.ydoc
         stored = await self.store.load(doc)
         ydoc = doc_from([stored.snapshot, *stored.updates])
         return ydoc.get_update(), position.offset, position.epoch, ydoc

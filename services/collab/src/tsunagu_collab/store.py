@@ -10,6 +10,7 @@ import abc
 import time
 from dataclasses import dataclass, field
 
+from pycrdt import Doc
 from tsunagu_core.database import Migration, Postgres
 
 MIGRATIONS = (
@@ -41,6 +42,18 @@ MIGRATIONS = (
 )
 
 
+def fold(stored: bytes, updates: list[bytes], snapshot: bytes) -> bytes:
+    """One Yjs update holding everything in the stored snapshot, the updates and the new snapshot (applied
+    to a Doc rather than `merge_updates`d, so deleted content is collected as in any snapshot)."""
+    parts = [part for part in (stored, *updates, snapshot) if part]
+    if len(parts) <= 1:
+        return parts[0] if parts else b""
+    ydoc: Doc = Doc()
+    for part in parts:
+        ydoc.apply_update(part)
+    return ydoc.get_update()
+
+
 @dataclass(frozen=True, slots=True)
 class StoredDoc:
     snapshot: bytes
@@ -70,7 +83,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def compact(self, doc: str, snapshot: bytes, through_seq: int) -> None:
-        """Replace the snapshot with `snapshot`, which includes every update up to `through_seq`."""
+        """Fold `snapshot` (which includes every update up to `through_seq`) into the stored snapshot and
+        drop those updates. Merged, not replaced: `snapshot` may come from a replica whose copy missed
+        updates another replica compacted meanwhile, and Yjs updates merge without loss."""
 
     @abc.abstractmethod
     async def delete(self, doc: str) -> bool: ...
@@ -109,7 +124,7 @@ class MemoryStore(Store):
 
     async def compact(self, doc: str, snapshot: bytes, through_seq: int) -> None:
         state = self.docs.setdefault(doc, _MemoryDoc())
-        state.snapshot = snapshot
+        state.snapshot = fold(state.snapshot, [u for s, u in state.updates if s <= through_seq], snapshot)
         state.updates = [(s, u) for s, u in state.updates if s > through_seq]
 
     async def delete(self, doc: str) -> bool:
@@ -149,11 +164,15 @@ class PostgresStore(Store):
 
     async def compact(self, doc: str, snapshot: bytes, through_seq: int) -> None:
         async with self.database.pool.acquire() as conn, conn.transaction():
+            # The row lock orders concurrent compactions of one document (two replicas around a rebalance).
+            await conn.execute("INSERT INTO collab_documents (doc) VALUES ($1) ON CONFLICT DO NOTHING", doc)
+            stored = await conn.fetchval("SELECT snapshot FROM collab_documents WHERE doc = $1 FOR UPDATE", doc)
+            rows = await conn.fetch(
+                "SELECT update FROM collab_updates WHERE doc = $1 AND seq <= $2 ORDER BY seq", doc, through_seq
+            )
+            merged = fold(bytes(stored or b""), [bytes(r["update"]) for r in rows], snapshot)
             await conn.execute(
-                """INSERT INTO collab_documents (doc, snapshot, updated_at) VALUES ($1, $2, now())
-                   ON CONFLICT (doc) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_at = now()""",
-                doc,
-                snapshot,
+                "UPDATE collab_documents SET snapshot = $2, updated_at = now() WHERE doc = $1", doc, merged
             )
             await conn.execute("DELETE FROM collab_updates WHERE doc = $1 AND seq <= $2", doc, through_seq)
 
