@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from tsunagu.devpki import DevPki
 from tsunagu.stack import proc
 from tsunagu.stack.base import Component
 from tsunagu.stack.redis import PrivateRedis, redis_server
@@ -59,6 +60,22 @@ def _primary_address(port: int, service: str, timeout: float = 5) -> tuple[str, 
     """The primary that the sentinel on `port` names for `service`."""
     host, primary = _sentinel(port, timeout).sentinel_get_master_addr_by_name(service)
     return host.decode() if isinstance(host, bytes) else str(host), int(primary)
+
+
+def _tls_config(pki: DevPki | None, port: int) -> list[str]:
+    """redis.conf lines of a server that also serves TLS clients on `port` with the development CA's server
+    certificate, requiring client certificates, and speaks TLS to its peers (cluster bus, replication);
+    its plain port stays for the harness's own probes."""
+    if pki is None:
+        return []
+    return [
+        f"tls-port {port}",
+        f"tls-cert-file {pki.server_cert}",
+        f"tls-key-file {pki.server_key}",
+        f"tls-ca-cert-file {pki.ca_cert}",
+        "tls-auth-clients yes",
+        "tls-replication yes",
+    ]
 
 
 def _wait(what: str, condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> None:
@@ -107,7 +124,9 @@ class _ServerSet:
 class PrivateRedisCluster(_ServerSet):
     """`primaries` primaries with `replicas` replicas each, the slots split evenly; a node is judged
     failed after `node_timeout_ms` (a failover then takes ~2-3 s). `ports`: fixed client ports (the
-    stack's); by default free ones, and every cluster bus port is chosen free too."""
+    stack's); by default free ones, and every cluster bus port is chosen free too. `tls`: the nodes also
+    serve TLS (mTLS) on ports of their own, announce those in the slot map and speak TLS on the bus;
+    `url` is then `rediss-cluster://` over them."""
 
     def __init__(
         self,
@@ -119,6 +138,7 @@ class PrivateRedisCluster(_ServerSet):
         ports: Sequence[int] = (),
         bus_ports: Sequence[int] = (),
         start_timeout: float = 30.0,
+        tls: DevPki | None = None,
     ) -> None:
         count = primaries * (1 + replicas)
         self.directory = Path(directory)
@@ -127,6 +147,7 @@ class PrivateRedisCluster(_ServerSet):
         self.start_timeout = start_timeout
         ports = list(ports) or _free_ports(count)
         bus_ports = list(bus_ports) or _free_ports(count, avoid=ports)
+        self.tls_ports = _free_ports(count, avoid=[*ports, *bus_ports]) if tls is not None else []
         if len(ports) != count or len(bus_ports) != count:
             raise StackError(f"a cluster of {primaries} primaries with {replicas} replicas each needs {count} ports")
         self.servers = [
@@ -141,10 +162,13 @@ class PrivateRedisCluster(_ServerSet):
                     # a replica takes over at once, however long it was cut off (a test kills primaries)
                     "cluster-replica-validity-factor 0",
                     *_REPLICATION,
+                    *_tls_config(tls, tls_port),
+                    # the slot map and MOVED then name the TLS ports (Redis 7.0 announces one port)
+                    *(["tls-cluster yes"] if tls is not None else []),
                 ],
                 start_timeout=start_timeout,
             )
-            for port, bus in zip(ports, bus_ports, strict=True)
+            for port, bus, tls_port in zip(ports, bus_ports, self.tls_ports or ports, strict=True)
         ]
         self.bus_ports = bus_ports
 
@@ -155,6 +179,8 @@ class PrivateRedisCluster(_ServerSet):
     @property
     def url(self) -> str:
         """What `TSUNAGU_REDIS_URL` is set to (every node a seed)."""
+        if self.tls_ports:
+            return "rediss-cluster://" + ",".join(f"{HOST}:{port}" for port in self.tls_ports)
         return "redis-cluster://" + ",".join(f"{HOST}:{port}" for port in self.ports)
 
     def start(self) -> PrivateRedisCluster:
@@ -269,7 +295,9 @@ def _known_nodes(client: redis.Redis) -> list[str]:
 
 class PrivateRedisSentinel(_ServerSet):
     """A primary with `replicas` replicas watched by `sentinels` sentinels (quorum: a majority), which
-    judge it down after `down_after_ms` and promote a replica (~2-4 s in all)."""
+    judge it down after `down_after_ms` and promote a replica (~2-4 s in all). `tls`: every server and
+    sentinel also serves TLS (mTLS) on a port of its own, announced to the sentinels (and by them to
+    clients) in place of the plain one, and they speak TLS to each other; `url` is `rediss-sentinel://`."""
 
     def __init__(
         self,
@@ -282,6 +310,7 @@ class PrivateRedisSentinel(_ServerSet):
         ports: Sequence[int] = (),
         sentinel_ports: Sequence[int] = (),
         start_timeout: float = 30.0,
+        tls: DevPki | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.service = service
@@ -290,13 +319,24 @@ class PrivateRedisSentinel(_ServerSet):
         sentinel_ports = list(sentinel_ports) or _free_ports(sentinels, avoid=ports)
         if len(ports) != 1 + replicas or len(sentinel_ports) != sentinels:
             raise StackError(f"a primary with {replicas} replicas and {sentinels} sentinels needs as many ports")
+        # plain port -> TLS port; what the servers announce and replicate on with `tls`
+        self.tls_ports: dict[int, int] = {}
+        if tls is not None:
+            chosen = _free_ports(len(ports) + len(sentinel_ports), avoid=[*ports, *sentinel_ports])
+            self.tls_ports = dict(zip([*ports, *sentinel_ports], chosen, strict=True))
+        announced = self.tls_ports or {port: port for port in [*ports, *sentinel_ports]}
         primary = ports[0]
+
+        def data_config(port: int) -> list[str]:
+            lines = [*_REPLICATION, *([] if port == primary else [f"replicaof {HOST} {announced[primary]}"])]
+            if tls is not None:
+                # the primary lists a replica at the port it announces: its TLS one
+                lines += [*_tls_config(tls, announced[port]), f"replica-announce-port {announced[port]}"]
+            return lines
+
         self.data_servers = [
             PrivateRedis(
-                self.directory / f"redis-{port}",
-                port=port,
-                config=[*_REPLICATION, *([] if port == primary else [f"replicaof {HOST} {primary}"])],
-                start_timeout=start_timeout,
+                self.directory / f"redis-{port}", port=port, config=data_config(port), start_timeout=start_timeout
             )
             for port in ports
         ]
@@ -307,10 +347,16 @@ class PrivateRedisSentinel(_ServerSet):
                 port=port,
                 sentinel=True,
                 config=[
-                    f"sentinel monitor {service} {HOST} {primary} {quorum}",
+                    f"sentinel monitor {service} {HOST} {announced[primary]} {quorum}",
                     f"sentinel down-after-milliseconds {service} {down_after_ms}",
                     f"sentinel failover-timeout {service} 10000",
                     f"sentinel parallel-syncs {service} {replicas}",
+                    # the other sentinels (over TLS with `tls`) reach it at the port it announces
+                    *(
+                        [*_tls_config(tls, announced[port]), f"sentinel announce-port {announced[port]}"]
+                        if tls is not None
+                        else []
+                    ),
                 ],
                 start_timeout=start_timeout,
             )
@@ -321,7 +367,14 @@ class PrivateRedisSentinel(_ServerSet):
     @property
     def url(self) -> str:
         """What `TSUNAGU_REDIS_URL` is set to."""
+        if self.tls_ports:
+            sentinels = ",".join(f"{HOST}:{self.tls_ports[s.port]}" for s in self.sentinels)
+            return f"rediss-sentinel://{sentinels}#{self.service}"
         return "redis-sentinel://" + ",".join(f"{HOST}:{s.port}" for s in self.sentinels) + f"#{self.service}"
+
+    def _server_at(self, port: int) -> PrivateRedis:
+        """The data server a sentinel names by `port` (its TLS one with `tls`)."""
+        return next(server for server in self.data_servers if port in (server.port, self.tls_ports.get(server.port)))
 
     def start(self) -> PrivateRedisSentinel:
         for server in self.data_servers:
@@ -336,7 +389,7 @@ class PrivateRedisSentinel(_ServerSet):
     def primary(self) -> PrivateRedis:
         """The data server the sentinels name as primary now."""
         _, port = _primary_address(self._live_sentinel().port, self.service)
-        return next(server for server in self.data_servers if server.port == int(port))
+        return self._server_at(int(port))
 
     def _live_sentinel(self) -> PrivateRedis:
         return next(sentinel for sentinel in self.sentinels if sentinel.running)
@@ -375,7 +428,7 @@ class PrivateRedisSentinel(_ServerSet):
         def promoted() -> bool:
             for sentinel in self.sentinels:
                 _, port = _primary_address(sentinel.port, self.service)
-                if int(port) == killed.port:
+                if self._server_at(int(port)) is killed:
                     return False
             return _client(self.primary().port).info("replication").get("role") == "master"
 
