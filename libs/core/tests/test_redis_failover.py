@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 from tsunagu_core.broker import BrokerError, Publication, PublishOptions, PublishRequest, StreamPosition
 from tsunagu_core.broker.redis import RedisBroker
 from tsunagu_core.testing import eventually, require_stack
@@ -228,3 +229,56 @@ async def test_a_slot_moved_to_another_primary_is_followed_by_publishers_and_sub
     missing = [data for data in [*before, *after, *late] if data not in state.received]
     assert not missing or state.told_lost, f"{len(missing)} publications silently missed"
     assert all(data in state.received for data in late)
+
+
+async def test_publish_and_ssubscribe_during_a_slot_migration_follow_ask_redirections(
+    cluster: PrivateRedisCluster,
+) -> None:
+    """Mid-reshard (the slot MIGRATING on its owner, IMPORTING on the target, its keys moved already),
+    the owner answers the publish script with ASK: publications are accepted in order and readable in
+    history, a subscriber that joins meanwhile (still on the owner) and one from before both end with
+    every publication or are told their position is lost once the slot has moved."""
+    name = new_channels()[0]
+    prefix = f"test-ask-{uuid.uuid4().hex[:8]}"
+    publisher = RedisBroker(cluster.url, prefix=prefix, retry_max=0.5)
+    nodes = [RedisBroker(cluster.url, prefix=prefix, retry_max=0.5) for _ in range(2)]
+    subscribers = [RecoveringSubscriber(node, [name]) for node in nodes]
+    for node, subscriber in zip(nodes, subscribers, strict=True):
+        node.set_handler(subscriber)
+        await node.start()
+    await publisher.start()
+    sent: list[bytes] = []
+    try:
+        await nodes[0].subscribe(name)
+        before = [f"before-{i}".encode() for i in range(10)]
+        await publisher.publish_many([PublishRequest(name, data, KEEP) for data in before])
+        sent += before
+        await eventually(lambda: len(subscribers[0].channels[name].received) == 10)
+        move = await asyncio.to_thread(cluster.start_slot_move, "{" + name + "}")
+        await nodes[1].subscribe(name)  # the owner still owns the slot: SSUBSCRIBE is served there
+        during = [f"during-{i}".encode() for i in range(10)]
+        results = [await publisher.publish(name, data, KEEP) for data in during]
+        sent += during
+        assert [r.offset for r in results] == sorted({r.offset for r in results}), "offsets out of order"
+        history = await publisher.history(name)
+        assert [p.data for p in history.publications][-10:] == during
+        stats = await asyncio.to_thread(redis.Redis(port=move.target.port).info, "commandstats")
+        assert stats.get("cmdstat_asking", {}).get("calls", 0) >= 10, "the owner never redirected with ASK"
+        await asyncio.to_thread(cluster.finish_slot_move, move)
+        await eventually(lambda: all(s.recoveries >= 1 for s in subscribers), timeout=10)
+        late = [f"late-{i}".encode() for i in range(5)]
+        for data in late:
+            await publisher.publish(name, data, KEEP)
+        sent += late
+        states = [s.channels[name] for s in subscribers]
+        await eventually(lambda: all(state.received[-1:] == late[-1:] for state in states), timeout=10)
+    finally:
+        await publisher.close()
+        for node in nodes:
+            await node.close()
+    for index, state in enumerate(states):
+        assert not state.gaps, state.gaps
+        expected = sent if index == 0 else [*during, *late]
+        missing = [data for data in expected if data not in state.received]
+        assert not missing or state.told_lost, f"subscriber {index}: {len(missing)} publications silently missed"
+        assert all(data in state.received for data in late)

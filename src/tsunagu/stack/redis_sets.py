@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -119,6 +120,17 @@ class _ServerSet:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class SlotMove:
+    """A slot being moved between two primaries (`PrivateRedisCluster.start_slot_move`)."""
+
+    slot: int
+    source: PrivateRedis
+    target: PrivateRedis
+    target_id: str
+    owners: set[int]
 
 
 class PrivateRedisCluster(_ServerSet):
@@ -244,17 +256,22 @@ class PrivateRedisCluster(_ServerSet):
         slot = int(client.cluster("keyslot", key))
         for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
             if start <= slot <= end:
-                port = int(primary[1])
-                return next(server for server in self.servers if server.port == port)
+                return self._server_at(int(primary[1]))
         raise StackError(f"no node serves slot {slot}")
 
     def move_slot_of(self, key: str) -> PrivateRedis:
         """Reshard: move `key`'s slot, with its keys, to another primary (as `redis-cli --cluster
         reshard` does); returns the new owner."""
+        return self.finish_slot_move(self.start_slot_move(key))
+
+    def start_slot_move(self, key: str) -> SlotMove:
+        """The first half of a reshard: `key`'s slot MIGRATING on its owner and IMPORTING on another
+        primary, its keys moved there; the owner still owns the slot, so commands on its keys now get
+        ASK redirections to the target."""
         source = self.primary_of(key)
         src = _client(source.port)
         slot = int(src.cluster("keyslot", key))
-        owners = {int(entry[2][1]) for entry in src.execute_command("CLUSTER", "SLOTS")}
+        owners = {self._server_at(int(entry[2][1])).port for entry in src.execute_command("CLUSTER", "SLOTS")}
         target = next(s for s in self.servers if s.running and s.port in owners and s is not source)
         dst = _client(target.port)
         source_id, target_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (src, dst))
@@ -262,12 +279,21 @@ class PrivateRedisCluster(_ServerSet):
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+        return SlotMove(slot, source, target, target_id, owners)
+
+    def finish_slot_move(self, move: SlotMove) -> PrivateRedis:
+        """The slot's new owner is the target, told to every primary; returns the target."""
         # The target first, then the source, then the others, as the Redis Cluster specification orders it
         # (the source first would leave a moment in which each redirects to the other).
-        for port in sorted(owners, key=lambda p: (p != target.port, p != source.port)):
-            _client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for port in sorted(move.owners, key=lambda p: (p != move.target.port, p != move.source.port)):
+            _client(port).execute_command("CLUSTER", "SETSLOT", move.slot, "NODE", move.target_id)
         self.wait_healthy()
-        return target
+        return move.target
+
+    def _server_at(self, port: int) -> PrivateRedis:
+        """The node the slot map names by `port` (its TLS one with `tls`)."""
+        tls = dict(zip(self.ports, self.tls_ports, strict=False))
+        return next(server for server in self.servers if port in (server.port, tls.get(server.port)))
 
     def kill_primary_of(self, key: str) -> PrivateRedis:
         """kill -9 the primary holding `key`; its replica is promoted after the node timeout."""
@@ -280,7 +306,7 @@ class PrivateRedisCluster(_ServerSet):
 
         def promoted() -> bool:
             client = _client(next(server.port for server in self.servers if server.running))
-            owners = {int(entry[2][1]) for entry in client.execute_command("CLUSTER", "SLOTS")}
+            owners = {self._server_at(int(entry[2][1])).port for entry in client.execute_command("CLUSTER", "SLOTS")}
             info = client.cluster("info")
             return killed.port not in owners and info.get("cluster_state") == "ok"
 
