@@ -272,7 +272,9 @@ export class BoardView implements View {
     context: AppContext,
     add: (offset: number, data: unknown) => void,
   ): void {
-    const sub = existing ?? context.client.newSubscription(channel);
+    // Fossil deltas where the namespace grants them (stream: does): a ticker update differs from the last
+    // in a few digits. Other namespaces answer without delta and publications come in full.
+    const sub = existing ?? context.client.newSubscription(channel, { delta: 'fossil' });
     sub.on('publication', (ctx: PublicationContext) => {
       if (ctx.offset !== undefined) add(ctx.offset, ctx.data);
     });

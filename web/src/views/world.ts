@@ -81,7 +81,8 @@ export class WorldView implements View {
       ),
     );
     const channel = `sim:${room}`;
-    this.sub = client.getSubscription(channel) ?? client.newSubscription(channel);
+    // Fossil deltas (the sim: namespace grants them): one world state differs from the last in a few entities.
+    this.sub = client.getSubscription(channel) ?? client.newSubscription(channel, { delta: 'fossil' });
     this.sub.on('publication', (ctx) => this.apply(ctx.data));
     this.sub.on('error', (ctx) => console.warn(`${channel}:`, ctx.error));
     this.sub.subscribe();

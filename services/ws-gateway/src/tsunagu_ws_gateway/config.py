@@ -128,6 +128,9 @@ class ChannelOptions(BaseModel):
     allow_recovery: bool = False
     # Subscribers may filter publications by their tags (the SDKs' `tagsFilter`).
     allow_tags_filter: bool = False
+    # Delta formats subscribers may ask for (the SDKs' `delta: "fossil"`): each publication then reaches
+    # them as a fossil delta against the previous one they got, the first after subscribing in full.
+    allowed_delta_types: list[Literal["fossil"]] = Field(default_factory=list)
     presence: bool = False
     join_leave: bool = False
     # Backends that decide instead of the permissions above (names in TSUNAGU_GATEWAY_PROXIES).
@@ -177,11 +180,12 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     # Channels without a namespace, e.g. "news".
     "": ChannelOptions(),
     "chat": ChannelOptions(presence=True, join_leave=True),
-    "stream": ChannelOptions(allow_publish="none", history_size=10, history_ttl=300),
+    # Kafka feeds from stream-ingest; subscribers may take fossil deltas (a feed's records look alike).
+    "stream": ChannelOptions(allow_publish="none", history_size=10, history_ttl=300, allowed_delta_types=["fossil"]),
     # Device telemetry from mqtt-bridge; a client publish is a command to the device (mqtt-bridge).
     "mqtt": ChannelOptions(history_size=10, history_ttl=300, forward="mqtt-command"),
     # Room state from sim-engine; clients publish inputs to sim:<room>.input for the engine.
-    "sim": ChannelOptions(history_size=0, recovery=False, forward="sim-input"),
+    "sim": ChannelOptions(history_size=0, recovery=False, forward="sim-input", allowed_delta_types=["fossil"]),
     # Yjs documents at /collab/{doc}: read = may subscribe, write = may publish to collab:{doc}.
     "collab": ChannelOptions(history_size=1000, history_ttl=3600, client_publish=False),
     # Services' answers to one user's forwarded requests: replies:<kind>#<user>.

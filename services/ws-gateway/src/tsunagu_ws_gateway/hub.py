@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from tsunagu_core.broker import Broker, ClientInfo, Publication, PublishOptions
 
 from tsunagu_ws_gateway.config import ChannelOptions, GatewaySettings
-from tsunagu_ws_gateway.protocol import codes
+from tsunagu_ws_gateway.protocol import codes, fossil
 
 log = logging.getLogger("tsunagu.gateway.hub")
 
@@ -34,6 +34,13 @@ NODE_HEARTBEAT_SECONDS = 5.0
 SUBSCRIPTIONS = Gauge("tsunagu_gateway_subscriptions", "Client subscriptions on this node")
 CHANNELS = Gauge("tsunagu_gateway_channels", "Channels with at least one subscriber on this node")
 DELIVERIES = Counter("tsunagu_gateway_deliveries_total", "Publications queued to client connections")
+DELTA_DELIVERIES = Counter(
+    "tsunagu_gateway_delta_deliveries_total",
+    "Publications queued to delta subscribers, as a delta or in full (first after subscribing, or no gain)",
+    ["payload"],
+)
+DELTA_AS_DELTA = DELTA_DELIVERIES.labels("delta")
+DELTA_IN_FULL = DELTA_DELIVERIES.labels("full")
 # From the publish accepted by the broker (its time_ms, millisecond resolution) to the frame queued for
 # this node's subscribers: fan-out across replicas plus this node's backlog, observed once per node.
 DELIVERY_LAG = Histogram(
@@ -65,6 +72,8 @@ class Subscription:
     positioned: bool = False
     # Only publications whose tags pass reach the subscriber (filters.py).
     tags_filter: Callable[[Mapping[str, str]], bool] | None = None
+    # Fossil deltas against the previous publication (the client asked with `delta: "fossil"`).
+    delta: bool = False
 
 
 class Renderer(Protocol):
@@ -108,6 +117,16 @@ class ChannelOwner(Protocol):
 
 
 @dataclass(slots=True)
+class _DeltaGroup:
+    """The delta subscribers of one renderer on a channel: all hold `base`, the payload of the last
+    publication fanned out here, except the `fresh` ones, which hold nothing of the channel's yet."""
+
+    senders: dict[Subscriber, Callable[[bytes], None]] = field(default_factory=dict)
+    fresh: set[Subscriber] = field(default_factory=set)
+    base: bytes | None = None
+
+
+@dataclass(slots=True)
 class _Channel:
     subscribers: dict[Subscriber, Subscription] = field(default_factory=dict)
     # The hot path: per renderer, the deliver function of every subscriber that is live, so a
@@ -121,6 +140,16 @@ class _Channel:
     filtered: dict[Subscriber, tuple[Callable[[Mapping[str, str]], bool], Callable[[bytes], None]]] = field(
         default_factory=dict
     )
+    # Delta subscribers, off the hot path too: per renderer (a native codec), one delta per publication.
+    deltas: dict[Any, _DeltaGroup] = field(default_factory=dict)
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class Node:
@@ -205,6 +234,9 @@ class Node:
             group.pop(session, None)
         state.pending.pop(session, None)
         state.filtered.pop(session, None)
+        if (deltas := state.deltas.get(session.sink.renderer)) is not None:
+            deltas.senders.pop(session, None)
+            deltas.fresh.discard(session)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
             del self.channels[channel]
@@ -238,6 +270,8 @@ class Node:
                 delivered += len(senders)
         if state.filtered:
             delivered += self._deliver_filtered(channel, state, publication)
+        if state.deltas:
+            delivered += self._deliver_deltas(channel, state, publication)
         if delivered:
             DELIVERIES.inc(delivered)
             if publication.time_ms:
@@ -261,6 +295,38 @@ class Node:
                 delivered += 1
         return delivered
 
+    def _deliver_deltas(self, channel: str, state: _Channel, publication: Publication) -> int:
+        """One delta per renderer against the payload its subscribers hold; those that hold none yet (just
+        subscribed or recovered) get the publication in full, and then hold it like the others."""
+        delivered = 0
+        for renderer, group in state.deltas.items():
+            if not group.senders:
+                continue
+            payload = renderer.delta_base(publication.data)
+            delta_frame = b""
+            if group.base is not None and len(group.fresh) < len(group.senders):
+                delta = fossil.create(group.base, payload)
+                # A JSON client gets the delta inside a JSON string: it must be text (a delta of UTF-8
+                # text may cut a character in two, then the full payload goes instead).
+                if len(delta) < len(payload) and (renderer.binary or _is_text(delta)):
+                    delta_frame = renderer.delta_publication_push(channel, publication, delta, True)
+            full_frame = b""
+            as_delta = 0
+            for session, send in list(group.senders.items()):
+                if delta_frame and session not in group.fresh:
+                    send(delta_frame)
+                    as_delta += 1
+                else:
+                    if not full_frame:
+                        full_frame = renderer.delta_publication_push(channel, publication, payload, False)
+                    send(full_frame)
+            group.fresh.clear()
+            group.base = payload
+            DELTA_AS_DELTA.inc(as_delta)
+            DELTA_IN_FULL.inc(len(group.senders) - as_delta)
+            delivered += len(group.senders)
+        return delivered
+
     def go_live(self, channel: str, session: Subscriber) -> None:
         """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
         state = self.channels.get(channel)
@@ -268,6 +334,10 @@ class Node:
             sink = session.sink
             if subscription.tags_filter is not None:
                 state.filtered[session] = (subscription.tags_filter, sink.deliver)
+            elif subscription.delta:
+                group = state.deltas.setdefault(sink.renderer, _DeltaGroup())
+                group.senders[session] = sink.deliver
+                group.fresh.add(session)
             else:
                 state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
 

@@ -37,6 +37,8 @@ class Subscribe:
     recoverable: bool = False
     # Only publications whose tags match reach this subscriber (where the namespace allows filters).
     tags_filter: TagsFilter | None = None
+    # The delta format asked for ("fossil", the only one), or "" for full payloads.
+    delta: str = ""
     # For the subscribe hook's backend.
     data: bytes = b""
 
@@ -194,8 +196,19 @@ def subscribe_of(
         positioned=_flag(request, "positioned"),
         recoverable=_flag(request, "recoverable"),
         tags_filter=compile_filter(tree) if tree else None,
+        delta=_delta_type(request),
         data=encode(payload, request["data"]) if payload is not None and request.get("data") else b"",
     )
+
+
+DELTA_TYPES = frozenset({"fossil"})
+
+
+def _delta_type(request: Mapping[str, Any]) -> str:
+    delta = _string(request, "delta")
+    if delta and delta not in DELTA_TYPES:
+        raise ReplyError(codes.BAD_REQUEST, f"unknown delta type {delta!r} (the one there is: fossil)")
+    return delta
 
 
 def parse(

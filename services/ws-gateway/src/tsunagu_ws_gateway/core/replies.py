@@ -32,6 +32,8 @@ class SubscribeResult(TypedDict, total=False):
     publications: list[Publication]
     expires: bool
     ttl: int
+    # Publications come as fossil deltas (the client asked and the namespace allows it).
+    delta: bool
     # From a subscribe hook's backend (raw JSON, or bytes for protobuf clients).
     data: bytes
 

@@ -343,6 +343,8 @@ class Session:
             raise ReplyError(codes.LIMIT_EXCEEDED, "too many subscriptions on this connection")
         if request.tags_filter is not None and not options.allow_tags_filter:
             raise ReplyError(codes.BAD_REQUEST, "tags filters are not allowed in this namespace")
+        if request.delta and request.tags_filter is not None:
+            raise ReplyError(codes.BAD_REQUEST, "delta and a tags filter cannot be combined")
         sub_grant = None
         if request.token:
             sub_grant = await gateway.verifier.verify_subscription(request.token, self.user, channel)
@@ -370,7 +372,9 @@ class Session:
         if subscription.expires_at is not None and not subscription.options.sub_refresh_proxy:
             result["expires"] = True
             result["ttl"] = max(0, int(subscription.expires_at - time.time()))
-        positioned, matches = subscription.positioned, subscription.tags_filter
+        positioned, matches, delta = subscription.positioned, subscription.tags_filter, subscription.delta
+        if delta:
+            result["delta"] = True
 
         def flush() -> None:
             subscription.buffering = False
@@ -381,7 +385,10 @@ class Session:
                     frame = (renderer.join_push if event.join else renderer.leave_push)(channel, event.info)
                 elif (not positioned or event.offset > last_offset) and (matches is None or matches(event.tags)):
                     # (the others are part of the recovered history or older than where the client starts)
-                    frame = renderer.publication_push(channel, event)
+                    if delta and isinstance(renderer, Codec):
+                        frame = renderer.delta_publication_push(channel, event, renderer.delta_base(event.data), False)
+                    else:
+                        frame = renderer.publication_push(channel, event)
                 else:
                     continue
                 if frame:
@@ -426,6 +433,14 @@ class Session:
         if request.positioned and (options.allow_positioning or may_read_history):
             positioning = True
         recoverable = kept and recovery
+        # Granted where the namespace allows the type, to a native client (its codec makes deltas), and
+        # not beside a backend's tags filter (each subscriber would hold a different previous payload).
+        delta = (
+            bool(request.delta)
+            and request.delta in options.allowed_delta_types
+            and isinstance(self.sink.renderer, Codec)
+            and not (preset is not None and preset.server_tags_filter)
+        )
         filters = [f.matches for f in (request.tags_filter, preset.server_tags_filter if preset else None) if f]
         return Subscription(
             channel=channel,
@@ -436,6 +451,7 @@ class Session:
             expires_at=(preset.expires_at if preset is not None else None)
             or (sub_grant.expires_at if sub_grant else None),
             chan_info=(preset.info if preset is not None else b"") or (sub_grant.info if sub_grant else b""),
+            delta=delta,
             tags_filter=filters[0]
             if len(filters) == 1
             else (lambda tags: all(f(tags) for f in filters))

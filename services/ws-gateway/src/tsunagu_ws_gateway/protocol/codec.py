@@ -58,6 +58,12 @@ class Codec:
     unsubscribe_push: Callable[[str, int, str], bytes]
     subscribe_push: Callable[[str, Mapping[str, Any]], bytes]
     message_push: Callable[[bytes], bytes]
+    # Delta subscriptions (`delta: "fossil"`): the payload bytes a client holds of a publication, which the
+    # next delta applies to (JSON: the JSON text; protobuf: the data itself)...
+    delta_base: Callable[[bytes], bytes]
+    # ...and a publication push for such a subscriber: (channel, publication, payload, is_delta), the
+    # payload being the delta when is_delta, otherwise the full `delta_base`.
+    delta_publication_push: Callable[[str, Publication, bytes, bool], bytes]
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"

@@ -100,6 +100,37 @@ def publication(pub: Publication) -> dict[str, Any]:
     return out
 
 
+def delta_base(data: bytes) -> bytes:
+    """A publication's data as a JSON client of a delta subscription holds it: the JSON text the payload is
+    (`json_data`'s rule, here as text), which deltas apply to."""
+    if not data:
+        return b"null"
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(base64.b64encode(data).decode())
+    return data
+
+
+def delta_publication(pub: Publication, payload: bytes, is_delta: bool) -> dict[str, Any]:
+    """A publication of a delta subscription: Centrifugo's JSON form carries the payload (the JSON text,
+    or the delta) as a JSON string, `delta: true` marking a delta."""
+    out: dict[str, Any] = {"data": payload.decode()}
+    if is_delta:
+        out["delta"] = True
+    if pub.offset:
+        out["offset"] = pub.offset
+    if pub.info is not None:
+        out["info"] = _info(pub.info)
+    if pub.tags:
+        out["tags"] = dict(pub.tags)
+    return out
+
+
+def delta_publication_push(channel: str, pub: Publication, payload: bytes, is_delta: bool) -> bytes:
+    return orjson.dumps({"push": {"channel": channel, "pub": delta_publication(pub, payload, is_delta)}})
+
+
 def _default(value: Any) -> Any:
     """Renders the Publication and ClientInfo objects that results hold (see protocol/codec.py)."""
     if isinstance(value, Publication):
@@ -119,6 +150,10 @@ def _omit_empty(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
+    if result.get("delta") and result.get("publications"):
+        # The recovered publications of a delta subscription, in full and in its form.
+        publications = [delta_publication(p, delta_base(p.data), False) for p in result["publications"]]
+        result = {**result, "publications": publications}
     return orjson.dumps(
         {"id": command_id, method: _omit_empty(result)}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS
     )
@@ -184,4 +219,6 @@ JSON = Codec(
     unsubscribe_push=unsubscribe_push,
     subscribe_push=subscribe_push,
     message_push=message_push,
+    delta_base=delta_base,
+    delta_publication_push=delta_publication_push,
 )

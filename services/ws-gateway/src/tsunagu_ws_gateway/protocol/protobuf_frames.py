@@ -10,6 +10,7 @@ protobuf subscribers byte for byte (and JSON subscribers by the rule in `json_fr
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -182,6 +183,7 @@ _PUB_DATA = b"\x22"  # Publication.data = 4
 _PUB_INFO = b"\x2a"  # Publication.info = 5
 _PUB_OFFSET = b"\x30"  # Publication.offset = 6 (varint)
 _PUB_TAGS = b"\x3a"  # Publication.tags = 7, entries of key = 1, value = 2
+_PUB_DELTA = b"\x40\x01"  # Publication.delta = 8 (varint), true
 _INFO_USER, _INFO_CLIENT, _INFO_CONN_INFO, _INFO_CHAN_INFO = b"\x0a", b"\x12", b"\x1a", b"\x22"  # ClientInfo 1-4
 _MAP_KEY, _MAP_VALUE = b"\x0a", b"\x12"
 
@@ -215,6 +217,20 @@ def _publication_bytes(pub: Publication) -> bytes:
 
 def publication_push(channel: str, pub: Publication) -> bytes:
     push = _length_delimited(_PUSH_CHANNEL, channel.encode()) + _length_delimited(_PUSH_PUB, _publication_bytes(pub))
+    body = _length_delimited(_REPLY_PUSH, push)
+    return varint(len(body)) + body
+
+
+def _identity_bytes(data: bytes) -> bytes:
+    return data
+
+
+def delta_publication_push(channel: str, pub: Publication, payload: bytes, is_delta: bool) -> bytes:
+    """A publication of a delta subscription: the data as it is (is_delta false) or the delta, marked."""
+    if not is_delta:
+        return publication_push(channel, pub)
+    fields = _publication_bytes(replace(pub, data=payload)) + _PUB_DELTA
+    push = _length_delimited(_PUSH_CHANNEL, channel.encode()) + _length_delimited(_PUSH_PUB, fields)
     body = _length_delimited(_REPLY_PUSH, push)
     return varint(len(body)) + body
 
@@ -269,4 +285,6 @@ PROTOBUF = Codec(
     unsubscribe_push=unsubscribe_push,
     subscribe_push=subscribe_push,
     message_push=message_push,
+    delta_base=_identity_bytes,
+    delta_publication_push=delta_publication_push,
 )
