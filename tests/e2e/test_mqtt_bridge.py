@@ -9,21 +9,17 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
-import paho.mqtt.client as mqtt
 from centrifuge import Client
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from tsunagu_core.broker.redis import RedisBroker
 from tsunagu_core.testing import REDIS_URL
 from tsunagu_core.testing_clients import Inbox
+from tsunagu_core.testing_clients import MqttDevice as Device
 
 SECRET = "e2e-mqtt-secret-long-enough-for-hs256"
 MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
@@ -32,44 +28,6 @@ MQTT_URL = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
 def token(user: str) -> str:
     claims = {"sub": user, "channels": ["mqtt:*"], "exp": int(time.time()) + 600}
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-class Device:
-    """A paho-mqtt MQTT 5 device with a persistent session and automatic reconnects."""
-
-    def __init__(self, port: int, client_id: str) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(0.1, 1)
-        self.received: list[tuple[str, bytes]] = []
-        self.responders: dict[str, Any] = {}
-        self.connected = threading.Event()
-        self.client.on_connect = lambda *args: self.connected.set()
-        self.client.on_disconnect = lambda *args: self.connected.clear()
-        self.client.on_message = self._on_message
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 300
-        self.client.connect("127.0.0.1", port, keepalive=10, clean_start=False, properties=properties)
-        self.client.loop_start()
-        assert self.connected.wait(5), "device did not connect"
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.received.append((message.topic, message.payload))
-        responder = self.responders.get(message.topic)
-        props = message.properties
-        if responder is not None and props is not None and getattr(props, "ResponseTopic", None):
-            answer = Properties(PacketTypes.PUBLISH)
-            answer.CorrelationData = props.CorrelationData
-            client.publish(props.ResponseTopic, responder(message.payload), qos=1, properties=answer)
-
-    def subscribe(self, topic_filter: str) -> None:
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.subscribe(topic_filter, qos=1)
-        assert subscribed.wait(5), "no SUBACK"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def mqtt_port() -> int:

@@ -1,19 +1,24 @@
 """What several tests do with the stock clients (test dependencies: centrifuge-python, websockets,
-grpcio-tools): collect a subscription's publications, carry pycrdt's Yjs provider over a `websockets`
-connection, and generate gRPC stubs from a proto as a backend's or an API client's build does."""
+grpcio-tools, paho-mqtt): collect a subscription's publications, play an MQTT device, carry pycrdt's Yjs
+provider over a `websockets` connection, and generate gRPC stubs from a proto as a backend's or an API
+client's build does."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from centrifuge import Client, PublicationContext, Subscription, SubscriptionEventHandler  # type: ignore[import-untyped]
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from websockets.asyncio.client import ClientConnection
 
 
@@ -95,3 +100,41 @@ def grpc_stubs(proto_dir: Path, proto: str, out: Path) -> Iterator[tuple[ModuleT
         )
     finally:
         sys.path.remove(str(out))
+
+
+class MqttDevice:
+    """A paho-mqtt MQTT 5 device with a persistent session and automatic reconnects."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # (paho takes seconds as floats too)
+        self.received: list[tuple[str, bytes]] = []
+        self.responders: dict[str, Any] = {}
+        self.connected = threading.Event()
+        self.client.on_connect = lambda *args: self.connected.set()
+        self.client.on_disconnect = lambda *args: self.connected.clear()
+        self.client.on_message = self._on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
+        self.client.connect("127.0.0.1", port, keepalive=10, clean_start=False, properties=properties)
+        self.client.loop_start()
+        assert self.connected.wait(5), "device did not connect"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.received.append((message.topic, bytes(message.payload)))
+        responder = self.responders.get(message.topic)
+        props = message.properties
+        if responder is not None and props is not None and getattr(props, "ResponseTopic", None):
+            answer = Properties(PacketTypes.PUBLISH)
+            answer.CorrelationData = props.CorrelationData  # type: ignore[attr-defined]
+            client.publish(props.ResponseTopic, responder(message.payload), qos=1, properties=answer)  # type: ignore[attr-defined]
+
+    def subscribe(self, topic_filter: str) -> None:
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.subscribe(topic_filter, qos=1)
+        assert subscribed.wait(5), "no SUBACK"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

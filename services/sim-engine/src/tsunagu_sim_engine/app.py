@@ -18,7 +18,7 @@ from tsunagu_core.config import ConfigError, CoreSettings
 from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, internal_api
 
 from tsunagu_sim_engine.config import SimSettings
-from tsunagu_sim_engine.engine import SimEngine
+from tsunagu_sim_engine.engine import CommandSender, SimEngine
 from tsunagu_sim_engine.kinds import kind_names, load_kinds
 from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest
 from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
@@ -69,6 +69,8 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         lease_ttl=settings.lease_ttl,
         max_rooms=settings.max_rooms,
         input_max_age=settings.input_max_age,
+        send_commands=CommandSender(runtime.bus, runtime.broker, settings.command_timeout),
+        source_poll=settings.source_poll,
     )
 
     matchmaker = Matchmaker(engine, store, settings.seat_ttl)

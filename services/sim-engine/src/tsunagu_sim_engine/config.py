@@ -36,6 +36,16 @@ class SimSettings(ServiceSettings):
     input_max_age: float = Field(
         5.0, gt=0, le=3600, description="Inputs older than this many seconds (replayed backlog) are dropped unapplied."
     )
+    source_poll: float = Field(
+        0.2,
+        gt=0.01,
+        le=60,
+        description="Seconds between reads of the channels a room follows (a twin room's device telemetry):"
+        " the most a telemetry message waits before the room sees it.",
+    )
+    command_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a twin room's device command may wait for the device's broker."
+    )
     rooms: list[dict[str, Any]] = Field(
         default_factory=list,
         description="JSON list of room specs (as `POST /v1/rooms` takes them) created at start when missing; "

@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tsunagu_core.broker import Broker, BrokerError, PublishOptions, PublishRequest
-from tsunagu_core.bus import BusMessage
-from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
-from tsunagu_core.wire.events_pb2 import SimInput
+from prometheus_client import Counter
+from tsunagu_core import topics
+from tsunagu_core.broker import Broker, BrokerError, PublishOptions, PublishRequest, StreamPosition
+from tsunagu_core.bus import Bus, BusError, BusMessage
+from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of, publish_event
+from tsunagu_core.wire.events_pb2 import MqttCommand, SimInput
 
-from tsunagu_sim_engine.room import BYTES_SENT, INPUTS, REPLIES, PendingInput, Room, RoomSpec
+from tsunagu_sim_engine.kinds.twin import DeviceCommand
+from tsunagu_sim_engine.room import BYTES_SENT, INPUTS, REPLIES, PendingInput, Room, RoomSpec, SendCommands
 from tsunagu_sim_engine.store import RoomStore
 
 log = logging.getLogger("tsunagu.sim.engine")
@@ -42,10 +45,85 @@ async def publish_all(broker: Broker, requests: list[PublishRequest]) -> int:
     return 0
 
 
+COMMANDS = Counter("tsunagu_sim_device_commands_total", "Twin rooms' device commands by outcome", ["outcome"])
+
+
+class CommandSender:
+    """Twin rooms' device commands onto the platform's command path, as the gateway sends a client's publish
+    to `mqtt:<topic>`: proto MqttCommand on Kafka `tsunagu.mqtt.commands` keyed by the device topic. mqtt-bridge
+    publishes each command id once and reports delivered / failed / timed out on `replies:mqtt#<user>`; a
+    command the bus refuses is reported failed there by us, so the user always hears of it."""
+
+    def __init__(self, bus: Bus, broker: Broker, timeout: float) -> None:
+        self.bus = bus
+        self.broker = broker
+        self.timeout = timeout
+
+    async def __call__(self, commands: list[DeviceCommand]) -> None:
+        for command in commands:
+            reply_channel = f"replies:mqtt#{command.user}"
+            event = MqttCommand(
+                command_id=command.command_id,
+                topic=command.topic,
+                payload=command.payload,
+                qos=1,
+                retain=False,
+                reply_channel=reply_channel,
+                user_id=command.user,
+                deadline_unix_ms=int((time.time() + self.timeout) * 1000),
+            )
+            try:
+                await publish_event(
+                    self.bus, topics.MQTT_COMMANDS, "mqtt.command", event, key=command.topic, source="sim-engine"
+                )
+            except BusError as exc:
+                COMMANDS.labels("not_sent").inc()
+                log.warning("device command %s to %s not sent: %r", command.command_id, command.topic, exc)
+                body = {"command_id": command.command_id, "status": "failed", "reason": f"not sent: {exc}"}
+                options = PublishOptions(
+                    history_size=100, history_ttl=300, idempotency_key=f"mqtt-command-result/{command.command_id}"
+                )
+                with contextlib.suppress(BrokerError):
+                    await self.broker.publish(reply_channel, json.dumps(body).encode(), options)
+                continue
+            COMMANDS.labels("sent").inc()
+
+
 @dataclass(slots=True)
 class Running:
     room: Room
     task: asyncio.Task[None]
+    # Follows the room's source channels (a twin's device telemetry), when it has any.
+    follower: asyncio.Task[None] | None = None
+
+
+async def follow_sources(broker: Broker, room: Room, channels: list[str], interval: float) -> None:
+    """Feed the room every publication of its source channels, in order, from the latest one on.
+
+    Read from the channels' history every `interval` rather than subscribed: the broker's fan-out has one
+    handler per process, which is the gateway's when `tsunagu run` puts every service in one process; and
+    a position per channel carries over nothing lost between two reads (mqtt-bridge keeps 10 per topic
+    for 300 s). A new owner of the room starts from each channel's latest publication."""
+    positions: dict[str, StreamPosition | None] = dict.fromkeys(channels)
+
+    async def read(channel: str) -> None:
+        position = positions[channel]
+        if position is None:
+            result = await broker.history(channel, limit=1, reverse=True)
+        else:
+            result = await broker.history(channel, since=position)
+        for publication in sorted(result.publications, key=lambda p: p.offset):
+            room.observe(channel, publication.data, publication.time_ms)
+        positions[channel] = result.position
+
+    while True:
+        try:
+            await asyncio.gather(*(read(channel) for channel in channels))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("room %s: reading its sources failed, retrying: %r", room.spec.room, exc)
+        await asyncio.sleep(interval)
 
 
 class SimEngine:
@@ -59,6 +137,8 @@ class SimEngine:
         lease_ttl: float = 3.0,
         max_rooms: int = 1000,
         input_max_age: float = 5.0,
+        send_commands: SendCommands | None = None,
+        source_poll: float = 0.2,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -67,6 +147,8 @@ class SimEngine:
         self.lease_ttl = lease_ttl
         self.max_rooms = max_rooms
         self.input_max_age = input_max_age
+        self.send_commands = send_commands
+        self.source_poll = source_poll
         self.rooms: dict[str, Running] = {}
         self._lock = asyncio.Lock()
 
@@ -97,9 +179,15 @@ class SimEngine:
                 room.restore(snapshot)
                 log.info("room %s resumed from its snapshot at tick %d", spec.room, room.tick)
             task = asyncio.create_task(
-                room.run(self._publisher(spec.kind), self._snapshot, self.snapshot_every), name=f"sim-room-{spec.room}"
+                room.run(self._publisher(spec.kind), self._snapshot, self.snapshot_every, self.send_commands),
+                name=f"sim-room-{spec.room}",
             )
-            self.rooms[spec.room] = Running(room, task)
+            follower = None
+            if sources := room.sources():
+                follower = asyncio.create_task(
+                    follow_sources(self.broker, room, sources, self.source_poll), name=f"sim-sources-{spec.room}"
+                )
+            self.rooms[spec.room] = Running(room, task, follower)
             task.add_done_callback(functools.partial(self._finished, spec.room))
             return room
 
@@ -107,6 +195,8 @@ class SimEngine:
         running = self.rooms.get(name)
         if running is not None and running.task is task:
             del self.rooms[name]
+            if running.follower is not None:
+                running.follower.cancel()
         if not task.cancelled() and task.exception() is not None:
             log.error("room %s stopped on an error: %r", name, task.exception())
 
@@ -114,9 +204,11 @@ class SimEngine:
         running = self.rooms.pop(name, None)
         if running is None:
             return
-        running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.task
+        for task in (running.task, running.follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def close(self, *, handover: bool = True) -> None:
         """Stop every room; with `handover`, write a last snapshot and release the lease for a quick adoption."""

@@ -122,9 +122,12 @@ class PendingInput:
 class TickOutput:
     publications: list[tuple[str, bytes]] = field(default_factory=list)
     replies: list[tuple[str, bytes]] = field(default_factory=list)
+    # Device commands the tick's inputs made (kinds with `take_commands`: twin rooms).
+    commands: list[Any] = field(default_factory=list)
 
 
 Publish = Callable[[list[tuple[str, bytes]], list[tuple[str, bytes]]], Awaitable[None]]
+SendCommands = Callable[[list[Any]], Awaitable[None]]
 Snapshotter = Callable[["Room"], Awaitable[bool]]
 
 
@@ -145,6 +148,13 @@ class Room:
         self.wall = wall
         self.epoch_ms = int(wall() * 1000)  # wall time of tick 0
         self.queue: deque[PendingInput] = deque()
+        # Publications of the channels the kind follows (`sources`), applied at the next tick like inputs.
+        self.observations: deque[tuple[str, bytes, int]] = deque()
+        # Optional parts of the kind interface (kinds/__init__.py): identified inputs, sources, commands.
+        self._apply_input = getattr(self.sim, "apply_input", None)
+        self._take_commands = getattr(self.sim, "take_commands", None)
+        if hasattr(self.sim, "room"):
+            self.sim.room = spec.room
         self.sent: dict[str, QEntity] = {}
         self.cells = CellTracker(spec.cell_size, spec.cell_margin) if spec.cell_size > 0 else None
         self.buckets: dict[str, tuple[float, float]] = {}
@@ -168,6 +178,14 @@ class Room:
 
     def submit(self, item: PendingInput) -> None:
         self.queue.append(item)
+
+    def sources(self) -> list[str]:
+        """The channels whose publications drive this room (a twin's device telemetry); none for most kinds."""
+        sources = getattr(self.sim, "sources", None)
+        return list(sources()) if sources is not None else []
+
+    def observe(self, channel: str, data: bytes, time_ms: int) -> None:
+        self.observations.append((channel, data, time_ms))
 
     # state out of the room
 
@@ -232,6 +250,10 @@ class Room:
         return True
 
     def _apply_inputs(self, replies: list[tuple[str, bytes]]) -> None:
+        if self.observations:
+            observe = self.sim.observe  # type: ignore[attr-defined]
+            while self.observations:
+                observe(*self.observations.popleft())
         while self.queue:
             item = self.queue.popleft()
             client_key = f"{item.user}/{item.client}"
@@ -255,7 +277,10 @@ class Room:
                 replies.append(self._reply(item, "bad_input", "an input is a JSON object"))
                 continue
             try:
-                self.sim.apply(item.user, data, self.now)
+                if self._apply_input is not None:
+                    self._apply_input(item.user, data, self.now, client=item.client, seq=item.seq)
+                else:
+                    self.sim.apply(item.user, data, self.now)
             except InputRejected as exc:
                 replies.append(self._reply(item, exc.reason, exc.message))
                 continue
@@ -267,6 +292,8 @@ class Room:
         """Apply queued inputs, advance one tick, and encode what the tick sends."""
         out = TickOutput()
         self._apply_inputs(out.replies)
+        if self._take_commands is not None:
+            out.commands = self._take_commands()
         self.tick += 1
         self.sim.step(self.dt, self.now)
         keyframe = self.tick % self.spec.keyframe_every == 0
@@ -342,7 +369,13 @@ class Room:
             ENTITIES.labels(self.spec.kind).dec(self._entity_count)
             self._entity_count = 0
 
-    async def run(self, publish: Publish, snapshotter: Snapshotter | None, snapshot_every: int) -> None:
+    async def run(
+        self,
+        publish: Publish,
+        snapshotter: Snapshotter | None,
+        snapshot_every: int,
+        send_commands: SendCommands | None = None,
+    ) -> None:
         """The fixed-timestep loop: tick n is due at start + n·dt (absolute, so sleeps never drift);
         a tick that ends after the next is due counts an overrun; more than MAX_CATCH_UP ticks behind,
         the schedule is reset instead of bursting to catch up."""
@@ -357,6 +390,8 @@ class Room:
                     await asyncio.sleep(delay)
                 began = time.perf_counter()
                 output = self.step_once()
+                if output.commands and send_commands is not None:
+                    await send_commands(output.commands)
                 if output.publications or output.replies:
                     await publish(output.publications, output.replies)
                 if snapshotter is not None and self.tick % snapshot_every == 0 and not await snapshotter(self):

@@ -5,6 +5,15 @@ the engine owns the tick loop, the input queue, rate limits, encoding and publis
 only says how inputs change its state, how state advances by `dt`, and what each entity looks like.
 Register one with `register_kind(obj)`, an entry point in group `tsunagu.sim_kinds`, or the
 `TSUNAGU_SIM_KINDS` setting (`module:attribute`, comma-separated).
+
+A simulation may also have (the room looks for them; `twin` has all of them):
+- `apply_input(user, data, now, *, client, seq)`, called instead of `apply`, for a kind that needs to know
+  which input it is (a twin names its device command after it);
+- `sources()`, the broker channels whose publications drive it, and `observe(channel, data, time_ms)`,
+  which the room calls at the start of a tick for each one that arrived (the engine follows the channels);
+- `take_commands()`, device commands made by the inputs of a tick, which the engine sends through the
+  platform's command path (Kafka `tsunagu.mqtt.commands`, mqtt-bridge, a receipt for the user);
+- `room`, an attribute the room sets to its name.
 """
 
 from __future__ import annotations
@@ -99,9 +108,11 @@ def load_kinds(import_paths: str = "") -> list[str]:
     """Register the built-in kinds, the entry points and the configured import paths; their names."""
     from tsunagu_sim_engine.kinds.avatar import AvatarKind
     from tsunagu_sim_engine.kinds.physics import PhysicsKind
+    from tsunagu_sim_engine.kinds.twin import TwinKind
 
     register_kind(AvatarKind())
     register_kind(PhysicsKind())
+    register_kind(TwinKind())
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = point.load()
