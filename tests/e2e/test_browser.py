@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
+from tsunagu_core.testing_clients import MqttDevice
 
 ACCESS_TOKEN_TTL = 20
 
@@ -63,7 +64,13 @@ def platform(chromium: str, start_module_service: Any, pick_port: Any) -> Iterat
             [f"http://127.0.0.1:{gateway_port}", f"http://localhost:{gateway_port}", f"http://127.0.0.1:{proxy_port}"]
         ),
         "TSUNAGU_MQTT_BRIDGE_FILTERS": json.dumps([f"demo-{run}/#"]),
-        "TSUNAGU_SIM_ROOMS": json.dumps([{"room": room, "kind": "avatar", "tick_hz": 20}]),
+        "TSUNAGU_SIM_ROOMS": json.dumps(
+            [
+                {"room": room, "kind": "avatar", "tick_hz": 20},
+                # A digital twin of one rover (test_a_twin_room_...): its telemetry and command topics.
+                {"room": f"twin{run}", "kind": "twin", "tick_hz": 10, "params": {"devices": _twin_devices(run)}},
+            ]
+        ),
         "TSUNAGU_GATEWAY_WEB_DEMO": json.dumps(
             {
                 "chat_rooms": [f"chat:{room}"],
@@ -78,10 +85,20 @@ def platform(chromium: str, start_module_service: Any, pick_port: Any) -> Iterat
     try:
         process.wait_healthy(90)
         process.wait_ready(60)
-        yield {"base": process.base, "room": room, "run": run, "chromium": chromium, "proxy_port": proxy_port}
+        yield {
+            "base": process.base,
+            "room": room,
+            "run": run,
+            "chromium": chromium,
+            "proxy_port": proxy_port,
+        }
     finally:
         process.stop()
         asyncio.run(_sql(POSTGRES_DSN, f"DROP SCHEMA {schema} CASCADE"))
+
+
+def _twin_devices(run: str) -> dict[str, Any]:
+    return {"rover": {"telemetry": f"demo-{run}/rover/telemetry", "command": f"demo-{run}/rover/set"}}
 
 
 async def _sql(dsn: str, statement: str) -> None:
@@ -199,3 +216,36 @@ async def test_the_world_shows_the_other_tab_moving(platform, scenario) -> None:
     result = await scenario("world", platform)
     assert {"alice", "bob"} <= set(result["joined"]), "each avatar joins when its user opens the world"
     assert result["after"]["x"] > result["before"]["x"]
+
+
+async def test_a_twin_room_in_the_world_view_shows_devices_and_sends_a_command_once(platform, scenario) -> None:  # type: ignore[no-untyped-def]
+    """A paho-mqtt rover publishing telemetry through Mosquitto and mqtt-bridge; the World view of its twin
+    room shows it live, and the command sent from the page's form reaches it once, with its receipt."""
+    run = platform["run"]
+    room = f"twin{run}"
+    marker = f"m{run}"
+    url = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
+    rover = await asyncio.to_thread(MqttDevice, int(url.rsplit(":", 1)[1].strip("/")), f"rover-{run}")
+    await asyncio.to_thread(rover.subscribe, f"demo-{run}/rover/set")
+    stop = asyncio.Event()
+
+    async def telemetry() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            body = {"x": 20 + n % 10, "y": 30, "battery": 90, "note": marker}
+            rover.client.publish(f"demo-{run}/rover/telemetry", json.dumps(body), qos=1)
+            await asyncio.sleep(0.5)
+
+    sender = asyncio.create_task(telemetry())
+    try:
+        result = await scenario("twin", platform, twinRoom=room, marker=marker)
+    finally:
+        stop.set()
+        await sender
+    assert 20 <= result["rover"]["x"] <= 30 and result["rover"]["y"] == 30
+    await asyncio.sleep(1.0)
+    commands = [json.loads(payload) for topic, payload in rover.received if topic == f"demo-{run}/rover/set"]
+    rover.close()
+    assert commands == [{"drive": marker}], "the device gets the command once"
+    assert [line["state"] for line in result["receipt"]].count("delivered") == 1

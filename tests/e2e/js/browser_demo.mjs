@@ -19,9 +19,9 @@ function fail(message) {
 }
 
 // The app's page at `base` in a fresh browser context, not logged in; page errors are collected.
-async function visit(browser, base = options.base) {
+async function visit(browser, base = options.base, path = '/') {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
-  return { context, ...(await tab(context, base)) };
+  return { context, ...(await tab(context, base, path)) };
 }
 
 // Another page of `context` (same origin: same storage, same session, if any), at `path`.
@@ -34,8 +34,8 @@ async function tab(context, base = options.base, path = '/') {
   return { page, errors };
 }
 
-async function open(browser, user, base = options.base) {
-  const { context, page, errors } = await visit(browser, base);
+async function open(browser, user, base = options.base, path = '/') {
+  const { context, page, errors } = await visit(browser, base, path);
   await page.getByTestId('login-user').fill(user);
   await page.getByTestId('login-password').fill(options.users[user]);
   await page.getByTestId('login-submit').click();
@@ -397,6 +397,39 @@ async function worldMoves(browser) {
   return { joined, bobId, before, after, errors: [...a.errors, ...b.errors], screenshots };
 }
 
+// A digital twin room in the World view (`?world=<room>`): the devices and their readings as telemetry
+// arrives, and a command sent from the page's form, whose receipt comes back to it.
+async function twinCommand(browser) {
+  const a = await open(browser, 'alice', options.base, `/?world=${options.twinRoom}`);
+  await a.page.getByTestId('nav-world').click();
+  await waitFor('the twin panel, once the room shows devices', async () =>
+    (await a.page.getByTestId('twin-panel').count()) > 0
+      ? true
+      : `${await a.page.textContent('.world-panel h2')} ${await a.page.textContent('.world-panel .meta')}`,
+  );
+  let rover;
+  await waitFor('the rover live, at its reported position', async () => {
+    rover = await a.page.$eval('[data-testid="world-entities"] li[data-entity="rover"]', (li) => ({
+      x: Number(li.dataset.x),
+      y: Number(li.dataset.y),
+      stale: li.dataset.stale,
+      text: li.textContent,
+    })).catch(() => null);
+    return rover && rover.stale === 'false' && rover.text.includes(options.marker) ? true : rover;
+  });
+  await a.page.getByTestId('twin-device').selectOption('rover');
+  await a.page.getByTestId('twin-payload').fill(JSON.stringify({ drive: options.marker }));
+  await a.page.getByTestId('twin-send').click();
+  let receipt;
+  await waitFor('the command receipt', async () => {
+    receipt = await a.page.$$eval('[data-testid="twin-receipts"] li', (items) =>
+      items.map((li) => ({ state: li.dataset.state, text: li.textContent })),
+    );
+    return receipt.some((line) => line.state === 'delivered') ? true : receipt;
+  });
+  return { rover, receipt, errors: a.errors, screenshots: [await shot(a.page, 'world-twin')] };
+}
+
 // `tsunagu run` with nothing configured: the demo device's telemetry on the Board, and a setpoint sent
 // from the Board's device panel answered by the device itself (MQTT 5 request/response).
 async function deviceCommand(browser) {
@@ -657,6 +690,7 @@ const scenarios = {
   editor: editorConverges,
   board: boardUpdates,
   world: worldMoves,
+  twin: twinCommand,
   device: deviceCommand,
   'login-locked': loginLocked,
   'chat-server': chatFromServer,

@@ -1,9 +1,14 @@
 /** World: sim-engine's room state (keyframes replace, deltas merge, `gone` removes) drawn on a canvas;
  * the arrow keys move this user's avatar by publishing absolute positions to `sim:<room>.input`. The
  * avatar joins when the view opens (the engine adds an avatar with its user's first input), at a spot of
- * its own derived from the user name, so a reload finds it where it was. */
+ * its own derived from the user name, so a reload finds it where it was.
+ *
+ * `?world=<room>` in the page's address shows another room. A digital twin room (its entities carry
+ * `seen`: devices driven by telemetry) gets no avatar; its devices are listed with their last reading and
+ * staleness, and a command form sends `{seq, command: {device, payload}}` to the room, whose receipt
+ * (mqtt-bridge's delivered / failed / timed out) arrives on `replies:mqtt#<user>`. */
 
-import type { Subscription } from 'centrifuge';
+import type { Centrifuge, PublicationContext, Subscription } from 'centrifuge';
 
 import { serviceBanner } from '../services';
 import { el, userColor, type AppContext, type View } from './view';
@@ -42,6 +47,85 @@ export function spawnPoint(user: string): [number, number] {
 }
 const round2 = (v: number): number => Math.round(v * 100) / 100;
 
+/** The command form and receipts of a twin room; made when the first frame shows devices. */
+class TwinPanel {
+  readonly element: HTMLElement;
+  private readonly device = el('select', { testid: 'twin-device' });
+  private readonly payload = el('input', { testid: 'twin-payload' });
+  private readonly send = el('button', { testid: 'twin-send', text: 'Send command' });
+  private readonly receipts = el('ul', { className: 'world-entities', testid: 'twin-receipts' });
+  private readonly known = new Set<string>();
+  /** Names each command; a new page starts above the last one's (the engine keeps the highest per client). */
+  private seq = Date.now();
+
+  constructor(
+    private readonly client: Centrifuge,
+    private readonly inputChannel: string,
+    user: string,
+  ) {
+    this.payload.value = '{"action": "ping"}';
+    this.payload.size = 40;
+    this.send.addEventListener('click', () => this.submit());
+    this.element = el(
+      'div',
+      { className: 'twin-panel', testid: 'twin-panel' },
+      el('h3', { text: 'Device command' }),
+      this.device,
+      this.payload,
+      this.send,
+      this.receipts,
+    );
+    for (const [channel, handle] of [
+      [`replies:mqtt#${user}`, (data: unknown) => this.receipt(data)],
+      [`replies:sim#${user}`, (data: unknown) => this.refusal(data)],
+    ] as const) {
+      const sub = client.getSubscription(channel) ?? client.newSubscription(channel);
+      sub.on('publication', (ctx: PublicationContext) => handle(ctx.data));
+      sub.subscribe();
+    }
+  }
+
+  devices(ids: string[]): void {
+    for (const id of ids) {
+      if (this.known.has(id)) continue;
+      this.known.add(id);
+      const option = el('option', { text: id });
+      option.value = id;
+      this.device.append(option);
+    }
+  }
+
+  private submit(): void {
+    let payload: unknown;
+    try {
+      payload = JSON.parse(this.payload.value);
+    } catch {
+      this.line('error', 'the payload is not JSON');
+      return;
+    }
+    this.seq += 1;
+    const body = { seq: this.seq, command: { device: this.device.value, payload } };
+    this.client.publish(this.inputChannel, body).catch((error: unknown) => this.line('error', String(error)));
+    this.line('pending', `sent to ${this.device.value}`);
+  }
+
+  private receipt(data: unknown): void {
+    const { command_id: id, status, reason } = (data ?? {}) as Record<string, unknown>;
+    this.line(String(status), `${String(id)}: ${String(status)}${reason ? ` (${String(reason)})` : ''}`);
+  }
+
+  private refusal(data: unknown): void {
+    const { reason, message } = (data ?? {}) as Record<string, unknown>;
+    this.line('refused', `refused: ${String(reason)}: ${String(message)}`);
+  }
+
+  private line(state: string, text: string): void {
+    const li = el('li', { text });
+    li.dataset.state = state;
+    this.receipts.prepend(li);
+  }
+}
+
 export class WorldView implements View {
   private readonly entities = new Map<string, Entity>();
   private readonly canvas = el('canvas', { className: 'world', testid: 'world-canvas' });
@@ -57,29 +141,31 @@ export class WorldView implements View {
   private sent: { x: number; y: number; at: number } | null = null;
   private sendTimer: number | undefined;
   private joinSentAt = Number.NEGATIVE_INFINITY;
+  private twin: TwinPanel | null = null;
+  private readonly panel: HTMLElement;
+  private readonly hint = el('p', { className: 'hint', text: 'Arrow keys move your avatar.' });
 
   constructor(
     root: HTMLElement,
     private readonly context: AppContext,
   ) {
     const { config, services, client } = context;
-    const room = config.world_room;
+    const room = new URLSearchParams(window.location.search).get('world') || config.world_room;
     this.inputChannel = `sim:${room}.input`;
     this.canvas.width = 600;
     this.canvas.height = 600;
     this.canvas.tabIndex = 0;
-    root.append(
-      el(
-        'div',
-        { className: 'panel world-panel' },
-        el('h2', { text: `World “${room}”` }),
-        serviceBanner(services, ['sim-engine'], 'the world does not move.'),
-        el('p', { className: 'hint', text: 'Arrow keys move your avatar.' }),
-        this.canvas,
-        this.info,
-        this.list,
-      ),
+    this.panel = el(
+      'div',
+      { className: 'panel world-panel' },
+      el('h2', { text: `World “${room}”` }),
+      serviceBanner(services, ['sim-engine'], 'the world does not move.'),
+      this.hint,
+      this.canvas,
+      this.info,
+      this.list,
     );
+    root.append(this.panel);
     const channel = `sim:${room}`;
     // Fossil deltas (the sim: namespace grants them): one world state differs from the last in a few entities.
     this.sub = client.getSubscription(channel) ?? client.newSubscription(channel, { delta: 'fossil' });
@@ -113,7 +199,13 @@ export class WorldView implements View {
     }
     if (Array.isArray(frame.gone)) for (const id of frame.gone) this.entities.delete(String(id));
     this.tick = Number((data as { tick?: unknown }).tick) || this.tick;
-    if (keyframe) this.join();
+    if (!this.twin && [...this.entities.values()].some((e) => 'seen' in e.extra)) {
+      this.twin = new TwinPanel(this.context.client, this.inputChannel, this.context.user);
+      this.hint.textContent = 'A digital twin: devices move and report as their telemetry arrives.';
+      this.panel.append(this.twin.element);
+    }
+    if (this.twin) this.twin.devices([...this.entities.keys()].sort());
+    else if (keyframe) this.join();
     this.renderList();
     if (!this.drawQueued && this.visible) {
       this.drawQueued = true;
@@ -128,14 +220,18 @@ export class WorldView implements View {
     const items = [...this.entities.entries()]
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([id, e]) => {
-        const li = el('li', { text: `${id} (${e.x.toFixed(1)}, ${e.y.toFixed(1)})` });
+        let text = `${id} (${e.x.toFixed(1)}, ${e.y.toFixed(1)})`;
+        if (this.twin) text += ` ${e.extra.stale ? 'stale' : 'live'} ${JSON.stringify(e.extra.v ?? null)}`;
+        const li = el('li', { text });
         li.dataset.entity = id;
+        if (this.twin) li.dataset.stale = String(Boolean(e.extra.stale));
         li.dataset.x = String(round2(e.x));
         li.dataset.y = String(round2(e.y));
         return li;
       });
     this.list.replaceChildren(...items);
-    this.info.textContent = `tick ${this.tick} · ${this.entities.size} avatar${this.entities.size === 1 ? '' : 's'}`;
+    const noun = this.twin ? 'device' : 'avatar';
+    this.info.textContent = `tick ${this.tick} · ${this.entities.size} ${noun}${this.entities.size === 1 ? '' : 's'}`;
   }
 
   private draw(): void {
@@ -161,7 +257,7 @@ export class WorldView implements View {
       const x = e.x * scale;
       const y = height - e.y * scale; // y grows upwards
       const me = id === this.context.user;
-      g.fillStyle = userColor(id);
+      g.fillStyle = this.twin && e.extra.stale ? '#64748b' : userColor(id);
       g.beginPath();
       g.arc(x, y, me ? 9 : 7, 0, Math.PI * 2);
       g.fill();
@@ -192,7 +288,7 @@ export class WorldView implements View {
   // input
 
   private onKey(event: KeyboardEvent): void {
-    if (!this.visible) return;
+    if (!this.visible || this.twin) return;
     const target = event.target as HTMLElement | null;
     if (target && (target.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(target.tagName))) return;
     const moves: Record<string, [number, number]> = {
