@@ -98,3 +98,15 @@ async def test_a_malformed_frame_closes_with_4400_and_why(
         await websocket.send(frame)
         code, closed_reason, _ = await closed(websocket)
         assert code == yp.CLOSE_BAD_MESSAGE and closed_reason and closed_reason.startswith(reason), closed_reason
+
+
+async def test_a_socket_that_opens_no_document_goes_stale(start_gateway: Any, token: Callable[..., str]) -> None:
+    async with start_gateway(connect_timeout=1.0) as gateway:
+        async with connect(f"ws://127.0.0.1:{gateway.port}/collab") as websocket:
+            code, reason, _ = await closed(websocket)
+            assert code == 3502, reason
+        # a refused document does not admit the socket either
+        async with connect(f"ws://127.0.0.1:{gateway.port}/collab") as websocket:
+            await websocket.send(hp.auth_token("notes", "not-a-jwt"))
+            code, reason, frames = await closed(websocket)
+            assert code == 3502 and len(frames) == 1 and b"invalid token" in frames[0]

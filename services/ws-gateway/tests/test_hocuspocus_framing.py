@@ -4,6 +4,8 @@ OutgoingMessages encode them, decoded; what the gateway sends, as the provider's
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tsunagu_ws_gateway.protocol import hocuspocus as hp
 from tsunagu_ws_gateway.protocol import yprotocol as yp
 
@@ -74,3 +76,17 @@ def test_malformed_frames_name_their_document(frame: bytes, document: str | None
     assert needle in str(error.value)
     if document is not None:
         assert f"document {document!r}" in str(error.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.binary(max_size=256)
+    | st.builds(lambda name, body: hp.prefix(name) + body, st.text(max_size=20), st.binary(max_size=64))
+)
+def test_any_bytes_decode_or_say_why(raw: bytes) -> None:
+    try:
+        message = hp.decode(raw)
+    except hp.HocuspocusError as error:
+        assert str(error) and error.code in (yp.CLOSE_BAD_MESSAGE, yp.CLOSE_TOO_LARGE)
+        return
+    assert raw.startswith(hp.prefix(message.document))
