@@ -34,6 +34,7 @@ from tsunagu_core.testing import serving
 from tsunagu_core.testing_clients import WebsocketChannel
 from tsunagu_ws_gateway.app import create_app as gateway_app
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES, ChannelOptions, GatewaySettings
+from tsunagu_ws_gateway.protocol import hocuspocus as hp
 from websockets.asyncio.client import connect
 
 SECRET = "e2e-collab-secret-long-enough-for-hs256"
@@ -167,6 +168,29 @@ async def test_memory_mode_stock_clients_converge_with_collab(monkeypatch: pytes
         await asyncio.sleep(0.3)
         body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}")
         assert body["content"]["text"] == text
+
+        # On a Hocuspocus socket the same reader is told `readonly` for the document; its edit stays local
+        # (unsynced), the stored doc is unchanged.
+        hocus = await hocuspocus_client(url, reader, [doc], [], "r", 1, 123, timeout=15)
+        assert hocus["scopes"] == {doc: "readonly"} and hocus["unsynced"][doc] >= 1, hocus
+        assert sorted(hocus["texts"][doc]) == sorted(text + "r")
+        await asyncio.sleep(0.3)
+        body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}")
+        assert body["content"]["text"] == text
+
+        # A malformed frame for an open Hocuspocus document closes the socket with 4400, naming it.
+        async with connect(url) as websocket:
+            await websocket.send(hp.auth_token(doc, writer))
+            assert await websocket.recv() == hp.authenticated(doc, read_only=False)
+            greeting = await websocket.recv()
+            assert isinstance(greeting, bytes) and greeting.startswith(hp.prefix(doc) + b"\x00\x00")  # SyncStep1
+            await websocket.send(hp.prefix(doc) + b"\x00\x02\x03\x01\x02\x03")  # an update that is no Yjs
+            with pytest.raises(Exception) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await websocket.recv()
+            assert websocket.close_code == 4400, closed.value
+            assert websocket.close_reason == f"document {doc!r}: malformed Yjs update"
 
         # garbage and truncated frames close with 4400 and a reason; the stored doc is untouched
         for garbage in (b"\x00\x02\xff\xff\xff", b"\x07", b"\x00\x02\x05ab", b"\x00\x02\x03\x01\x02\x03"):
