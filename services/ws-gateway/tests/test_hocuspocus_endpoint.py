@@ -68,7 +68,9 @@ async def test_documents_are_refused_one_at_a_time(
             # wait); a third is one too many for this socket
             await websocket.send(hp.auth_token("notes-1", ann))
             assert await receive(websocket) == hp.authenticated("notes-1", read_only=False)
-            await websocket.send(hp.prefix("notes-2") + yp.sync_step1(b"\x00"))
+            # a refused document may be asked for again with a new auth message
+            await websocket.send(hp.auth_token("notes-bad", ann))
+            assert await receive(websocket) == hp.authenticated("notes-bad", read_only=False)
             await websocket.send(hp.auth_token("notes-3", ann))
             assert await receive(websocket) == hp.permission_denied(
                 "notes-3", "more than 2 documents on one connection"
@@ -110,3 +112,16 @@ async def test_a_socket_that_opens_no_document_goes_stale(start_gateway: Any, to
             await websocket.send(hp.auth_token("notes", "not-a-jwt"))
             code, reason, frames = await closed(websocket)
             assert code == 3502 and len(frames) == 1 and b"invalid token" in frames[0]
+
+
+async def test_the_token_may_come_in_the_url(start_gateway: Any, token: Callable[..., str]) -> None:
+    """A provider without `token` sends no auth message: its documents use `?token=` (`parameters`)."""
+    async with start_gateway() as gateway:
+        base = f"ws://127.0.0.1:{gateway.port}/collab"
+        async with connect(f"{base}?token=not-a-jwt") as websocket:
+            await websocket.send(hp.prefix("notes") + yp.sync_step1(b"\x00"))
+            denied = await receive(websocket)
+            assert denied.startswith(hp.prefix("notes") + b"\x02\x01") and b"unauthorized: invalid token" in denied
+        async with connect(f"{base}?token={token('ann', ['chat:*'])}") as websocket:
+            await websocket.send(hp.prefix("notes") + yp.sync_step1(b"\x00"))
+            assert await receive(websocket) == hp.permission_denied("notes", "no read permission for collab:notes")
