@@ -1,5 +1,8 @@
 """`/collab/{doc}`: the y-websocket protocol for stock Yjs clients (y-websocket, pycrdt).
 
+A client of a document is a `Member`: a `/collab/{doc}` socket is one, a Hocuspocus socket on `/collab`
+(protocols/hocuspocus.py) one per document it has open; both share everything below.
+
 A connection is admitted by the gateway's one admission function with the token of `?token=` (or its
 client certificate), owns an ordinary session in the registry (so a revocation, an expired token, the
 server API's disconnect and a drain close it like any other: 3500, 3005, 3503, 3001) and is read by the
@@ -92,7 +95,10 @@ REFUSAL_CODES = {
     Refusal.NODE_LIMIT: yp.CLOSE_TOO_MANY,
 }
 
-COLLAB_CONNECTIONS = Gauge("tsunagu_gateway_collab_connections", "Open /collab connections on this node")
+COLLAB_CONNECTIONS = Gauge(
+    "tsunagu_gateway_collab_connections",
+    "Clients of documents on this node (/collab/{doc} sockets, documents of Hocuspocus sockets)",
+)
 COLLAB_DOCS = Gauge("tsunagu_gateway_collab_documents", "Documents open on this node")
 COLLAB_REFUSED = Counter("tsunagu_gateway_collab_refused_updates_total", "Updates dropped from read-only clients")
 COLLAB_PUBLISHED = Counter("tsunagu_gateway_collab_published_total", "Update events published to Kafka")
