@@ -1,5 +1,6 @@
 """Collaborative editing end to end: stock y-websocket clients (Node) and pycrdt's provider against
-`/collab/{doc}` on the gateway, with the collab service applying, storing and fanning out updates.
+`/collab/{doc}` on the gateway, with the collab service applying, storing and fanning out updates; stock
+@hocuspocus/provider clients (Node) with several documents over one socket on `/collab` beside them.
 
 - memory mode: gateway + collab in one process, one event loop, memory bus/broker/store;
 - real stack: two gateway processes and a collab process on Kafka, Redis and PostgreSQL, then
@@ -33,6 +34,7 @@ from tsunagu_core.testing import serving
 from tsunagu_core.testing_clients import WebsocketChannel
 from tsunagu_ws_gateway.app import create_app as gateway_app
 from tsunagu_ws_gateway.config import DEFAULT_NAMESPACES, ChannelOptions, GatewaySettings
+from tsunagu_ws_gateway.protocol import hocuspocus as hp
 from websockets.asyncio.client import connect
 
 SECRET = "e2e-collab-secret-long-enough-for-hs256"
@@ -71,6 +73,29 @@ async def y_client(
         str(expect),
         str(timeout),
         str(delay_ms),
+        cwd=JS,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, (out.decode(), err.decode()[-2000:])
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def hocuspocus_client(
+    url: str, tok: str, docs: list[str], denied: list[str], letter: str, count: int, expect: int, timeout: float = 40
+) -> Any:
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        "hocuspocus_client.mjs",
+        url,
+        tok,
+        ",".join(docs),
+        ",".join(denied) or "-",
+        letter,
+        str(count),
+        str(expect),
+        str(timeout),
         cwd=JS,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -143,6 +168,29 @@ async def test_memory_mode_stock_clients_converge_with_collab(monkeypatch: pytes
         await asyncio.sleep(0.3)
         body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}")
         assert body["content"]["text"] == text
+
+        # On a Hocuspocus socket the same reader is told `readonly` for the document; its edit stays local
+        # (unsynced), the stored doc is unchanged.
+        hocus = await hocuspocus_client(url, reader, [doc], [], "r", 1, 123, timeout=15)
+        assert hocus["scopes"] == {doc: "readonly"} and hocus["unsynced"][doc] >= 1, hocus
+        assert sorted(hocus["texts"][doc]) == sorted(text + "r")
+        await asyncio.sleep(0.3)
+        body = await get_json(f"http://127.0.0.1:{collab_port}/v1/docs/{doc}")
+        assert body["content"]["text"] == text
+
+        # A malformed frame for an open Hocuspocus document closes the socket with 4400, naming it.
+        async with connect(url) as websocket:
+            await websocket.send(hp.auth_token(doc, writer))
+            assert await websocket.recv() == hp.authenticated(doc, read_only=False)
+            greeting = await websocket.recv()
+            assert isinstance(greeting, bytes) and greeting.startswith(hp.prefix(doc) + b"\x00\x00")  # SyncStep1
+            await websocket.send(hp.prefix(doc) + b"\x00\x02\x03\x01\x02\x03")  # an update that is no Yjs
+            with pytest.raises(Exception) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await websocket.recv()
+            assert websocket.close_code == 4400, closed.value
+            assert websocket.close_reason == f"document {doc!r}: malformed Yjs update"
 
         # garbage and truncated frames close with 4400 and a reason; the stored doc is untouched
         for garbage in (b"\x00\x02\xff\xff\xff", b"\x07", b"\x00\x02\x05ab", b"\x00\x02\x03\x01\x02\x03"):
@@ -309,3 +357,38 @@ async def test_two_collab_replicas_share_the_documents_and_one_is_killed(  # typ
             ):
                 assert await wait_text(late_text, len(text)) == text
     assert min(sent.values()) > 50
+
+
+async def test_real_stack_hocuspocus_documents_share_a_socket_beside_y_websocket(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    """One stock @hocuspocus/provider socket, three documents and one it may not read; a stock y-websocket
+    client on each of the three edits at the same time. All converge, collab stores them, the refused
+    document is refused alone."""
+    collab_port = pick_port()
+    collab_env, gateway_env = stack_envs(real_env, collab_port)
+    collab = start_service(["serve", "collab"], collab_env, port=collab_port)
+    gateway = start_service(["serve", "ws-gateway"], gateway_env)
+    for service in (collab, gateway):
+        await asyncio.to_thread(service.wait_ready, 90)
+    prefix = f"hp-{uuid.uuid4().hex[:8]}"
+    docs = [f"{prefix}-{i}" for i in range(3)]
+    locked = f"locked-{uuid.uuid4().hex[:8]}"
+    tok = token("ann", [f"collab:{prefix}-*"])
+    url = f"ws://127.0.0.1:{gateway.port}/collab"
+
+    hocus, *ys = await asyncio.gather(
+        hocuspocus_client(url, tok, docs, [locked], "h", 40, 80),
+        *(y_client(url, doc, tok, letter, 40, 80) for doc, letter in zip(docs, "xyz", strict=True)),
+    )
+    assert hocus["sockets"] == 1 and hocus["closes"] == [], hocus
+    assert hocus["denied"] == {locked: f"no read permission for collab:{locked}"}
+    assert hocus["scopes"] == dict.fromkeys(docs, "read-write")
+    for doc, y, letter in zip(docs, ys, "xyz", strict=True):
+        assert hocus["texts"][doc] == y["text"]
+        assert sorted(y["text"]) == sorted("h" * 40 + letter * 40)
+        assert await stored_text(collab.base, doc, 80) == y["text"]
+
+    # A later y-websocket client gets what both kinds of client wrote from the store.
+    late = await y_client(url, docs[0], tok, "l", 0, 80)
+    assert late["text"] == ys[0]["text"]

@@ -35,6 +35,7 @@ from tsunagu_ws_gateway.hub import Node
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocols.collab import CollabHub, collab_endpoint
 from tsunagu_ws_gateway.protocols.fhir import build_fhir_router
+from tsunagu_ws_gateway.protocols.hocuspocus import hocuspocus_endpoint
 from tsunagu_ws_gateway.protocols.jsonrpc import jsonrpc_endpoint
 from tsunagu_ws_gateway.protocols.native import native_endpoint
 from tsunagu_ws_gateway.protocols.stomp import stomp_endpoint
@@ -191,6 +192,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
+    app.add_api_websocket_route("/collab", hocuspocus_endpoint)
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)

@@ -305,6 +305,9 @@ class GatewaySettings(ServiceSettings):
     collab_max_message_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, description="Largest y-websocket message on `/collab` (4413 beyond)."
     )
+    collab_max_documents_per_connection: int = Field(
+        64, ge=1, description="Documents one Hocuspocus socket on `/collab` may have open (more are refused)."
+    )
     collab_max_document_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,

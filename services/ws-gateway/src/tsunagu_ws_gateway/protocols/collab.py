@@ -1,5 +1,8 @@
 """`/collab/{doc}`: the y-websocket protocol for stock Yjs clients (y-websocket, pycrdt).
 
+A client of a document is a `Member`: a `/collab/{doc}` socket is one, a Hocuspocus socket on `/collab`
+(protocols/hocuspocus.py) one per document it has open; both share everything below.
+
 A connection is admitted by the gateway's one admission function with the token of `?token=` (or its
 client certificate), owns an ordinary session in the registry (so a revocation, an expired token, the
 server API's disconnect and a drain close it like any other: 3500, 3005, 3503, 3001) and is read by the
@@ -39,6 +42,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -54,6 +58,7 @@ from tsunagu_core.envelope import publish_event
 from tsunagu_core.tls import client_context
 from tsunagu_core.wire.events_pb2 import CollabUpdate
 
+from tsunagu_ws_gateway.channels import Principal
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
@@ -74,6 +79,7 @@ MAX_AWARENESS_CLIENTS = 4
 MAX_AWARENESS_STATE_BYTES = 16 * 1024
 LOAD_ATTEMPTS = 5
 PUBLISH_ATTEMPTS = 5
+MAX_MERGED_RUN = 64  # events of a client collab's merges we look for in one publication
 _VALID_DOC = re.compile(r"[\w\-.@]{1,200}")
 _EMPTY_UPDATE = b"\x00\x00"
 # The session of a collab connection subscribes to nothing: documents are fanned out here, not by the hub.
@@ -89,7 +95,10 @@ REFUSAL_CODES = {
     Refusal.NODE_LIMIT: yp.CLOSE_TOO_MANY,
 }
 
-COLLAB_CONNECTIONS = Gauge("tsunagu_gateway_collab_connections", "Open /collab connections on this node")
+COLLAB_CONNECTIONS = Gauge(
+    "tsunagu_gateway_collab_connections",
+    "Clients of documents on this node (/collab/{doc} sockets, documents of Hocuspocus sockets)",
+)
 COLLAB_DOCS = Gauge("tsunagu_gateway_collab_documents", "Documents open on this node")
 COLLAB_REFUSED = Counter("tsunagu_gateway_collab_refused_updates_total", "Updates dropped from read-only clients")
 COLLAB_PUBLISHED = Counter("tsunagu_gateway_collab_published_total", "Update events published to Kafka")
@@ -109,7 +118,7 @@ def collab_client(settings: GatewaySettings, headers: dict[str, str] | None = No
 class OpenDoc:
     name: str
     ydoc: Doc = field(default_factory=Doc)
-    connections: set[CollabConnection] = field(default_factory=set)
+    connections: set[Member] = field(default_factory=set)
     ready: asyncio.Future[None] | None = None
     loading: bool = True
     buffer: list[Publication] = field(default_factory=list)
@@ -120,6 +129,10 @@ class OpenDoc:
     # bytes of this node's clients' updates on their way through Kafka and collab.
     size: int = 0
     unconfirmed: int = 0
+
+
+def valid_document(doc: str) -> bool:
+    return bool(_VALID_DOC.fullmatch(doc)) and not doc.endswith(AWARENESS_SUFFIX)
 
 
 def _channel(doc: str) -> str:
@@ -138,16 +151,36 @@ def _ignore(frame: bytes) -> None:
     return
 
 
-class CollabConnection:
-    """One /collab socket: the socket loop's handler (core/loop.py) and its document's member."""
+def _confirm(conn: Member, update: bytes) -> None:
+    """collab published `update` of `conn`'s: tell it which of its events are stored. collab merges a run
+    of one client's consecutive events into one update (`merge_updates`, deterministic), so the update is
+    that of the oldest events in flight, or their merge."""
+    parts: list[bytes] = []
+    updates = 0
+    for index, (count, part) in enumerate(conn.in_flight):
+        if index == MAX_MERGED_RUN:
+            break
+        parts.append(part)
+        updates += count
+        if (part if index == 0 else merge_updates(*parts)) == update:
+            for _ in range(index + 1):
+                conn.in_flight.popleft()
+            conn.stored(updates)
+            return
+    # Not one we recognise (a replay after collab restarted): the oldest is stored at least.
+    count, _ = conn.in_flight.popleft()
+    conn.stored(count)
 
-    def __init__(self, hub: CollabHub, connection: Connection, doc: str, token: str) -> None:
+
+class Member:
+    """One client of one document: what the document's fan-out sends to and its publisher reads from.
+    A /collab/{doc} socket is one; a Hocuspocus socket (protocols/hocuspocus.py) has one per document."""
+
+    def __init__(self, hub: CollabHub, connection: Connection, doc: str) -> None:
         self.hub = hub
-        self.gateway = hub.gateway
         self.connection = connection
         self.transport = connection.transport
         self.doc = doc
-        self.token = token
         self.id = uuid.uuid4().hex
         self.user = ""
         self.may_write = False
@@ -156,22 +189,68 @@ class CollabConnection:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.has_pending = asyncio.Event()
+        # The events on their way through Kafka and collab, oldest first: how many client updates each
+        # carries, and its update (to tell which ones a publication of collab's confirms).
+        self.in_flight: deque[tuple[int, bytes]] = deque()
         self.awareness: dict[int, int] = {}  # client id -> last clock
         self.publisher: asyncio.Task[None] | None = None
-        self.max_frame_bytes = hub.settings.collab_max_message_bytes
-        self.adapter = AdapterSession(self.gateway, connection, RENDERER, deliver=_ignore, close=self.transport.close)
 
     def send(self, frame: bytes) -> None:
+        """A y-websocket message for this client."""
         self.transport.send(frame)
 
     def close(self, code: int, reason: str) -> None:
         self.transport.close(Disconnect(code, reason[:120]))
 
+    def refused(self, reason: str) -> None:
+        """An update of the client's was dropped (read-only, size limit): told once, as y-websocket logs it."""
+        if not self.denied:
+            self.denied = True
+            self.send(yp.permission_denied(reason))
+
+    def stored(self, updates: int) -> None:
+        """`updates` of the client's updates are stored (y-websocket has no message for it)."""
+        return
+
+    def start(self, state: OpenDoc) -> None:
+        """Joined: greet the client with our state vector and the document's awareness, start publishing."""
+        self.state = state
+        self.send(yp.sync_step1(state.ydoc.get_state()))
+        if state.awareness:
+            self.send(self.hub.awareness_frame(state))
+        self.publisher = asyncio.create_task(self.hub.publish_updates(self), name=f"collab-publisher-{self.id}")
+
+    async def finish(self) -> None:
+        """Leave the document; what the client sent before it left still goes to Kafka (briefly waited for)."""
+        state, publisher = self.state, self.publisher
+        if state is not None:
+            await self.hub.leave(self, state)
+        if publisher is not None:
+            if self.pending and not publisher.done():
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(5.0):
+                        while self.pending and not publisher.done():
+                            await asyncio.sleep(0.01)
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await publisher
+
+
+class CollabConnection(Member):
+    """One /collab/{doc} socket: the socket loop's handler (core/loop.py) and its document's member."""
+
+    def __init__(self, hub: CollabHub, connection: Connection, doc: str, token: str) -> None:
+        super().__init__(hub, connection, doc)
+        self.gateway = hub.gateway
+        self.token = token
+        self.max_frame_bytes = hub.settings.collab_max_message_bytes
+        self.adapter = AdapterSession(self.gateway, connection, RENDERER, deliver=_ignore, close=self.transport.close)
+
     # the socket loop's handler
 
     async def on_open(self) -> None:
         doc = self.doc
-        if not _VALID_DOC.fullmatch(doc) or doc.endswith(AWARENESS_SUFFIX):
+        if not valid_document(doc):
             self.close(yp.CLOSE_BAD_MESSAGE, "invalid document id")
             return
         try:
@@ -180,16 +259,10 @@ class CollabConnection:
             code = REFUSAL_CODES.get(refused.refusal, yp.CLOSE_UNAVAILABLE)
             self.close(code, f"unauthorized: {refused.detail}" if code == yp.CLOSE_UNAUTHORIZED else refused.detail)
             return
-        principal = admitted.principal
-        policy = self.gateway.policy
-        options = policy.namespaces.get("collab")
-        channel = _channel(doc)
-        read = options.allow_subscribe if options is not None else "claim"
-        write = options.allow_publish if options is not None else "claim"
-        if not policy.allows(read, channel, principal):
-            self.close(yp.CLOSE_FORBIDDEN, f"no read permission for {channel}")
+        may_read, self.may_write = self.hub.access(admitted.principal, doc)
+        if not may_read:
+            self.close(yp.CLOSE_FORBIDDEN, f"no read permission for {_channel(doc)}")
             return
-        self.may_write = policy.allows(write, channel, principal)
         self.user = admitted.grant.user
         self.adapter.admitted(admitted)
         try:
@@ -197,11 +270,7 @@ class CollabConnection:
         except Unavailable as exc:
             self.close(yp.CLOSE_UNAVAILABLE, str(exc))
             return
-        self.state = state
-        self.send(yp.sync_step1(state.ydoc.get_state()))
-        if state.awareness:
-            self.send(self.hub.awareness_frame(state))
-        self.publisher = asyncio.create_task(self.hub.publish_updates(self), name=f"collab-publisher-{self.id}")
+        self.start(state)
 
     async def on_frame(self, frame: bytes | str) -> None:
         if isinstance(frame, str):
@@ -218,19 +287,7 @@ class CollabConnection:
         self.close(yp.CLOSE_TOO_LARGE, f"message larger than {self.max_frame_bytes} bytes")
 
     async def on_close(self, disconnect: Disconnect) -> None:
-        state, publisher = self.state, self.publisher
-        if state is not None:
-            await self.hub.leave(self, state)
-        # What the client sent before it left still goes to Kafka (briefly waited for).
-        if publisher is not None:
-            if self.pending and not publisher.done():
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    async with asyncio.timeout(5.0):
-                        while self.pending and not publisher.done():
-                            await asyncio.sleep(0.01)
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await publisher
+        await self.finish()
         await self.adapter.end(disconnect)
 
 
@@ -335,6 +392,8 @@ class CollabHub:
         for conn in list(state.connections):
             if conn.id != event.client_id:
                 conn.send(frame)
+            elif conn.in_flight:
+                _confirm(conn, event.update)
 
     def _on_awareness(self, state: OpenDoc, publication: Publication) -> None:
         try:
@@ -355,7 +414,7 @@ class CollabHub:
 
     # documents
 
-    async def join(self, conn: CollabConnection) -> OpenDoc:
+    async def join(self, conn: Member) -> OpenDoc:
         state = self.docs.get(conn.doc)
         if state is None:
             state = OpenDoc(conn.doc, ready=asyncio.get_running_loop().create_future())
@@ -377,7 +436,7 @@ class CollabHub:
             assert state.ready is not None
             try:
                 await asyncio.shield(state.ready)
-            except Exception:
+            except BaseException:  # cancelled too (a Hocuspocus socket that closes while a document opens)
                 state.connections.discard(conn)
                 raise
         COLLAB_CONNECTIONS.inc()
@@ -408,7 +467,7 @@ class CollabHub:
         for publication in buffered:
             self._apply(state, publication)
 
-    async def leave(self, conn: CollabConnection, state: OpenDoc) -> None:
+    async def leave(self, conn: Member, state: OpenDoc) -> None:
         if conn not in state.connections:
             return
         state.connections.discard(conn)
@@ -432,9 +491,21 @@ class CollabHub:
 
     # what a client sends
 
-    async def handle(self, conn: CollabConnection, state: OpenDoc, frame: bytes) -> None:
+    def access(self, principal: Principal, doc: str) -> tuple[bool, bool]:
+        """May `principal` read and write `doc`: the token's grants on channel collab:{doc}, as the
+        namespace's options say (read = may subscribe, write = may publish)."""
+        policy = self.gateway.policy
+        options = policy.namespaces.get("collab")
+        channel = _channel(doc)
+        read = options.allow_subscribe if options is not None else "claim"
+        write = options.allow_publish if options is not None else "claim"
+        return policy.allows(read, channel, principal), policy.allows(write, channel, principal)
+
+    async def handle(self, conn: Member, state: OpenDoc, frame: bytes) -> None:
         """One client message; raises YProtocolError when it is malformed or over a bound."""
-        message = yp.decode_message(frame)
+        await self.dispatch(conn, state, yp.decode_message(frame))
+
+    async def dispatch(self, conn: Member, state: OpenDoc, message: yp.Message) -> None:
         if isinstance(message, yp.SyncMessage):
             if message.step == yp.SYNC_STEP1:
                 try:
@@ -449,7 +520,7 @@ class CollabHub:
         elif isinstance(message, yp.QueryAwarenessMessage):
             conn.send(self.awareness_frame(state))
 
-    async def _client_awareness(self, conn: CollabConnection, state: OpenDoc, message: yp.AwarenessMessage) -> None:
+    async def _client_awareness(self, conn: Member, state: OpenDoc, message: yp.AwarenessMessage) -> None:
         if not conn.connection.rate.admit():
             return  # awareness is a stream of the latest state: a dropped one is superseded by the next
         for entry in message.entries:
@@ -471,8 +542,9 @@ class CollabHub:
         except Exception as exc:
             log.warning("awareness fan-out of collab:%s failed: %r", state.name, exc)
 
-    def _client_update(self, conn: CollabConnection, state: OpenDoc, update: bytes) -> None:
+    def _client_update(self, conn: Member, state: OpenDoc, update: bytes) -> None:
         if update == _EMPTY_UPDATE:
+            conn.stored(1)
             return
         try:
             Doc().apply_update(update)
@@ -481,14 +553,14 @@ class CollabHub:
         if not conn.may_write:
             COLLAB_REFUSED.inc()
             log.info("dropping an update to collab:%s from read-only user %r", conn.doc, conn.user)
-            self._deny_once(conn, f"read-only: no write permission for collab:{conn.doc}")
+            conn.refused(f"read-only: no write permission for collab:{conn.doc}")
             return
         limit = self.settings.collab_max_document_bytes
         if state.size + state.unconfirmed + len(update) > limit:
             state.size = len(state.ydoc.get_update())  # measured again: the estimate only ever grows
             if state.size + state.unconfirmed + len(update) > limit:
                 COLLAB_REFUSED.inc()
-                self._deny_once(conn, f"collab:{conn.doc} is at its size limit of {limit} bytes")
+                conn.refused(f"collab:{conn.doc} is at its size limit of {limit} bytes")
                 return
         state.unconfirmed += len(update)
         if conn.pending_bytes + len(update) > self.settings.send_buffer_bytes:
@@ -499,16 +571,11 @@ class CollabHub:
         conn.pending_bytes += len(update)
         conn.has_pending.set()
 
-    def _deny_once(self, conn: CollabConnection, reason: str) -> None:
-        if not conn.denied:
-            conn.denied = True
-            conn.send(yp.permission_denied(reason))
-
     def awareness_frame(self, state: OpenDoc) -> bytes:
         entries = [yp.AwarenessEntry(c, clock, s) for c, (clock, s, _) in state.awareness.items()]
         return yp.awareness_message(yp.encode_awareness(entries))
 
-    async def publish_updates(self, conn: CollabConnection) -> None:
+    async def publish_updates(self, conn: Member) -> None:
         """Send the client's updates to Kafka, merging what gathers while one is in flight."""
         while True:
             await conn.has_pending.wait()
@@ -518,6 +585,7 @@ class CollabHub:
             if not batch:
                 continue
             update = batch[0] if len(batch) == 1 else merge_updates(*batch)
+            conn.in_flight.append((len(batch), update))
             event = CollabUpdate(doc=conn.doc, update=update, client_id=conn.id, user_id=conn.user, node=self.node_name)
             delay = 0.1
             for attempt in range(1, PUBLISH_ATTEMPTS + 1):
