@@ -11,7 +11,11 @@ publications the engine really made (payload bytes, before the gateway's framing
 Full snapshots = a keyframe of every entity every tick on one channel, the naive design.
 
     uv run python bench/sim.py [--kind avatar|physics] [--entities 1000] [--clients 500] [--seconds 10]
-        [--broker redis|memory] [--publish batch|per-call|both]
+        [--broker redis|memory] [--publish batch|per-call|both] [--hz 60] [--far-every N --far-ring R]
+
+Level of detail (`--far-every N`): the room also sends each cell's `.far` channel every N ticks; a client
+viewing the (2R+1)x(2R+1) cells around it is counted twice: all of them at the full rate, and the 3x3 at the
+full rate plus the ring beyond on the far channels.
 
 `--publish per-call` publishes a tick's output as concurrent single publishes, 64 at a time (the
 engine before publish_many); `batch` (the engine's way) sends it in one `publish_many` call.
@@ -32,7 +36,7 @@ from collections import defaultdict
 
 from record import Recorder
 from tsunagu_core.broker import Broker, MemoryBroker, PublishOptions, PublishRequest
-from tsunagu_sim_engine.aoi import cell_channel
+from tsunagu_sim_engine.aoi import cell_channel, far_channel
 from tsunagu_sim_engine.codec import encode
 from tsunagu_sim_engine.engine import publish_all
 from tsunagu_sim_engine.kinds import load_kinds
@@ -41,7 +45,9 @@ from tsunagu_sim_engine.room import PendingInput, Room, RoomSpec
 REDIS = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def make_room(kind: str, entities: int, encoding: str, cell: float, send_every: int = 1) -> Room:
+def make_room(
+    kind: str, entities: int, encoding: str, cell: float, send_every: int = 1, hz: int = 60, far_every: int = 0
+) -> Room:
     world = (entities * 40) ** 0.5  # about 40 square units per entity, whatever the count
     params: dict[str, object] = {"world": world}
     if kind == "avatar":
@@ -51,10 +57,10 @@ def make_room(kind: str, entities: int, encoding: str, cell: float, send_every: 
     body = {
         "room": f"bench{uuid.uuid4().hex[:6]}",
         "kind": kind,
-        "tick_hz": 60,
-        "keyframe_every": 60,
+        "tick_hz": hz,
+        "keyframe_every": hz,
         "encoding": encoding,
-        "aoi": {"cell_size": cell, "margin": cell * 0.1},
+        "aoi": {"cell_size": cell, "margin": cell * 0.1, "far_every": far_every},
         "params": params,
         "max_inputs_per_second": 100,
         "send_every": send_every,
@@ -71,7 +77,7 @@ async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Reco
     else:
         broker = MemoryBroker()
     await broker.start()
-    room = make_room(args.kind, args.entities, encoding, args.cell, args.send_every)
+    room = make_room(args.kind, args.entities, encoding, args.cell, args.send_every, args.hz, args.far_every)
     rng = random.Random(7)
     world = float(room.spec.params["world"])
     names = [f"user{i}" for i in range(args.entities)]
@@ -102,7 +108,7 @@ async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Reco
         # a second; 1 body in 6 is pushed each tick.
         turn = 0
         while True:
-            await asyncio.sleep(1 / 60)
+            await asyncio.sleep(1 / args.hz)
             turn += 1
             generate(names[turn % 6 :: 6])
 
@@ -132,14 +138,24 @@ async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Reco
     entity_names = list(room.sent)
     assert room.cells is not None
     clients = [entity_names[i % len(entity_names)] for i in range(args.clients)]
-    aoi_rates = []
+    aoi_rates, wide_rates, lod_rates = [], [], []
+    ring = args.far_ring
     for followed in clients:
         cx, cy = room.cells.cells[followed]
-        channels = [cell_channel(room.spec.room, (cx + dx, cy + dy)) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-        aoi_rates.append(sum(bytes_by_channel.get(c, 0) for c in channels) / seconds)
+        around = [(cx + dx, cy + dy) for dx in range(-ring, ring + 1) for dy in range(-ring, ring + 1)]
+        near = [c for c in around if max(abs(c[0] - cx), abs(c[1] - cy)) <= 1]
+        far = [c for c in around if max(abs(c[0] - cx), abs(c[1] - cy)) > 1]
+        near_bytes = sum(bytes_by_channel.get(cell_channel(room.spec.room, c), 0) for c in near)
+        aoi_rates.append(near_bytes / seconds)
+        # The same view radius without level of detail: every cell of it at the full rate...
+        wide_rates.append(sum(bytes_by_channel.get(cell_channel(room.spec.room, c), 0) for c in around) / seconds)
+        # ...and with it: the 3x3 at the full rate, the ring beyond at the far rate.
+        far_bytes = sum(bytes_by_channel.get(far_channel(room.spec.room, c), 0) for c in far)
+        lod_rates.append((near_bytes + far_bytes) / seconds)
     room_rate = bytes_by_channel[f"sim:{room.spec.room}"] / seconds
     full_rate = full_bytes / seconds
     aoi = statistics.mean(aoi_rates)
+    wide, lod = statistics.mean(wide_rates), statistics.mean(lod_rates)
     print(
         f"{args.kind} {encoding:<6} {len(entity_names):>5} entities, {args.clients} clients, "
         f"{args.broker} broker, {mode} publishes, send every {args.send_every} tick(s), "
@@ -160,6 +176,21 @@ async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Reco
         publishes_per_second=publishes / seconds,
         bytes_per_client_per_second={"full": full_rate, "room": room_rate, "aoi": aoi},
     )
+    side = 2 * ring + 1
+    if args.far_every:
+        recorder.add(
+            f"{encoding} {mode}: bytes per client per second, {side}x{side} cells at {args.hz} Hz (no level of detail)",
+            wide,
+            "B/s",
+        )
+        far_hz = args.hz / args.far_every
+        recorder.add(
+            f"{encoding} {mode}: bytes per client per second, 3x3 at {args.hz} Hz + the ring to {side}x{side}"
+            f" at {far_hz:g} Hz (level of detail)",
+            lod,
+            "B/s",
+            note=f"{lod / max(wide, 1):.0%} of the same view without level of detail",
+        )
     print(
         f"  tick p50 {statistics.median(durations) * 1000:6.2f} ms  p99 "
         f"{durations[int(len(durations) * 0.99) - 1] * 1000:6.2f} ms  overruns {room.overruns} "
@@ -169,6 +200,11 @@ async def run(args: argparse.Namespace, encoding: str, mode: str, recorder: Reco
         f"  bytes/client/s: full snapshots {full_rate:>11,.0f}  room deltas+keyframes {room_rate:>10,.0f}  "
         f"AOI(3x3 cells)+deltas {aoi:>8,.0f}  (x{full_rate / max(aoi, 1):.0f} less than full)"
     )
+    if args.far_every:
+        print(
+            f"  view of {side}x{side} cells: all at {args.hz} Hz {wide:>10,.0f} B/s; 3x3 at {args.hz} Hz + ring at"
+            f" {args.hz / args.far_every:g} Hz (level of detail) {lod:>10,.0f} B/s ({lod / max(wide, 1):.0%})"
+        )
     print(
         f"  all {args.clients} clients: full {full_rate * args.clients / 1e6:,.1f} MB/s, "
         f"AOI+deltas {aoi * args.clients / 1e6:,.2f} MB/s",
@@ -187,6 +223,9 @@ def main() -> None:
     parser.add_argument("--send-every", type=int, default=1, help="ticks between state publications")
     parser.add_argument("--broker", choices=("redis", "memory"), default="redis")
     parser.add_argument("--publish", choices=("batch", "per-call", "both"), default="both")
+    parser.add_argument("--hz", type=int, default=60, help="the room's tick rate")
+    parser.add_argument("--far-every", type=int, default=0, help="ticks between far (level-of-detail) sends; 0 off")
+    parser.add_argument("--far-ring", type=int, default=3, help="cells of view radius (with far channels beyond 1)")
     args = parser.parse_args()
     load_kinds()
     started = time.monotonic()

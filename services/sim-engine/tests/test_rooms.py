@@ -288,3 +288,39 @@ def test_cell_keyframes_are_staggered_over_the_interval() -> None:
     assert len(keyframes) == 40  # every occupied cell gets its keyframes
     assert all(len(ticks) == 2 and ticks[1] - ticks[0] == 10 for ticks in keyframes.values())
     assert max(per_tick) < 40 / 3  # spread, not all on one tick
+
+
+def test_far_channels_send_a_cell_at_the_lower_rate_and_follow_its_entities() -> None:
+    """Level of detail: `aoi.far_every` publishes each cell's entities on `sim:R.cell.X.Y.far` every that many
+    ticks, as deltas against what that channel sent last, and says who left the cell."""
+    room = Room(
+        spec(aoi={"cell_size": 10, "margin": 1, "far_every": 5}, keyframe_every=100, params={"max_speed": 1000})
+    )
+    far: list[tuple[int, dict[str, Any]]] = []
+    near = 0
+    for tick in range(1, 21):
+        if tick < 16:
+            send(room, "alice", {"p": [1 + tick * 0.1, 5]})  # moves every tick, within cell 0.0
+        if tick == 12:
+            send(room, "bob", {"p": [25, 5]})  # joins in cell 2.0
+        if tick == 16:
+            send(room, "alice", {"p": [15, 5]})  # crosses to cell 1.0
+        for channel, data in room.step_once().publications:
+            if channel.endswith(".far"):
+                far.append((room.tick, {"channel": channel, **decode(data)}))
+            elif channel == "sim:r1.cell.0.0":
+                near += 1
+    assert {tick for tick, _ in far} == {5, 10, 15, 20}  # the far rate, a fifth of the near one
+    assert near > 10
+    by_tick: dict[int, dict[str, dict[str, Any]]] = {}
+    for tick, frame in far:
+        by_tick.setdefault(tick, {})[frame["channel"]] = frame
+    # The latest position at each far tick, not every step in between.
+    assert by_tick[5]["sim:r1.cell.0.0.far"]["e"]["alice"][0] == 150
+    assert by_tick[10]["sim:r1.cell.0.0.far"]["e"]["alice"][0] == 200
+    assert "sim:r1.cell.2.0.far" in by_tick[15] and "bob" in by_tick[15]["sim:r1.cell.2.0.far"]["e"]
+    assert "sim:r1.cell.2.0.far" not in by_tick[20]  # bob stood still: nothing to send
+    assert by_tick[20]["sim:r1.cell.0.0.far"]["gone"] == ["alice"]
+    assert by_tick[20]["sim:r1.cell.1.0.far"]["e"]["alice"][0] == 1500
+    with pytest.raises(ValueError, match="far_every needs"):
+        spec(aoi={"far_every": 5})

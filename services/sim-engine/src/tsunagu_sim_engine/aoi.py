@@ -2,7 +2,8 @@
 
 An entity keeps its cell until it is more than `margin` beyond the cell's edge, so one walking
 along a border does not flap between two cells (and two channels). Clients subscribe to the cells
-around them, `sim:R.cell.X.Y` with `X = floor(x / size)`, `Y = floor(y / size)`.
+around them, `sim:R.cell.X.Y` with `X = floor(x / size)`, `Y = floor(y / size)`, and with a room's
+`aoi.far_every` to farther cells' `sim:R.cell.X.Y.far` channels, sent every `far_every` ticks only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ def cell_of(x: float, y: float, size: float) -> Cell:
 
 def cell_channel(room: str, cell: Cell) -> str:
     return f"sim:{room}.cell.{cell[0]}.{cell[1]}"
+
+
+def far_channel(room: str, cell: Cell) -> str:
+    """The cell's level-of-detail channel: its entities at the room's lower `far_every` rate, for clients
+    that see the cell from afar (beyond the 3x3 cells they follow at the full rate)."""
+    return f"sim:{room}.cell.{cell[0]}.{cell[1]}.far"
 
 
 class CellTracker:

@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from tsunagu_sim_engine.aoi import Cell, CellTracker, cell_channel
+from tsunagu_sim_engine.aoi import Cell, CellTracker, cell_channel, far_channel
 from tsunagu_sim_engine.codec import Encoding, QEntity, encode, quantize
 from tsunagu_sim_engine.kinds import Entity, InputRejected, Simulation, get_kind, kind_names
 
@@ -52,6 +52,7 @@ class RoomSpec:
     cell_margin: float = 0.0
     max_inputs_per_second: float = 30.0
     send_every: int = 1  # ticks between state publications (the send rate is tick_hz / send_every)
+    far_every: int = 0  # ticks between cells' level-of-detail (`.far`) publications; 0: none
 
     def __post_init__(self) -> None:
         if self.keyframe_every <= 0:
@@ -94,6 +95,11 @@ class RoomSpec:
             raise ValueError("aoi.cell_size is a number from 0 (off) to 100000")
         if not isinstance(margin, int | float) or not 0 <= margin < max(cell_size, 1e-9) / 2:
             raise ValueError("aoi.margin is a number from 0 to under half the cell size")
+        far_every = aoi.get("far_every", 0)
+        if isinstance(far_every, bool) or not isinstance(far_every, int) or not 0 <= far_every <= 600:
+            raise ValueError("aoi.far_every is a number of ticks from 0 (off) to 600")
+        if far_every and not cell_size:
+            raise ValueError("aoi.far_every needs aoi.cell_size: far channels are per cell")
         send_every = body.get("send_every", 1)
         if isinstance(send_every, bool) or not isinstance(send_every, int) or not 1 <= send_every <= 60:
             raise ValueError("send_every is a number of ticks from 1 to 60")
@@ -101,7 +107,9 @@ class RoomSpec:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.1 <= rate <= 1000:
             raise ValueError("max_inputs_per_second is a number from 0.1 to 1000")
         cell, margin = float(cell_size), float(margin)
-        return cls(room, kind.name, params, tick_hz, keyframe_every, encoding, cell, margin, rate, send_every)
+        return cls(
+            room, kind.name, params, tick_hz, keyframe_every, encoding, cell, margin, rate, send_every, far_every
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoomSpec:
@@ -168,6 +176,8 @@ class Room:
         self._rejected = INPUTS.labels(spec.kind, "rejected")
         self._duplicate = INPUTS.labels(spec.kind, "duplicate")
         self.cell_members: dict[Cell, set[str]] = {}
+        # What each cell's far channel last sent (level of detail).
+        self.far_sent: dict[Cell, dict[str, QEntity]] = {}
 
     @property
     def now(self) -> float:
@@ -361,8 +371,35 @@ class Room:
             if cell not in keyed:
                 frame = encode(encoding, "delta", room, tick, time_ms, updates.get(cell, {}), left.get(cell, ()))
                 out.publications.append((cell_channel(room, cell), frame))
+        if self.spec.far_every and tick % self.spec.far_every == 0:
+            self._far_cells(out, current, time_ms)
         for cell in [cell for cell, names in members.items() if not names]:
             del members[cell]
+
+    def _far_cells(self, out: TickOutput, current: dict[str, QEntity], time_ms: int) -> None:
+        """Level of detail: each cell's entities on its `.far` channel at the lower rate, as a delta against
+        what that channel sent last (keyframes staggered over the keyframe interval, as the cells' are)."""
+        room, encoding, tick, every = self.spec.room, self.spec.encoding, self.tick, self.spec.far_every
+        slots = max(1, self.spec.keyframe_every // every)
+        slot = (tick // every) % slots
+        far_sent = self.far_sent
+        for cell in self.cell_members.keys() | far_sent.keys():
+            names = self.cell_members.get(cell, ())
+            entities = {name: current[name] for name in names}
+            previous = far_sent.get(cell, {})
+            if entities and (cell[0] * 31 + cell[1] * 17) % slots == slot:
+                frame = encode(encoding, "keyframe", room, tick, time_ms, entities)
+            else:
+                changed = {name: q for name, q in entities.items() if previous.get(name) != q}
+                gone = [name for name in previous if name not in entities]
+                if not changed and not gone:
+                    continue
+                frame = encode(encoding, "delta", room, tick, time_ms, changed, gone)
+            out.publications.append((far_channel(room, cell), frame))
+            if entities:
+                far_sent[cell] = entities
+            else:
+                far_sent.pop(cell, None)
 
     def close(self) -> None:
         if self._entity_count:
