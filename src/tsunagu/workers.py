@@ -129,7 +129,13 @@ class Supervisor:
             await self.stopping.wait()
             watchdog.cancel()
             await self._drain()
-            await asyncio.gather(*keepers, return_exceptions=True)
+            _, late = await asyncio.wait(keepers, timeout=self.grace + EXIT_SLACK)
+            if late:  # a worker started as the drain began and outlived it
+                for worker in self.workers:
+                    if worker.process is not None and worker.process.returncode is None:
+                        worker.process.kill()
+                await asyncio.gather(*late, return_exceptions=True)
+                self.exit_code = self.exit_code or 1
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
         return self.exit_code
@@ -151,6 +157,9 @@ class Supervisor:
         delay = BACKOFF_FIRST
         while not self.stopping.is_set():
             process = await self._spawn(worker)
+            if self.stopping.is_set():  # started while the drain began: it drains too
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
             code = await process.wait()
             if self.stopping.is_set():
                 return

@@ -4,6 +4,7 @@ stack's Prometheus binary scraping the shared metrics port, SIGKILL and SIGTERM 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -240,6 +241,42 @@ async def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(  # ty
     await until(lambda: all(inbox.data[-1:] == [{"n": "after"}] for inbox in inboxes), 10, "not every client got it")
     for client in clients:
         await client.disconnect()
+
+
+async def test_a_hung_worker_makes_the_group_unready_and_is_replaced(  # type: ignore[no-untyped-def]
+    start_service, real_env, pick_port
+) -> None:
+    from tsunagu.workers import CHECK_EVERY, MISSED_CHECKS
+
+    group = start_service(["serve", "ws-gateway", "--workers", "2"], workers_env(real_env, pick_port()))
+    await asyncio.to_thread(group.wait_ready)
+    pids = worker_pids(group.process.pid)
+    os.kill(pids[1], signal.SIGSTOP)  # alive to the kernel, its loop answers nothing
+    try:
+        # No probe through the shared port passes: one reaching the hung worker times out (as a kubelet's
+        # would), one reaching the other is told the group is not whole.
+        told = []
+        for _ in range(20):
+            try:
+                answer = await asyncio.to_thread(httpx.get, group.base + "/readyz", timeout=3)
+            except httpx.TimeoutException:
+                continue
+            assert answer.status_code == 503, answer.text
+            told.append(answer.json())
+            if len(told) == 2:
+                break
+        assert told and all(body["workers"] == {"0": "ready", "1": "not answering"} for body in told), told
+        replaced = await until(
+            lambda: worker_pids(group.process.pid).get(1, pids[1]) != pids[1],
+            CHECK_EVERY * (MISSED_CHECKS + 2),
+            "the supervisor did not replace the hung worker",
+        )
+        assert replaced
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGKILL)
+    body = await asyncio.to_thread(group.wait_ready)
+    assert body["workers"] == {"0": "ready", "1": "ready"}, body
 
 
 async def test_sigterm_drains_every_worker_with_reconnect_advice(  # type: ignore[no-untyped-def]

@@ -25,8 +25,9 @@ from pathlib import Path
 # Set by the supervisor for each worker: "index/count/directory". Not a setting: the CLI owns it.
 SLOT_ENV = "_TSUNAGU_WORKER"
 ASK_TIMEOUT = 2.0
-# A sibling's readiness pings its dependencies (2 s each at most, lifecycle.READINESS_TIMEOUT).
-READY_TIMEOUT = 5.0
+# Within a readiness probe's timeout (the chart's is 2 s): a sibling slower than this to say whether
+# it is ready counts as not ready.
+READY_TIMEOUT = 1.5
 # The largest answer read from a sibling: a worker's metrics are tens of KB.
 ANSWER_LIMIT = 16 * 1024 * 1024
 
