@@ -88,11 +88,12 @@ def parse_workers(value: str, variable: str) -> int:
 
 
 def check_port(host: str, port: int) -> None:
-    """Fail at once, with the address, when the port is taken (rather than each worker failing in turn)."""
+    """Fail at once, with the address, when the port is taken (rather than each worker failing in turn).
+    Without SO_REUSEPORT: a listener of any other process, even one sharing its port so, is refused
+    here, where the workers' own sockets would quietly join its group."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -231,6 +232,9 @@ def supervise(service: str, host: str, port: int, count: int, passthrough: list[
         )
         return CONFIG_ERROR
     check_port(host, port)
+    metrics_port = os.environ.get("TSUNAGU_METRICS_PORT", "").strip()
+    if metrics_port.isdigit() and 0 < int(metrics_port) < 65536:
+        check_port(host, int(metrics_port))
     try:
         grace = float(os.environ.get("TSUNAGU_SHUTDOWN_GRACE") or 20.0)
     except ValueError:

@@ -323,3 +323,22 @@ def test_a_bad_worker_count_stops_with_one_line(args: list[str], env: dict[str, 
     result = tsunagu(*args, env=env)
     assert result.returncode == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("taken", ["port", "port, held with SO_REUSEPORT", "metrics port"])
+def test_a_taken_port_stops_the_group_at_once(taken: str, pick_port: Any) -> None:
+    """Another process's listener, even one the workers' SO_REUSEPORT sockets could join, is refused."""
+    import socket
+
+    with socket.socket() as holder:
+        if "SO_REUSEPORT" in taken:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = str(holder.getsockname()[1])
+        metrics = taken == "metrics port"
+        port = str(pick_port()) if metrics else busy
+        env = {"TSUNAGU_BROKER": "redis", "TSUNAGU_METRICS_PORT": busy if metrics else "0"}
+        result = tsunagu("serve", "ws-gateway", "--workers", "2", "--port", port, env=env)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{busy}" in result.stderr and "Traceback" not in result.stderr, result.stderr
