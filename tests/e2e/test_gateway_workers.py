@@ -300,6 +300,26 @@ async def test_sigterm_drains_every_worker_with_reconnect_advice(  # type: ignor
         await client.disconnect()
 
 
+async def test_workers_end_with_a_killed_supervisor(start_service, real_env, pick_port) -> None:  # type: ignore[no-untyped-def]
+    group = start_service(["serve", "ws-gateway", "--workers", "2"], workers_env(real_env, pick_port()))
+    await asyncio.to_thread(group.wait_ready)
+    pids = worker_pids(group.process.pid)
+    group.process.kill()
+    group.process.wait()
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() and "Z" not in state(pid) for pid in pids.values())
+
+    await until(gone, 10, "workers outlived their supervisor")
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
+
+
 def tsunagu(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "tsunagu", *args]
     return subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
