@@ -235,6 +235,9 @@ guards() {
     expect_render_failure "termination grace shorter than preStop + drain" \
         "terminationGracePeriodSeconds (10) must be at least" \
         --set services.ws-gateway.terminationGracePeriodSeconds=10 || rc=1
+    expect_render_failure "gateway workers without the shared broker" \
+        "services.ws-gateway.workers (4) needs config.broker=redis" \
+        --set config.broker=memory --set services.ws-gateway.workers=4 || rc=1
     expect_render_failure "no PostgreSQL DSN and no Secret" \
         "postgres.dsn or postgres.existingSecret.name is required" \
         --set postgres.dsn= || rc=1

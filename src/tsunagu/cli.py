@@ -325,11 +325,14 @@ async def _serve_run_mode(
         await asyncio.to_thread(mqtt.stop)
 
 
-def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> socket.socket | None:
+def _listen_early(
+    entry: ServiceEntry, host: str | None, port: int | None, reuse_port: bool = False
+) -> socket.socket | None:
     """The service's listening socket, opened before the service is imported (seconds of Python imports).
     A client that reconnects to a restarting process meanwhile waits in the listen backlog and is served
     once the app is up, instead of being refused and backing off further each time (as the SDKs do).
-    None when the address cannot be told yet (a malformed variable: the settings then say what is wrong)."""
+    None when the address cannot be told yet (a malformed variable: the settings then say what is wrong).
+    `reuse_port`: SO_REUSEPORT, for a worker sharing the port with its siblings (workers.py)."""
     import socket
 
     try:
@@ -342,6 +345,8 @@ def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> so
     family = socket.AF_INET6 if ":" in chosen_host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         listener.bind((chosen_host, chosen_port))
     except OSError as exc:
@@ -351,8 +356,44 @@ def _listen_early(entry: ServiceEntry, host: str | None, port: int | None) -> so
     return listener
 
 
+def _worker_count(args: argparse.Namespace) -> int:
+    """`--workers`, else TSUNAGU_GATEWAY_WORKERS (read raw: the supervisor imports no service)."""
+    from tsunagu.workers import parse_workers
+
+    if args.workers is not None:
+        if args.service != "ws-gateway":
+            print(f"tsunagu serve {args.service}: --workers is for ws-gateway", file=sys.stderr)
+            raise SystemExit(2)
+        return parse_workers(args.workers, "--workers")
+    if args.service != "ws-gateway":
+        return 1
+    return parse_workers(os.environ.get("TSUNAGU_GATEWAY_WORKERS") or "1", "TSUNAGU_GATEWAY_WORKERS")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    listener = _listen_early(SERVICES[args.service], args.host, args.port)
+    from tsunagu_core.workers import SLOT_ENV
+
+    entry = SERVICES[args.service]
+    worker = bool(os.environ.get(SLOT_ENV))
+    listen_late = False
+    if not worker:
+        count = _worker_count(args)
+        if count > 1:
+            from tsunagu.workers import supervise
+
+            host = args.host or os.environ.get(f"{entry.env_prefix}HOST") or "127.0.0.1"
+            try:
+                port = args.port or int(os.environ.get(f"{entry.env_prefix}PORT") or entry.port)
+            except ValueError:
+                port = entry.port  # a worker's settings will say what is wrong
+            return supervise(entry.name, host, port, count, [])
+    else:
+        from tsunagu.workers import RESTART_ENV, set_parent_death_signal
+
+        set_parent_death_signal()
+        # A restarted worker listens once it is built: its siblings serve meanwhile.
+        listen_late = bool(os.environ.get(RESTART_ENV))
+    listener = None if listen_late else _listen_early(entry, args.host, args.port, reuse_port=worker)
 
     from tsunagu_core.config import CoreSettings, load_settings
     from tsunagu_core.lifecycle import Runtime
@@ -361,7 +402,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tsunagu.serving import EmbeddedServer, event_loop, metrics_server, run_loop, serve_all, uvicorn_config
 
-    entry = SERVICES[args.service]
     core = load_settings(CoreSettings)
     settings = load_settings(entry.settings)
     refuse_development_secrets(core, settings, entry.name)
@@ -380,10 +420,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if listener is not None and listener.getsockname()[1] != port:  # the settings chose otherwise after all
         listener.close()
         listener = None
+    if listener is None and worker:
+        listener = _listen_early(entry, host, port, reuse_port=True)
     server.listener = listener
     servers = [server]
     if core.metrics_port:
-        servers.append(metrics_server(core, host, server_tls))
+        # The workers share the metrics port too; whichever answers a scrape answers for all.
+        metrics_listener = _listen_early(entry, host, core.metrics_port, reuse_port=True) if worker else None
+        servers.append(metrics_server(core, host, server_tls, metrics_listener))
         print(f"  /metrics on {scheme}://{host}:{core.metrics_port}/metrics", flush=True)
     return run_loop(loop, serve_all(servers, server_tls, core.server_tls_reload_interval))
 
@@ -527,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=list(SERVICES), metavar="SERVICE", help=" | ".join(SERVICES))
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument(
+        "--workers",
+        default=None,
+        help="ws-gateway: processes sharing the port (SO_REUSEPORT), N, or 0/auto for one per CPU of the"
+        " cgroup limit (default: $TSUNAGU_GATEWAY_WORKERS or 1; more than 1 needs TSUNAGU_BROKER=redis)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     from tsunagu.stack import cli as stack_cli  # argparse only: the stack itself loads when it runs

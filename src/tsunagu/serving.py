@@ -49,6 +49,19 @@ class EmbeddedServer(uvicorn.Server):
             sockets = [self.listener]
         await super().serve(sockets)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # The app says goodbye its own way first (the gateway: Centrifugo's `shutdown` disconnect, which
+        # tells clients to reconnect, where uvicorn would close each WebSocket with a bare 1012).
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            for server in self.servers:  # no new connection meanwhile (SO_REUSEPORT: siblings get them)
+                server.close()
+            try:
+                await drain()
+            except Exception:
+                logging.getLogger("uvicorn.error").exception("draining %s failed", self.name or "the app")
+        await super().shutdown(sockets)
+
 
 def event_loop(core: CoreSettings, preferred: str = "asyncio") -> str:
     """The loop `TSUNAGU_EVENT_LOOP` names, or with `auto` the one a service prefers (services.py)."""
@@ -88,13 +101,18 @@ def uvicorn_config(
     )
 
 
-def metrics_server(core: CoreSettings, host: str, server_tls: ServerTls | None) -> EmbeddedServer:
-    """`/metrics` on TSUNAGU_METRICS_PORT, apart from the API (so a NetworkPolicy can open it alone)."""
+def metrics_server(
+    core: CoreSettings, host: str, server_tls: ServerTls | None, listener: socket.socket | None = None
+) -> EmbeddedServer:
+    """`/metrics` on TSUNAGU_METRICS_PORT, apart from the API (so a NetworkPolicy can open it alone);
+    `listener`: a socket already listening there (a worker's, shared with its siblings)."""
     from tsunagu_core.lifecycle import metrics_app
 
     config = uvicorn_config(metrics_app(), host, core.metrics_port, core, server_tls)
     config.lifespan = "off"
-    return EmbeddedServer(config, "metrics")
+    server = EmbeddedServer(config, "metrics")
+    server.listener = listener
+    return server
 
 
 async def serve_all(servers: Sequence[EmbeddedServer], server_tls: ServerTls | None = None, reload: float = 0) -> int:

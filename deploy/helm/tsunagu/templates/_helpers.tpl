@@ -435,6 +435,26 @@ spec:
             - name: TSUNAGU_REDIS_URL
               value: {{ include "tsunagu.redisUrl" $root | quote }}
             {{- end }}
+            {{- if eq $name "ws-gateway" }}
+            {{- $workers := toString ($svc.workers | default "") }}
+            {{- if and (ne $values.config.broker "redis") $workers (ne $workers "1") }}
+            {{- fail (printf "services.ws-gateway.workers (%s) needs config.broker=redis: the workers meet through the broker" $workers) }}
+            {{- end }}
+            # Gateway processes sharing the port (SO_REUSEPORT, docs/deploy.md): unless set, one per
+            # CPU of the container's limit (rounded up; the node's CPUs without a limit).
+            - name: TSUNAGU_GATEWAY_WORKERS
+            {{- if $workers }}
+              value: {{ $workers | quote }}
+            {{- else if ne $values.config.broker "redis" }}
+              value: "1"
+            {{- else }}
+              valueFrom:
+                resourceFieldRef:
+                  containerName: {{ $name }}
+                  resource: limits.cpu
+                  divisor: "1"
+            {{- end }}
+            {{- end }}
             {{- if and (eq $name "ws-gateway") $apiKeyRef }}
             - name: TSUNAGU_GATEWAY_API_KEY
               valueFrom:

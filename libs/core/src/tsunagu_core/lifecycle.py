@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -17,9 +18,9 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from tsunagu_core import service_auth, topics
+from tsunagu_core import service_auth, topics, workers
 from tsunagu_core.body_limit import BodyLimit, default_error
 from tsunagu_core.broker import Broker, MemoryBroker
 from tsunagu_core.bus import BatchHandler, BatchPolicy, Bus, Handler, MemoryBus, RetryPolicy, Subscription
@@ -251,11 +252,35 @@ def create_service_app(
             found["internal_api"] = "open to anyone who reaches this port: set TSUNAGU_INTERNAL_TOKEN"
         return found
 
+    slot = workers.current()
+
+    async def own_readiness() -> tuple[bool, dict[str, object]]:
+        ready, checks = await runtime.readiness(needs)
+        status = "ready" if ready else ("draining" if runtime.draining else "not ready")
+        body: dict[str, object] = {"status": status, "service": service, "checks": checks}
+        if slot is not None:
+            body["worker"] = slot.index
+        return ready, body
+
+    async def control_ready() -> bytes:
+        ready, body = await own_readiness()
+        return json.dumps({"ready": ready, **body}).encode()
+
+    async def control_metrics() -> bytes:
+        return workers.own_metrics()
+
+    async def control_ping() -> bytes:
+        return b"pong"
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.acquire(needs)
         try:
             async with contextlib.AsyncExitStack() as stack:
+                if slot is not None:
+                    handlers = {"ready": control_ready, "metrics": control_metrics, "ping": control_ping}
+                    control = await workers.serve_control(slot, handlers)
+                    stack.push_async_callback(_close_control, control, slot)
                 for hook in hooks:
                     await stack.enter_async_context(hook())
                 for topic, warning in noted().items():
@@ -288,14 +313,24 @@ def create_service_app(
             return HTMLResponse(f"<!doctype html><title>{title}</title><h1>{title}</h1><ul>{links}</ul>")
 
     @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "service": service}
+    async def healthz() -> dict[str, object]:
+        body: dict[str, object] = {"status": "ok", "service": service}
+        if slot is not None:
+            body["worker"] = slot.index
+        return body
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        ready, checks = await runtime.readiness(needs)
-        status = "ready" if ready else ("draining" if runtime.draining else "not ready")
-        body: dict[str, object] = {"status": status, "service": service, "checks": checks}
+        if slot is None:
+            ready, body = await own_readiness()
+        else:
+            # Through the shared port this is the whole process group's answer, not one worker's.
+            (ready, body), siblings = await asyncio.gather(own_readiness(), workers.siblings_readiness(slot))
+            states = {str(slot.index): {"ready": ready, "status": body["status"]}} | siblings
+            body["workers"] = {index: states[index].get("status") for index in sorted(states, key=int)}
+            if ready and not all(state.get("ready") for state in siblings.values()):
+                ready = False
+                body["status"] = "not ready"
         found = noted()
         if found:
             body["warnings"] = found
@@ -307,7 +342,7 @@ def create_service_app(
 
         @app.get("/metrics", tags=["health"])
         async def metrics() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            return Response(await workers.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # Added innermost first: the credential is checked before a byte of the body is read.
     if max_body_bytes is not None:
@@ -325,8 +360,27 @@ def internal_api(runtime: Runtime) -> dict[str, Any]:
     return {"internal_api": True, "max_body_bytes": runtime.settings.http_max_body_bytes}
 
 
-def metrics_app() -> Any:
-    """The ASGI app of a `/metrics` listener of its own (`TSUNAGU_METRICS_PORT`): the process's registry."""
-    from prometheus_client import make_asgi_app
+async def _close_control(control: asyncio.AbstractServer, slot: workers.WorkerSlot) -> None:
+    control.close()
+    slot.control_path().unlink(missing_ok=True)
+    with contextlib.suppress(Exception):
+        await control.wait_closed()
 
-    return make_asgi_app()
+
+def metrics_app() -> Any:
+    """The ASGI app of a `/metrics` listener of its own (`TSUNAGU_METRICS_PORT`): the process's registry,
+    or every worker's when it is one of several (workers.py)."""
+    if workers.current() is None:
+        from prometheus_client import make_asgi_app
+
+        return make_asgi_app()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = await workers.exposition()
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app

@@ -54,6 +54,9 @@ NEEDS = ("bus", "broker", "nonces", "revocations")
 WARM_DEFERRED_AFTER = 1.0
 # Slack over the largest message a protocol takes, for the WebSocket framing around it.
 WS_MAX_SIZE_SLACK = 1024
+# How long a stopping gateway gives its clients to close after the `shutdown` disconnect, before
+# uvicorn closes what is left.
+DRAIN_WAIT = 1.0
 
 
 def server_options(settings: GatewaySettings) -> dict[str, Any]:
@@ -187,6 +190,16 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         warnings=warnings,
         index=not settings.web_enabled,  # the demo web app is at / otherwise
     )
+
+    async def drain() -> None:
+        # Before uvicorn closes the sockets itself: clients get Centrifugo's `shutdown` (3001, reconnect).
+        runtime.draining = True
+        gateway.registry.drain(codes.SHUTDOWN)
+        deadline = asyncio.get_running_loop().time() + DRAIN_WAIT
+        while gateway.registry.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+
+    app.state.drain = drain
     app.state.settings = settings
     app.state.server_options = server_options(settings)
     app.state.gateway = gateway

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -227,6 +227,13 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TSUNAGU_GATEWAY_", extra="ignore")
 
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
+        1,
+        description="Processes of `tsunagu serve ws-gateway` sharing its port (SO_REUSEPORT; `--workers` overrides):"
+        " `auto` or 0 is one per CPU this container may use (affinity, cgroup `cpu.max`). More than 1 needs"
+        " `TSUNAGU_BROKER=redis`; `/metrics` then has every worker's series with a `worker` label and `/readyz` is"
+        " ready when every worker is (docs/deploy.md).",
+    )
     token_hmac_secret: str = Field(
         "", description="HS256 secret for connection and subscription tokens (development; auth's JWKS later)."
     )
