@@ -80,7 +80,7 @@ js-test: js-install ## the offline client's unit tests (Vitest)
 unit: install ## unit tests only (memory engines; no servers)
 	$(UV) run pytest libs services tests/stack tests/run $(PYTEST_ARGS)
 
-stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus)
+stack-up: install ## start the real local infrastructure (Redis, Kafka, PostgreSQL, Mosquitto, Prometheus; `tsunagu stack up turn` adds coturn)
 	$(UV) run tsunagu stack up
 
 stack-down: install ## stop the local infrastructure (its data stays under .stack/)
@@ -95,10 +95,12 @@ test: install js-install lint js-test ## everything, on the real stack: lint, un
 	$(UV) run python -m tsunagu.browser
 	@status=0; \
 	$(UV) run tsunagu stack up || status=$$?; \
-	eval "$$($(UV) run tsunagu stack env)"; \
+	if [ $$status -eq 0 ]; then $(UV) run tsunagu stack up turn || status=$$?; fi; \
+	eval "$$($(UV) run tsunagu stack env turn)"; \
 	if [ $$status -eq 0 ]; then TSUNAGU_TEST_STACK=1 $(UV) run pytest libs services tests $(PYTEST_ARGS) || status=$$?; fi; \
 	if [ $$status -eq 0 ]; then bash deploy/check.sh || status=$$?; fi; \
 	$(UV) run tsunagu stack down || true; \
+	$(UV) run tsunagu stack down turn || true; \
 	exit $$status
 
 deploy-check: ## helm lint/template, schema validation, Dockerfile lint

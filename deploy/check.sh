@@ -266,6 +266,9 @@ guards() {
     expect_render_failure "a Redis password both in the URL and in a Secret" \
         "redis.url holds credentials and redis.password.existingSecret is set" \
         --set redis.url=redis://:pw@redis:6379/0 --set redis.password.existingSecret.name=redis-auth || rc=1
+    expect_render_failure "TURN URIs without the shared secret" \
+        "webrtc.turn.uris is set: name the Secret holding the TURN shared secret" \
+        --set-json 'webrtc.turn.uris=["turn:turn.example:3478"]' || rc=1
     # The platform's secrets: an existing Secret is referred to, not copied or generated.
     output=$("${BIN}/helm" template "${RELEASE}" "${CHART}" --kube-version "${RENDER_KUBE_VERSION}" \
         --set secrets.internalToken.existingSecret.name=vault-internal)

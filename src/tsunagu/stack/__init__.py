@@ -14,7 +14,7 @@ The modules, from the command line down:
   cli          the arguments, the help and the exit codes (imports nothing heavy: `tsunagu --help` stays fast)
   commands     up, down, status, env
   components   the components by name, in start order
-  redis, kafka, postgres, mqtt, prometheus   one server each; redis also has PrivateRedis for tests
+  redis, kafka, postgres, mqtt, prometheus, turn   one server each; redis also has PrivateRedis for tests
   base         what every component shares: pid files, start, probe, stop, its TLS files
   templates    the generated config files
   apt, maven   Debian packages; the Kafka jars from Maven Central
@@ -27,9 +27,10 @@ The modules, from the command line down:
 # The components in start order, and the other names they answer to.
 COMPONENTS = ("redis", "kafka", "postgres", "mqtt", "prometheus")
 # Started only when named (`stack up redis-cluster`): sets of Redis servers for the cluster and Sentinel
-# engines; `stack env redis-cluster` points TSUNAGU_REDIS_URL at one.
-OPTIONAL_COMPONENTS = ("redis-cluster", "redis-sentinel")
-ALIASES = {"mosquitto": "mqtt", "postgresql": "postgres", "pg": "postgres", "prom": "prometheus"}
+# engines, `stack env redis-cluster` pointing TSUNAGU_REDIS_URL at one; coturn for WebRTC (`stack env turn`
+# gives auth its secret and URIs).
+OPTIONAL_COMPONENTS = ("redis-cluster", "redis-sentinel", "turn")
+ALIASES = {"mosquitto": "mqtt", "postgresql": "postgres", "pg": "postgres", "prom": "prometheus", "coturn": "turn"}
 
 # `stack env --engines`: the engines that use the stack instead of the services' in-process ones.
 ENGINE_ENV = {"TSUNAGU_BUS": "kafka", "TSUNAGU_BROKER": "redis", "TSUNAGU_DATABASE": "postgres"}

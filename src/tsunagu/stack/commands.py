@@ -24,6 +24,7 @@ from tsunagu.stack.settings import (
     connection_env,
     tls_connection_env,
     tls_dir,
+    turn_env,
 )
 
 _print_lock = threading.Lock()
@@ -220,6 +221,8 @@ def cmd_env(settings: StackSettings, tls: bool = False, engines: bool = False, n
             if tls:
                 raise StackError(f"{name} listens without TLS: `stack env {name}` without --tls")
             env["TSUNAGU_REDIS_URL"] = REDIS_SET_URLS[name](settings)
+        elif name == "turn":
+            env.update(turn_env(settings))
     if engines:
         env.update(ENGINE_ENV)
     for key, value in env.items():

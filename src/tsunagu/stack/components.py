@@ -13,6 +13,7 @@ from tsunagu.stack.prometheus import Prometheus
 from tsunagu.stack.redis import Redis
 from tsunagu.stack.redis_sets import RedisClusterSet, RedisSentinelSet
 from tsunagu.stack.settings import StackError, StackSettings
+from tsunagu.stack.turn import Turn
 
 COMPONENT_CLASSES: dict[str, Callable[[StackSettings], Component]] = {
     "redis": Redis,
@@ -22,6 +23,7 @@ COMPONENT_CLASSES: dict[str, Callable[[StackSettings], Component]] = {
     "prometheus": Prometheus,
     "redis-cluster": RedisClusterSet,
     "redis-sentinel": RedisSentinelSet,
+    "turn": Turn,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -74,6 +75,15 @@ class StackSettings(BaseSettings):
         description="`stack up redis-sentinel`: the first of 3 consecutive Redis ports (the primary, 2 replicas).",
     )
     prometheus_port: int = Field(9090, ge=1, le=65535, description="Prometheus web and API port on 127.0.0.1.")
+    turn_port: int = Field(3478, ge=1, le=65535, description="coturn TURN/STUN port (UDP and TCP) on 127.0.0.1.")
+    turn_relay_ports: tuple[int, int] = Field(
+        (49160, 49200), description="The UDP port range coturn relays through (`min-port`, `max-port`)."
+    )
+    turn_secret: str = Field(
+        "tsunagu-dev-turn-secret",
+        description="coturn's `static-auth-secret`: the secret auth signs TURN credentials with (a local stack's).",
+    )
+    turn_realm: str = Field("tsunagu.local", description="coturn's realm.")
     kafka_version: str = Field(
         "4.1.1",
         pattern=r"^\d+\.\d+\.\d+$",
@@ -104,11 +114,15 @@ class StackSettings(BaseSettings):
             "redis_cluster_port",
             "redis_sentinel_port",
             "redis_sentinel_data_port",
+            "turn_port",
         ):
             port = getattr(self, name)
             if port in seen:
                 raise ValueError(f"TSUNAGU_STACK_{name.upper()} and TSUNAGU_STACK_{seen[port].upper()} are both {port}")
             seen[port] = name
+        low, high = self.turn_relay_ports
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError("TSUNAGU_STACK_TURN_RELAY_PORTS is [low, high] within 1024-65535")
         return self
 
 
@@ -187,6 +201,16 @@ def redis_sentinel_url(settings: StackSettings) -> str:
 
 
 REDIS_SET_URLS = {"redis-cluster": redis_cluster_url, "redis-sentinel": redis_sentinel_url}
+
+
+def turn_env(settings: StackSettings) -> dict[str, str]:
+    """`stack env turn`: auth issues credentials for the stack's coturn."""
+    address = f"{HOST}:{settings.turn_port}"
+    return {
+        "TSUNAGU_AUTH_TURN_SECRET": settings.turn_secret,
+        "TSUNAGU_AUTH_TURN_URIS": json.dumps([f"turn:{address}?transport=udp", f"turn:{address}?transport=tcp"]),
+        "TSUNAGU_AUTH_STUN_URIS": json.dumps([f"stun:{address}"]),
+    }
 
 
 def connection_env(settings: StackSettings) -> dict[str, str]:

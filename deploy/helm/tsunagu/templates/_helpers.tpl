@@ -479,6 +479,24 @@ spec:
               valueFrom:
                 secretKeyRef:
                   {{- include "tsunagu.platformSecretRef" (dict "root" $root "name" "authKeyEncryptionSecret" "key" "auth-key-encryption-secret") | nindent 18 }}
+            {{- with $values.webrtc.turn }}
+            {{- if .uris }}
+            {{- if not .existingSecret.name }}
+            {{- fail "webrtc.turn.uris is set: name the Secret holding the TURN shared secret in webrtc.turn.existingSecret.name" }}
+            {{- end }}
+            - name: TSUNAGU_AUTH_TURN_URIS
+              value: {{ toJson .uris | quote }}
+            - name: TSUNAGU_AUTH_STUN_URIS
+              value: {{ toJson (.stunUris | default list) | quote }}
+            - name: TSUNAGU_AUTH_TURN_CREDENTIAL_TTL
+              value: {{ .credentialTtl | quote }}
+            - name: TSUNAGU_AUTH_TURN_SECRET
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .existingSecret.name }}
+                  key: {{ .existingSecret.key }}
+            {{- end }}
+            {{- end }}
             {{- end }}
             {{- with $svc.env }}
             {{- toYaml . | nindent 12 }}

@@ -34,6 +34,7 @@ from tsunagu_auth.handlers import MAX_BODY, build_router, error_response
 from tsunagu_auth.limits import LoginLimiter, create_counters
 from tsunagu_auth.notices import Notices
 from tsunagu_auth.store import MIGRATIONS, MemoryStore, PostgresStore, Store
+from tsunagu_auth.turn import IceServers
 
 SERVICE = "auth"
 LIMITS = "login-limits"
@@ -173,6 +174,9 @@ def create_app(runtime: Runtime, settings: AuthSettings) -> FastAPI:
     app.state.settings = settings
     app.state.auth = auth
     app.state.console = console
+    app.state.ice_servers = IceServers(
+        settings.turn_secret, tuple(settings.turn_uris), tuple(settings.stun_uris), settings.turn_credential_ttl
+    )
     app.state.proxies = TrustedProxies(core.trusted_proxies)
 
     @app.exception_handler(AuthError)

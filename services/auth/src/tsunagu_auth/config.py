@@ -160,3 +160,19 @@ class AuthSettings(ServiceSettings):
         "http://127.0.0.1:8087",
         description="audit-log's base URL: the console's live audit feed and chain verification.",
     )
+    turn_secret: str = Field(
+        "",
+        description="Secret shared with the TURN server (coturn `static-auth-secret` with `use-auth-secret`) for"
+        " `POST /v1/turn-credentials`; empty: no TURN credentials are issued.",
+    )
+    turn_uris: list[str] = Field(
+        default_factory=list,
+        description="JSON list of the TURN server's URIs given with the credentials, e.g."
+        ' `["turn:turn.example:3478"]`.',
+    )
+    stun_uris: list[str] = Field(
+        default_factory=list, description="JSON list of STUN URIs given beside them (no credential needed)."
+    )
+    turn_credential_ttl: float = Field(
+        3600.0, ge=1, le=86400, description="Seconds a TURN credential is accepted by the TURN server."
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import time
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
@@ -15,6 +16,7 @@ from tsunagu_core.revocation_store import Scope
 
 from tsunagu_auth.console import Caller, Console
 from tsunagu_auth.domain import AuthError, AuthService, invalid_request
+from tsunagu_auth.turn import IceServers
 
 MAX_BODY = 64 * 1024
 
@@ -243,6 +245,15 @@ def build_router() -> APIRouter:
         body = await read_body(request)
         result = await auth.subscription_token(claims, text(body, "channel"))
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/turn-credentials", tags=["webrtc"])
+    async def turn_credentials(request: Request) -> JSONResponse:
+        """Short-lived TURN credentials for the caller (turn.py), so its WebRTC peers can relay."""
+        claims = await service_of(request).verify_access(bearer(request))
+        servers: IceServers = request.app.state.ice_servers
+        if not servers.configured:
+            raise AuthError(404, "turn_not_configured", "this platform has no TURN server (TSUNAGU_AUTH_TURN_SECRET)")
+        return JSONResponse(servers.credentials(str(claims["sub"]), time.time()), headers={"Cache-Control": "no-store"})
 
     add_factor_routes(router)
     add_session_routes(router)
