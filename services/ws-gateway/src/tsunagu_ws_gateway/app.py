@@ -38,6 +38,7 @@ from tsunagu_ws_gateway.protocols.fhir import build_fhir_router
 from tsunagu_ws_gateway.protocols.jsonrpc import jsonrpc_endpoint
 from tsunagu_ws_gateway.protocols.native import native_endpoint
 from tsunagu_ws_gateway.protocols.stomp import stomp_endpoint
+from tsunagu_ws_gateway.protocols.uni import uni_http_stream_endpoint, uni_sse_endpoint, uni_websocket_endpoint
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
@@ -191,6 +192,11 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
+    app.add_api_websocket_route("/connection/uni_websocket", uni_websocket_endpoint)
+    app.router.routes += [
+        Route("/connection/uni_sse", uni_sse_endpoint, methods=["GET", "POST"]),
+        Route("/connection/uni_http_stream", uni_http_stream_endpoint, methods=["POST"]),
+    ]
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)

@@ -255,8 +255,10 @@ async def serve_websocket(
     subprotocol: str | None = None,
     binary: bool = False,
     joiner: bytes | None = None,
+    transport_class: type[WebSocketTransport] | None = None,
 ) -> None:
-    """One WebSocket connection of `protocol`, from handshake to close, through the socket loop."""
+    """One WebSocket connection of `protocol`, from handshake to close, through the socket loop
+    (`transport_class`: a WebSocketTransport of the protocol's own, e.g. uni_websocket's)."""
     gateway: Gateway = websocket.app.state.gateway
     settings = gateway.settings
     socket: FrameSocket | None = websocket.scope.get("extensions", {}).get(FRAMES_EXTENSION)
@@ -265,7 +267,9 @@ async def serve_websocket(
             "the gateway's WebSockets need its uvicorn protocol class: serve it with app.state.server_options"
         )
     peer = Peer.of(websocket.scope)
-    transport = WebSocketTransport(websocket, socket, settings.send_buffer_bytes, binary=binary, joiner=joiner)
+    transport = (transport_class or WebSocketTransport)(
+        websocket, socket, settings.send_buffer_bytes, binary=binary, joiner=joiner
+    )
     connection = Connection(transport, peer, protocol, CommandRate(settings.commands_per_second))
     try:
         gateway.admission.screen(peer, protocol)
