@@ -15,6 +15,8 @@ import httpx
 import orjson
 import pytest
 import websockets
+from prometheus_client import REGISTRY
+from tsunagu_core.testing import eventually
 
 from .conftest import API_KEY, RunningGateway, make_token, running_gateway
 
@@ -80,7 +82,16 @@ async def stream(
 
 @pytest.mark.parametrize("transport", ["uni_sse", "uni_http_stream"])
 async def test_a_stream_gets_the_connect_push_then_its_channels_publications_in_order(transport: str) -> None:
-    async with running_gateway() as gateway, stream(gateway, transport, {"token": follows("ann", "news")}) as s:
+    async with running_gateway() as gateway:
+        await in_order(gateway, transport)
+        # The client went: the gateway noticed, the connection is gone.
+        await eventually(
+            lambda: REGISTRY.get_sample_value("tsunagu_gateway_uni_connections", {"transport": transport}) == 0
+        )
+
+
+async def in_order(gateway: RunningGateway, transport: str) -> None:
+    async with stream(gateway, transport, {"token": follows("ann", "news")}) as s:
         assert s.response.status_code == 200
         kind = s.response.headers["content-type"]
         assert kind.startswith("text/event-stream" if transport == "uni_sse" else "application/x-ndjson")
@@ -93,6 +104,7 @@ async def test_a_stream_gets_the_connect_push_then_its_channels_publications_in_
         assert [p["channel"] for p in pubs] == ["news"] * 5
         assert [p["pub"]["data"]["n"] for p in pubs] == [0, 1, 2, 3, 4]
         assert [p["pub"]["offset"] for p in pubs] == [1, 2, 3, 4, 5]
+        assert REGISTRY.get_sample_value("tsunagu_gateway_uni_connections", {"transport": transport}) == 1
 
 
 @pytest.mark.parametrize("transport", ["uni_sse", "uni_http_stream"])
@@ -165,21 +177,45 @@ async def test_bad_requests_get_a_status_and_bad_credentials_a_disconnect_push()
         assert answer.status_code == 413
         assert (await client.get(f"{base}/uni_http_stream")).status_code == 405
         # The stream starts, tells why it ends, and ends (no hang): a bad token, no token, a bad subs field.
-        for request, code in (
-            ({"token": "not.a.jwt"}, 3500),
-            ({}, 3501),
-            ({"token": follows("ann", "news"), "subs": {"news": {"recover": "yes"}}}, 3501),
+        for request, disconnect in (
+            ({"token": "not.a.jwt"}, {"code": 3500, "reason": "invalid token"}),
+            ({}, {"code": 3501, "reason": "bad request"}),
+            (
+                {"token": follows("ann", "news"), "subs": {"news": {"recover": "yes"}}},
+                {"code": 3501, "reason": "bad request"},
+            ),
         ):
             async with stream(gateway, "uni_http_stream", request) as s:
-                assert await s.rest() == [{"disconnect": {"code": code, "reason": s_reason(code)}}]
+                assert await s.rest() == [{"disconnect": disconnect}]
         expired = follows("ann", "news", ttl=-60)
         async with stream(gateway, "uni_sse", {"token": expired}) as s:
             # (an expired token is error 109 to a bidirectional client: here the disconnect it maps to)
             assert await s.rest() == [{"disconnect": {"code": 3005, "reason": "connection expired"}}]
 
 
-def s_reason(code: int) -> str:
-    return {3500: "invalid token", 3501: "bad request"}[code]
+async def test_a_page_of_an_allowed_origin_may_read_the_stream_and_others_are_refused() -> None:
+    async with running_gateway(allowed_origins=["https://app.example"]) as gateway:
+        url = f"{gateway.http_url}/connection/uni_http_stream"
+        async with httpx.AsyncClient(timeout=5) as client:
+            preflight = await client.options(
+                url,
+                headers={
+                    "Origin": "https://app.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type",
+                },
+            )
+            assert preflight.status_code == 204
+            assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+            assert preflight.headers["access-control-allow-headers"] == "content-type"
+            evil = {"Origin": "https://evil.example"}
+            assert (await client.options(url, headers=evil)).status_code == 403
+            refused = await client.post(url, json={"token": follows("ann", "news")}, headers=evil)
+            assert refused.status_code == 403 and "not allowed" in refused.text
+        allowed = {"Origin": "https://app.example"}
+        async with stream(gateway, "uni_http_stream", {"token": follows("ann", "news")}, headers=allowed) as s:
+            assert s.response.headers["access-control-allow-origin"] == "https://app.example"
+            assert "connect" in await s.next()
 
 
 async def test_a_server_disconnect_is_a_disconnect_push_and_the_end_of_the_stream() -> None:

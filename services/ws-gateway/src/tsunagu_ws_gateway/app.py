@@ -194,8 +194,8 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
     app.add_api_websocket_route("/connection/uni_websocket", uni_websocket_endpoint)
     app.router.routes += [
-        Route("/connection/uni_sse", uni_sse_endpoint, methods=["GET", "POST"]),
-        Route("/connection/uni_http_stream", uni_http_stream_endpoint, methods=["POST"]),
+        Route("/connection/uni_sse", uni_sse_endpoint, methods=["GET", "POST", "OPTIONS"]),
+        Route("/connection/uni_http_stream", uni_http_stream_endpoint, methods=["POST", "OPTIONS"]),
     ]
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import orjson
-from starlette.responses import PlainTextResponse
+from prometheus_client import Gauge
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -47,6 +48,9 @@ log = logging.getLogger("tsunagu.gateway.uni")
 
 # The SSE URL parameter (and the uni_websocket one) that holds the connect request, as Centrifugo names it.
 CONNECT_PARAM = "cf_connect"
+UNI_CONNECTIONS = Gauge(
+    "tsunagu_gateway_uni_connections", "Open unidirectional connections on this node", ["transport"]
+)
 
 
 class UniTransport(Protocol):
@@ -138,6 +142,7 @@ class UniHandler:
         self.started = False
 
     async def on_open(self) -> None:
+        UNI_CONNECTIONS.labels(self.session.transport_name).inc()
         if self.request is not None:
             await self._connect(self.request)
 
@@ -149,6 +154,7 @@ class UniHandler:
         return
 
     async def on_close(self, disconnect: Disconnect) -> None:
+        UNI_CONNECTIONS.labels(self.session.transport_name).dec()
         await self.session.end(disconnect)
 
     async def _connect(self, request: dict[str, Any]) -> None:
@@ -224,15 +230,23 @@ class UniHttpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway: Gateway = scope["app"].state.gateway
         settings = gateway.settings
+        peer = Peer.of(scope)
+        if scope["method"] == "OPTIONS":
+            await self._preflight(gateway, peer)(scope, receive, send)
+            return
         try:
             request = await self._request(scope, receive, settings.max_frame_bytes)
         except BadRequest as bad:
             log.info("refusing a %s request: %s", self.name, bad.detail)
-            await PlainTextResponse(bad.detail, bad.status)(scope, receive, send)
+            await PlainTextResponse(bad.detail, bad.status, headers=_cors(gateway, peer))(scope, receive, send)
             return
-        peer = Peer.of(scope)
         transport = HttpStreamTransport(
-            self.name, send, receive, settings.send_buffer_bytes, event_stream=self.event_stream
+            self.name,
+            send,
+            receive,
+            settings.send_buffer_bytes,
+            event_stream=self.event_stream,
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in _cors(gateway, peer).items()],
         )
         connection = Connection(transport, peer, self.name, CommandRate(settings.commands_per_second))
         try:
@@ -253,6 +267,19 @@ class UniHttpEndpoint:
         finally:
             await transport.finish()
 
+    def _preflight(self, gateway: Gateway, peer: Peer) -> Response:
+        """CORS preflight of a page on another origin (a POST with a JSON body, a Last-Event-ID header):
+        allowed for the origins admission allows, as the stream itself is."""
+        if peer.origin is None or not gateway.admission.origin_allowed(peer):
+            return PlainTextResponse(f"origin {peer.origin!r} is not allowed", 403)
+        headers = {
+            **_cors(gateway, peer),
+            "access-control-allow-methods": "GET, POST, OPTIONS" if self.event_stream else "POST, OPTIONS",
+            "access-control-allow-headers": peer.headers.get("access-control-request-headers", ""),
+            "access-control-max-age": "300",
+        }
+        return Response(status_code=204, headers=headers)
+
     async def _request(self, scope: Scope, receive: Receive, limit: int) -> dict[str, Any]:
         try:
             if scope["method"] == "POST":
@@ -270,6 +297,14 @@ class UniHttpEndpoint:
                 if name == b"last-event-id" and value:
                     return with_last_event_id(request, value.decode("latin-1"))
         return request
+
+
+def _cors(gateway: Gateway, peer: Peer) -> dict[str, str]:
+    """A browser on another origin reads the response only with these: an origin admission allows
+    (`allowed_origins`) is named back, with credentials (cookies), as Centrifugo answers."""
+    if peer.origin is None or not gateway.admission.origin_allowed(peer):
+        return {}
+    return {"access-control-allow-origin": peer.origin, "access-control-allow-credentials": "true", "vary": "Origin"}
 
 
 uni_sse_endpoint = UniHttpEndpoint("uni_sse", event_stream=True)

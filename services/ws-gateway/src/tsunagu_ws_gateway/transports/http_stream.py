@@ -50,6 +50,7 @@ class HttpStreamTransport:
         "closing",
         "ended",
         "event_stream",
+        "headers",
         "limit",
         "name",
         "positions",
@@ -62,8 +63,18 @@ class HttpStreamTransport:
         "writer",
     )
 
-    def __init__(self, name: str, send: Send, receive: Receive, limit: int, *, event_stream: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        send: Send,
+        receive: Receive,
+        limit: int,
+        *,
+        event_stream: bool,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.name = name
+        self.headers = [*(SSE_HEADERS if event_stream else STREAM_HEADERS), *(headers or [])]
         self.send_message = send
         self.receive = receive
         self.limit = limit
@@ -146,8 +157,7 @@ class HttpStreamTransport:
     async def _write(self) -> None:
         send = self.send_message
         try:
-            headers = SSE_HEADERS if self.event_stream else STREAM_HEADERS
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             self.started = True
             # (as Centrifugo: a first line, so the client sees the stream open before the first push)
             await send({"type": "http.response.body", "body": b"\r\n" if self.event_stream else b"", "more_body": True})
