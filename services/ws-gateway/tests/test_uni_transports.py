@@ -227,6 +227,15 @@ async def test_a_server_disconnect_is_a_disconnect_push_and_the_end_of_the_strea
         assert await s.rest() == [{"disconnect": {"code": 3503, "reason": "go away"}}]
 
 
+@pytest.mark.parametrize("transport", ["uni_sse", "uni_http_stream"])
+async def test_a_stopping_server_ends_its_streams_with_a_shutdown_push_at_once(transport: str) -> None:
+    async with running_gateway() as gateway, stream(gateway, transport, {"token": follows("ann", "news")}) as s:
+        await s.next()
+        gateway.server.should_exit = True  # what SIGTERM does (uvicorn itself would wait for the stream)
+        async with asyncio.timeout(3):
+            assert await s.rest() == [{"disconnect": {"code": 3001, "reason": "shutdown"}}]
+
+
 async def test_unidirectional_clients_are_pinged_and_not_cut_off_for_not_answering() -> None:
     async with (
         running_gateway(ping_interval=1.0, pong_timeout=1.0) as gateway,

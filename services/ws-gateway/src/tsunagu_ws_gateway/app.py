@@ -45,7 +45,7 @@ from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.transports.http import BodyLimit
-from tsunagu_ws_gateway.transports.server import GatewayWebSocketProtocol
+from tsunagu_ws_gateway.transports.server import GatewayHttpProtocol, GatewayWebSocketProtocol
 from tsunagu_ws_gateway.web import serve_web_app
 from tsunagu_ws_gateway.webhooks import Relays
 
@@ -58,9 +58,11 @@ WS_MAX_SIZE_SLACK = 1024
 
 def server_options(settings: GatewaySettings) -> dict[str, Any]:
     """uvicorn options the gateway needs: its WebSocket protocol class (prepared frames written straight
-    to the socket, transports/server.py), and no WebSocket message buffered beyond what some protocol
-    takes (uvicorn's default is 16 MiB, read whole before any endpoint sees it)."""
+    to the socket, transports/server.py), its HTTP one (streams told when the server stops), and no
+    WebSocket message buffered beyond what some protocol takes (uvicorn's default is 16 MiB, read whole
+    before any endpoint sees it)."""
     return {
+        "http": GatewayHttpProtocol,
         "ws": GatewayWebSocketProtocol,
         "ws_max_size": max(settings.max_frame_bytes, settings.collab_max_message_bytes) + WS_MAX_SIZE_SLACK,
     }

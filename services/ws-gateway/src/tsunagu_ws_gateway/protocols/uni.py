@@ -42,6 +42,7 @@ from tsunagu_ws_gateway.protocol.uni_frames import (
     disconnect_push,
 )
 from tsunagu_ws_gateway.transports.http_stream import HttpStreamTransport
+from tsunagu_ws_gateway.transports.server import SHUTDOWN_HOOK
 from tsunagu_ws_gateway.transports.websocket import WebSocketTransport, serve_websocket
 
 log = logging.getLogger("tsunagu.gateway.uni")
@@ -261,6 +262,8 @@ class UniHttpEndpoint:
         except BaseException:
             gateway.registry.close(connection)
             raise
+        # A stopping server ends the stream with a shutdown push (the client reconnects elsewhere).
+        scope[SHUTDOWN_HOOK] = lambda: transport.close(codes.SHUTDOWN)
         transport.start()
         try:
             await serve(connection, handler, transport.received(), gateway.registry)

@@ -16,7 +16,12 @@ delivery would cost a compression of its own (the profile of the stage benchmark
 13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
 keeps whatever it asked for.
 
-`tsunagu serve` and `tsunagu_core.testing.serving` use it through `app.state.server_options`.
+`GatewayHttpProtocol` is uvicorn's HTTP protocol with one addition: a server that stops calls the hook a
+response still streaming put in its scope (`tsunagu.on_shutdown`), so the unidirectional streams
+(http_stream.py) end with a shutdown push at once; uvicorn itself only waits for them to end, for the
+whole shutdown grace, then cuts them without a word (WebSockets it closes itself, with 1012).
+
+`tsunagu serve` and `tsunagu_core.testing.serving` use both through `app.state.server_options`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.server import ServerProtocol
@@ -32,6 +38,8 @@ from websockets.server import ServerProtocol
 from tsunagu_ws_gateway.transports.frames import COMPRESS_SETTINGS, Framing, framing_for
 
 FRAMES_EXTENSION = "tsunagu.frames"
+# A callable a streaming response puts in its scope: called when the server begins to stop.
+SHUTDOWN_HOOK = "tsunagu.on_shutdown"
 # The window size we compress with, as uvicorn offers it.
 DEFLATE_WINDOW_BITS = 12
 
@@ -110,3 +118,14 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection and what it has buffered (a client that does not read)."""
         self.transport.abort()
+
+
+class GatewayHttpProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    def shutdown(self) -> None:
+        cycle = getattr(self, "cycle", None)
+        hook = None
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(SHUTDOWN_HOOK)
+        super().shutdown()
+        if hook is not None:
+            hook()
