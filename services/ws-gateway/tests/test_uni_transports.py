@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -234,6 +235,40 @@ async def test_a_stopping_server_ends_its_streams_with_a_shutdown_push_at_once(t
         gateway.server.should_exit = True  # what SIGTERM does (uvicorn itself would wait for the stream)
         async with asyncio.timeout(3):
             assert await s.rest() == [{"disconnect": {"code": 3001, "reason": "shutdown"}}]
+
+
+async def test_a_stream_that_is_not_read_is_cut_off_and_does_not_delay_others() -> None:
+    async with running_gateway(send_buffer_bytes=64 * 1024) as gateway:
+        # A client that sends its request, reads the first bytes, and never reads again (tiny buffer).
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = orjson.dumps({"token": follows("slow", "firehose")})
+        head = f"POST /connection/uni_http_stream HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        assert b"200 OK" in await asyncio.wait_for(reader.read(1024), 5)
+        blob = "x" * 32000  # 16 MB in all: more than the socket buffers between us can hide
+        async with stream(gateway, "uni_sse", {"token": follows("fast", "firehose")}) as fast:
+            await fast.next()
+
+            async def read_all() -> list[int]:
+                return [(await fast.next(timeout=20))["pub"]["data"]["n"] for _ in range(500)]
+
+            reading = asyncio.create_task(read_all())
+            async with httpx.AsyncClient(base_url=gateway.http_url, headers={"X-API-Key": API_KEY}) as api:
+                for n in range(500):
+                    await api.post("/api/publish", json={"channel": "firehose", "data": {"n": n, "blob": blob}})
+            assert await reading == list(range(500))
+            slow = {"transport": "uni_http_stream"}
+            await eventually(lambda: REGISTRY.get_sample_value("tsunagu_gateway_uni_connections", slow) == 0)
+            assert (REGISTRY.get_sample_value("tsunagu_gateway_disconnects_total", {"code": "3008"}) or 0) >= 1
+            # ...and its socket is dropped, not left waiting for it to read what was buffered.
+            address = sock.getsockname()
+            connections = gateway.server.server_state.connections
+            await eventually(lambda: all(c.transport.get_extra_info("peername") != address for c in connections))
+        writer.transport.abort()
 
 
 async def test_unidirectional_clients_are_pinged_and_not_cut_off_for_not_answering() -> None:

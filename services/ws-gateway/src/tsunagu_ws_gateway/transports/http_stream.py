@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -47,6 +47,7 @@ STREAM_HEADERS = [(b"content-type", b"application/x-ndjson"), *_HEADERS]
 
 class HttpStreamTransport:
     __slots__ = (
+        "abort",
         "closing",
         "ended",
         "event_stream",
@@ -72,8 +73,11 @@ class HttpStreamTransport:
         *,
         event_stream: bool,
         headers: list[tuple[bytes, bytes]] | None = None,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        # Drops the connection with what it buffered (a client that does not read; transports/server.py).
+        self.abort = abort
         self.headers = [*(SSE_HEADERS if event_stream else STREAM_HEADERS), *(headers or [])]
         self.send_message = send
         self.receive = receive
@@ -120,6 +124,8 @@ class HttpStreamTransport:
             # A client that does not read: drop it and what is queued rather than wait for it.
             self.queue.clear()
             self.queued_bytes = 0
+            if self.abort is not None:
+                self.abort()
             if self.writer is not None:
                 self.writer.cancel()
             elif not self.ended.done():

@@ -16,18 +16,22 @@ delivery would cost a compression of its own (the profile of the stage benchmark
 13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
 keeps whatever it asked for.
 
-`GatewayHttpProtocol` is uvicorn's HTTP protocol with one addition: a server that stops calls the hook a
-response still streaming put in its scope (`tsunagu.on_shutdown`), so the unidirectional streams
-(http_stream.py) end with a shutdown push at once; uvicorn itself only waits for them to end, for the
-whole shutdown grace, then cuts them without a word (WebSockets it closes itself, with 1012).
+`GatewayHttpProtocol` is uvicorn's HTTP protocol with two additions for the unidirectional streams
+(http_stream.py): a server that stops calls the hook a response still streaming put in its scope
+(`tsunagu.on_shutdown`), so they end with a shutdown push at once (uvicorn itself only waits for them
+to end, for the whole shutdown grace, then cuts them without a word; WebSockets it closes itself, with
+1012); and `abort_http` drops a request's connection with what it has buffered, for a client that
+does not read (closing would wait for the buffer to drain, which it never does).
 
 `tsunagu serve` and `tsunagu_core.testing.serving` use both through `app.state.server_options`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -120,7 +124,35 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.abort()
 
 
+# The HTTP connections by (client host, client port, our port), as a scope names them. Weak: a WebSocket
+# upgrade hands the connection on and drops its HTTP protocol without `connection_lost`.
+_HTTP: weakref.WeakValueDictionary[tuple[str, int, int], GatewayHttpProtocol] = weakref.WeakValueDictionary()
+
+
+def _address(transport: asyncio.BaseTransport) -> tuple[str, int, int] | None:
+    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(local, tuple) and len(local) >= 2:
+        return str(peer[0]), int(peer[1]), int(local[1])
+    return None
+
+
+def abort_http(scope: Mapping[str, Any]) -> None:
+    """Drop the connection of this HTTP request at once, with what it has buffered."""
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not server or len(server) < 2 or server[1] is None:
+        return
+    protocol = _HTTP.get((str(client[0]), int(client[1]), int(server[1])))
+    if protocol is not None:
+        protocol.transport.abort()
+
+
 class GatewayHttpProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        address = _address(transport)
+        if address is not None:
+            _HTTP[address] = self
+
     def shutdown(self) -> None:
         cycle = getattr(self, "cycle", None)
         hook = None
