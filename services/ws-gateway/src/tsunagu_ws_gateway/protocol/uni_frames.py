@@ -69,10 +69,12 @@ def message_push(data: bytes) -> bytes:
 
 
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
-    """The one reply a unidirectional client gets: its connect result, as the `connect` push."""
-    return orjson.dumps(
-        {method: json_frames._omit_empty(result)}, default=json_frames._default, option=orjson.OPT_PASSTHROUGH_DATACLASS
-    )
+    """The one reply a unidirectional client gets: its connect result, as the `connect` push (zero values
+    left out in the subscriptions' results too, as Centrifugo's; tests/conformance compares them)."""
+    body = json_frames._omit_empty(result)
+    if isinstance(body.get("subs"), Mapping):
+        body["subs"] = {channel: json_frames._omit_empty(sub) for channel, sub in body["subs"].items()}
+    return orjson.dumps({method: body}, default=json_frames._default, option=orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 def disconnect_push(disconnect: Disconnect) -> bytes:

@@ -14,6 +14,7 @@ stream starts) or a disconnect push (after).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -80,6 +81,10 @@ class UniWebSocketTransport(WebSocketTransport):
             self.send(disconnect_push(disconnect))
         super().close(disconnect)
 
+    def close_unannounced(self, disconnect: Disconnect) -> None:
+        """Close with the code alone (a first message that is no connect request, as Centrifugo closes)."""
+        super().close(disconnect)
+
 
 def _positions(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Where the connect push leaves the client in each recoverable channel (after what it recovered)."""
@@ -106,6 +111,10 @@ class UniSink:
         self.deliver = transport.send
 
     def reply(self, command_id: int, method: str, result: Mapping[str, Any]) -> None:
+        if method == "connect" and "session" not in result:
+            # As Centrifugo's unidirectional connect push: an id of this connection's session (the token's
+            # `sid` when it has one).
+            result = {**result, "session": str(uuid.uuid4())}
         frame = UNI_JSON.reply(command_id, method, result)
         if method == "connect":
             self.transport.connected(frame, _positions(result))
@@ -148,8 +157,19 @@ class UniHandler:
             await self._connect(self.request)
 
     async def on_frame(self, frame: bytes | str) -> None:
-        if not self.started:
-            await self._connect(connect_request(frame))
+        if self.started:
+            return
+        try:
+            request = connect_request(frame)
+        except ProtocolError as exc:
+            log.info("closing a uni_websocket client: %s", exc)
+            transport = self.session.connection.transport
+            if not isinstance(transport, UniWebSocketTransport):
+                raise
+            self.started = True
+            transport.close_unannounced(exc.disconnect)
+            return
+        await self._connect(request)
 
     def on_too_large(self, size: int) -> None:
         return
