@@ -43,7 +43,7 @@ from tsunagu_ws_gateway.protocol.uni_frames import (
     disconnect_push,
 )
 from tsunagu_ws_gateway.transports.http_stream import HttpStreamTransport
-from tsunagu_ws_gateway.transports.server import SHUTDOWN_HOOK, abort_http
+from tsunagu_ws_gateway.transports.server import SHUTDOWN_HOOK, abort_http, stream_socket
 from tsunagu_ws_gateway.transports.websocket import WebSocketTransport, serve_websocket
 
 log = logging.getLogger("tsunagu.gateway.uni")
@@ -269,6 +269,7 @@ class UniHttpEndpoint:
             event_stream=self.event_stream,
             headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in _cors(gateway, peer).items()],
             abort=lambda: abort_http(scope),
+            socket_of=lambda: stream_socket(scope),
         )
         connection = Connection(transport, peer, self.name, CommandRate(settings.commands_per_second))
         try:

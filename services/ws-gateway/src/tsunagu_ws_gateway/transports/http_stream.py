@@ -3,11 +3,14 @@ event) or plain HTTP streaming (each frame one line of newline-delimited JSON).
 
 The client's request is over before the stream starts (its body, if any, is the connect request); what
 is left to read is only the end of the connection (`http.disconnect`), which is all `received` yields
-on. `send` never blocks: frames join the queue, a writer task sends what is queued as one body chunk
-each time it gets to run (so a burst of publications leaves in one write) and waits for the server's
-flow control in between; past `send_buffer_bytes` queued the client is cut off as slow (3008), as a
-WebSocket client is. `close` queues the disconnect push (`{"disconnect": {...}}`, the only way a stream
-says why it ends; not for a plain end, 3000, nor for a slow client) and ends the response after it.
+on. `send` never blocks: frames join the queue and the stream is marked for the WebSocket transports'
+flusher (websocket.py), whose callbacks write what is queued as one chunk straight to the socket
+(server.py's `StreamSocket`, under uvicorn's httptools protocol: no task, no await, no ASGI `send`
+per chunk), holding it while the socket does not take writes. The response's start and end go through
+ASGI. Where the server offers no such socket, a writer task sends the chunks through ASGI instead.
+Past `send_buffer_bytes` queued the client is cut off as slow (3008), as a WebSocket client is.
+`close` queues the disconnect push (`{"disconnect": {...}}`, the only way a stream says why it ends;
+not for a plain end, 3000, nor for a slow client) and ends the response after it.
 
 SSE events of publications in recoverable channels carry an `id:` field: the connection's whole stream
 position, `{"<channel>": {"offset": N, "epoch": "..."}, ...}` as JSON (no line breaks, so a valid event
@@ -29,6 +32,8 @@ from starlette.types import Message, Receive, Send
 from tsunagu_ws_gateway.core.registry import DISCONNECTS
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.uni_frames import Positioned, disconnect_push
+from tsunagu_ws_gateway.transports.server import StreamSocket
+from tsunagu_ws_gateway.transports.websocket import flusher
 
 log = logging.getLogger("tsunagu.gateway.http_stream")
 
@@ -47,18 +52,23 @@ STREAM_HEADERS = [(b"content-type", b"application/x-ndjson"), *_HEADERS]
 
 class HttpStreamTransport:
     __slots__ = (
-        "abort",
         "closing",
+        "drop",
         "ended",
+        "ender",
         "event_stream",
+        "flusher",
         "headers",
         "limit",
+        "marked",
         "name",
         "positions",
         "queue",
         "queued_bytes",
         "receive",
         "send_message",
+        "socket",
+        "socket_of",
         "started",
         "wake",
         "writer",
@@ -74,10 +84,17 @@ class HttpStreamTransport:
         event_stream: bool,
         headers: list[tuple[bytes, bytes]] | None = None,
         abort: Callable[[], None] | None = None,
+        socket_of: Callable[[], StreamSocket | None] | None = None,
     ) -> None:
         self.name = name
         # Drops the connection with what it buffered (a client that does not read; transports/server.py).
-        self.abort = abort
+        self.drop = abort
+        # The socket to write to once the response has started (None: through ASGI).
+        self.socket_of = socket_of
+        self.socket: StreamSocket | None = None
+        self.marked = False
+        self.flusher = flusher()
+        self.ender: asyncio.Task[None] | None = None
         self.headers = [*(SSE_HEADERS if event_stream else STREAM_HEADERS), *(headers or [])]
         self.send_message = send
         self.receive = receive
@@ -95,8 +112,12 @@ class HttpStreamTransport:
         self.positions: dict[str, dict[str, Any]] | None = None
 
     def start(self) -> None:
-        """Begin the response (200 and the stream's headers) and its writer."""
+        """Begin the response (200 and the stream's headers), then write as the socket lets us."""
         self.writer = asyncio.get_running_loop().create_task(self._write(), name=f"{self.name}-writer")
+
+    def abort(self) -> None:
+        if self.drop is not None:
+            self.drop()
 
     # Transport
 
@@ -124,18 +145,18 @@ class HttpStreamTransport:
             # A client that does not read: drop it and what is queued rather than wait for it.
             self.queue.clear()
             self.queued_bytes = 0
-            if self.abort is not None:
-                self.abort()
-            if self.writer is not None:
-                self.writer.cancel()
-            elif not self.ended.done():
+            self.abort()
+            for task in (self.writer, self.ender):
+                if task is not None:
+                    task.cancel()
+            if not self.ended.done():
                 self.ended.set_result(None)
             return
         if disconnect.code != codes.CONNECTION_CLOSED.code:
             self._queue(self._chunk(disconnect_push(disconnect)), bounded=False)
         self.closing = disconnect
         DISCONNECTS.labels(str(disconnect.code)).inc()
-        self.wake.set()
+        self._ready()
         if self.writer is None and not self.ended.done():
             self.ended.set_result(None)
 
@@ -158,7 +179,45 @@ class HttpStreamTransport:
         if bounded and self.queued_bytes > self.limit:
             self.close(codes.SLOW)
             return
-        self.wake.set()
+        self._ready()
+
+    def _ready(self) -> None:
+        """Something to write (or the end): the flusher's when the socket is ours, else the writer's."""
+        if self.socket is None:
+            self.wake.set()
+        elif not self.marked:
+            self.marked = True
+            self.flusher.add(self)
+
+    def flush(self) -> None:
+        """The flusher's callback: what is queued as one chunk, unless the socket holds writes (then
+        `_resumed` brings the stream back); the end once all is written."""
+        self.marked = False
+        socket = self.socket
+        if socket is None:
+            return
+        if self.queue:
+            if socket.paused:
+                return
+            chunk = b"".join(self.queue) if len(self.queue) > 1 else self.queue[0]
+            self.queue = []
+            self.queued_bytes = 0
+            socket.write(chunk)
+        if self.closing is not None and self.ender is None and not self.ended.done():
+            self.ender = asyncio.get_running_loop().create_task(self._end(), name=f"{self.name}-end")
+
+    def _resumed(self) -> None:
+        if self.queue or self.closing is not None:
+            self._ready()
+
+    async def _end(self) -> None:
+        try:
+            await self.send_message({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception as exc:  # the client went
+            log.debug("%s stream ended: %r", self.name, exc)
+        finally:
+            if not self.ended.done():
+                self.ended.set_result(None)
 
     async def _write(self) -> None:
         send = self.send_message
@@ -167,6 +226,14 @@ class HttpStreamTransport:
             self.started = True
             # (as Centrifugo: a first line, so the client sees the stream open before the first push)
             await send({"type": "http.response.body", "body": b"\r\n" if self.event_stream else b"", "more_body": True})
+            socket = self.socket_of() if self.socket_of is not None else None
+            if socket is not None and self.closing is not codes.SLOW:
+                # From here the flusher writes; this task is done.
+                socket.on_resume = self._resumed
+                self.socket = socket
+                if self.queue or self.closing is not None:
+                    self._ready()
+                return
             while True:
                 if not self.queue:
                     if self.closing is not None:
@@ -186,7 +253,7 @@ class HttpStreamTransport:
             if self.closing is None:
                 self.closing = codes.CONNECTION_CLOSED
         finally:
-            if not self.ended.done():
+            if self.socket is None and not self.ended.done():
                 self.ended.set_result(None)
 
     # reading
@@ -212,11 +279,14 @@ class HttpStreamTransport:
         try:
             await asyncio.wait_for(asyncio.shield(self.ended), CLOSE_TIMEOUT)
         except TimeoutError:
-            if self.writer is not None:
-                self.writer.cancel()
-        if self.writer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.writer
+            self.abort()
+            for task in (self.writer, self.ender):
+                if task is not None:
+                    task.cancel()
+        for task in (self.writer, self.ender):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def __repr__(self) -> str:
         return f"<{self.name} transport, {len(self.queue)} queued>"

@@ -136,22 +136,86 @@ def _address(transport: asyncio.BaseTransport) -> tuple[str, int, int] | None:
     return None
 
 
-def abort_http(scope: Mapping[str, Any]) -> None:
-    """Drop the connection of this HTTP request at once, with what it has buffered."""
+def _protocol_of(scope: Mapping[str, Any]) -> GatewayHttpProtocol | None:
     client, server = scope.get("client"), scope.get("server")
     if not client or not server or len(server) < 2 or server[1] is None:
-        return
-    protocol = _HTTP.get((str(client[0]), int(client[1]), int(server[1])))
+        return None
+    return _HTTP.get((str(client[0]), int(client[1]), int(server[1])))
+
+
+def abort_http(scope: Mapping[str, Any]) -> None:
+    """Drop the connection of this HTTP request at once, with what it has buffered."""
+    protocol = _protocol_of(scope)
     if protocol is not None:
         protocol.transport.abort()
 
 
+class StreamSocket:
+    """The socket under a streaming response whose start ASGI has sent: its body chunks written straight
+    to the asyncio transport (in the chunked encoding uvicorn chose), with uvicorn's flow control, as
+    `GatewayWebSocketProtocol` writes frames. Only under uvicorn's httptools protocol, whose framing is
+    that one encoding; its end still goes through ASGI (`more_body: False`)."""
+
+    __slots__ = ("chunked", "protocol")
+
+    def __init__(self, protocol: GatewayHttpProtocol, chunked: bool) -> None:
+        self.protocol = protocol
+        self.chunked = chunked
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.protocol.flow.write_paused)
+
+    @property
+    def on_resume(self) -> Callable[[], None]:
+        return self.protocol.on_resume
+
+    @on_resume.setter
+    def on_resume(self, callback: Callable[[], None]) -> None:
+        self.protocol.on_resume = callback
+
+    def write(self, data: bytes) -> None:
+        transport = self.protocol.transport
+        if transport.is_closing():
+            return
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def abort(self) -> None:
+        self.protocol.transport.abort()
+
+
+def stream_socket(scope: Mapping[str, Any]) -> StreamSocket | None:
+    """This request's socket for direct writes, once its response has started; None when the server does
+    not offer it (another HTTP protocol class, h11's own framing)."""
+    protocol = _protocol_of(scope)
+    cycle = getattr(protocol, "cycle", None)
+    if protocol is None or cycle is None or not getattr(cycle, "response_started", False):
+        return None
+    chunked = getattr(cycle, "chunked_encoding", None)
+    if not isinstance(chunked, bool) or "httptools" not in type(cycle).__module__:
+        return None
+    return StreamSocket(protocol, chunked)
+
+
 class GatewayHttpProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Called when the transport takes writes again after pausing them, or the connection is lost.
+        self.on_resume: Callable[[], None] = _ignore
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         address = _address(transport)
         if address is not None:
             _HTTP[address] = self
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.on_resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.on_resume()
 
     def shutdown(self) -> None:
         cycle = getattr(self, "cycle", None)
