@@ -17,9 +17,15 @@ import orjson
 import pytest
 import websockets
 from prometheus_client import REGISTRY
-from tsunagu_core.testing import eventually
+from tsunagu_core.broker import MemoryBroker
+from tsunagu_core.bus import MemoryBus
+from tsunagu_core.config import CoreSettings
+from tsunagu_core.lifecycle import Runtime
+from tsunagu_core.testing import eventually, free_port, serving
+from tsunagu_ws_gateway.app import create_app
+from tsunagu_ws_gateway.config import GatewaySettings
 
-from .conftest import API_KEY, RunningGateway, make_token, running_gateway
+from .conftest import API_KEY, SECRET, RunningGateway, make_token, running_gateway
 
 
 async def publish(gateway: RunningGateway, channel: str, data: Any) -> dict[str, Any]:
@@ -269,6 +275,25 @@ async def test_a_stream_that_is_not_read_is_cut_off_and_does_not_delay_others() 
             connections = gateway.server.server_state.connections
             await eventually(lambda: all(c.transport.get_extra_info("peername") != address for c in connections))
         writer.transport.abort()
+
+
+async def test_streams_work_through_asgi_alone_under_another_http_protocol() -> None:
+    """Under uvicorn's h11 protocol (no direct socket writes, no shutdown hook) the writer task sends the
+    chunks through ASGI: the same pushes, in order, and the end of the stream on a server disconnect."""
+    settings = GatewaySettings(token_hmac_secret=SECRET, api_key=API_KEY)
+    runtime = Runtime(CoreSettings(node_name="test-node"), bus=MemoryBus(), broker=MemoryBroker())
+    port = free_port()
+    async with serving(create_app(runtime, settings), port, http="h11") as server:
+        gateway = RunningGateway(port, server, runtime.broker)
+        for transport in ("uni_sse", "uni_http_stream"):
+            async with stream(gateway, transport, {"token": follows("ann", "news")}) as s:
+                assert "connect" in await s.next()
+                for n in range(3):
+                    await publish(gateway, "news", {"n": n})
+                assert [(await s.next())["pub"]["data"]["n"] for _ in range(3)] == [0, 1, 2]
+                async with httpx.AsyncClient(base_url=gateway.http_url, headers={"X-API-Key": API_KEY}) as api:
+                    await api.post("/api/disconnect", json={"user": "ann"})
+                assert await s.rest() == [{"disconnect": {"code": 3503, "reason": "force disconnect"}}]
 
 
 async def test_unidirectional_clients_are_pinged_and_not_cut_off_for_not_answering() -> None:
