@@ -1,8 +1,8 @@
 """Centrifugo's unidirectional transports on a gateway running on the real stack (Redis as the broker):
 `curl -N` follows a channel over uni_http_stream and uni_sse, the npm `eventsource` package (the WHATWG
-EventSource) follows one over uni_sse and, when the stream is cut, reconnects by itself with its
-Last-Event-ID and recovers exactly what it missed; a plain WebSocket client follows one over
-uni_websocket. No SDK anywhere: what a user of these transports has."""
+EventSource) and Chromium's own EventSource follow one over uni_sse and, when the stream is cut,
+reconnect by themselves with their Last-Event-ID and recover exactly what they missed; a plain
+WebSocket client follows one over uni_websocket. No SDK anywhere: what a user of these transports has."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
+import pytest
 import websockets
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
@@ -99,14 +100,25 @@ async def test_curl_follows_a_channel_over_uni_http_stream_and_uni_sse(start_ser
             assert [p["pub"]["offset"] for p in pushes] == list(range(1, 11))
 
 
+@pytest.mark.parametrize("client", ["eventsource", "chromium"])
 async def test_an_eventsource_follows_a_channel_and_recovers_what_it_missed_after_a_cut(  # type: ignore[no-untyped-def]
-    start_service, real_env
+    start_service, real_env, client
 ) -> None:
+    """The npm `eventsource` package, and Chromium's own EventSource in a page of the gateway's origin."""
     gateway = start_gateway(start_service, real_env)
     await asyncio.to_thread(gateway.wait_ready)
     channel = f"uni-{uuid.uuid4().hex[:8]}"
     url = f"{gateway.base}/connection/uni_sse?" + urlencode({"cf_connect": json.dumps({"token": token("es", channel)})})
-    async with process("node", "uni_sse_follower.mjs", url, cwd=JS_DIR) as follower:
+    if client == "chromium":
+        from tsunagu.browser import find_chromium
+
+        chromium = find_chromium()
+        if chromium is None:
+            pytest.fail("no Chromium: run `python -m tsunagu.browser` (make test does) or set TSUNAGU_CHROMIUM")
+        command = ["node", "uni_sse_browser.mjs", url, chromium]
+    else:
+        command = ["node", "uni_sse_follower.mjs", url]
+    async with process(*command, cwd=JS_DIR) as follower:
         assert follower.stdout is not None
 
         async def next_line(kind: str) -> dict[str, Any]:
