@@ -210,6 +210,7 @@ DELIBERATE: dict[str, list[str]] = {
     "command errors": NODE_IN_CONNECT + PING_COMMAND,
     "refresh": NODE_IN_CONNECT,
     "server API": NODE_IN_CONNECT + FIRST_PUBLICATION_EPOCH,
+    "server-side subscriptions": NODE_IN_CONNECT + FIRST_PUBLICATION_EPOCH,
 }
 
 

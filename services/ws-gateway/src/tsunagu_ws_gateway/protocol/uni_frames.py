@@ -71,9 +71,7 @@ def message_push(data: bytes) -> bytes:
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
     """The one reply a unidirectional client gets: its connect result, as the `connect` push (zero values
     left out in the subscriptions' results too, as Centrifugo's; tests/conformance compares them)."""
-    body = json_frames._omit_empty(result)
-    if isinstance(body.get("subs"), Mapping):
-        body["subs"] = {channel: json_frames._omit_empty(sub) for channel, sub in body["subs"].items()}
+    body = json_frames.connect_result(result) if method == "connect" else json_frames._omit_empty(result)
     return orjson.dumps({method: body}, default=json_frames._default, option=orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
