@@ -201,7 +201,9 @@ def loadgen(
     publishing: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the load generator on CPU 1 against the server on `port` (pid `pid`, whose CPU it reads);
-    `publishing` is called once its subscribers are connected and it starts publishing."""
+    `publishing` is called once its subscribers are connected and it starts publishing. `{port}` in an
+    argument is the server's port (an -url of another endpoint)."""
+    args = tuple(arg.replace("{port}", str(port)) for arg in args)
     scheme = "wss" if pki else "ws"
     trust = ["-ca", str(pki.ca_cert)] if pki else []
     api = f"{'https' if pki else 'http'}://127.0.0.1:{port}/api"

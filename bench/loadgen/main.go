@@ -8,11 +8,17 @@
 //	loadgen ... -publish http -api http://127.0.0.1:8080/api -apikey K -window 4   # server API publishes
 //	loadgen ... -mode channels -clients 10000 -period 1s   # a channel per client plus one shared channel
 //	loadgen -serve 127.0.0.1:18099   # the reference server: pre-encoded frames, the tool's own ceiling
+//	loadgen -url http://127.0.0.1:8080/connection/uni_sse -token T -publish http ...   # SSE subscribers
+//
+// An -url on /connection/uni_sse makes the subscribers Server-Sent Events streams (Centrifugo's
+// unidirectional SSE: the connect request in `cf_connect`, one `data:` event per push); their
+// channels are the token's server-side subscriptions (its `subs` claim), and publishing is -publish http.
 //
 // It prints one JSON object with the result.
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -24,6 +30,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -256,6 +263,67 @@ func dial(url string) (*websocket.Conn, error) {
 	return conn, err
 }
 
+// stream is one subscriber's connection: a WebSocket, or an SSE response (sseConn).
+type stream interface {
+	ReadMessage() (int, []byte, error)
+	WriteMessage(int, []byte) error
+	Close() error
+}
+
+// sseConn reads a uni_sse response: each `data:` line is one message (ids and blank lines skipped).
+type sseConn struct {
+	body   io.ReadCloser
+	reader *bufio.Reader
+}
+
+var sseClient = &http.Client{Transport: &http.Transport{DisableCompression: true, MaxConnsPerHost: 0}}
+
+type countingReader struct{ io.Reader }
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.Reader.Read(p)
+	wireBytes.Add(int64(n))
+	return n, err
+}
+
+func dialSSE(endpoint, token string) (*sseConn, error) {
+	connect := url.QueryEscape(fmt.Sprintf(`{"token":%q}`, token))
+	resp, err := sseClient.Get(endpoint + "?cf_connect=" + connect)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return nil, fmt.Errorf("uni_sse answered %s", resp.Status)
+	}
+	conn := &sseConn{body: resp.Body, reader: bufio.NewReaderSize(countingReader{resp.Body}, 64<<10)}
+	_, first, err := conn.ReadMessage()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if !bytes.HasPrefix(first, []byte(`{"connect"`)) {
+		conn.Close()
+		return nil, fmt.Errorf("server refused: %s", first)
+	}
+	return conn, nil
+}
+
+func (c *sseConn) ReadMessage() (int, []byte, error) {
+	for {
+		line, err := c.reader.ReadSlice('\n')
+		if err != nil {
+			return 0, nil, err
+		}
+		if bytes.HasPrefix(line, []byte("data: ")) {
+			return websocket.TextMessage, bytes.TrimRight(line[len("data: "):], "\r\n"), nil
+		}
+	}
+}
+
+func (c *sseConn) WriteMessage(int, []byte) error { return nil } // pings need no answer
+func (c *sseConn) Close() error                   { return c.body.Close() }
+
 // handshake sends connect and the subscribes in one message and waits for every reply.
 func handshake(conn *websocket.Conn, token string, channels ...string) error {
 	commands := []string{fmt.Sprintf(`{"id":1,"connect":{"token":%q}}`, token)}
@@ -286,8 +354,8 @@ func handshake(conn *websocket.Conn, token string, channels ...string) error {
 }
 
 // subscribers connects `clients` clients, 64 dialing at once; channels(i) are client i's channels.
-func subscribers(url, token string, clients int, channels func(int) []string) ([]*websocket.Conn, float64, error) {
-	conns := make([]*websocket.Conn, clients)
+func subscribers(url, token string, clients int, channels func(int) []string) ([]stream, float64, error) {
+	conns := make([]stream, clients)
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, clients)
@@ -298,6 +366,15 @@ func subscribers(url, token string, clients int, channels func(int) []string) ([
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			if strings.Contains(url, "/uni_sse") {
+				conn, err := dialSSE(url, token)
+				if err != nil {
+					errs <- err
+					return
+				}
+				conns[i] = conn
+				return
+			}
 			conn, err := dial(url)
 			if err == nil {
 				err = handshake(conn, token, channels(i)...)
@@ -328,12 +405,12 @@ type readers struct {
 	wg           sync.WaitGroup
 }
 
-func startReaders(conns []*websocket.Conn) *readers {
+func startReaders(conns []stream) *readers {
 	r := &readers{ledgers: make([]ledger, len(conns))}
 	r.running.Store(true)
 	for i, conn := range conns {
 		r.wg.Add(1)
-		go func(conn *websocket.Conn, book *ledger) {
+		go func(conn stream, book *ledger) {
 			defer r.wg.Done()
 			for {
 				_, data, err := conn.ReadMessage()
@@ -360,7 +437,7 @@ func startReaders(conns []*websocket.Conn) *readers {
 }
 
 // drain waits for `expected` deliveries (at most 15 s), then closes every subscriber.
-func (r *readers) drain(conns []*websocket.Conn, expected int64) {
+func (r *readers) drain(conns []stream, expected int64) {
 	until := time.Now().Add(15 * time.Second)
 	for r.delivered.Load() < expected && time.Now().Before(until) {
 		time.Sleep(10 * time.Millisecond)
@@ -556,7 +633,7 @@ func finish(c config, res *result, r *readers, wanted func(int) func(yield func(
 }
 
 // start connects the subscribers (client i on channels(i)), starts their readers and the publisher.
-func (c config) start(channels func(int) []string) ([]*websocket.Conn, float64, *readers, publisher, error) {
+func (c config) start(channels func(int) []string) ([]stream, float64, *readers, publisher, error) {
 	conns, connectSeconds, err := subscribers(c.url, c.token, c.clients, channels)
 	if err != nil {
 		return nil, 0, nil, nil, err

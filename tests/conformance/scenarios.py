@@ -270,6 +270,14 @@ async def server_api(peer: Peer, run: str, out: Transcript) -> None:
     out.add("ann is disconnected", await ann.frames(wanted=1, settle=1.0))
 
 
+async def server_side_subscriptions(peer: Peer, run: str, out: Transcript) -> None:
+    channel = f"{run}-server-side"
+    ann = await connected(peer, out, "ann", subs={channel: {}})
+    out.add("api publish", await api(peer, "publish", {"channel": channel, "data": {"n": 0}}))
+    out.add("publication", await ann.frames())
+    await ann.close()
+
+
 SCENARIOS: dict[str, Callable[[Peer, str, Transcript], Awaitable[None]]] = {
     "connect": connect_and_errors_at_connect,
     "subscribe, publish, history, presence": subscribe_publish_history_presence,
@@ -277,4 +285,5 @@ SCENARIOS: dict[str, Callable[[Peer, str, Transcript], Awaitable[None]]] = {
     "command errors": command_errors,
     "refresh": refresh_and_expiry,
     "server API": server_api,
+    "server-side subscriptions": server_side_subscriptions,
 }

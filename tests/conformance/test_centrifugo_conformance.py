@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from .scenarios import API_KEY, CHANNEL_LIMIT, SCENARIOS, SECRET, Peer, Transcript
+from .uni_scenarios import TRANSPORTS, unidirectional
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".cache" / "bin"
@@ -77,6 +78,9 @@ def centrifugo_config(port: int, redis_url: str, prefix: str) -> dict[str, Any]:
         "usage_stats": {"disabled": True},
         "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"], "channel_limit": CHANNEL_LIMIT},
         "http_api": {"key": API_KEY},
+        "uni_http_stream": {"enabled": True},
+        "uni_sse": {"enabled": True},
+        "uni_websocket": {"enabled": True},
         "engine": {"type": "redis", "redis": {"address": [redis_url], "prefix": prefix}},
         "channel": {
             "without_namespace": namespace(NAMESPACES[""]),
@@ -206,6 +210,7 @@ DELIBERATE: dict[str, list[str]] = {
     "command errors": NODE_IN_CONNECT + PING_COMMAND,
     "refresh": NODE_IN_CONNECT,
     "server API": NODE_IN_CONNECT + FIRST_PUBLICATION_EPOCH,
+    "server-side subscriptions": NODE_IN_CONNECT + FIRST_PUBLICATION_EPOCH,
 }
 
 
@@ -222,6 +227,25 @@ async def test_the_gateway_answers_as_centrifugo_does(peers: dict[str, Peer], sc
     assert list(theirs) == list(ours)
     found = [f"{step} / {line}" for step in theirs for line in differences(theirs[step], ours[step])]
     explained = DELIBERATE.get(scenario, [])
+    unexplained = [line for line in found if not any(reason in line for reason in explained)]
+    assert not unexplained, "\n".join(unexplained)
+    stale = [reason for reason in explained if not any(reason in line for line in found)]
+    assert not stale, f"listed as deliberate but no longer different: {stale}"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_unidirectional_transports_answer_as_centrifugo_does(peers: dict[str, Peer], transport: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    transcripts = {}
+    for name, peer in peers.items():
+        transcript = Transcript()
+        await unidirectional(peer, run, transcript, transport)
+        transcripts[name] = transcript
+    theirs = dict(transcripts["centrifugo"].steps)
+    ours = dict(transcripts["tsunagu"].steps)
+    assert list(theirs) == list(ours)
+    found = [f"{step} / {line}" for step in theirs for line in differences(theirs[step], ours[step])]
+    explained = ["connect.node: extra", "pub.epoch: missing"]  # NODE_IN_CONNECT, FIRST_PUBLICATION_EPOCH
     unexplained = [line for line in found if not any(reason in line for reason in explained)]
     assert not unexplained, "\n".join(unexplained)
     stale = [reason for reason in explained if not any(reason in line for line in found)]

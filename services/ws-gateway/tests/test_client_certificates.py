@@ -125,3 +125,20 @@ async def test_a_backend_certificate_opens_the_server_api_without_a_key(start_ga
         async with httpx.AsyncClient(verify=anonymous) as http:
             keyed = await http.post(gw.http_url + "/api/publish", json=body, headers={"X-API-Key": "test-api-key"})
         assert keyed.status_code == 200
+
+
+async def test_a_device_streams_over_https_and_a_stopping_gateway_ends_the_stream(start_gateway, pki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """uni_http_stream over mTLS: admitted by its certificate, and the gateway's HTTP protocol class
+    (the shutdown push) is kept under the TLS one that records the peer certificate."""
+    context = device_tls(pki, tmp_path, "device-9")
+    async with (
+        start_gateway(server_tls=server_tls(pki), client_cert_identities=DEVICES) as gw,
+        httpx.AsyncClient(verify=context) as http,
+        http.stream("POST", gw.http_url + "/connection/uni_http_stream", json={}) as response,
+    ):
+        lines = response.aiter_lines()
+        connect = json.loads(await asyncio.wait_for(anext(lines), 5))["connect"]
+        assert connect["client"]
+        gw.server.should_exit = True
+        rest = [json.loads(line) async for line in lines if line.strip()]
+        assert rest == [{"disconnect": {"code": 3001, "reason": "shutdown"}}]

@@ -323,6 +323,9 @@ def tls_protocols(
     WebSocket protocol, whose `connection_lost` then ends it), so it records and both forget."""
 
     class TlsHttp(http_class):  # type: ignore[valid-type,misc]
+        # what `merge_server_options` replaces by the app's own class, subclassed the same way
+        tsunagu_tls = True
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             address = _address(transport)
             info = _tls_extension(transport)
@@ -407,12 +410,15 @@ def uvicorn_options(server_tls: ServerTls) -> dict[str, Any]:
 
 def merge_server_options(own: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """An app's own uvicorn options (`app.state.server_options`) with `options` (e.g. `uvicorn_options`)
-    over them; an app's own WebSocket protocol class stays, subclassed to record TLS peers when
-    `options` serves TLS."""
+    over them; an app's own WebSocket and HTTP protocol classes stay, subclassed to record TLS peers
+    when `options` serves TLS."""
     merged = {**own, **options}
     base, tls_ws = own.get("ws"), options.get("ws")
     if isinstance(base, type) and getattr(tls_ws, "tsunagu_tls", False):
         merged["ws"] = tls_websocket_protocol(base)
+    base_http, tls_http = own.get("http"), options.get("http")
+    if isinstance(base_http, type) and getattr(tls_http, "tsunagu_tls", False):
+        merged["http"] = tls_protocols(base_http, None)[0]
     return merged
 
 

@@ -39,13 +39,14 @@ from tsunagu_ws_gateway.protocols.hocuspocus import hocuspocus_endpoint
 from tsunagu_ws_gateway.protocols.jsonrpc import jsonrpc_endpoint
 from tsunagu_ws_gateway.protocols.native import native_endpoint
 from tsunagu_ws_gateway.protocols.stomp import stomp_endpoint
+from tsunagu_ws_gateway.protocols.uni import uni_http_stream_endpoint, uni_sse_endpoint, uni_websocket_endpoint
 from tsunagu_ws_gateway.revocations import RevocationFeed, RevocationList
 from tsunagu_ws_gateway.rpc import RpcRouter
 from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.transports.http import BodyLimit
-from tsunagu_ws_gateway.transports.server import GatewayWebSocketProtocol
+from tsunagu_ws_gateway.transports.server import GatewayHttpProtocol, GatewayWebSocketProtocol
 from tsunagu_ws_gateway.web import serve_web_app
 from tsunagu_ws_gateway.webhooks import Relays
 
@@ -61,9 +62,11 @@ DRAIN_WAIT = 1.0
 
 def server_options(settings: GatewaySettings) -> dict[str, Any]:
     """uvicorn options the gateway needs: its WebSocket protocol class (prepared frames written straight
-    to the socket, transports/server.py), and no WebSocket message buffered beyond what some protocol
-    takes (uvicorn's default is 16 MiB, read whole before any endpoint sees it)."""
+    to the socket, transports/server.py), its HTTP one (streams told when the server stops), and no
+    WebSocket message buffered beyond what some protocol takes (uvicorn's default is 16 MiB, read whole
+    before any endpoint sees it)."""
     return {
+        "http": GatewayHttpProtocol,
         "ws": GatewayWebSocketProtocol,
         "ws_max_size": max(settings.max_frame_bytes, settings.collab_max_message_bytes) + WS_MAX_SIZE_SLACK,
     }
@@ -206,6 +209,11 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
     app.add_api_websocket_route("/collab", hocuspocus_endpoint)
+    app.add_api_websocket_route("/connection/uni_websocket", uni_websocket_endpoint)
+    app.router.routes += [
+        Route("/connection/uni_sse", uni_sse_endpoint, methods=["GET", "POST", "OPTIONS"]),
+        Route("/connection/uni_http_stream", uni_http_stream_endpoint, methods=["POST", "OPTIONS"]),
+    ]
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)
     app.add_api_websocket_route("/stomp", stomp_endpoint)

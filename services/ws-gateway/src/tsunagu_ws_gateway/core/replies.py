@@ -116,8 +116,10 @@ class Renderer(Protocol):
 
 class Sink(Protocol):
     renderer: Renderer
-    # Whether the session pings the client with the native protocol's empty reply.
+    # Whether the session pings the client with the native protocol's empty reply...
     pings: bool
+    # ...and waits for its pong (a unidirectional client cannot answer: it is pinged, never timed out).
+    pongs: bool
 
     def deliver(self, frame: bytes) -> None:
         """A frame the renderer made (a publication, a join, a leave)."""
@@ -145,13 +147,13 @@ class Sink(Protocol):
 class FrameSink:
     """The native protocol's sink: every reply and push encoded with the codec, queued to the transport."""
 
-    __slots__ = ("codec", "deliver", "pings", "renderer", "transport")
+    __slots__ = ("codec", "deliver", "pings", "pongs", "renderer", "transport")
 
     def __init__(self, codec: Codec, transport: Transport) -> None:
         self.codec = codec
         self.renderer: Renderer = codec
         self.transport = transport
-        self.pings = bool(codec.ping_frame)
+        self.pings = self.pongs = bool(codec.ping_frame)
         # The hub calls this once per subscriber per publication: the transport's own method, no hop.
         self.deliver = transport.send
 

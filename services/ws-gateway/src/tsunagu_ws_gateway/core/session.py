@@ -243,7 +243,7 @@ class Session:
             "client": self.id,
             "version": VERSION,
             "ping": int(self.settings.ping_interval),
-            "pong": True,
+            "pong": self.sink.pongs,
             "node": self.node.name,
         }
         if grant.session_id:
@@ -779,7 +779,7 @@ class Session:
         if self.sink.pings and now >= self.next_ping:
             self.sink.ping()
             self.next_ping = now + self.settings.ping_interval
-            if self.pong_deadline is None:
+            if self.pong_deadline is None and self.sink.pongs:
                 self.pong_deadline = now + self.settings.pong_timeout
 
     def _expire(self, channel: str) -> None:

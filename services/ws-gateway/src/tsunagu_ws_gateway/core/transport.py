@@ -3,7 +3,7 @@ end, and the `Connection` that ties them to this node.
 
 A transport never blocks: `send` queues a frame and returns (past its bound the transport cuts the client
 off as slow itself, 3008); `close` asks it to end with a code. Which socket carries the frames (a
-WebSocket today; Server-Sent Events, HTTP streaming and WebTransport fit the same two calls) and how
+WebSocket, Server-Sent Events or a streamed HTTP response; WebTransport would fit the same two calls) and how
 they are batched into messages is the transport's business; reading is the socket loop's (loop.py).
 """
 
@@ -23,7 +23,8 @@ from tsunagu_ws_gateway.protocol.codes import Disconnect
 
 
 class Transport(Protocol):
-    # "websocket", later "sse", "http_stream", "webtransport"; "socketio" when a library owns the socket.
+    # "websocket", "uni_websocket", "uni_sse", "uni_http_stream" (transports/http_stream.py), later
+    # "webtransport"; "socketio" when a library owns the socket.
     name: str
     # Set once the transport is closing (by `close`, by itself when the client is slow, or by the peer).
     closing: Disconnect | None

@@ -149,14 +149,21 @@ def _omit_empty(result: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in result.items() if value or isinstance(value, orjson.Fragment)}
 
 
+def connect_result(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A connect result without zero values, in its server-side subscriptions' results too."""
+    body = _omit_empty(result)
+    if isinstance(body.get("subs"), Mapping):
+        body["subs"] = {channel: _omit_empty(sub) for channel, sub in body["subs"].items()}
+    return body
+
+
 def reply(command_id: int, method: str, result: Mapping[str, Any]) -> bytes:
     if result.get("delta") and result.get("publications"):
         # The recovered publications of a delta subscription, in full and in its form.
         publications = [delta_publication(p, delta_base(p.data), False) for p in result["publications"]]
         result = {**result, "publications": publications}
-    return orjson.dumps(
-        {"id": command_id, method: _omit_empty(result)}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS
-    )
+    body = connect_result(result) if method == "connect" else _omit_empty(result)
+    return orjson.dumps({"id": command_id, method: body}, default=_default, option=orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 def error_reply(command_id: int, error: ErrorCode, temporary: bool = False) -> bytes:

@@ -77,6 +77,7 @@ class AdapterSession:
     """The sink of an adapter connection's session, and the adapter's way to send it typed commands."""
 
     pings = False
+    pongs = False
 
     def __init__(
         self,

@@ -16,15 +16,25 @@ delivery would cost a compression of its own (the profile of the stage benchmark
 13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
 keeps whatever it asked for.
 
-`tsunagu serve` and `tsunagu_core.testing.serving` use it through `app.state.server_options`.
+`GatewayHttpProtocol` is uvicorn's HTTP protocol with two additions for the unidirectional streams
+(http_stream.py): a server that stops calls the hook a response still streaming put in its scope
+(`tsunagu.on_shutdown`), so they end with a shutdown push at once (uvicorn itself only waits for them
+to end, for the whole shutdown grace, then cuts them without a word; WebSockets it closes itself, with
+1012); and `abort_http` drops a request's connection with what it has buffered, for a client that
+does not read (closing would wait for the buffer to drain, which it never does).
+
+`tsunagu serve` and `tsunagu_core.testing.serving` use both through `app.state.server_options`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.server import ServerProtocol
@@ -32,6 +42,8 @@ from websockets.server import ServerProtocol
 from tsunagu_ws_gateway.transports.frames import COMPRESS_SETTINGS, Framing, framing_for
 
 FRAMES_EXTENSION = "tsunagu.frames"
+# A callable a streaming response puts in its scope: called when the server begins to stop.
+SHUTDOWN_HOOK = "tsunagu.on_shutdown"
 # The window size we compress with, as uvicorn offers it.
 DEFLATE_WINDOW_BITS = 12
 
@@ -110,3 +122,106 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection and what it has buffered (a client that does not read)."""
         self.transport.abort()
+
+
+# The HTTP connections by (client host, client port, our port), as a scope names them. Weak: a WebSocket
+# upgrade hands the connection on and drops its HTTP protocol without `connection_lost`.
+_HTTP: weakref.WeakValueDictionary[tuple[str, int, int], GatewayHttpProtocol] = weakref.WeakValueDictionary()
+
+
+def _address(transport: asyncio.BaseTransport) -> tuple[str, int, int] | None:
+    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(local, tuple) and len(local) >= 2:
+        return str(peer[0]), int(peer[1]), int(local[1])
+    return None
+
+
+def _protocol_of(scope: Mapping[str, Any]) -> GatewayHttpProtocol | None:
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not server or len(server) < 2 or server[1] is None:
+        return None
+    return _HTTP.get((str(client[0]), int(client[1]), int(server[1])))
+
+
+def abort_http(scope: Mapping[str, Any]) -> None:
+    """Drop the connection of this HTTP request at once, with what it has buffered."""
+    protocol = _protocol_of(scope)
+    if protocol is not None:
+        protocol.transport.abort()
+
+
+class StreamSocket:
+    """The socket under a streaming response whose start ASGI has sent: its body chunks written straight
+    to the asyncio transport (in the chunked encoding uvicorn chose), with uvicorn's flow control, as
+    `GatewayWebSocketProtocol` writes frames. Only under uvicorn's httptools protocol, whose framing is
+    that one encoding; its end still goes through ASGI (`more_body: False`)."""
+
+    __slots__ = ("chunked", "protocol")
+
+    def __init__(self, protocol: GatewayHttpProtocol, chunked: bool) -> None:
+        self.protocol = protocol
+        self.chunked = chunked
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.protocol.flow.write_paused)
+
+    @property
+    def on_resume(self) -> Callable[[], None]:
+        return self.protocol.on_resume
+
+    @on_resume.setter
+    def on_resume(self, callback: Callable[[], None]) -> None:
+        self.protocol.on_resume = callback
+
+    def write(self, data: bytes) -> None:
+        transport = self.protocol.transport
+        if transport.is_closing():
+            return
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def abort(self) -> None:
+        self.protocol.transport.abort()
+
+
+def stream_socket(scope: Mapping[str, Any]) -> StreamSocket | None:
+    """This request's socket for direct writes, once its response has started; None when the server does
+    not offer it (another HTTP protocol class, h11's own framing)."""
+    protocol = _protocol_of(scope)
+    cycle = getattr(protocol, "cycle", None)
+    if protocol is None or cycle is None or not getattr(cycle, "response_started", False):
+        return None
+    chunked = getattr(cycle, "chunked_encoding", None)
+    if not isinstance(chunked, bool) or "httptools" not in type(cycle).__module__:
+        return None
+    return StreamSocket(protocol, chunked)
+
+
+class GatewayHttpProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Called when the transport takes writes again after pausing them, or the connection is lost.
+        self.on_resume: Callable[[], None] = _ignore
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        address = _address(transport)
+        if address is not None:
+            _HTTP[address] = self
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.on_resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.on_resume()
+
+    def shutdown(self) -> None:
+        cycle = getattr(self, "cycle", None)
+        hook = None
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(SHUTDOWN_HOOK)
+        super().shutdown()
+        if hook is not None:
+            hook()

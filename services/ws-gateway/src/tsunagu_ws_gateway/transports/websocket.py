@@ -73,6 +73,14 @@ class FrameSocket(Protocol):
 FLUSH_BATCH = 64
 
 
+class Flushable(Protocol):
+    """A transport the flusher writes: a WebSocket, or a streamed HTTP response (http_stream.py)."""
+
+    def flush(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class _Flusher:
     """The connections with frames queued, written by callbacks of FLUSH_BATCH sockets each."""
 
@@ -80,10 +88,10 @@ class _Flusher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.dirty: deque[WebSocketTransport] = deque()
+        self.dirty: deque[Flushable] = deque()
         self.scheduled = False
 
-    def add(self, transport: WebSocketTransport) -> None:
+    def add(self, transport: Flushable) -> None:
         self.dirty.append(transport)
         if not self.scheduled:
             self.scheduled = True
@@ -98,7 +106,7 @@ class _Flusher:
                 transport.flush()
             except Exception:
                 log.exception("writing to %r failed", transport)
-                transport.socket.abort()
+                transport.abort()
         if dirty:
             self.loop.call_soon(self.run)
         else:
@@ -108,7 +116,7 @@ class _Flusher:
 _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
 
 
-def _flusher() -> _Flusher:
+def flusher() -> _Flusher:
     loop = asyncio.get_running_loop()
     flusher = _FLUSHERS.get(loop)
     if flusher is None:
@@ -150,7 +158,7 @@ class WebSocketTransport:
         self.marked = False  # in the flusher's list for this iteration
         self.closing: codes.Disconnect | None = None
         self.closed = asyncio.get_running_loop().create_future()
-        self.flusher = _flusher()
+        self.flusher = flusher()
         socket.on_resume = self._resumed
 
     def send(self, frame: bytes) -> None:
@@ -189,6 +197,9 @@ class WebSocketTransport:
         if closing is not None and not self.closed.done():
             socket.close_with(closing.code, closing.reason)
             self.closed.set_result(None)
+
+    def abort(self) -> None:
+        self.socket.abort()
 
     def _resumed(self) -> None:
         if (self.queue or self.closing is not None) and not self.marked:
@@ -255,8 +266,10 @@ async def serve_websocket(
     subprotocol: str | None = None,
     binary: bool = False,
     joiner: bytes | None = None,
+    transport_class: type[WebSocketTransport] | None = None,
 ) -> None:
-    """One WebSocket connection of `protocol`, from handshake to close, through the socket loop."""
+    """One WebSocket connection of `protocol`, from handshake to close, through the socket loop
+    (`transport_class`: a WebSocketTransport of the protocol's own, e.g. uni_websocket's)."""
     gateway: Gateway = websocket.app.state.gateway
     settings = gateway.settings
     socket: FrameSocket | None = websocket.scope.get("extensions", {}).get(FRAMES_EXTENSION)
@@ -265,7 +278,9 @@ async def serve_websocket(
             "the gateway's WebSockets need its uvicorn protocol class: serve it with app.state.server_options"
         )
     peer = Peer.of(websocket.scope)
-    transport = WebSocketTransport(websocket, socket, settings.send_buffer_bytes, binary=binary, joiner=joiner)
+    transport = (transport_class or WebSocketTransport)(
+        websocket, socket, settings.send_buffer_bytes, binary=binary, joiner=joiner
+    )
     connection = Connection(transport, peer, protocol, CommandRate(settings.commands_per_second))
     try:
         gateway.admission.screen(peer, protocol)
