@@ -112,9 +112,11 @@ async def test_killed_gateway_users_go_offline_with_leaves_within_the_bound(
     assert "@" in connection["node"]  # node name @ process instance
     assert set(connection) == {"client", "node", "session", "since"}
     ann_id = connection["client"]
+    # Bob's connect came through the other gateway's events, which presence may read after Ann's.
+    bob_id = (await wait_online(presence.base, bob, True, timeout=30))["connections"][0]["client"]
     async with httpx.AsyncClient(timeout=5) as http:
         members = (await http.get(f"{presence.base}/v1/channels/{channel}/presence")).json()["presence"]
-        assert set(members) == {ann_id, (await online(presence.base, bob))["connections"][0]["client"]}
+        assert set(members) == {ann_id, bob_id}
         stats = (await http.get(f"{presence.base}/v1/channels/{channel}/presence-stats")).json()
         assert stats == {"num_clients": 2, "num_users": 2}
     assert watcher.joins and watcher.joins[-1] == (ann, ann_id)
