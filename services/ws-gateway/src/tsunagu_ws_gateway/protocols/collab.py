@@ -87,6 +87,7 @@ REFUSAL_CODES = {
     Refusal.USER_LIMIT: yp.CLOSE_TOO_MANY,
     Refusal.IP_LIMIT: yp.CLOSE_TOO_MANY,
     Refusal.NODE_LIMIT: yp.CLOSE_TOO_MANY,
+    Refusal.CONNECT_RATE: yp.CLOSE_TOO_MANY,
 }
 
 COLLAB_CONNECTIONS = Gauge("tsunagu_gateway_collab_connections", "Open /collab connections on this node")
