@@ -121,6 +121,12 @@ class _Channel:
     filtered: dict[Subscriber, tuple[Callable[[Mapping[str, str]], bool], Callable[[bytes], None]]] = field(
         default_factory=dict
     )
+    # The highest offset this node has fanned out on the channel. A subscriber's history read can be ahead
+    # of it (the publish is in Redis, its fan-out message not yet here): such a subscriber waits in
+    # `catching_up` with the offset its subscribe reply reached, skipping publications up to it (it has
+    # them), and joins `senders` once the fan-out passes it. Centrifugo skips them the same way.
+    offset: int = 0
+    catching_up: dict[Subscriber, tuple[int, Subscription]] = field(default_factory=dict)
 
 
 class Node:
@@ -205,6 +211,7 @@ class Node:
             group.pop(session, None)
         state.pending.pop(session, None)
         state.filtered.pop(session, None)
+        state.catching_up.pop(session, None)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
             del self.channels[channel]
@@ -238,6 +245,10 @@ class Node:
                 delivered += len(senders)
         if state.filtered:
             delivered += self._deliver_filtered(channel, state, publication)
+        if state.catching_up:
+            delivered += self._catch_up(channel, state, publication)
+        if publication.offset > state.offset:
+            state.offset = publication.offset
         if delivered:
             DELIVERIES.inc(delivered)
             if publication.time_ms:
@@ -261,15 +272,44 @@ class Node:
                 delivered += 1
         return delivered
 
-    def go_live(self, channel: str, session: Subscriber) -> None:
-        """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
+    def _catch_up(self, channel: str, state: _Channel, publication: Publication) -> int:
+        delivered = 0
+        frames: dict[Any, bytes] = {}
+        for session, (through, subscription) in list(state.catching_up.items()):
+            if publication.offset <= through:
+                if publication.offset == through:
+                    self._live(state, session, subscription)
+                continue
+            matches = subscription.tags_filter
+            if matches is None or matches(publication.tags):
+                renderer = session.sink.renderer
+                frame = frames.get(renderer)
+                if frame is None:
+                    frame = frames[renderer] = renderer.publication_push(channel, publication)
+                if frame:
+                    session.sink.deliver(frame)
+                    delivered += 1
+            self._live(state, session, subscription)
+        return delivered
+
+    def go_live(self, channel: str, session: Subscriber, through: int = 0) -> None:
+        """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications.
+        `through`: the offset its reply reached (a positioned subscription), whose publications it has."""
         state = self.channels.get(channel)
         if state is not None and (subscription := state.pending.pop(session, None)) is not None:
-            sink = session.sink
-            if subscription.tags_filter is not None:
-                state.filtered[session] = (subscription.tags_filter, sink.deliver)
+            if through > state.offset:
+                state.catching_up[session] = (through, subscription)
             else:
-                state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
+                self._live(state, session, subscription)
+
+    @staticmethod
+    def _live(state: _Channel, session: Subscriber, subscription: Subscription) -> None:
+        state.catching_up.pop(session, None)
+        sink = session.sink
+        if subscription.tags_filter is not None:
+            state.filtered[session] = (subscription.tags_filter, sink.deliver)
+        else:
+            state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)
