@@ -106,7 +106,8 @@ deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 
 bench: install js-install ## benchmarks (engines and every stage on the real stack, raw results in bench/results/); see docs/benchmarks.md
 	$(UV) run tsunagu stack up redis kafka postgres mosquitto
-	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py \
+		&& $(UV) run python bench/storm.py
 	$(UV) run python bench/broadcast.py
 	$(UV) run python bench/redis_cluster.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
