@@ -108,10 +108,14 @@ deploy-check: ## helm lint/template, schema validation, Dockerfile lint
 
 bench: install js-install ## benchmarks (engines and every stage on the real stack, raw results in bench/results/); see docs/benchmarks.md
 	$(UV) run tsunagu stack up redis kafka postgres mosquitto
-	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/run.py && $(UV) run python bench/latency.py \
+		&& $(UV) run python bench/storm.py
 	$(UV) run python bench/broadcast.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/workers.py && $(UV) run python bench/uni_fanout.py
 	$(UV) run python bench/redis_cluster.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/auth.py && $(UV) run python bench/audit.py \
 		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mqtt.py && $(UV) run python bench/sim.py \
 		&& $(UV) run python bench/collab.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py
 	$(UV) run python bench/delta.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/sim.py --entities 10000 --clients 1000 --hz 30 \
+		--encoding json --publish batch --seconds 15 --far-every 10 --far-ring 3

@@ -24,6 +24,7 @@ import httpx
 import jwt
 import pytest
 from centrifuge import Client, PublicationContext, SubscribedContext, SubscriptionEventHandler
+from tsunagu_core.testing_storm import FailoverProxy
 
 from tsunagu.stack.redis import PrivateRedis
 
@@ -171,44 +172,6 @@ async def test_subscribers_of_a_killed_gateway_recover_everything_when_it_restar
     assert_js_recovered(js_summary, count)
     assert [r["offset"] for r in js_summary["received"]] == list(range(1, count + 1))
     assert restarted[0].process.poll() is None
-
-
-class FailoverProxy:
-    """What a Kubernetes Service does for the test: each new TCP connection goes to the first upstream
-    that accepts it, so clients of a dead gateway land on the other replica."""
-
-    def __init__(self, upstreams: list[int]) -> None:
-        self.upstreams = upstreams
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for upstream in self.upstreams:
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
-                break
-            except OSError:
-                continue
-        else:
-            writer.close()
-            return
-
-        async def copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await source.read(65536):
-                    target.write(data)
-                    await target.drain()
-            target.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 async def test_subscribers_of_a_killed_gateway_recover_on_the_other_replica(  # type: ignore[no-untyped-def]

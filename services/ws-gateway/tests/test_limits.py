@@ -92,3 +92,54 @@ async def test_a_gateway_without_a_token_key_says_so(start_gateway, token, caplo
             3500,
             "invalid token: the gateway has no key to verify tokens",
         )
+
+
+def shed_count(metrics: str) -> float:
+    """Connects shed by this process, every protocol (the counter is the process's, not one gateway's)."""
+    prefix = "tsunagu_gateway_connects_shed_total{"
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+async def test_connects_over_the_node_rate_are_shed_with_3013_and_the_sdk_comes_back(  # type: ignore[no-untyped-def]
+    start_gateway, token
+) -> None:
+    """A reconnect storm: connects past the bucket are closed with 3013 before their token is looked at,
+    and the stock SDK takes 3013 as "reconnect later": it backs off and gets in once the bucket refills."""
+    from centrifuge import Client
+
+    async with start_gateway(connect_rate=0.5, connect_burst=2) as gw, httpx.AsyncClient(base_url=gw.http_url) as api:
+        shed_before = shed_count((await api.get("/metrics")).text)
+        admitted = [await websockets.connect(gw.ws_url) for _ in range(2)]
+        for ws in admitted:
+            await ws.send(json.dumps({"id": 1, "connect": {"token": token("ann", ["*"])}}))
+            assert "connect" in (await replies(ws, 1))[0]
+        async with websockets.connect(gw.ws_url) as shed:
+            # A bad token: had the credential been checked, this would be 3500 (do not reconnect).
+            await shed.send(json.dumps({"id": 1, "connect": {"token": "not-a-token"}}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(shed.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 3013 and "too many connects" in closed.value.rcvd.reason
+        assert shed_count((await api.get("/metrics")).text) == shed_before + 1
+
+        # Empty the bucket, then let the SDK in: it is shed at least once and reconnects on its own.
+        while await _connect_once(gw.ws_url, token("ann", ["*"])):
+            pass
+        shed_before = shed_count((await api.get("/metrics")).text)
+        client = Client(gw.ws_url, token=token("bob", ["*"]), min_reconnect_delay=0.1)
+        await client.connect()
+        await client.ready(timeout=10)
+        assert shed_count((await api.get("/metrics")).text) > shed_before, "the SDK was never shed"
+        await client.disconnect()
+        for ws in admitted:
+            await ws.close()
+
+
+async def _connect_once(url: str, token: str) -> bool:
+    """True if the gateway let this connect in."""
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {"token": token}}))
+        try:
+            return "connect" in (await replies(ws, 1))[0]
+        except ConnectionClosed:
+            return False

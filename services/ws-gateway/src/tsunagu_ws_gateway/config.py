@@ -303,6 +303,16 @@ class GatewaySettings(ServiceSettings):
     max_connections_per_ip: int = Field(
         1_000, ge=0, description="Open client sockets from one IP address (HTTP 429 beyond). 0: no limit."
     )
+    connect_rate: float = Field(
+        2_000.0,
+        ge=0,
+        description="Connects admitted per second by one gateway process, any protocol (token bucket); one over"
+        " it is shed before its credential is checked: closed with 3013 (reconnect later), which stock SDKs answer"
+        " by reconnecting with backoff. Counted in `tsunagu_gateway_connects_shed_total`. 0: no limit.",
+    )
+    connect_burst: int = Field(
+        2_000, ge=1, description="Connects admitted at once above `CONNECT_RATE` (the token bucket's size)."
+    )
     max_connections_per_user: int = Field(
         100, ge=0, description="Connections of one user on one node, any protocol (3504 beyond). 0: no limit."
     )

@@ -140,6 +140,12 @@ class _Channel:
     filtered: dict[Subscriber, tuple[Callable[[Mapping[str, str]], bool], Callable[[bytes], None]]] = field(
         default_factory=dict
     )
+    # The highest offset this node has fanned out on the channel. A subscriber's history read can be ahead
+    # of it (the publish is in Redis, its fan-out message not yet here): such a subscriber waits in
+    # `catching_up` with the offset its subscribe reply reached, skipping publications up to it (it has
+    # them), and joins `senders` once the fan-out passes it. Centrifugo skips them the same way.
+    offset: int = 0
+    catching_up: dict[Subscriber, tuple[int, Subscription]] = field(default_factory=dict)
     # Delta subscribers, off the hot path too: per renderer (a native codec), one delta per publication.
     deltas: dict[Any, _DeltaGroup] = field(default_factory=dict)
 
@@ -237,6 +243,7 @@ class Node:
         if (deltas := state.deltas.get(session.sink.renderer)) is not None:
             deltas.senders.pop(session, None)
             deltas.fresh.discard(session)
+        state.catching_up.pop(session, None)
         SUBSCRIPTIONS.dec()
         if not state.subscribers:
             del self.channels[channel]
@@ -272,6 +279,10 @@ class Node:
             delivered += self._deliver_filtered(channel, state, publication)
         if state.deltas:
             delivered += self._deliver_deltas(channel, state, publication)
+        if state.catching_up:
+            delivered += self._catch_up(channel, state, publication)
+        if publication.offset > state.offset:
+            state.offset = publication.offset
         if delivered:
             DELIVERIES.inc(delivered)
             if publication.time_ms:
@@ -327,19 +338,53 @@ class Node:
             delivered += len(group.senders)
         return delivered
 
-    def go_live(self, channel: str, session: Subscriber) -> None:
-        """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications."""
+    def _catch_up(self, channel: str, state: _Channel, publication: Publication) -> int:
+        delivered = 0
+        frames: dict[Any, bytes] = {}
+        for session, (through, subscription) in list(state.catching_up.items()):
+            if publication.offset <= through:
+                if publication.offset == through:
+                    self._live(state, session, subscription)
+                continue
+            matches = subscription.tags_filter
+            if matches is None or matches(publication.tags):
+                renderer = session.sink.renderer
+                frame = frames.get(renderer)
+                if frame is None:
+                    if subscription.delta:
+                        payload = renderer.delta_base(publication.data)
+                        frame = renderer.delta_publication_push(channel, publication, payload, False)
+                    else:
+                        frame = renderer.publication_push(channel, publication)
+                    frames[renderer] = frame
+                if frame:
+                    session.sink.deliver(frame)
+                    delivered += 1
+            self._live(state, session, subscription)
+        return delivered
+
+    def go_live(self, channel: str, session: Subscriber, through: int = 0) -> None:
+        """The subscriber has sent its subscribe reply and its buffer: from now on it gets publications.
+        `through`: the offset its reply reached (a positioned subscription), whose publications it has."""
         state = self.channels.get(channel)
         if state is not None and (subscription := state.pending.pop(session, None)) is not None:
-            sink = session.sink
-            if subscription.tags_filter is not None:
-                state.filtered[session] = (subscription.tags_filter, sink.deliver)
-            elif subscription.delta:
-                group = state.deltas.setdefault(sink.renderer, _DeltaGroup())
-                group.senders[session] = sink.deliver
-                group.fresh.add(session)
+            if through > state.offset:
+                state.catching_up[session] = (through, subscription)
             else:
-                state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
+                self._live(state, session, subscription)
+
+    @staticmethod
+    def _live(state: _Channel, session: Subscriber, subscription: Subscription) -> None:
+        state.catching_up.pop(session, None)
+        sink = session.sink
+        if subscription.tags_filter is not None:
+            state.filtered[session] = (subscription.tags_filter, sink.deliver)
+        elif subscription.delta:
+            group = state.deltas.setdefault(sink.renderer, _DeltaGroup())
+            group.senders[session] = sink.deliver
+            group.fresh.add(session)
+        else:
+            state.senders.setdefault(sink.renderer, {})[session] = sink.deliver
 
     async def on_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         state = self.channels.get(channel)

@@ -1,8 +1,8 @@
 """The one admission function: every transport and protocol lets a client in through `Admission.admit`.
 
     peer + credential (a token, or none: then the client certificate, the connect hook's backend, or
-    anonymity) -> grant -> revocation check -> origin, draining and per-user limit -> Admitted
-    or one `Refused` with its kind (core/refusals.py), which each protocol renders its own way.
+    anonymity) -> origin, draining -> the node's connect rate -> grant -> revocation check -> per-user
+    limit -> Admitted or one `Refused` with its kind (core/refusals.py), which each protocol renders its own way.
 
 `screen` is the part that needs no credential (origin, draining); transports run it at the handshake,
 before they accept a socket, and `admit` runs it again. The node's and the IP's connection limits are the
@@ -16,9 +16,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter as Metric
+
 from tsunagu_ws_gateway.certificates import grant_for
 from tsunagu_ws_gateway.channels import Principal, acr_level
 from tsunagu_ws_gateway.config import GatewaySettings
+from tsunagu_ws_gateway.core.limits import ConnectRate
 from tsunagu_ws_gateway.core.refusals import Refusal, Refused
 from tsunagu_ws_gateway.core.registry import REFUSALS, Registry
 from tsunagu_ws_gateway.core.transport import Peer
@@ -28,6 +31,9 @@ from tsunagu_ws_gateway.revocations import RevocationList
 from tsunagu_ws_gateway.tokens import ConnectionGrant, TokenVerifier
 
 log = logging.getLogger("tsunagu.gateway.admission")
+SHED = Metric(
+    "tsunagu_gateway_connects_shed_total", "Connects refused over the node's connect rate (3013)", ["protocol"]
+)
 
 ANONYMOUS = ConnectionGrant(user="")
 
@@ -67,6 +73,7 @@ class Admission:
         self.revoked = revoked
         self.registry = registry
         self.hooks = hooks or Hooks(settings)
+        self.connect_rate = ConnectRate(settings.connect_rate, settings.connect_burst)
 
     # without a credential
 
@@ -112,6 +119,13 @@ class Admission:
     ) -> Admitted:  # fmt: skip
         """Everything: who the client is, that it is not revoked, and that this node takes it now."""
         self.screen(peer, protocol)
+        # Before the credential: a shed connect must cost (nearly) nothing, or shedding protects nothing.
+        if not self.connect_rate.admit():
+            SHED.labels(protocol).inc()
+            REFUSALS.labels(Refusal.CONNECT_RATE.name.lower(), protocol).inc()
+            raise Refused(
+                Refusal.CONNECT_RATE, f"more than {self.connect_rate.per_second:g} connects a second: reconnect later"
+            )
         admitted = await self.grant(peer, token, protocol, caller=caller, attempt=attempt)
         user = admitted.grant.user
         limit = self.settings.max_connections_per_user

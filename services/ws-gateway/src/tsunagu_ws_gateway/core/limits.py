@@ -1,4 +1,4 @@
-"""Per-connection command rates."""
+"""Rates: commands per connection, and connects per gateway process."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ class CommandRate:
     @property
     def detail(self) -> str:
         return f"more than {self.per_second:g} commands a second"
+
+
+class ConnectRate:
+    """Connects one gateway process admits per second, over every protocol: a token bucket of `burst`
+    refilled at `per_second`. What it protects is the node itself in a reconnect storm (a replica died and
+    its clients all come here at once): each connect costs a token check, a revocation look-up and the
+    subscriptions it brings, and taking them all at once would stall the clients already here. A connect
+    over the rate is cheap to refuse and the SDK comes back after its (jittered) backoff. 0: no limit."""
+
+    def __init__(self, per_second: float, burst: int) -> None:
+        self.per_second = per_second
+        self.bucket = TokenBucket(per_second, burst) if per_second > 0 else None
+
+    def admit(self) -> bool:
+        return self.bucket is None or self.bucket.take()

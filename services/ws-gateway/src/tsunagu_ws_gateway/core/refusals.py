@@ -27,6 +27,8 @@ class Refusal(Enum):
     NODE_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 503)
     IP_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
     USER_LIMIT = Kind("connection limit", codes.CONNECTION_LIMIT, 429)
+    # Over the node's connect rate (core/limits.py ConnectRate): try again later, with backoff.
+    CONNECT_RATE = Kind("too many connects", codes.TOO_MANY_CONNECTS, 503)
     UNAVAILABLE = Kind("internal server error", codes.SERVER_ERROR, 503)  # the revocation store did not answer
     # The connect hook's backend said no (with an error of its own, or a disconnect), or could not be asked.
     BACKEND_REFUSED = Kind("refused by the backend", codes.PERMISSION_DENIED_DISCONNECT, 403)

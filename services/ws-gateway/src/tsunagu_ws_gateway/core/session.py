@@ -393,7 +393,7 @@ class Session:
                     continue
                 if frame:
                     deliver(frame)
-            self.node.go_live(channel, self)
+            self.node.go_live(channel, self, last_offset if positioned else 0)
 
         info = self.client_info(subscription)
         if subscription.options.presence:

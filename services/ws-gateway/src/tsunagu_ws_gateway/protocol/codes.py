@@ -55,6 +55,8 @@ INSUFFICIENT_STATE = Disconnect(3010, "insufficient state")
 FORCE_RECONNECT = Disconnect(3011, "force reconnect")
 NO_PONG = Disconnect(3012, "no pong")
 TOO_MANY_REQUESTS_DISCONNECT = Disconnect(3013, "too many requests")
+# The node sheds connects over its admission rate: the same reconnect-later code, its own reason.
+TOO_MANY_CONNECTS = Disconnect(3013, "too many connects")
 INVALID_TOKEN = Disconnect(3500, "invalid token")
 TOKEN_REVOKED = Disconnect(3500, "token revoked")
 BAD_REQUEST_DISCONNECT = Disconnect(3501, "bad request")
