@@ -10,7 +10,9 @@ import uuid
 from typing import Any
 
 import jwt
+import pytest
 from centrifuge import Client
+from centrifuge.exceptions import ReplyError
 
 SECRET = "e2e-secret-long-enough-for-hs256-tokens"
 SEAT_TTL = 3.0
@@ -63,13 +65,14 @@ async def test_join_or_create_full_rooms_and_a_seat_kept_across_gateways(  # typ
         duel = {"kind": "avatar", "mode": mode, "region": "eu", "max_clients": 2}
         first = await call(ann, "rooms.join_or_create", duel)
         second = await call(bob, "rooms.join_or_create", duel)
-        assert "error" not in first, first
         assert second["room"] == first["room"] and second["clients"] == 2
         other = await call(cid, "rooms.join_or_create", {**duel, "region": "us"})
         assert other["room"] != first["room"] and other["clients"] == 1
-        # the duel room is full: joining it by name is refused with a reason the client can show
-        full = await call(cid, "rooms.join", {"room": first["room"]})
-        assert full["error"] == "full" and "is full" in full["message"]
+        # the duel room is full: joining it by name is refused (the SDK's rpc() rejects) with a reason
+        with pytest.raises(ReplyError) as full:
+            await call(cid, "rooms.join", {"room": first["room"]})
+        assert full.value.code == 409 and full.value.message.startswith("full: "), full.value
+        assert "is full (2 clients)" in full.value.message
         listed = {r["room"]: r["clients"] for r in (await call(cid, "rooms.list", {"kind": "avatar"}))["rooms"]}
         assert listed[first["room"]] == 2 and listed[other["room"]] == 1
 
@@ -78,16 +81,17 @@ async def test_join_or_create_full_rooms_and_a_seat_kept_across_gateways(  # typ
         bob = client("bob", 0)
         await bob.connect()
         back = await call(bob, "rooms.join", {"room": first["room"]})
-        assert back.get("error") is None and back["clients"] == 2, back
+        assert back["clients"] == 2, back
         # nobody refreshes for longer than the window: the seats are gone, a newcomer takes one
         await asyncio.sleep(SEAT_TTL + 1.0)
         taken = await call(cid, "rooms.join", {"room": first["room"]})
-        assert taken.get("error") is None and taken["clients"] == 1, taken
+        assert taken["clients"] == 1, taken
         ann_back = await call(ann, "rooms.join", {"room": first["room"]})
         assert ann_back["clients"] == 2
         # Bob returns after the window: the room was refilled while he was away, his seat is gone
-        late = await call(bob, "rooms.join", {"room": first["room"]})
-        assert late["error"] == "full", late
+        with pytest.raises(ReplyError) as late:
+            await call(bob, "rooms.join", {"room": first["room"]})
+        assert late.value.code == 409 and late.value.message.startswith("full: ")
     finally:
         for c in (ann, bob, cid):
             await c.disconnect()

@@ -15,6 +15,11 @@ from centrifuge import (
     SubscriptionEventHandler,
 )
 from centrifuge.exceptions import ReplyError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from tsunagu_core.testing import free_port, serving
 
 
 class Inbox(SubscriptionEventHandler):
@@ -108,3 +113,42 @@ async def test_invalid_token_disconnects_with_3500(gateway) -> None:  # type: ig
     await client.connect()
     disconnected = await asyncio.wait_for(watch.disconnected, 5)
     assert disconnected.code == 3500
+
+
+async def refusing_backend(request: Request) -> JSONResponse:
+    """An RPC backend that refuses as the platform's services do: 4xx with `{error, message}`."""
+    method = (await request.json())["method"]
+    if method == "rooms.join":
+        return JSONResponse({"error": "full", "message": "room 'duel' is full (2 clients)"}, status_code=409)
+    if method == "rooms.coded":
+        body = {"error": "busy", "message": "try again", "code": 1503, "temporary": True}
+        return JSONResponse(body, status_code=429)
+    if method == "rooms.bare":  # a 4xx without the shape: the older mapping
+        return JSONResponse({"detail": "nope"}, status_code=422)
+    return JSONResponse({"room": "duel"})
+
+
+async def test_a_backend_refusal_rejects_rpc_with_its_code_and_message(start_gateway, token) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    app = Starlette(routes=[Route("/rpc", refusing_backend, methods=["POST"])])
+    methods = ("rooms.join", "rooms.coded", "rooms.bare", "rooms.list")
+    routes = {m: {"url": f"http://127.0.0.1:{port}/rpc", "allow": "authenticated"} for m in methods}
+    async with serving(app, port), start_gateway(rpc_routes=routes) as gw:
+        client = Client(gw.ws_url, token=token("ann", []))
+        await client.connect()
+        try:
+            with pytest.raises(ReplyError) as refused:
+                await client.rpc("rooms.join", {"room": "duel"})
+            assert refused.value.code == 409
+            assert refused.value.message == "full: room 'duel' is full (2 clients)"
+            assert not refused.value.temporary
+            with pytest.raises(ReplyError) as coded:
+                await client.rpc("rooms.coded", {})
+            assert (coded.value.code, coded.value.message, coded.value.temporary) == (1503, "busy: try again", True)
+            with pytest.raises(ReplyError) as bare:
+                await client.rpc("rooms.bare", {})
+            assert bare.value.code == 100 and "422" in bare.value.message
+            # the connection stays and answers the next call
+            assert (await client.rpc("rooms.list", {})).data == {"room": "duel"}
+        finally:
+            await client.disconnect()

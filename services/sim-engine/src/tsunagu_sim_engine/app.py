@@ -197,35 +197,30 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         `rooms.join_or_create` (data as the REST body, without `session`), `rooms.join` `{room}` (also
         the reconnection: the same user within the seat window gets the same seat), `rooms.list` `{kind?}`.
         A seat belongs to the authenticated user (plus `data.tab` for several per user), so a seat cannot be
-        taken over by another user and survives a new connection on any gateway. Refusals are answered
-        as `{"error", "message"}` with 200: the gateway turns a backend 4xx into a bare internal error.
+        taken over by another user and survives a new connection on any gateway. Refusals are 4xx with
+        `{"error", "message"}`, which the gateway turns into an RPC error reply (code: the HTTP status,
+        message `<error>: <message>`), so the SDK's `rpc()` rejects with it.
         """
         body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("data", {}), dict):
-            return {"error": "bad_request", "message": "expected {method, user, client, data: {...}}"}
+            raise ApiError(400, "bad_request", "expected {method, user, client, data: {...}}")
         user, data = body.get("user"), dict(body.get("data") or {})
         if not isinstance(user, str) or not user:
-            return {"error": "forbidden", "message": "matchmaking needs an authenticated user"}
+            raise ApiError(403, "forbidden", "matchmaking needs an authenticated user")
         tab = data.pop("tab", "")
         if not isinstance(tab, str) or len(tab) > 32:
-            return {"error": "bad_request", "message": "tab is a string of up to 32 characters"}
+            raise ApiError(400, "bad_request", "tab is a string of up to 32 characters")
         session = f"{user}:{tab}" if tab else user
-        try:
-            if method == "rooms.join_or_create":
-                return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}))
-            if method == "rooms.join":
-                room = data.get("room")
-                if not isinstance(room, str):
-                    return {"error": "bad_request", "message": "data.room is a room name"}
-                return await matchmaker.join(room, session)
-            if method == "rooms.list":
-                kind = data.get("kind")
-                return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}
-        except MatchError as exc:
-            return {"error": exc.error, "message": exc.message}
-        return {
-            "error": "not_found",
-            "message": f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list",
-        }
+        if method == "rooms.join_or_create":
+            return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}))
+        if method == "rooms.join":
+            room = data.get("room")
+            if not isinstance(room, str):
+                raise ApiError(400, "bad_request", "data.room is a room name")
+            return await matchmaker.join(room, session)
+        if method == "rooms.list":
+            kind = data.get("kind")
+            return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}
+        raise ApiError(404, "not_found", f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list")
 
     return app
