@@ -20,7 +20,7 @@ from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, i
 from tsunagu_sim_engine.config import SimSettings
 from tsunagu_sim_engine.engine import SimEngine
 from tsunagu_sim_engine.kinds import kind_names, load_kinds
-from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest
+from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest, SeatWatcher
 from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
 from tsunagu_sim_engine.store import MemoryRoomStore, RedisRoomStore, RoomStore, StoreError
 
@@ -71,7 +71,17 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         input_max_age=settings.input_max_age,
     )
 
-    matchmaker = Matchmaker(engine, store, settings.seat_ttl)
+    matchmaker = Matchmaker(engine, store, settings.seat_ttl, settings.node_silence)
+    watcher = SeatWatcher(store, settings.seat_ttl, settings.node_silence)
+    seat_events = consumer_hook(
+        runtime,
+        needs=["bus", STORE],
+        topics=[topics.GATEWAY_EVENTS],
+        group=settings.seats_consumer_group,
+        batch_handler=watcher.handle_batch,
+        name="sim-seats-consumer",
+        from_latest=True,
+    )
 
     consumers = consumer_hook(
         runtime,
@@ -93,7 +103,7 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
     async def simulate() -> AsyncIterator[None]:
         scanner = asyncio.create_task(scan(), name="sim-scanner")
         try:
-            async with consumers():
+            async with consumers(), seat_events():
                 yield
         finally:
             scanner.cancel()
@@ -211,13 +221,15 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         if not isinstance(tab, str) or len(tab) > 32:
             raise ApiError(400, "bad_request", "tab is a string of up to 32 characters")
         session = f"{user}:{tab}" if tab else user
+        # the caller's connection holds the seat from now on (SeatWatcher follows it through the bus)
+        client = body.get("client") if isinstance(body.get("client"), str) else None
         if method == "rooms.join_or_create":
-            return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}))
+            return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}), client)
         if method == "rooms.join":
             room = data.get("room")
             if not isinstance(room, str):
                 raise ApiError(400, "bad_request", "data.room is a room name")
-            return await matchmaker.join(room, session)
+            return await matchmaker.join(room, session, client)
         if method == "rooms.list":
             kind = data.get("kind")
             return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}

@@ -3,21 +3,34 @@
 The model is Colyseus's `joinOrCreate` / `reserveSeatFor`: a client asks for a kind and filters
 (mode, region); the matchmaker seats it in a public, unlocked room of that kind whose filters match and
 which has a free seat, or creates one. A seat is a reservation held in the room store (Redis on a real
-stack, so every sim-engine replica sees the same counts, and one script decides the last seat); the
-client keeps it alive while connected and it expires `seat_ttl` seconds after the last refresh — that is
-also the reconnection window. Created rooms spread over replicas through the existing leases.
+stack, so every sim-engine replica sees the same counts, and one script decides the last seat). It
+expires `seat_ttl` seconds after it was taken, unless a connection holds it: a seat taken over the
+native protocol is bound to the caller's connection, and the SeatWatcher keeps it while that
+connection lives, frees it when the client leaves on purpose and leaves it `seat_ttl` (the
+reconnection window) when the connection is lost. Created rooms spread over replicas through the
+existing leases.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tsunagu_core.bus import BusMessage
+from tsunagu_core.envelope import EnvelopeError, envelope_of, payload_of
+from tsunagu_core.wire.events_pb2 import GatewayEvent
+
 from tsunagu_sim_engine.engine import SimEngine
-from tsunagu_sim_engine.room import RoomSpec
+from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
 from tsunagu_sim_engine.store import RoomStore
+
+log = logging.getLogger("tsunagu.sim_engine.seats")
+SIM_PREFIX = "sim:"
 
 _FILTER = re.compile(r"^[A-Za-z0-9_.-]{0,32}$")
 _SESSION = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -76,10 +89,16 @@ class MatchRequest:
 
 
 class Matchmaker:
-    def __init__(self, engine: SimEngine, store: RoomStore, seat_ttl: float) -> None:
+    def __init__(self, engine: SimEngine, store: RoomStore, seat_ttl: float, node_silence: float = 0.0) -> None:
         self.engine = engine
         self.store = store
         self.seat_ttl = seat_ttl
+        # a seat held by a connection lives as long as a heartbeat of its gateway makes it live, so it
+        # lasts until the first one comes (gateways beat every 5 s, maybe more than the seat ttl)
+        self.held_ttl = seat_ttl + node_silence
+
+    def _ttl(self, client: str | None) -> float:
+        return self.held_ttl if client else self.seat_ttl
 
     async def listing(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Public rooms made by the matchmaker with their live seat counts."""
@@ -100,8 +119,9 @@ class Matchmaker:
             "clients": await self.store.seats(name),
         }
 
-    async def join(self, name: str, session: str) -> dict[str, Any]:
-        """Take (or keep: same session, the reconnection path) a seat in the room `name`."""
+    async def join(self, name: str, session: str, client: str | None = None) -> dict[str, Any]:
+        """Take (or keep: same session, the reconnection path) a seat in the room `name`; `client`: the
+        gateway connection asking, which then holds the seat (see SeatWatcher)."""
         raw = await self.store.spec(name)
         if raw is None:
             raise MatchError(404, "not_found", f"no room {name!r}")
@@ -110,13 +130,15 @@ class Matchmaker:
             raise MatchError(409, "not_matchmade", f"room {name!r} was not made by the matchmaker")
         if match.get("locked"):
             raise MatchError(423, "locked", f"room {name!r} is locked")
-        if not await self.store.reserve_seat(name, session, self.seat_ttl, int(match["max_clients"])):
+        if not await self.store.reserve_seat(name, session, self._ttl(client), int(match["max_clients"])):
             raise MatchError(409, "full", f"room {name!r} is full ({match['max_clients']} clients)")
+        if client:
+            await self.store.bind_seat(name, session, client)
         return {**await self._describe(name, raw), "session": session, "seat_ttl": self.seat_ttl}
 
-    async def join_or_create(self, request: MatchRequest) -> dict[str, Any]:
+    async def join_or_create(self, request: MatchRequest, client: str | None = None) -> dict[str, Any]:
         if request.room is not None:
-            return await self.join(request.room, request.session)
+            return await self.join(request.room, request.session, client)
         if not request.private:
             for name, raw in sorted((await self.store.specs()).items()):
                 match = raw.get("match")
@@ -131,7 +153,9 @@ class Matchmaker:
                 ):
                     continue
                 # a room filled between listing and reserving is skipped: the seat script decides
-                if await self.store.reserve_seat(name, request.session, self.seat_ttl, request.max_clients):
+                if await self.store.reserve_seat(name, request.session, self._ttl(client), request.max_clients):
+                    if client:
+                        await self.store.bind_seat(name, request.session, client)
                     return {**await self._describe(name, raw), "session": request.session, "seat_ttl": self.seat_ttl}
         name = f"{request.kind}-{secrets.token_hex(4)}"
         try:
@@ -146,4 +170,58 @@ class Matchmaker:
             "locked": False,
         }
         await self.engine.create(spec, match)
-        return await self.join(name, request.session)
+        return await self.join(name, request.session, client)
+
+
+class SeatWatcher:
+    """Ties seats to connections from the gateway's events on `tsunagu.gateway.events` (no gateway code).
+
+    - CONNECTED / SUBSCRIBED: the client is on that gateway node.
+    - NODE_HEARTBEAT (every 5 s per gateway): each live seat bound to a client of the node lives
+      `seat_ttl + node_silence` more, so a connected client keeps its seat without asking again.
+    - UNSUBSCRIBED from `sim:<room>` by the client itself (code 0): its seat there is freed at once.
+    - DISCONNECTED: freed at once when the client closed on purpose (`client_closed`: close frame 1000 /
+      1001) or was shut out for good (a 3500-3999 code: it does not reconnect); otherwise (connection
+      lost, gateway draining with 3001) the seat is held `seat_ttl` more, the reconnection window.
+    - A gateway killed outright sends nothing: its heartbeats stop, and the seats of its clients expire
+      `seat_ttl + node_silence` after its last heartbeat.
+    Every operation checks that the seat is still bound to that client, so a user who took the seat back
+    over another connection is not freed by the old connection's late events.
+    """
+
+    def __init__(self, store: RoomStore, seat_ttl: float, node_silence: float) -> None:
+        self.store = store
+        self.seat_ttl = seat_ttl
+        self.node_silence = node_silence
+
+    async def handle_batch(self, messages: Sequence[BusMessage]) -> None:
+        for message in messages:
+            try:
+                envelope = envelope_of(message)
+                if not envelope.type.startswith("gateway."):
+                    continue
+                event = payload_of(envelope, GatewayEvent)
+            except EnvelopeError as exc:
+                log.warning("skipping %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc)
+                continue
+            await self.apply(event, envelope.time_unix_ms)
+
+    async def apply(self, event: GatewayEvent, at_ms: int = 0) -> None:
+        if event.kind == GatewayEvent.NODE_HEARTBEAT:
+            # a replayed old beat (after a restart) must not extend the seats of a node long dead
+            if not at_ms or time.time() * 1000 - at_ms < self.node_silence * 1000:
+                await self.store.refresh_node(event.node, self.seat_ttl + self.node_silence)
+            return
+        if not event.client_id:
+            return
+        if event.kind in (GatewayEvent.CONNECTED, GatewayEvent.SUBSCRIBED):
+            await self.store.track_client(event.node, event.client_id)
+        elif event.kind == GatewayEvent.UNSUBSCRIBED:
+            room = event.channel.removeprefix(SIM_PREFIX)
+            # code 0: the client's own unsubscribe; with a code the connection ended and DISCONNECTED decides
+            if event.channel.startswith(SIM_PREFIX) and ROOM_NAME.match(room) and event.code == 0:
+                await self.store.release_client(event.client_id, room, None)
+        elif event.kind == GatewayEvent.DISCONNECTED:
+            await self.store.untrack_client(event.node, event.client_id)
+            for_good = event.client_closed or 3500 <= event.code < 4000
+            await self.store.release_client(event.client_id, None, None if for_good else self.seat_ttl)

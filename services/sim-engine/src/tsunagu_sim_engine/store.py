@@ -22,6 +22,9 @@ from tsunagu_core.dependency import NothingToConnect
 from tsunagu_core.redis_pool import slot_tagged
 from tsunagu_core.redis_store import RedisStore
 
+# Seconds a connection's bookkeeping (its bound seats, a node's clients) outlives its last update.
+BOUND_TTL = 86400
+
 
 class StoreError(Exception):
     """The rooms store could not carry out an operation."""
@@ -75,6 +78,28 @@ class RoomStore(NothingToConnect, abc.ABC):
     async def seats(self, room: str) -> int:
         """Seats held now (expired ones are not counted)."""
 
+    # Seats tied to connections (see matchmaker.SeatWatcher): a seat taken over a gateway connection is
+    # bound to that client id; the client's gateway node keeps it alive while it beats.
+    @abc.abstractmethod
+    async def bind_seat(self, room: str, session: str, client: str) -> None:
+        """`session`'s seat in `room` is held by the connection `client` (replacing an earlier holder)."""
+
+    @abc.abstractmethod
+    async def track_client(self, node: str, client: str) -> None:
+        """`client` is connected to the gateway node `node`."""
+
+    @abc.abstractmethod
+    async def untrack_client(self, node: str, client: str) -> None: ...
+
+    @abc.abstractmethod
+    async def refresh_node(self, node: str, hold: float) -> int:
+        """Push the expiry of every live seat bound to a client of `node` to `hold` seconds from now."""
+
+    @abc.abstractmethod
+    async def release_client(self, client: str, room: str | None, window: float | None) -> int:
+        """Unbind the seats `client` holds (in `room`, or all): freed now when `window` is None, else held
+        `window` more seconds for a reconnection. A seat re-bound to another connection is left alone."""
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -86,6 +111,9 @@ class MemoryRoomStore(RoomStore):
         self._snapshots: dict[str, str] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._seats: dict[str, dict[str, float]] = {}
+        self._holders: dict[str, dict[str, str]] = {}  # room -> session -> client
+        self._bound: dict[str, set[tuple[str, str]]] = {}  # client -> {(room, session)}
+        self._nodes: dict[str, set[str]] = {}  # node -> clients
 
     def _holder(self, room: str) -> str | None:
         lease = self._leases.get(room)
@@ -118,6 +146,43 @@ class MemoryRoomStore(RoomStore):
     async def seats(self, room: str) -> int:
         return len(self._live_seats(room))
 
+    async def bind_seat(self, room: str, session: str, client: str) -> None:
+        self._holders.setdefault(room, {})[session] = client
+        self._bound.setdefault(client, set()).add((room, session))
+
+    async def track_client(self, node: str, client: str) -> None:
+        self._nodes.setdefault(node, set()).add(client)
+
+    async def untrack_client(self, node: str, client: str) -> None:
+        self._nodes.get(node, set()).discard(client)
+
+    async def refresh_node(self, node: str, hold: float) -> int:
+        now, refreshed = time.monotonic(), 0
+        for client in self._nodes.get(node, set()):
+            for room, session in self._bound.get(client, set()):
+                held = self._seats.get(room, {})
+                if self._holders.get(room, {}).get(session) == client and held.get(session, 0) > now:
+                    held[session] = max(held[session], now + hold)
+                    refreshed += 1
+        return refreshed
+
+    async def release_client(self, client: str, room: str | None, window: float | None) -> int:
+        released = 0
+        for seat in [s for s in self._bound.get(client, set()) if room is None or s[0] == room]:
+            self._bound[client].discard(seat)
+            holders = self._holders.get(seat[0], {})
+            if holders.get(seat[1]) != client:
+                continue
+            del holders[seat[1]]
+            held = self._live_seats(seat[0])
+            if seat[1] in held:
+                if window is None:
+                    del held[seat[1]]
+                else:
+                    held[seat[1]] = time.monotonic() + window
+                released += 1
+        return released
+
     async def specs(self) -> dict[str, dict[str, Any]]:
         return dict(self._specs)
 
@@ -125,6 +190,7 @@ class MemoryRoomStore(RoomStore):
         self._snapshots.pop(room, None)
         self._leases.pop(room, None)
         self._seats.pop(room, None)
+        self._holders.pop(room, None)
         return self._specs.pop(room, None) is not None
 
     async def adopt(self, room: str, node: str, ttl: float) -> bool:
@@ -187,7 +253,38 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false and redis.call('ZCARD', KEYS[
   return 0
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- never shorten the key's life: a seat held by a connection may outlive this one
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS seats zset, holders hash (session -> client); ARGV session, client, hold ms. A live seat still held by
+# `client` lives `hold` more; an expired one is not brought back.
+_SEAT_REFRESH = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score == false or tonumber(score) <= now then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[3]), ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+# KEYS seats zset, holders hash; ARGV session, client, window ms (-1: free the seat now). Only while `client`
+# still holds it: the user may have taken it back from another connection meanwhile.
+_SEAT_UNBIND = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score == false or tonumber(score) <= now then return 0 end
+if tonumber(ARGV[3]) < 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
+end
 return 1
 """
 
@@ -198,7 +295,10 @@ return 0
 
 
 class RedisRoomStore(RedisStore, RoomStore):
-    """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`."""
+    """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`;
+    seats: `<prefix>:seats:<room>` (zset session → expiry ms), `<prefix>:holders:<room>` (hash session →
+    client id), `<prefix>:bound:<client>` (set of `<room> <session>`), `<prefix>:node:<node>` (set of
+    client ids)."""
 
     unavailable = StoreError
 
@@ -211,6 +311,8 @@ class RedisRoomStore(RedisStore, RoomStore):
         self._save = self.redis.register_script(_SAVE)
         self._release = self.redis.register_script(_RELEASE)
         self._seat = self.redis.register_script(_SEAT)
+        self._seat_refresh = self.redis.register_script(_SEAT_REFRESH)
+        self._seat_unbind = self.redis.register_script(_SEAT_UNBIND)
 
     def _rooms(self) -> str:
         return f"{self._tagged}:rooms"
@@ -235,7 +337,7 @@ class RedisRoomStore(RedisStore, RoomStore):
     async def delete(self, room: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._rooms(), room)
-            pipe.delete(self._snap(room), self._lease(room), self._seats_key(room))
+            pipe.delete(self._snap(room), self._lease(room), self._seats_key(room), self._holders_key(room))
             removed, _ = await pipe.execute()
         return bool(removed)
 
@@ -277,3 +379,57 @@ class RedisRoomStore(RedisStore, RoomStore):
         t = await self.redis.time()
         now = int(t[0]) * 1000 + int(t[1]) // 1000
         return int(await self.redis.zcount(key, now + 1, "+inf"))
+
+    def _holders_key(self, room: str) -> str:
+        return f"{self._tagged}:holders:{room}"
+
+    def _bound_key(self, client: str) -> str:
+        return f"{self._tagged}:bound:{client}"
+
+    def _node_key(self, node: str) -> str:
+        return f"{self._tagged}:node:{node}"
+
+    async def bind_seat(self, room: str, session: str, client: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._holders_key(room), session, client)
+            pipe.sadd(self._bound_key(client), f"{room} {session}")
+            pipe.expire(self._bound_key(client), BOUND_TTL)
+            await pipe.execute()
+
+    async def track_client(self, node: str, client: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._node_key(node), client)
+            pipe.expire(self._node_key(node), BOUND_TTL)
+            await pipe.execute()
+
+    async def untrack_client(self, node: str, client: str) -> None:
+        await self.redis.srem(self._node_key(node), client)
+
+    async def _bound(self, client: str) -> list[tuple[str, str]]:
+        out = []
+        for member in await self.redis.smembers(self._bound_key(client)):
+            room, _, session = _text(member).partition(" ")
+            out.append((room, session))
+        return out
+
+    async def refresh_node(self, node: str, hold: float) -> int:
+        # (a dead node's set outlives it by BOUND_TTL at most: nothing refreshes it once its beats stop)
+        await self.redis.expire(self._node_key(node), BOUND_TTL)
+        refreshed = 0
+        for raw in await self.redis.smembers(self._node_key(node)):
+            client = _text(raw)
+            for room, session in await self._bound(client):
+                keys = [self._seats_key(room), self._holders_key(room)]
+                refreshed += int(await self._seat_refresh(keys=keys, args=[session, client, int(hold * 1000)]))
+        return refreshed
+
+    async def release_client(self, client: str, room: str | None, window: float | None) -> int:
+        released = 0
+        ms = -1 if window is None else max(1, int(window * 1000))
+        for seat_room, session in await self._bound(client):
+            if room is not None and seat_room != room:
+                continue
+            keys = [self._seats_key(seat_room), self._holders_key(seat_room)]
+            released += int(await self._seat_unbind(keys=keys, args=[session, client, ms]))
+            await self.redis.srem(self._bound_key(client), f"{seat_room} {session}")
+        return released
