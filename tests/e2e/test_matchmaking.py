@@ -81,7 +81,7 @@ async def move(client: Client, room: str, user: str, p: list[float], frames: Fra
     raise AssertionError(f"{user}'s move never showed in {room}")
 
 
-async def test_join_or_create_and_seats_tied_to_connections(  # type: ignore[no-untyped-def]
+async def test_join_or_create_seats_tied_to_connections_and_a_reconnection_across_gateways(  # type: ignore[no-untyped-def]
     start_service, real_env, pick_port
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
@@ -173,6 +173,38 @@ async def test_join_or_create_and_seats_tied_to_connections(  # type: ignore[no-
         dan = clients[3] = client("dan", 1)
         await dan.connect()
         await eventually(lambda: _is(count(other["room"]), 0), 5, "dan's seat freed by his clean disconnect")
+
+        # Ann's and Bob's gateway is killed -9: no event says they left, their seats stay reserved
+        gateways[0].process.kill()
+        gateways[0].process.wait()
+        killed_at = time.monotonic()
+        # Bob reconnects to the other gateway within the window and gets his seat back, the room full
+        bob = clients[1] = client("bob", 1)
+        await bob.connect()
+        back = await call(bob, "rooms.join", {"room": room})
+        assert back["clients"] == 2, back
+        assert (await refused(cid, "rooms.join", {"room": room})).code == 409  # Ann's seat is still hers
+        # the room's state from a keyframe, with one avatar each: his own not duplicated by the new connection
+        bob_frames = Frames()
+        await subscribed(bob, f"sim:{room}", bob_frames)
+        keyframe = await bob_frames.wait(lambda f: f["type"] == "keyframe")
+        assert set(keyframe["e"]) == {"ann", "bob"}, keyframe["e"]
+        assert keyframe["e"]["bob"][:3] == [-400, 325, 0] and keyframe["e"]["ann"][:3] == [150, 200, 0]
+        await move(bob, room, "bob", [2.0, -1.0, 0.0], bob_frames)
+        latest = await bob_frames.wait(lambda f: f["type"] == "keyframe" and f["e"]["bob"][:3] == [200, -100, 0])
+        assert set(latest["e"]) == {"ann", "bob"}
+
+        # Ann does not come back: her seat goes seat_ttl + node_silence after her gateway's last heartbeat
+        await eventually(lambda: _is(count(room), 1), SEAT_TTL + NODE_SILENCE + 5, "Ann's seat expired")
+        gone_after = time.monotonic() - killed_at
+        assert gone_after > SEAT_TTL + NODE_SILENCE - 5.0 - 1.0, gone_after  # beats every 5 s
+        assert (await call(cid, "rooms.join", {"room": room}))["clients"] == 2
+        ann = clients[0] = client("ann", 1)
+        await ann.connect()
+        late = await refused(ann, "rooms.join", {"room": room})
+        assert late.code == 409 and late.message.startswith("full: ")
+        # Bob has stayed connected all along: still seated
+        assert await count(room) == 2
     finally:
         for c in clients:
             await c.disconnect()
