@@ -96,7 +96,7 @@ async def test_join_or_create_seats_tied_to_connections_and_a_reconnection_acros
     }
     routes = {
         method: {"url": f"http://127.0.0.1:{sim_port}/v1/rpc/{method}", "allow": "authenticated"}
-        for method in ("rooms.join_or_create", "rooms.join", "rooms.list")
+        for method in ("rooms.join_or_create", "rooms.join", "rooms.list", "rooms.lock", "rooms.unlock")
     }
     gateway_env = {
         **real_env,
@@ -153,6 +153,12 @@ async def test_join_or_create_seats_tied_to_connections_and_a_reconnection_acros
         assert full.code == 409 and full.message == f"full: room {room!r} is full (2 clients)", full
         listed = {r["room"]: r["clients"] for r in (await call(cid, "rooms.list", {"kind": "avatar"}))["rooms"]}
         assert listed[room] == 2 and listed[other["room"]] == 1
+        # its creator locks a room (no one new joins), nobody else may
+        assert (await refused(dan, "rooms.lock", {"room": other["room"]})).code == 403
+        assert (await call(cid, "rooms.lock", {"room": other["room"]}))["locked"] is True
+        shut = await refused(dan, "rooms.join", {"room": other["room"]})
+        assert shut.code == 423 and shut.message.startswith("locked: "), shut
+        assert (await call(cid, "rooms.unlock", {"room": other["room"]}))["locked"] is False
 
         ann_frames, bob_frames = Frames(), Frames()
         await subscribed(ann, f"sim:{room}", ann_frames)

@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -180,3 +181,46 @@ async def test_a_seat_taken_back_elsewhere_is_not_freed_by_the_old_connection(st
         await a.join(room, "cid")
     await watcher.apply(event(GatewayEvent.UNSUBSCRIBED, "c-bob-2", channel=f"sim:{room}"))
     assert await clients(a) == 1
+
+
+async def test_a_locked_room_takes_no_one_new_but_its_seats_come_back(store: RoomStore) -> None:
+    a, b = matchmakers(store, 2)
+    seat = await a.join_or_create(ask("ann:tab1", max_clients=3))
+    room = seat["room"]
+    with pytest.raises(MatchError, match="only the creator") as refused:
+        await b.set_lock(room, True, by="bob")
+    assert refused.value.status == 403
+    locked = await b.set_lock(room, True, by="ann")
+    assert locked["locked"] is True and (await store.spec(room) or {})["match"]["locked"] is True
+    with pytest.raises(MatchError, match="is locked") as shut:
+        await b.join(room, "bob")
+    assert shut.value.status == 423
+    assert (await b.join(room, "ann:tab1"))["clients"] == 1  # her own seat, the reconnection path
+    other = await b.join_or_create(ask("bob", max_clients=3))  # a locked room is not matched
+    assert other["room"] != room
+    assert (await a.set_lock(room, False, by="root", admins=frozenset({"root"})))["locked"] is False
+    assert (await b.join(room, "dan"))["clients"] == 2
+    with pytest.raises(MatchError) as missing:
+        await a.set_lock("nope", True, by=None)
+    assert missing.value.status == 404
+
+
+def test_lock_over_rest_and_rpc() -> None:
+    settings = SimSettings(room_admins=["root"])
+    with TestClient(create_app(Runtime(CoreSettings()), settings)) as client:
+
+        def rpc(method: str, user: str, data: dict[str, object]) -> Any:
+            return client.post(f"/v1/rpc/{method}", json={"method": method, "user": user, "client": "c", "data": data})
+
+        room = rpc("rooms.join_or_create", "ann", {"kind": "avatar"}).json()["room"]
+        refused = rpc("rooms.lock", "bob", {"room": room})
+        assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+        assert rpc("rooms.lock", "ann", {"room": room}).json()["locked"] is True
+        shut = rpc("rooms.join", "bob", {"room": room})
+        assert shut.status_code == 423 and shut.json()["error"] == "locked"
+        assert rpc("rooms.unlock", "root", {"room": room}).json()["locked"] is False
+        assert client.post(f"/v1/matchmake/rooms/{room}/lock").json()["locked"] is True
+        assert client.get(f"/v1/rooms/{room}").json()["match"]["locked"] is True
+        assert client.post(f"/v1/matchmake/rooms/{room}/unlock").json()["locked"] is False
+        assert rpc("rooms.lock", "ann", {"room": "../x"}).status_code == 400
+        assert client.post("/v1/matchmake/rooms/nope/lock").status_code == 404

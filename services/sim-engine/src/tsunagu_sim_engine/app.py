@@ -72,6 +72,7 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
     )
 
     matchmaker = Matchmaker(engine, store, settings.seat_ttl, settings.node_silence)
+    admins = frozenset(settings.room_admins)
     watcher = SeatWatcher(store, settings.seat_ttl, settings.node_silence)
     seat_events = consumer_hook(
         runtime,
@@ -195,6 +196,15 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
             raise ApiError(400, "bad_request", "session is a string")
         return await matchmaker.join(room, session)
 
+    @app.post("/v1/matchmake/rooms/{room}/lock", tags=["matchmaking"])
+    async def lock_room(room: str) -> dict[str, Any]:
+        """Lock a matchmade room: nobody new joins it (423 `locked`), join-or-create skips it; seats stay."""
+        return await matchmaker.set_lock(_room_name(room), True, None)
+
+    @app.post("/v1/matchmake/rooms/{room}/unlock", tags=["matchmaking"])
+    async def unlock_room(room: str) -> dict[str, Any]:
+        return await matchmaker.set_lock(_room_name(room), False, None)
+
     @app.get("/v1/matchmake/rooms", tags=["matchmaking"])
     async def matchmade_rooms(kind: str | None = None) -> dict[str, Any]:
         """Public matchmade rooms with their live client counts."""
@@ -205,7 +215,8 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         """Client RPCs the gateway routes here (`TSUNAGU_GATEWAY_RPC_ROUTES`, body `{method, user, client, data}`).
 
         `rooms.join_or_create` (data as the REST body, without `session`), `rooms.join` `{room}` (also
-        the reconnection: the same user within the seat window gets the same seat), `rooms.list` `{kind?}`.
+        the reconnection: the same user within the seat window gets the same seat), `rooms.list` `{kind?}`,
+        `rooms.lock` / `rooms.unlock` `{room}` (its creator or a `TSUNAGU_SIM_ROOM_ADMINS` user).
         A seat belongs to the authenticated user (plus `data.tab` for several per user), so a seat cannot be
         taken over by another user and survives a new connection on any gateway. Refusals are 4xx with
         `{"error", "message"}`, which the gateway turns into an RPC error reply (code: the HTTP status,
@@ -230,9 +241,18 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
             if not isinstance(room, str):
                 raise ApiError(400, "bad_request", "data.room is a room name")
             return await matchmaker.join(room, session, client)
+        if method in ("rooms.lock", "rooms.unlock"):
+            room = data.get("room")
+            if not isinstance(room, str) or not ROOM_NAME.match(room):
+                raise ApiError(400, "bad_request", "data.room is a room name")
+            return await matchmaker.set_lock(room, method == "rooms.lock", user, admins)
         if method == "rooms.list":
             kind = data.get("kind")
             return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}
-        raise ApiError(404, "not_found", f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list")
+        raise ApiError(
+            404,
+            "not_found",
+            f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list, rooms.lock, rooms.unlock",
+        )
 
     return app

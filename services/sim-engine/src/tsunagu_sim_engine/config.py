@@ -38,6 +38,11 @@ class SimSettings(ServiceSettings):
         " of its clients stop being held for them; with a gateway killed outright they expire seat_ttl +"
         " node_silence after its last heartbeat.",
     )
+    room_admins: list[str] = Field(
+        default_factory=list,
+        description="JSON list of user ids that may lock and unlock any matchmade room over RPC (`rooms.lock`);"
+        " a room's creator always may.",
+    )
     seats_consumer_group: str = Field(
         "sim-engine-seats",
         min_length=1,

@@ -128,13 +128,31 @@ class Matchmaker:
         match = raw.get("match")
         if not isinstance(match, dict):
             raise MatchError(409, "not_matchmade", f"room {name!r} was not made by the matchmaker")
-        if match.get("locked"):
+        # a locked room takes no one new, but a seat held in it comes back (the reconnection path)
+        if match.get("locked") and not await self.store.has_seat(name, session):
             raise MatchError(423, "locked", f"room {name!r} is locked")
         if not await self.store.reserve_seat(name, session, self._ttl(client), int(match["max_clients"])):
             raise MatchError(409, "full", f"room {name!r} is full ({match['max_clients']} clients)")
         if client:
             await self.store.bind_seat(name, session, client)
         return {**await self._describe(name, raw), "session": session, "seat_ttl": self.seat_ttl}
+
+    async def set_lock(
+        self, name: str, locked: bool, by: str | None, admins: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Lock (no one new joins, nothing matches it; seats held stay) or unlock a matchmade room.
+        `by`: the user asking, who must be its creator or one of `admins`; None: the server side (REST)."""
+        raw = await self.store.spec(name)
+        if raw is None:
+            raise MatchError(404, "not_found", f"no room {name!r}")
+        match = raw.get("match")
+        if not isinstance(match, dict):
+            raise MatchError(409, "not_matchmade", f"room {name!r} was not made by the matchmaker")
+        if by is not None and by != match.get("creator") and by not in admins:
+            raise MatchError(403, "forbidden", f"only the creator of {name!r} or an admin may lock it")
+        if not await self.store.set_locked(name, locked):
+            raise MatchError(404, "not_found", f"no room {name!r}")
+        return await self._describe(name, {**raw, "match": {**match, "locked": locked}})
 
     async def join_or_create(self, request: MatchRequest, client: str | None = None) -> dict[str, Any]:
         if request.room is not None:
@@ -168,6 +186,8 @@ class Matchmaker:
             "max_clients": request.max_clients,
             "private": request.private,
             "locked": False,
+            # whoever made the room may lock it (the user, without the seat's tab)
+            "creator": request.session.split(":", 1)[0],
         }
         await self.engine.create(spec, match)
         return await self.join(name, request.session, client)

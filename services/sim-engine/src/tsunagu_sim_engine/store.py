@@ -69,6 +69,10 @@ class RoomStore(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def snapshot(self, room: str) -> dict[str, Any] | None: ...
 
+    @abc.abstractmethod
+    async def set_locked(self, room: str, locked: bool) -> bool:
+        """Lock or unlock a matchmade room (spec() and specs() show it as `match.locked`); False: no room."""
+
     # Seats (matchmaking): a seat is held until its expiry; a full room refuses a new session.
     @abc.abstractmethod
     async def reserve_seat(self, room: str, session: str, ttl: float, max_clients: int) -> bool:
@@ -77,6 +81,10 @@ class RoomStore(NothingToConnect, abc.ABC):
     @abc.abstractmethod
     async def seats(self, room: str) -> int:
         """Seats held now (expired ones are not counted)."""
+
+    @abc.abstractmethod
+    async def has_seat(self, room: str, session: str) -> bool:
+        """`session` holds a live seat in `room` (a locked room still takes its own back)."""
 
     # Seats tied to connections (see matchmaker.SeatWatcher): a seat taken over a gateway connection is
     # bound to that client id; the client's gateway node keeps it alive while it beats.
@@ -101,6 +109,14 @@ class RoomStore(NothingToConnect, abc.ABC):
         `window` more seconds for a reconnection. A seat re-bound to another connection is left alone."""
 
 
+def _with_lock(spec: dict[str, Any], locked: bool) -> dict[str, Any]:
+    """The spec with its matchmaking block's `locked` as it is now (kept apart so a lock is one write)."""
+    match = spec.get("match")
+    if not isinstance(match, dict):
+        return dict(spec)
+    return {**spec, "match": {**match, "locked": locked}}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -114,6 +130,7 @@ class MemoryRoomStore(RoomStore):
         self._holders: dict[str, dict[str, str]] = {}  # room -> session -> client
         self._bound: dict[str, set[tuple[str, str]]] = {}  # client -> {(room, session)}
         self._nodes: dict[str, set[str]] = {}  # node -> clients
+        self._locked: set[str] = set()
 
     def _holder(self, room: str) -> str | None:
         lease = self._leases.get(room)
@@ -128,7 +145,14 @@ class MemoryRoomStore(RoomStore):
         return True
 
     async def spec(self, room: str) -> dict[str, Any] | None:
-        return self._specs.get(room)
+        raw = self._specs.get(room)
+        return None if raw is None else _with_lock(raw, room in self._locked)
+
+    async def set_locked(self, room: str, locked: bool) -> bool:
+        if room not in self._specs:
+            return False
+        (self._locked.add if locked else self._locked.discard)(room)
+        return True
 
     def _live_seats(self, room: str) -> dict[str, float]:
         now = time.monotonic()
@@ -145,6 +169,9 @@ class MemoryRoomStore(RoomStore):
 
     async def seats(self, room: str) -> int:
         return len(self._live_seats(room))
+
+    async def has_seat(self, room: str, session: str) -> bool:
+        return session in self._live_seats(room)
 
     async def bind_seat(self, room: str, session: str, client: str) -> None:
         self._holders.setdefault(room, {})[session] = client
@@ -184,13 +211,14 @@ class MemoryRoomStore(RoomStore):
         return released
 
     async def specs(self) -> dict[str, dict[str, Any]]:
-        return dict(self._specs)
+        return {room: _with_lock(raw, room in self._locked) for room, raw in self._specs.items()}
 
     async def delete(self, room: str) -> bool:
         self._snapshots.pop(room, None)
         self._leases.pop(room, None)
         self._seats.pop(room, None)
         self._holders.pop(room, None)
+        self._locked.discard(room)
         return self._specs.pop(room, None) is not None
 
     async def adopt(self, room: str, node: str, ttl: float) -> bool:
@@ -298,7 +326,7 @@ class RedisRoomStore(RedisStore, RoomStore):
     """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`;
     seats: `<prefix>:seats:<room>` (zset session → expiry ms), `<prefix>:holders:<room>` (hash session →
     client id), `<prefix>:bound:<client>` (set of `<room> <session>`), `<prefix>:node:<node>` (set of
-    client ids)."""
+    client ids), `<prefix>:locked` (set of locked rooms)."""
 
     unavailable = StoreError
 
@@ -326,19 +354,39 @@ class RedisRoomStore(RedisStore, RoomStore):
     async def register(self, room: str, spec: dict[str, Any]) -> bool:
         return bool(await self.redis.hsetnx(self._rooms(), room, json.dumps(spec)))
 
+    def _locked_key(self) -> str:
+        return f"{self._tagged}:locked"
+
     async def spec(self, room: str) -> dict[str, Any] | None:
-        raw = await self.redis.hget(self._rooms(), room)
-        return None if raw is None else json.loads(raw)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._rooms(), room)
+            pipe.sismember(self._locked_key(), room)
+            raw, locked = await pipe.execute()
+        return None if raw is None else _with_lock(json.loads(raw), bool(locked))
 
     async def specs(self) -> dict[str, dict[str, Any]]:
-        raw = await self.redis.hgetall(self._rooms())
-        return {_text(key): json.loads(value) for key, value in raw.items()}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._rooms())
+            pipe.smembers(self._locked_key())
+            raw, locked = await pipe.execute()
+        held = {_text(name) for name in locked}
+        return {_text(key): _with_lock(json.loads(value), _text(key) in held) for key, value in raw.items()}
+
+    async def set_locked(self, room: str, locked: bool) -> bool:
+        if not await self.redis.hexists(self._rooms(), room):
+            return False
+        if locked:
+            await self.redis.sadd(self._locked_key(), room)
+        else:
+            await self.redis.srem(self._locked_key(), room)
+        return True
 
     async def delete(self, room: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._rooms(), room)
             pipe.delete(self._snap(room), self._lease(room), self._seats_key(room), self._holders_key(room))
-            removed, _ = await pipe.execute()
+            pipe.srem(self._locked_key(), room)
+            removed, _, _ = await pipe.execute()
         return bool(removed)
 
     async def adopt(self, room: str, node: str, ttl: float) -> bool:
@@ -379,6 +427,13 @@ class RedisRoomStore(RedisStore, RoomStore):
         t = await self.redis.time()
         now = int(t[0]) * 1000 + int(t[1]) // 1000
         return int(await self.redis.zcount(key, now + 1, "+inf"))
+
+    async def has_seat(self, room: str, session: str) -> bool:
+        score = await self.redis.zscore(self._seats_key(room), session)
+        if score is None:
+            return False
+        t = await self.redis.time()
+        return float(score) > int(t[0]) * 1000 + int(t[1]) // 1000
 
     def _holders_key(self, room: str) -> str:
         return f"{self._tagged}:holders:{room}"
