@@ -224,3 +224,14 @@ def test_lock_over_rest_and_rpc() -> None:
         assert client.post(f"/v1/matchmake/rooms/{room}/unlock").json()["locked"] is False
         assert rpc("rooms.lock", "ann", {"room": "../x"}).status_code == 400
         assert client.post("/v1/matchmake/rooms/nope/lock").status_code == 404
+
+
+async def test_replicas_racing_to_create_for_the_same_filters_make_one_room(store: RoomStore) -> None:
+    replicas = matchmakers(store, 4)
+    for rounds in range(3):  # the race is decided anew each time the last room fills up
+        seats = await asyncio.gather(
+            *(m.join_or_create(ask(f"r{rounds}-{i}", mode="race", max_clients=4)) for i, m in enumerate(replicas))
+        )
+        assert len({seat["room"] for seat in seats}) == 1, [seat["room"] for seat in seats]
+    listing = await replicas[0].listing()
+    assert sorted(r["clients"] for r in listing) == [4, 4, 4]

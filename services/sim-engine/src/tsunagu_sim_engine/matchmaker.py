@@ -13,6 +13,7 @@ existing leases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -31,6 +32,9 @@ from tsunagu_sim_engine.store import RoomStore
 
 log = logging.getLogger("tsunagu.sim_engine.seats")
 SIM_PREFIX = "sim:"
+# Racing creators: how long a room being formed is the one for its filters, and how many rounds to try.
+FORMING_TTL = 10.0
+FORMING_ATTEMPTS = 4
 
 _FILTER = re.compile(r"^[A-Za-z0-9_.-]{0,32}$")
 _SESSION = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -155,27 +159,65 @@ class Matchmaker:
         return await self._describe(name, {**raw, "match": {**match, "locked": locked}})
 
     async def join_or_create(self, request: MatchRequest, client: str | None = None) -> dict[str, Any]:
+        """Seat `request.session` in a matching public room with a free seat, or in a new one.
+
+        Replicas racing to create for the same filters agree on one new room: the first names it in the
+        store (`claim_forming`), the others wait for it to be registered and join it. Its name is
+        forgotten once it is full or locked (or never came: its creator died), and the race starts anew.
+        """
         if request.room is not None:
             return await self.join(request.room, request.session, client)
-        if not request.private:
-            for name, raw in sorted((await self.store.specs()).items()):
-                match = raw.get("match")
-                if not isinstance(match, dict) or raw.get("kind") != request.kind:
-                    continue
-                if match.get("private") or match.get("locked"):
-                    continue
-                if (match.get("mode"), match.get("region"), match.get("max_clients")) != (
-                    request.mode,
-                    request.region,
-                    request.max_clients,
-                ):
-                    continue
-                # a room filled between listing and reserving is skipped: the seat script decides
-                if await self.store.reserve_seat(name, request.session, self._ttl(client), request.max_clients):
-                    if client:
-                        await self.store.bind_seat(name, request.session, client)
-                    return {**await self._describe(name, raw), "session": request.session, "seat_ttl": self.seat_ttl}
-        name = f"{request.kind}-{secrets.token_hex(4)}"
+        if request.private:  # nobody else is matched into it: no race to settle
+            return await self._create(request, client)
+        forming = f"{request.kind}|{request.mode}|{request.region}|{request.max_clients}"
+        for _ in range(FORMING_ATTEMPTS):
+            seated = await self._match(request, client)
+            if seated is not None:
+                return seated
+            name = f"{request.kind}-{secrets.token_hex(4)}"
+            winner = await self.store.claim_forming(forming, name, FORMING_TTL)
+            if winner is None:
+                return await self._create(request, client, name)
+            if await self._registered(winner):
+                try:
+                    return await self.join(winner, request.session, client)
+                except MatchError as exc:
+                    if exc.error not in ("full", "locked", "not_found"):
+                        raise
+            await self.store.clear_forming(forming, winner)
+        # still contended after several rounds: a room of our own (the next joins fill rooms in name order)
+        return await self._create(request, client)
+
+    async def _registered(self, name: str) -> bool:
+        """Wait (briefly) for the room another replica is creating to appear in the registry."""
+        for _ in range(40):
+            if await self.store.spec(name) is not None:
+                return True
+            await asyncio.sleep(0.025)
+        return False
+
+    async def _match(self, request: MatchRequest, client: str | None) -> dict[str, Any] | None:
+        for name, raw in sorted((await self.store.specs()).items()):
+            match = raw.get("match")
+            if not isinstance(match, dict) or raw.get("kind") != request.kind:
+                continue
+            if match.get("private") or match.get("locked"):
+                continue
+            if (match.get("mode"), match.get("region"), match.get("max_clients")) != (
+                request.mode,
+                request.region,
+                request.max_clients,
+            ):
+                continue
+            # a room filled between listing and reserving is skipped: the seat script decides
+            if await self.store.reserve_seat(name, request.session, self._ttl(client), request.max_clients):
+                if client:
+                    await self.store.bind_seat(name, request.session, client)
+                return {**await self._describe(name, raw), "session": request.session, "seat_ttl": self.seat_ttl}
+        return None
+
+    async def _create(self, request: MatchRequest, client: str | None, name: str | None = None) -> dict[str, Any]:
+        name = name or f"{request.kind}-{secrets.token_hex(4)}"
         try:
             spec = RoomSpec.parse({"room": name, "kind": request.kind})
         except ValueError as exc:

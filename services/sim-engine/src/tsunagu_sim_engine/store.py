@@ -70,6 +70,15 @@ class RoomStore(NothingToConnect, abc.ABC):
     async def snapshot(self, room: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
+    async def claim_forming(self, key: str, room: str, ttl: float) -> str | None:
+        """Name `room` the one being formed for the filters `key`: None when this call did, else the room
+        another replica named (so racing creators agree on one room)."""
+
+    @abc.abstractmethod
+    async def clear_forming(self, key: str, room: str) -> None:
+        """Forget that `room` is being formed for `key` (it is full, locked or never came), if it still is."""
+
+    @abc.abstractmethod
     async def set_locked(self, room: str, locked: bool) -> bool:
         """Lock or unlock a matchmade room (spec() and specs() show it as `match.locked`); False: no room."""
 
@@ -131,6 +140,7 @@ class MemoryRoomStore(RoomStore):
         self._bound: dict[str, set[tuple[str, str]]] = {}  # client -> {(room, session)}
         self._nodes: dict[str, set[str]] = {}  # node -> clients
         self._locked: set[str] = set()
+        self._forming: dict[str, tuple[str, float]] = {}
 
     def _holder(self, room: str) -> str | None:
         lease = self._leases.get(room)
@@ -147,6 +157,17 @@ class MemoryRoomStore(RoomStore):
     async def spec(self, room: str) -> dict[str, Any] | None:
         raw = self._specs.get(room)
         return None if raw is None else _with_lock(raw, room in self._locked)
+
+    async def claim_forming(self, key: str, room: str, ttl: float) -> str | None:
+        held = self._forming.get(key)
+        if held is not None and held[1] > time.monotonic():
+            return held[0]
+        self._forming[key] = (room, time.monotonic() + ttl)
+        return None
+
+    async def clear_forming(self, key: str, room: str) -> None:
+        if self._forming.get(key, ("", 0.0))[0] == room:
+            del self._forming[key]
 
     async def set_locked(self, room: str, locked: bool) -> bool:
         if room not in self._specs:
@@ -316,6 +337,13 @@ end
 return 1
 """
 
+_FORMING = """
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -326,7 +354,8 @@ class RedisRoomStore(RedisStore, RoomStore):
     """Keys: `<prefix>:rooms` (hash room → spec), `<prefix>:snap:<room>`, `<prefix>:lease:<room>`;
     seats: `<prefix>:seats:<room>` (zset session → expiry ms), `<prefix>:holders:<room>` (hash session →
     client id), `<prefix>:bound:<client>` (set of `<room> <session>`), `<prefix>:node:<node>` (set of
-    client ids), `<prefix>:locked` (set of locked rooms)."""
+    client ids), `<prefix>:locked` (set of locked rooms), `<prefix>:forming:<filters>` (the room being
+    formed for those filters)."""
 
     unavailable = StoreError
 
@@ -340,6 +369,7 @@ class RedisRoomStore(RedisStore, RoomStore):
         self._release = self.redis.register_script(_RELEASE)
         self._seat = self.redis.register_script(_SEAT)
         self._seat_refresh = self.redis.register_script(_SEAT_REFRESH)
+        self._forming = self.redis.register_script(_FORMING)
         self._seat_unbind = self.redis.register_script(_SEAT_UNBIND)
 
     def _rooms(self) -> str:
@@ -371,6 +401,16 @@ class RedisRoomStore(RedisStore, RoomStore):
             raw, locked = await pipe.execute()
         held = {_text(name) for name in locked}
         return {_text(key): _with_lock(json.loads(value), _text(key) in held) for key, value in raw.items()}
+
+    def _forming_key(self, key: str) -> str:
+        return f"{self._tagged}:forming:{key}"
+
+    async def claim_forming(self, key: str, room: str, ttl: float) -> str | None:
+        held = await self._forming(keys=[self._forming_key(key)], args=[room, max(1, int(ttl * 1000))])
+        return None if held is None else _text(held)
+
+    async def clear_forming(self, key: str, room: str) -> None:
+        await self._release(keys=[self._forming_key(key)], args=[room])  # compare and delete, as a lease
 
     async def set_locked(self, room: str, locked: bool) -> bool:
         if not await self.redis.hexists(self._rooms(), room):
