@@ -36,6 +36,7 @@ class Recorder:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.closing: Disconnect | None = None
+        self.client_closed = False
 
     def send(self, frame: bytes) -> None:
         if self.closing is None:

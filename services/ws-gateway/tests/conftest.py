@@ -49,13 +49,14 @@ class RunningGateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    broker: Broker | None = None, server_tls: ServerTls | None = None, **overrides: Any
+    broker: Broker | None = None, server_tls: ServerTls | None = None, bus: MemoryBus | None = None, **overrides: Any
 ) -> AsyncIterator[RunningGateway]:
-    """`server_tls`: serve https/wss with it, as `tsunagu serve` does with TSUNAGU_SERVER_TLS_*."""
+    """`server_tls`: serve https/wss with it, as `tsunagu serve` does with TSUNAGU_SERVER_TLS_*; `bus`: where
+    its events go (to read them)."""
     options: dict[str, Any] = {"token_hmac_secret": SECRET, "api_key": API_KEY, **overrides}
     settings = GatewaySettings(**options)
     engine = broker or MemoryBroker()
-    runtime = Runtime(CoreSettings(node_name="test-node"), bus=MemoryBus(), broker=engine)
+    runtime = Runtime(CoreSettings(node_name="test-node"), bus=bus or MemoryBus(), broker=engine)
     port = free_port()
     tls_options = uvicorn_options(server_tls) if server_tls is not None else {}
     async with serving(create_app(runtime, settings), port, **tls_options) as server:

@@ -163,11 +163,13 @@ def consumer_hook(
     retry: RetryPolicy = RetryPolicy(),
     prepare: Callable[[], Awaitable[None]] | None = None,
     name: str = "consumer",
+    from_latest: bool = False,
 ) -> ServiceHook:
     """A service's consumers as a hook: they join `group` in the background once `needs` are ready
     (nothing is consumed before the store answers: a handler failing for that would only burn the
     event's retries), and leaving the hook lets the batches in hand finish and commit them.
-    Give an event `handler` or a `batch_handler`; `prepare` runs first (e.g. creating a topic)."""
+    Give an event `handler` or a `batch_handler`; `prepare` runs first (e.g. creating a topic).
+    `from_latest` (batch handlers): a group with no committed position starts at the newest event."""
     if (handler is None) == (batch_handler is None):
         raise ValueError("give one of handler and batch_handler")
 
@@ -181,10 +183,10 @@ def consumer_hook(
             for _ in range(consumers):
                 if batch_handler is not None:
                     subscription = await runtime.bus.consume_batches(
-                        subscribed, group, batch_handler, batch=batch, retry=retry
+                        subscribed, group, batch_handler, batch=batch, retry=retry, from_latest=from_latest
                     )
                 else:
-                    assert handler is not None
+                    assert handler is not None and not from_latest
                     subscription = await runtime.bus.consume(subscribed, group, handler, retry=retry)
                 subscriptions.append(subscription)
         except BaseException:

@@ -20,7 +20,7 @@ from tsunagu_core.lifecycle import Runtime, consumer_hook, create_service_app, i
 from tsunagu_sim_engine.config import SimSettings
 from tsunagu_sim_engine.engine import CommandSender, SimEngine
 from tsunagu_sim_engine.kinds import kind_names, load_kinds
-from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest
+from tsunagu_sim_engine.matchmaker import MatchError, Matchmaker, MatchRequest, SeatWatcher
 from tsunagu_sim_engine.room import ROOM_NAME, RoomSpec
 from tsunagu_sim_engine.store import MemoryRoomStore, RedisRoomStore, RoomStore, StoreError
 
@@ -73,7 +73,18 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         source_poll=settings.source_poll,
     )
 
-    matchmaker = Matchmaker(engine, store, settings.seat_ttl)
+    matchmaker = Matchmaker(engine, store, settings.seat_ttl, settings.node_silence)
+    admins = frozenset(settings.room_admins)
+    watcher = SeatWatcher(store, settings.seat_ttl, settings.node_silence)
+    seat_events = consumer_hook(
+        runtime,
+        needs=["bus", STORE],
+        topics=[topics.GATEWAY_EVENTS],
+        group=settings.seats_consumer_group,
+        batch_handler=watcher.handle_batch,
+        name="sim-seats-consumer",
+        from_latest=True,
+    )
 
     consumers = consumer_hook(
         runtime,
@@ -95,7 +106,7 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
     async def simulate() -> AsyncIterator[None]:
         scanner = asyncio.create_task(scan(), name="sim-scanner")
         try:
-            async with consumers():
+            async with consumers(), seat_events():
                 yield
         finally:
             scanner.cancel()
@@ -187,6 +198,15 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
             raise ApiError(400, "bad_request", "session is a string")
         return await matchmaker.join(room, session)
 
+    @app.post("/v1/matchmake/rooms/{room}/lock", tags=["matchmaking"])
+    async def lock_room(room: str) -> dict[str, Any]:
+        """Lock a matchmade room: nobody new joins it (423 `locked`), join-or-create skips it; seats stay."""
+        return await matchmaker.set_lock(_room_name(room), True, None)
+
+    @app.post("/v1/matchmake/rooms/{room}/unlock", tags=["matchmaking"])
+    async def unlock_room(room: str) -> dict[str, Any]:
+        return await matchmaker.set_lock(_room_name(room), False, None)
+
     @app.get("/v1/matchmake/rooms", tags=["matchmaking"])
     async def matchmade_rooms(kind: str | None = None) -> dict[str, Any]:
         """Public matchmade rooms with their live client counts."""
@@ -197,37 +217,44 @@ def create_app(runtime: Runtime, settings: SimSettings, store: RoomStore | None 
         """Client RPCs the gateway routes here (`TSUNAGU_GATEWAY_RPC_ROUTES`, body `{method, user, client, data}`).
 
         `rooms.join_or_create` (data as the REST body, without `session`), `rooms.join` `{room}` (also
-        the reconnection: the same user within the seat window gets the same seat), `rooms.list` `{kind?}`.
+        the reconnection: the same user within the seat window gets the same seat), `rooms.list` `{kind?}`,
+        `rooms.lock` / `rooms.unlock` `{room}` (its creator or a `TSUNAGU_SIM_ROOM_ADMINS` user).
         A seat belongs to the authenticated user (plus `data.tab` for several per user), so a seat cannot be
-        taken over by another user and survives a new connection on any gateway. Refusals are answered
-        as `{"error", "message"}` with 200: the gateway turns a backend 4xx into a bare internal error.
+        taken over by another user and survives a new connection on any gateway. Refusals are 4xx with
+        `{"error", "message"}`, which the gateway turns into an RPC error reply (code: the HTTP status,
+        message `<error>: <message>`), so the SDK's `rpc()` rejects with it.
         """
         body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("data", {}), dict):
-            return {"error": "bad_request", "message": "expected {method, user, client, data: {...}}"}
+            raise ApiError(400, "bad_request", "expected {method, user, client, data: {...}}")
         user, data = body.get("user"), dict(body.get("data") or {})
         if not isinstance(user, str) or not user:
-            return {"error": "forbidden", "message": "matchmaking needs an authenticated user"}
+            raise ApiError(403, "forbidden", "matchmaking needs an authenticated user")
         tab = data.pop("tab", "")
         if not isinstance(tab, str) or len(tab) > 32:
-            return {"error": "bad_request", "message": "tab is a string of up to 32 characters"}
+            raise ApiError(400, "bad_request", "tab is a string of up to 32 characters")
         session = f"{user}:{tab}" if tab else user
-        try:
-            if method == "rooms.join_or_create":
-                return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}))
-            if method == "rooms.join":
-                room = data.get("room")
-                if not isinstance(room, str):
-                    return {"error": "bad_request", "message": "data.room is a room name"}
-                return await matchmaker.join(room, session)
-            if method == "rooms.list":
-                kind = data.get("kind")
-                return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}
-        except MatchError as exc:
-            return {"error": exc.error, "message": exc.message}
-        return {
-            "error": "not_found",
-            "message": f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list",
-        }
+        # the caller's connection holds the seat from now on (SeatWatcher follows it through the bus)
+        client = body.get("client") if isinstance(body.get("client"), str) else None
+        if method == "rooms.join_or_create":
+            return await matchmaker.join_or_create(MatchRequest.parse({**data, "session": session}), client)
+        if method == "rooms.join":
+            room = data.get("room")
+            if not isinstance(room, str):
+                raise ApiError(400, "bad_request", "data.room is a room name")
+            return await matchmaker.join(room, session, client)
+        if method in ("rooms.lock", "rooms.unlock"):
+            room = data.get("room")
+            if not isinstance(room, str) or not ROOM_NAME.match(room):
+                raise ApiError(400, "bad_request", "data.room is a room name")
+            return await matchmaker.set_lock(room, method == "rooms.lock", user, admins)
+        if method == "rooms.list":
+            kind = data.get("kind")
+            return {"rooms": await matchmaker.listing(kind if isinstance(kind, str) else None)}
+        raise ApiError(
+            404,
+            "not_found",
+            f"no method {method[:64]!r}: rooms.join_or_create, rooms.join, rooms.list, rooms.lock, rooms.unlock",
+        )
 
     return app

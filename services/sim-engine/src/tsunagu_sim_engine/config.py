@@ -27,7 +27,27 @@ class SimSettings(ServiceSettings):
         30.0,
         gt=0.5,
         le=3600,
-        description="Seconds a matchmade seat lives after its last refresh: a dropped client's window to reconnect.",
+        description="Seconds a matchmade seat is held once its connection is lost (or, not bound to a connection,"
+        " after it was taken): a dropped client's window to reconnect.",
+    )
+    node_silence: float = Field(
+        12.0,
+        ge=6,
+        le=3600,
+        description="Seconds a gateway may stay silent (it heartbeats every 5 s, so at least 6) before the seats"
+        " of its clients stop being held for them; with a gateway killed outright they expire seat_ttl +"
+        " node_silence after its last heartbeat.",
+    )
+    room_admins: list[str] = Field(
+        default_factory=list,
+        description="JSON list of user ids that may lock and unlock any matchmade room over RPC (`rooms.lock`);"
+        " a room's creator always may.",
+    )
+    seats_consumer_group: str = Field(
+        "sim-engine-seats",
+        min_length=1,
+        description="Kafka consumer group reading `tsunagu.gateway.events` to tie seats to connections"
+        " (a new group starts at the newest event).",
     )
     scan_interval: float = Field(
         1.0, gt=0, le=60, description="Seconds between renewals of this replica's rooms and scans for orphan rooms."

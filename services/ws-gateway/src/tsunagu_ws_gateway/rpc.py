@@ -4,6 +4,12 @@ Each method is configured with the URL it is POSTed to (as is: nothing the clien
 URL), who may call it (`allow`, checked like a channel permission on `rpc:<method>`), and optionally a
 channel the call acts on (`publish_to`, e.g. `mqtt:{topic}` from the call's data), which the caller must
 be allowed to publish to. A method not in the list is error 104; a caller without the permission 103.
+
+A backend refuses a call by answering 4xx with a JSON body `{"error": "<machine code>", "message":
+"<text>"}` (optionally `"code"`, 400-1999, and `"temporary"`): the caller gets an error reply whose code
+is that `code`, else the HTTP status (400-499, the range Centrifugo leaves to applications), and whose
+message is `<error>: <message>`, so a stock SDK's `rpc()` rejects with it. A 4xx without that body
+keeps the older mapping: 404 is 104, 403 is 103, anything else 100.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ log = logging.getLogger("tsunagu.gateway.rpc")
 
 RPC_NAMESPACE = "rpc"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+# Error codes a backend may give: Centrifugo keeps 0-399 for itself and leaves 400-1999 to applications.
+APP_CODES = (400, 1999)
+MAX_MESSAGE = 512
 
 
 class Caller(Protocol):
@@ -82,6 +91,10 @@ class RpcRouter:
         except httpx.HTTPError as exc:
             log.warning("rpc %s to %s failed: %r", method, url, exc)
             raise ReplyError(codes.INTERNAL, f"backend unreachable: {exc!r}") from None
+        if 400 <= response.status_code < 500:
+            refusal = _refusal(response)
+            if refusal is not None:
+                raise refusal
         if response.status_code == 404:
             raise ReplyError(codes.METHOD_NOT_FOUND, f"backend does not know {method!r}")
         if response.status_code == 403:
@@ -96,6 +109,30 @@ class RpcRouter:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+class BackendRefusal(ReplyError):
+    """The backend refused the call with a reason of its own (code and message as it gave them)."""
+
+    def __init__(self, code: int, message: str, temporary: bool) -> None:
+        super().__init__(codes.ErrorCode(code, message))
+        self.temporary = temporary
+
+
+def _refusal(response: httpx.Response) -> BackendRefusal | None:
+    """A 4xx with `{"error", "message"}` as an application error reply; None for any other 4xx body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str) or not body["error"]:
+        return None
+    code = body.get("code", response.status_code)
+    if isinstance(code, bool) or not isinstance(code, int) or not APP_CODES[0] <= code <= APP_CODES[1]:
+        code = response.status_code
+    message = body.get("message")
+    text = f"{body['error']}: {message}" if isinstance(message, str) and message else body["error"]
+    return BackendRefusal(code, text[:MAX_MESSAGE], body.get("temporary") is True)
 
 
 def _fill(template: str, data: Any) -> str:

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GatewayEvent(_message.Message):
-    __slots__ = ("kind", "node", "client_id", "user_id", "session_id", "channel", "conn_info", "code", "reason", "transport", "client_ip")
+    __slots__ = ("kind", "node", "client_id", "user_id", "session_id", "channel", "conn_info", "code", "reason", "transport", "client_ip", "client_closed")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[GatewayEvent.Kind]
@@ -32,6 +32,7 @@ class GatewayEvent(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CLOSED_FIELD_NUMBER: _ClassVar[int]
     kind: GatewayEvent.Kind
     node: str
     client_id: str
@@ -43,7 +44,8 @@ class GatewayEvent(_message.Message):
     reason: str
     transport: str
     client_ip: str
-    def __init__(self, kind: _Optional[_Union[GatewayEvent.Kind, str]] = ..., node: _Optional[str] = ..., client_id: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., channel: _Optional[str] = ..., conn_info: _Optional[bytes] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., transport: _Optional[str] = ..., client_ip: _Optional[str] = ...) -> None: ...
+    client_closed: bool
+    def __init__(self, kind: _Optional[_Union[GatewayEvent.Kind, str]] = ..., node: _Optional[str] = ..., client_id: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., channel: _Optional[str] = ..., conn_info: _Optional[bytes] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., transport: _Optional[str] = ..., client_ip: _Optional[str] = ..., client_closed: _Optional[bool] = ...) -> None: ...
 
 class CollabUpdate(_message.Message):
     __slots__ = ("doc", "update", "client_id", "user_id", "node")

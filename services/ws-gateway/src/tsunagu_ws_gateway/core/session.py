@@ -549,7 +549,8 @@ class Session:
             chan_info=subscription.chan_info if subscription else b"",
         )
 
-    async def _leave(self, channel: str) -> None:
+    async def _leave(self, channel: str, ended: codes.Disconnect | None = None) -> None:
+        """`ended`: the connection's end is why (its UNSUBSCRIBED carries the code), else the client's call."""
         subscription = self.subscriptions.pop(channel, None)
         if subscription is None:
             return
@@ -563,7 +564,10 @@ class Session:
                 await broker.publish_presence(channel, False, info)
         except BrokerError as exc:
             log.warning("leave of %s on %s not recorded: %s", self.id, channel, exc)
-        self._event(GatewayEvent.UNSUBSCRIBED, channel)
+        if ended is None:
+            self._event(GatewayEvent.UNSUBSCRIBED, channel)
+        else:
+            self._event(GatewayEvent.UNSUBSCRIBED, channel, code=ended.code, reason=ended.reason, ending=True)
 
     def forget_subscription(self, channel: str) -> None:
         self.subscriptions.pop(channel, None)
@@ -840,11 +844,11 @@ class Session:
         self.closed = True
         self.gateway.registry.remove(self)
         for channel in list(self.subscriptions):
-            await self._leave(channel)
+            await self._leave(channel, disconnect)
         if self.connected:
-            self._event(GatewayEvent.DISCONNECTED, code=disconnect.code, reason=disconnect.reason)
+            self._event(GatewayEvent.DISCONNECTED, code=disconnect.code, reason=disconnect.reason, ending=True)
 
-    def _event(self, kind: int, channel: str = "", code: int = 0, reason: str = "") -> None:
+    def _event(self, kind: int, channel: str = "", code: int = 0, reason: str = "", ending: bool = False) -> None:
         self.gateway.events.emit(
             GatewayEvent(
                 kind=kind,  # type: ignore[arg-type]
@@ -858,6 +862,8 @@ class Session:
                 transport=self.transport_name,
                 # auth's session list shows where a connection comes from.
                 client_ip=self.connection.peer.ip if kind == GatewayEvent.CONNECTED else "",
+                # left on purpose or lost: the matchmaker frees a seat at once or holds it for a reconnection
+                client_closed=ending and self.connection.transport.client_closed,
             )
         )
 

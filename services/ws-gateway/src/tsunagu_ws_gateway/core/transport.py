@@ -28,6 +28,9 @@ class Transport(Protocol):
     name: str
     # Set once the transport is closing (by `close`, by itself when the client is slow, or by the peer).
     closing: Disconnect | None
+    # The client ended the connection on purpose (a close frame 1000/1001), not lost it: it is not
+    # coming back, which is what gateway events tell consumers such as the matchmaker.
+    client_closed: bool
 
     def send(self, frame: bytes) -> None:
         """Queue one frame; never blocks."""

@@ -85,6 +85,7 @@ class GatewayContext(BaseContext):
         self.queues: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
         self.queued_bytes = 0
         self.closing: codes.Disconnect | None = None
+        self.client_closed = False  # the library does not tell a close frame from a lost link
         self.connection_params: dict[str, Any] | None = None
 
     def deliver(self, frame: bytes) -> None:

@@ -146,6 +146,7 @@ class SocketState:
             socket.on_close = self.close
         self.link = AdapterSession(bridge.gateway, self.connection, RENDERER, deliver=self.deliver, close=self.close)
         self.closing: codes.Disconnect | None = None
+        self.client_closed = False  # the library does not tell a close frame from a lost link
         self._last_frame: bytes | None = None
         self._parsed: tuple[str, str, int, bytes, bytes] = ("", "", 0, b"", b"")
 

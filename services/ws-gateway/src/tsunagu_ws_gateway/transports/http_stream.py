@@ -52,6 +52,7 @@ STREAM_HEADERS = [(b"content-type", b"application/x-ndjson"), *_HEADERS]
 
 class HttpStreamTransport:
     __slots__ = (
+        "client_closed",
         "closing",
         "drop",
         "ended",
@@ -101,6 +102,8 @@ class HttpStreamTransport:
         self.limit = limit
         self.event_stream = event_stream
         self.closing: codes.Disconnect | None = None
+        # An HTTP stream ends the same way whether the client left on purpose or lost its link.
+        self.client_closed = False
         self.queue: list[bytes] = []
         self.queued_bytes = 0
         self.wake = asyncio.Event()

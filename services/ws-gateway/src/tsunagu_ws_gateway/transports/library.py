@@ -36,6 +36,7 @@ class LibrarySocket:
     def __init__(self, name: str) -> None:
         self.name = name
         self.closing: Disconnect | None = None
+        self.client_closed = False  # the library does not tell a close frame from a lost link
         self.on_close: Callable[[Disconnect], None] = _ignore_close
 
     def send(self, frame: bytes) -> None:

@@ -44,6 +44,9 @@ log = logging.getLogger("tsunagu.gateway.websocket")
 
 # How long a closing connection may take to send what it has queued before it is dropped.
 CLOSE_TIMEOUT = 5.0
+# A client's close frame with one of these ends the connection on purpose (normal, going away: a tab
+# closed); without a close frame (1006) or with another code the connection counts as lost.
+CLIENT_CLOSE_CODES = frozenset({1000, 1001})
 
 
 class FrameSocket(Protocol):
@@ -127,6 +130,7 @@ def flusher() -> _Flusher:
 class WebSocketTransport:
     name = "websocket"
     __slots__ = (
+        "client_closed",
         "closed",
         "closing",
         "first",
@@ -157,6 +161,7 @@ class WebSocketTransport:
         self.queued_bytes = 0
         self.marked = False  # in the flusher's list for this iteration
         self.closing: codes.Disconnect | None = None
+        self.client_closed = False
         self.closed = asyncio.get_running_loop().create_future()
         self.flusher = flusher()
         socket.on_resume = self._resumed
@@ -230,9 +235,13 @@ class WebSocketTransport:
         while self.closing is None:
             try:
                 message = await websocket.receive()
-            except (WebSocketDisconnect, RuntimeError):
+            except WebSocketDisconnect as exc:
+                self.client_closed = exc.code in CLIENT_CLOSE_CODES
+                return
+            except RuntimeError:
                 return
             if message["type"] == "websocket.disconnect":
+                self.client_closed = message.get("code") in CLIENT_CLOSE_CODES
                 return
             data = message.get("text")
             yield data if data is not None else (message.get("bytes") or b"")
