@@ -9,3 +9,5 @@ export type {
 export { classifyError, toPublishError, PERMANENT_CODES, TEMPORARY_CODES } from './errors.js';
 export type { ErrorKind, PublishError } from './errors.js';
 export type { Ack, CentrifugeLike, FailedPublication, LockManagerLike, QueuedPublication } from './types.js';
+export { PeerLink, signalingChannel } from './webrtc.js';
+export type { PeerLinkOptions, SignalingClient, SignalingSubscription } from './webrtc.js';

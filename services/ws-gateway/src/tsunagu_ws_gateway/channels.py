@@ -53,6 +53,10 @@ class ChannelPolicy:
             )
         if granted_by_token:
             return
+        if options is not None and options.user_limited and "#" not in channel:
+            namespace = namespace_of(channel)
+            detail = f"channels of namespace {namespace!r} name their users: {namespace}:<name>#<user>,<user>"
+            raise ReplyError(PERMISSION_DENIED, detail)
         if not _user_may_use(channel, who.user):
             raise ReplyError(PERMISSION_DENIED)
         if access == "anonymous":

@@ -144,6 +144,9 @@ class ChannelOptions(BaseModel):
     forward: Literal["", "sim-input", "mqtt-command"] = ""
     # Every publication is recorded in the audit log (Kafka `tsunagu.audit`), with its signature if any.
     audit: bool = False
+    # Every channel names its users after `#` (`webrtc:call-7#ann,bob`): one that does not is refused (103),
+    # so nobody but the parties can read or write it (WebRTC signaling).
+    user_limited: bool = False
     # Clients may publish here themselves; off for channels a service writes (collab's documents, where
     # allow_publish is the permission to write the document through /collab, not to publish raw).
     client_publish: bool = True
@@ -196,6 +199,16 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
     "ledger": ChannelOptions(signed=True, audit=True),
     # Socket.IO rooms at /socket.io/ (socketio_namespace): room "lobby" is channel "sio:lobby".
     "sio": ChannelOptions(),
+    # WebRTC signaling between the users a channel names (docs/webrtc.md): offers, answers and ICE candidates
+    # kept a minute, so a party that subscribes late still gets what was sent before.
+    "webrtc": ChannelOptions(
+        allow_subscribe="authenticated",
+        allow_publish="authenticated",
+        allow_history="authenticated",
+        history_size=100,
+        history_ttl=60,
+        user_limited=True,
+    ),
     # Ephemeral signals such as typing indicators: nothing kept, nothing to recover.
     "typing": ChannelOptions(history_size=0, recovery=False),
     # HL7 v2 messages received by stream-ingest's MLLP listener, by type and patient or location.
