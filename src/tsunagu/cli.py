@@ -547,6 +547,23 @@ def _token_from_auth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        import aiortc  # noqa: F401  (checked here, for a clear message)
+
+        from tsunagu.device_agent import run_agent
+    except ImportError:
+        print("tsunagu device-agent needs aiortc: pip install 'tsunagu[device-agent]'", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_agent(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from tsunagu.stack import cli as stack_cli
 
@@ -616,6 +633,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--password", default=None, help="with --auth-url (default: $TSUNAGU_TOKEN_PASSWORD or a prompt)"
     )
     token.set_defaults(func=cmd_token)
+
+    agent = commands.add_parser(
+        "device-agent",
+        help="a device's end of WebRTC control: commands over a data channel, MQTT as the fallback (aiortc)",
+    )
+    agent.add_argument(
+        "--gateway", required=True, help="the gateway's native endpoint, ws://host:8080/connection/websocket"
+    )
+    agent.add_argument("--token", required=True, help="a connection token of the device's user")
+    agent.add_argument("--device", required=True, help="the device's user id (its name in the signaling channel)")
+    agent.add_argument("--operators", required=True, help="comma-separated users whose calls it answers")
+    agent.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", help="the MQTT broker of the fallback path")
+    agent.add_argument("--command-topic", required=True, help="the device's MQTT command topic")
+    agent.set_defaults(func=cmd_device_agent)
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")
     docs.add_argument("--check", action="store_true", help="fail when the file is not current")

@@ -11,3 +11,5 @@ export type { ErrorKind, PublishError } from './errors.js';
 export type { Ack, CentrifugeLike, FailedPublication, LockManagerLike, QueuedPublication } from './types.js';
 export { PeerLink, signalingChannel } from './webrtc.js';
 export type { PeerLinkOptions, SignalingClient, SignalingSubscription } from './webrtc.js';
+export { DeviceControl } from './device.js';
+export type { CommandPath, DeviceControlOptions } from './device.js';
