@@ -117,5 +117,6 @@ bench: install js-install ## benchmarks (engines and every stage on the real sta
 		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mqtt.py && $(UV) run python bench/sim.py \
 		&& $(UV) run python bench/collab.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py
 	$(UV) run python bench/delta.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/device_rtt.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/sim.py --entities 10000 --clients 1000 --hz 30 \
 		--encoding json --publish batch --seconds 15 --far-every 10 --far-ring 3

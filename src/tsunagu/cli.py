@@ -646,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--operators", required=True, help="comma-separated users whose calls it answers")
     agent.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", help="the MQTT broker of the fallback path")
     agent.add_argument("--command-topic", required=True, help="the device's MQTT command topic")
+    agent.add_argument("--ack-topic", default="", help="an MQTT topic to acknowledge commands that came over MQTT on")
     agent.set_defaults(func=cmd_device_agent)
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")

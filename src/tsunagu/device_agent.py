@@ -10,7 +10,8 @@ so a command that went both ways is not done twice.
 
     pip install 'tsunagu[device-agent]'
     tsunagu device-agent --gateway ws://gw:8080/connection/websocket --token $DEVICE_TOKEN \\
-        --device rover-1 --operators alice,bob --mqtt mqtt://broker:1883 --command-topic plant/rover-1/set
+        --device rover-1 --operators alice,bob --mqtt mqtt://broker:1883 --command-topic plant/rover-1/set \\
+        --ack-topic plant/rover-1/acks
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ class DeviceAgent:
         operators: Sequence[str],
         on_command: Handler,
         ice_servers: Sequence[dict[str, Any]] = (),
+        ack_topic: str = "",
     ) -> None:
         self.client = client
         self.device = device
         self.operators = list(operators)
         self.on_command = on_command
         self.ice_servers = list(ice_servers)
+        # Where a command that came over MQTT is acknowledged (mqtt-bridge relays it to `mqtt:<ack_topic>`,
+        # so the controller learns the device, not only the broker, has it); "" for none.
+        self.ack_topic = ack_topic
         self.received = Received()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._links: dict[str, Any] = {}  # operator -> RTCPeerConnection
@@ -108,7 +113,9 @@ class DeviceAgent:
         subscribed = asyncio.Event()
 
         async def on_message(client: Any, received_topic: str, payload: bytes, qos: int, properties: Any) -> int:
-            await self.command(payload, "mqtt")
+            command_id = await self.command(payload, "mqtt")
+            if command_id is not None and self.ack_topic:
+                client.publish(self.ack_topic, json.dumps({"ack": command_id}), qos=1)
             return 0
 
         mqtt.on_message = on_message
@@ -238,7 +245,7 @@ async def run_agent(args: Any) -> None:  # the CLI's `device-agent`
 
     client = Client(args.gateway, token=args.token)
     await client.connect()
-    agent = DeviceAgent(client, args.device, args.operators.split(","), print_command)
+    agent = DeviceAgent(client, args.device, args.operators.split(","), print_command, ack_topic=args.ack_topic)
     await agent.start()
     try:
         await agent.run_mqtt(args.mqtt, args.command_topic, f"tsunagu-device-{args.device}")

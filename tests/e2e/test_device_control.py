@@ -1,8 +1,9 @@
-"""Remote control of a device over WebRTC with the MQTT command path as fallback: a Chromium page (clients/js
-DeviceControl) and the aiortc device agent (`tsunagu device-agent`'s DeviceAgent) set up a data channel
-through the gateway's signaling; the agent's link is dropped mid-stream, and the commands the channel did
-not confirm and all later ones arrive over Kafka, mqtt-bridge and Mosquitto. The device carries out each
-of the 1,000 commands once, in order."""
+"""Remote control of a device over WebRTC with the MQTT command path as fallback.
+
+A Chromium page (clients/js DeviceControl) and the aiortc device agent (`tsunagu device-agent`'s
+DeviceAgent), each on its own gateway replica, set up a data channel through the platform's signaling. The
+agent's link is dropped mid-stream: the commands the channel did not confirm and all later ones arrive over
+Kafka, mqtt-bridge and Mosquitto. The device carries out each of the 1,000 commands once, in order."""
 
 from __future__ import annotations
 
@@ -65,8 +66,12 @@ async def test_commands_over_the_data_channel_then_over_mqtt_arrive_once_in_orde
             "TSUNAGU_MQTT_BRIDGE_CONSUMER_GROUP": f"mqtt-bridge-device-{prefix}",
         },
     )
-    gateway = start_service(["serve", "ws-gateway"], {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
-    for service in (bridge, gateway):
+    # The page on one gateway, the device on the other: the signaling crosses replicas.
+    gateways = [
+        start_service(["serve", "ws-gateway"], {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET})
+        for _ in range(2)
+    ]
+    for service in (bridge, *gateways):
         await asyncio.to_thread(service.wait_ready, 60)
 
     done: list[int] = []
@@ -74,7 +79,7 @@ async def test_commands_over_the_data_channel_then_over_mqtt_arrive_once_in_orde
     def carry_out(command_id: str, payload: Any, path: str) -> None:
         done.append(int(payload["n"]))
 
-    client = Client(f"ws://127.0.0.1:{gateway.port}/connection/websocket", token=token(device, []))
+    client = Client(f"ws://127.0.0.1:{gateways[1].port}/connection/websocket", token=token(device, []))
     await client.connect()
     agent = DeviceAgent(client, device, [operator], carry_out)
     await agent.start()
@@ -90,7 +95,7 @@ async def test_commands_over_the_data_channel_then_over_mqtt_arrive_once_in_orde
     options = {
         "chromium": chromium,
         "helper": str(helper),
-        "base": gateway.base,
+        "base": gateways[0].base,
         "user": operator,
         "token": token(operator, ["mqtt:*"]),
         "device": device,

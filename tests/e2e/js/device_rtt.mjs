@@ -1,0 +1,79 @@
+// Command round trips from a Chromium page to the device agent and back, one at a time: over the WebRTC data
+// channel (DeviceControl; the agent acknowledges on the channel), then over the platform's MQTT path (a publish
+// to mqtt:<command topic> through the gateway, Kafka, mqtt-bridge and the broker; the agent acknowledges on
+// its ack topic, which mqtt-bridge relays to mqtt:<ack topic>, which the page follows).
+//   node device_rtt.mjs '<json options>'
+// options: {chromium, helper, base, user, token, device, commandTopic, ackTopic, rounds}
+// Prints one JSON line {webrtc: [ms...], mqtt: [ms...]}.
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const options = JSON.parse(process.argv[2]);
+const require = createRequire(import.meta.url);
+const sources = {
+  centrifuge: readFileSync(join(require.resolve('centrifuge'), '..', 'index.mjs'), 'utf8'),
+  webrtc: readFileSync(join(options.helper, 'webrtc.js'), 'utf8'),
+  device: readFileSync(join(options.helper, 'device.js'), 'utf8'),
+};
+
+const browser = await chromium.launch({
+  executablePath: options.chromium,
+  args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-features=WebRtcHideLocalIpsWithMdns'],
+});
+let code = 0;
+try {
+  const page = await (await browser.newContext()).newPage();
+  await page.goto(`${options.base}/healthz`);
+  const result = await page.evaluate(async ({ sources, options }) => {
+    const blob = (source) => URL.createObjectURL(new Blob([source], { type: 'text/javascript' }));
+    const { Centrifuge } = await import(blob(sources.centrifuge));
+    const webrtcUrl = blob(sources.webrtc);
+    const { DeviceControl } = await import(blob(sources.device.replace("'./webrtc.js'", `'${webrtcUrl}'`)));
+    const client = new Centrifuge(`${location.origin.replace(/^http/, 'ws')}/connection/websocket`, {
+      token: options.token,
+    });
+    client.connect();
+    const waiting = new Map();
+    const settle = (id) => {
+      const resolve = waiting.get(id);
+      if (resolve) {
+        waiting.delete(id);
+        resolve(performance.now());
+      }
+    };
+    const acks = client.newSubscription(`mqtt:${options.ackTopic}`);
+    acks.on('publication', (ctx) => settle(ctx.data?.ack));
+    acks.subscribe();
+    await new Promise((resolve) => acks.once('subscribed', resolve));
+    const control = new DeviceControl({ client, user: options.user, device: options.device, commandTopic: options.commandTopic });
+    const channel = await control.link.open;
+    channel.addEventListener('message', (event) => settle(JSON.parse(event.data).ack));
+    const round = (send) =>
+      new Promise((resolve) => {
+        const started = performance.now();
+        const id = send();
+        waiting.set(id, (ended) => resolve(ended - started));
+      });
+    const timings = { webrtc: [], mqtt: [] };
+    for (let n = 0; n < options.rounds; n++) timings.webrtc.push(await round(() => control.send({ n })));
+    for (let n = 0; n < options.rounds; n++) {
+      const id = `rtt-mqtt-${n}`;
+      timings.mqtt.push(
+        await round(() => {
+          client.publish(`mqtt:${options.commandTopic}`, { id, payload: { n } });
+          return id;
+        }),
+      );
+    }
+    return timings;
+  }, { sources, options });
+  console.log(JSON.stringify(result));
+} catch (error) {
+  console.error(String(error?.stack ?? error));
+  code = 1;
+} finally {
+  await browser.close();
+}
+process.exit(code);
