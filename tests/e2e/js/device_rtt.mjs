@@ -5,32 +5,15 @@
 //   node device_rtt.mjs '<json options>'
 // options: {chromium, helper, base, user, token, device, commandTopic, ackTopic, rounds}
 // Prints one JSON line {webrtc: [ms...], mqtt: [ms...]}.
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launch, webrtcPage } from './webrtc_page.mjs';
 
 const options = JSON.parse(process.argv[2]);
-const require = createRequire(import.meta.url);
-const sources = {
-  centrifuge: readFileSync(join(require.resolve('centrifuge'), '..', 'index.mjs'), 'utf8'),
-  webrtc: readFileSync(join(options.helper, 'webrtc.js'), 'utf8'),
-  device: readFileSync(join(options.helper, 'device.js'), 'utf8'),
-};
-
-const browser = await chromium.launch({
-  executablePath: options.chromium,
-  args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-features=WebRtcHideLocalIpsWithMdns'],
-});
+const browser = await launch(options.chromium);
 let code = 0;
 try {
-  const page = await (await browser.newContext()).newPage();
-  await page.goto(`${options.base}/healthz`);
-  const result = await page.evaluate(async ({ sources, options }) => {
-    const blob = (source) => URL.createObjectURL(new Blob([source], { type: 'text/javascript' }));
-    const { Centrifuge } = await import(blob(sources.centrifuge));
-    const webrtcUrl = blob(sources.webrtc);
-    const { DeviceControl } = await import(blob(sources.device.replace("'./webrtc.js'", `'${webrtcUrl}'`)));
+  const { page } = await webrtcPage(await browser.newContext(), options.base, options.helper);
+  const result = await page.evaluate(async (options) => {
+    const { Centrifuge, DeviceControl } = window.modules;
     const client = new Centrifuge(`${location.origin.replace(/^http/, 'ws')}/connection/websocket`, {
       token: options.token,
     });
@@ -68,7 +51,7 @@ try {
       );
     }
     return timings;
-  }, { sources, options });
+  }, options);
   console.log(JSON.stringify(result));
 } catch (error) {
   console.error(String(error?.stack ?? error));

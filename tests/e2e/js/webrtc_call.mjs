@@ -1,35 +1,17 @@
 // Two Chromium pages open a WebRTC data channel through the platform's signaling (clients/js PeerLink on the
 // stock centrifuge SDK), each page on its own gateway; then the caller sends numbered messages over it.
 //   node webrtc_call.mjs '<json options>'
-// options: {chromium, helper (a directory with webrtc.js built from clients/js), call,
+// options: {chromium, helper (a directory with clients/js built), call,
 //           parties: [{user, token, base}, {user, token, base}], messages, iceServers, iceTransportPolicy}
 // Prints one JSON line: what each page saw; exits 1 with the reason when a step fails.
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { createRequire } from 'node:module';
-import { chromium } from 'playwright-core';
+import { launch, webrtcPage } from './webrtc_page.mjs';
 
 const options = JSON.parse(process.argv[2]);
-const require = createRequire(import.meta.url);
-const centrifugeModule = readFileSync(join(require.resolve('centrifuge'), '..', 'index.mjs'), 'utf8');
-const helperModule = readFileSync(join(options.helper, 'webrtc.js'), 'utf8');
 
 // One party: a page with the SDK and the helper, as a web app would bundle them, and a PeerLink to the peer.
 async function party(browser, { user, token, base }, peer) {
   const context = await browser.newContext();
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
-  // A page of the gateway's own origin, so the socket's Origin is one the gateway allows. The modules come
-  // from this script as blob URLs (a route that intercepts requests would make Chromium drop the WebSocket).
-  await page.goto(`${base}/healthz`);
-  await page.evaluate(
-    async ({ centrifuge, helper }) => {
-      const load = (source) => import(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })));
-      window.modules = { Centrifuge: (await load(centrifuge)).Centrifuge, PeerLink: (await load(helper)).PeerLink };
-    },
-    { centrifuge: centrifugeModule, helper: helperModule },
-  );
+  const { page, errors } = await webrtcPage(context, base, options.helper);
   await page.evaluate(
     async ({ user, peer, token, call, iceServers, iceTransportPolicy }) => {
       const { Centrifuge, PeerLink } = window.modules;
@@ -60,11 +42,7 @@ async function party(browser, { user, token, base }, peer) {
   return { context, page, errors };
 }
 
-const browser = await chromium.launch({
-  executablePath: options.chromium,
-  // Host candidates as addresses, not mDNS names (nothing resolves .local names in a CI container).
-  args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-features=WebRtcHideLocalIpsWithMdns'],
-});
+const browser = await launch(options.chromium);
 let code = 0;
 try {
   const [a, b] = options.parties;
