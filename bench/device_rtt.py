@@ -5,7 +5,8 @@ on the stack (Redis, Kafka, Mosquitto), a gateway and mqtt-bridge started here. 
 - data channel: page → agent, acknowledged on the channel;
 - MQTT path: a publish to `mqtt:<command topic>` (gateway → Kafka → mqtt-bridge → Mosquitto → agent), the
   agent acknowledging on its ack topic (Mosquitto → mqtt-bridge → Redis → gateway → page).
-p50/p99 of each; raw results in bench/results/device-rtt-*.json.
+p50/p99 of each; and the age of the agent's telemetry samples on arrival in the page (20 a second, each by both
+paths; the agent and the page share the host's clock). Raw results in bench/results/device-rtt-*.json.
 
     eval "$(tsunagu stack env)"; python bench/device_rtt.py [--rounds 200]
 """
@@ -25,6 +26,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import jwt
 from centrifuge import Client
@@ -81,12 +83,16 @@ def percentile(values: list[float], share: float) -> float:
 async def run(rounds: int, chromium: str, helper: str, port: int, mqtt_url: str, prefix: str) -> dict[str, list[float]]:
     device, operator = f"rover{prefix}", f"ann{prefix}"
     command_topic, ack_topic = f"{prefix}/rover/set", f"{prefix}/rover/acks"
+    telemetry_topic = f"{prefix}/rover/telemetry"
     client = Client(f"ws://127.0.0.1:{port}/connection/websocket", token=token(device, []))
     await client.connect()
-    agent = DeviceAgent(client, device, [operator], lambda *_: None, ack_topic=ack_topic)
+    agent = DeviceAgent(
+        client, device, [operator], lambda *_: None, ack_topic=ack_topic, telemetry_topic=telemetry_topic
+    )
     await agent.start()
     mqtt = asyncio.create_task(agent.run_mqtt(mqtt_url, command_topic, f"bench-device-{prefix}"))
     await asyncio.wait_for(agent.mqtt_ready.wait(), 15)
+    sampler = asyncio.create_task(agent.run_telemetry(lambda: {"device": device}, every=0.05, mqtt_every=0.05))
     options = {
         "chromium": chromium,
         "helper": helper,
@@ -96,6 +102,7 @@ async def run(rounds: int, chromium: str, helper: str, port: int, mqtt_url: str,
         "device": device,
         "commandTopic": command_topic,
         "ackTopic": ack_topic,
+        "telemetryTopic": telemetry_topic,
         "rounds": rounds,
     }
     try:
@@ -108,10 +115,11 @@ async def run(rounds: int, chromium: str, helper: str, port: int, mqtt_url: str,
             raise SystemExit(err.decode()[-2000:])
     finally:
         mqtt.cancel()
-        await asyncio.gather(mqtt, return_exceptions=True)
+        sampler.cancel()
+        await asyncio.gather(mqtt, sampler, return_exceptions=True)
         await agent.close()
         await client.disconnect()
-    timings: dict[str, list[float]] = json.loads(out.decode().strip().splitlines()[-1])
+    timings: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return timings
 
 
@@ -129,7 +137,7 @@ def main() -> None:
         **env,
         "TSUNAGU_MQTT_URL": mqtt_url,
         # The agent's acknowledgements come back through the bridge (its commands go out through it anyway).
-        "TSUNAGU_MQTT_BRIDGE_FILTERS": json.dumps([f"{prefix}/rover/acks"]),
+        "TSUNAGU_MQTT_BRIDGE_FILTERS": json.dumps([f"{prefix}/rover/acks", f"{prefix}/rover/telemetry"]),
         "TSUNAGU_MQTT_BRIDGE_SHARE_GROUP": "",
         "TSUNAGU_MQTT_BRIDGE_CLIENT_ID": f"bench-bridge-{prefix}",
         "TSUNAGU_MQTT_BRIDGE_CONSUMER_GROUP": f"bench-bridge-{prefix}",
@@ -158,6 +166,15 @@ def main() -> None:
         print(f"{label:<52} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   ({len(values)} round trips)")
         recorder.add(f"command round trip over the {label}, p50", p50, "ms")
         recorder.add(f"command round trip over the {label}, p99", p99, "ms")
+    telemetry_labels = {"webrtc": "data channel", "mqtt": "MQTT -> mqtt-bridge -> Redis -> gateway"}
+    for path, label in telemetry_labels.items():
+        ages = timings["ages"][path]
+        if not ages:
+            raise SystemExit(f"no telemetry arrived over the {label}")
+        p50, p99 = statistics.median(ages), percentile(ages, 0.99)
+        print(f"telemetry over the {label:<40} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   ({len(ages)} samples)")
+        recorder.add(f"telemetry sample age on arrival over the {label}, p50", p50, "ms")
+        recorder.add(f"telemetry sample age on arrival over the {label}, p99", p99, "ms")
     recorder.save()
 
 

@@ -272,6 +272,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f" TSUNAGU_MQTT_URL=mqtt://{mqtt.host}:{mqtt.wanted})"
             )
         print(f"  {'demo device':<14} {DEVICE}: telemetry on {TELEMETRY_TOPIC}, commands on {COMMAND_TOPIC}")
+        rover = _demo_rover(args, server_tls is not None)
+        if rover is not None:
+            from tsunagu.demo_device import ROVER
+
+            print(f"  {'demo rover':<14} {ROVER}: the web app's Device view (WebRTC data channel, MQTT fallback)")
     else:
         print(f"  {'mqtt broker':<14} {core.mqtt_url}  (TSUNAGU_MQTT_URL)")
     gateway_url = _base_url("ws-gateway", args.host)
@@ -291,13 +296,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             f" {DEVELOPMENT_ADMIN_PASSWORD!r}, TOTP secret {DEVELOPMENT_ADMIN_TOTP_SECRET} for an authenticator app)"
         )
     sys.stdout.flush()
-    return run_loop(event_loop(core), _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt))
+    rover = _demo_rover(args, server_tls is not None) if mqtt is not None else None
+    return run_loop(
+        event_loop(core), _serve_run_mode(servers, server_tls, core.server_tls_reload_interval, mqtt, rover)
+    )
+
+
+def _demo_rover(args: argparse.Namespace, tls: bool) -> dict[str, str] | None:
+    """How run mode's demo rover reaches the gateway (its URL and token), or None where it cannot: without
+    aiortc (the `device-agent` extra), under TLS, or when the gateway verifies tokens run mode cannot sign."""
+    import importlib.util
+
+    if tls or importlib.util.find_spec("aiortc") is None:
+        return None
+    secret = os.environ.get("TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET") or (
+        DEVELOPMENT_TOKEN_SECRET if _unset("TSUNAGU_GATEWAY_TOKEN_PUBLIC_KEY") else ""
+    )
+    if not secret:
+        return None
+    from tsunagu.demo_device import ROVER
+
+    port = args.port or int(_base_url("ws-gateway", args.host).rsplit(":", 1)[1])
+    host = args.host if args.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+    # Long-lived: a demo device that stays connected for as long as run mode runs.
+    token = hs256_token({"sub": ROVER, "iat": int(time.time()), "exp": int(time.time()) + 30 * 86400}, secret)
+    return {"gateway": f"ws://{host}:{port}/connection/websocket", "token": token}
 
 
 async def _serve_run_mode(
-    servers: list[EmbeddedServer], server_tls: ServerTls | None, reload: float, mqtt: EmbeddedMqttBroker | None
+    servers: list[EmbeddedServer],
+    server_tls: ServerTls | None,
+    reload: float,
+    mqtt: EmbeddedMqttBroker | None,
+    rover: dict[str, str] | None = None,
 ) -> int:
-    """The services, and with an embedded broker the broker and the demo device beside them."""
+    """The services, and with an embedded broker the broker and the demo devices beside them."""
     import asyncio
     import contextlib
 
@@ -313,7 +346,15 @@ async def _serve_run_mode(
         except (OSError, RuntimeError) as exc:
             print(f"tsunagu run: the embedded MQTT broker did not start: {exc}", file=sys.stderr)
             return
-        await DemoDevice(mqtt.host, mqtt.port).run()
+        devices = [DemoDevice(mqtt.host, mqtt.port).run()]
+        if rover is not None:
+            from tsunagu.demo_device import run_demo_rover
+
+            devices.append(run_demo_rover(rover["gateway"], rover["token"], mqtt.url, list(DEVELOPMENT_USERS)))
+        results = await asyncio.gather(*devices, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                print(f"tsunagu run: a demo device stopped: {result!r}", file=sys.stderr)
 
     side = asyncio.create_task(broker_and_device(), name="tsunagu-run-mqtt")
     try:
@@ -647,6 +688,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--mqtt", default="mqtt://127.0.0.1:1883", help="the MQTT broker of the fallback path")
     agent.add_argument("--command-topic", required=True, help="the device's MQTT command topic")
     agent.add_argument("--ack-topic", default="", help="an MQTT topic to acknowledge commands that came over MQTT on")
+    agent.add_argument(
+        "--telemetry-topic", default="", help="an MQTT topic for telemetry samples (besides the data channels)"
+    )
+    agent.add_argument(
+        "--telemetry-every", type=float, default=0.1, help="seconds between samples on the data channels (0: none)"
+    )
+    agent.add_argument(
+        "--telemetry-mqtt-every", type=float, default=1.0, help="seconds between the samples also sent over MQTT"
+    )
     agent.set_defaults(func=cmd_device_agent)
 
     docs = commands.add_parser("config-docs", help="write docs/configuration.md from the settings classes")

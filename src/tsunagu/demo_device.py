@@ -143,3 +143,98 @@ class DemoDevice:
 def _first(value: Any) -> Any:
     """gmqtt hands properties over as lists."""
     return value[0] if isinstance(value, list) and value else value
+
+
+# The Device view's demo (docs/webrtc.md): a rover answering WebRTC calls through `tsunagu device-agent`'s
+# DeviceAgent, driven by commands over the data channel or MQTT, reporting where it is.
+ROVER = "demo-rover"
+ROVER_COMMAND_TOPIC = "demo/rover/set"
+ROVER_TELEMETRY_TOPIC = "demo/rover/telemetry"
+ROVER_ACK_TOPIC = "demo/rover/acks"
+ROVER_SPEED_LIMIT = 2.0  # m/s
+
+
+class Rover:
+    """Position, heading and speed of a rover on a flat field; commands change speed and heading. No I/O."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self.x = 0.0
+        self.y = 0.0
+        self.heading = 0.0  # degrees, 0 = east, counter-clockwise
+        self.speed = 0.0
+        self.battery = 100.0
+        self.commands = 0
+        self.last_error = ""
+        self._at = clock()
+
+    def _advance(self) -> None:
+        import math
+
+        now = self.clock()
+        elapsed, self._at = now - self._at, now
+        self.x += self.speed * elapsed * math.cos(math.radians(self.heading))
+        self.y += self.speed * elapsed * math.sin(math.radians(self.heading))
+        self.battery = max(0.0, self.battery - abs(self.speed) * elapsed * 0.01)
+
+    def command(self, payload: Any) -> None:
+        """`{"speed": m/s}`, `{"turn": degrees}`, `{"stop": true}`, in any combination."""
+        self._advance()
+        self.commands += 1
+        if not isinstance(payload, dict):
+            self.last_error = 'send an object: {"speed": 1}, {"turn": 90}, {"stop": true}'
+            return
+        self.last_error = ""
+        speed, turn = payload.get("speed"), payload.get("turn")
+        if isinstance(speed, int | float) and not isinstance(speed, bool):
+            self.speed = max(-ROVER_SPEED_LIMIT, min(ROVER_SPEED_LIMIT, float(speed)))
+        if isinstance(turn, int | float) and not isinstance(turn, bool):
+            self.heading = (self.heading + float(turn)) % 360
+        if payload.get("stop") is True:
+            self.speed = 0.0
+
+    def sample(self) -> dict[str, Any]:
+        self._advance()
+        return {
+            "device": ROVER,
+            "x": round(self.x, 2),
+            "y": round(self.y, 2),
+            "heading": round(self.heading, 1),
+            "speed": self.speed,
+            "battery": round(self.battery, 2),
+            "commands": self.commands,
+            **({"error": self.last_error} if self.last_error else {}),
+        }
+
+
+async def run_demo_rover(gateway_url: str, token: str, mqtt_url: str, operators: list[str]) -> None:
+    """The rover's agent until cancelled: it waits for the gateway, then answers its operators' calls."""
+    from centrifuge import Client as CentrifugeClient  # type: ignore[import-untyped]
+
+    from tsunagu.device_agent import DeviceAgent
+
+    rover = Rover()
+    client = CentrifugeClient(gateway_url, token=token)
+    await client.connect()
+    await client.ready()  # the SDK retries with backoff until the gateway listens
+    agent = DeviceAgent(
+        client,
+        ROVER,
+        operators,
+        lambda command_id, payload, path: rover.command(payload),
+        ack_topic=ROVER_ACK_TOPIC,
+        telemetry_topic=ROVER_TELEMETRY_TOPIC,
+    )
+    await agent.start()
+    tasks = [
+        asyncio.create_task(agent.run_mqtt(mqtt_url, ROVER_COMMAND_TOPIC, f"tsunagu-demo-{ROVER}")),
+        asyncio.create_task(agent.run_telemetry(rover.sample, every=0.1, mqtt_every=1.0)),
+    ]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.close()
+        await client.disconnect()

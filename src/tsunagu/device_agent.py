@@ -8,6 +8,11 @@ the gateway and mqtt-bridge): a controller falls back to that path when the data
 drops, and resends what was not acknowledged. Each command id is carried out once, whichever path brings it,
 so a command that went both ways is not done twice.
 
+Telemetry goes both ways too: every sample to each operator whose data channel is open (low latency, at the
+device's rate), and to the MQTT telemetry topic at its own, usually slower, rate (for everyone else: the
+board, the twin rooms, history). Samples carry `seq` and `boot`, so a controller that gets one sample by both
+paths shows it once.
+
     pip install 'tsunagu[device-agent]'
     tsunagu device-agent --gateway ws://gw:8080/connection/websocket --token $DEVICE_TOKEN \\
         --device rover-1 --operators alice,bob --mqtt mqtt://broker:1883 --command-topic plant/rover-1/set \\
@@ -20,6 +25,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +67,7 @@ class DeviceAgent:
         on_command: Handler,
         ice_servers: Sequence[dict[str, Any]] = (),
         ack_topic: str = "",
+        telemetry_topic: str = "",
     ) -> None:
         self.client = client
         self.device = device
@@ -69,6 +77,14 @@ class DeviceAgent:
         # Where a command that came over MQTT is acknowledged (mqtt-bridge relays it to `mqtt:<ack_topic>`,
         # so the controller learns the device, not only the broker, has it); "" for none.
         self.ack_topic = ack_topic
+        # Where telemetry samples are published over MQTT (send_telemetry); "" for the data channel only.
+        self.telemetry_topic = telemetry_topic
+        self.telemetry_sent = {"webrtc": 0, "mqtt": 0}
+        self._telemetry_seq = 0
+        # Tells a controller that sequence numbers started again (the agent restarted).
+        self._boot = int(time.time() * 1000)
+        self._mqtt: Any = None
+        self._channels: dict[str, Any] = {}  # operator -> its open RTCDataChannel
         self.received = Received()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._links: dict[str, Any] = {}  # operator -> RTCPeerConnection
@@ -123,11 +139,47 @@ class DeviceAgent:
         await mqtt.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883)
         mqtt.subscribe(topic, qos=1)
         await asyncio.wait_for(subscribed.wait(), 10)
+        self._mqtt = mqtt
         self.mqtt_ready.set()
         try:
             await asyncio.Event().wait()
         finally:
+            self._mqtt = None
             await mqtt.disconnect()
+
+    # telemetry
+
+    def send_telemetry(self, sample: dict[str, Any], mqtt: bool = True) -> int:
+        """One sample to every open data channel and, with `mqtt`, to the telemetry topic; its `seq`."""
+        self._telemetry_seq += 1
+        # ts in ms with µs digits: a controller on the same clock can time the data channel's sub-ms paths.
+        body = {**sample, "seq": self._telemetry_seq, "boot": self._boot, "ts": round(time.time() * 1000, 3)}
+        over_channel = json.dumps({"telemetry": body})
+        for channel in list(self._channels.values()):
+            if channel.readyState == "open":
+                channel.send(over_channel)
+                self.telemetry_sent["webrtc"] += 1
+        if mqtt and self.telemetry_topic and self._mqtt is not None and self._mqtt.is_connected:
+            self._mqtt.publish(self.telemetry_topic, json.dumps(body), qos=0)
+            self.telemetry_sent["mqtt"] += 1
+        return self._telemetry_seq
+
+    async def run_telemetry(
+        self, sample: Callable[[], dict[str, Any]], every: float = 0.1, mqtt_every: float = 1.0
+    ) -> None:
+        """`sample()` every `every` seconds over the data channels, one in each `mqtt_every` seconds over MQTT
+        too, until cancelled."""
+        last_mqtt = 0.0
+        while True:
+            now = time.monotonic()
+            over_mqtt = now - last_mqtt >= mqtt_every
+            if over_mqtt:
+                last_mqtt = now
+            try:
+                self.send_telemetry(sample(), mqtt=over_mqtt)
+            except Exception:
+                log.exception("a telemetry sample failed")
+            await asyncio.sleep(every)
 
     # signaling (the answering side of PeerLink)
 
@@ -199,6 +251,13 @@ class DeviceAgent:
 
         @connection.on("datachannel")
         def on_datachannel(channel: Any) -> None:
+            self._channels[operator] = channel
+
+            @channel.on("close")
+            def on_close() -> None:
+                if self._channels.get(operator) is channel:
+                    del self._channels[operator]
+
             @channel.on("message")
             async def on_message(message: str | bytes) -> None:
                 command_id = await self.command(message, "webrtc")
@@ -226,6 +285,7 @@ class DeviceAgent:
     async def drop(self, operator: str) -> None:
         """Close an operator's data channel link (its controller falls back to MQTT)."""
         connection = self._links.pop(operator, None)
+        self._channels.pop(operator, None)
         if connection is not None:
             await connection.close()
 
@@ -245,10 +305,38 @@ async def run_agent(args: Any) -> None:  # the CLI's `device-agent`
 
     client = Client(args.gateway, token=args.token)
     await client.connect()
-    agent = DeviceAgent(client, args.device, args.operators.split(","), print_command, ack_topic=args.ack_topic)
+    agent = DeviceAgent(
+        client,
+        args.device,
+        args.operators.split(","),
+        print_command,
+        ack_topic=args.ack_topic,
+        telemetry_topic=args.telemetry_topic,
+    )
     await agent.start()
+    started = time.monotonic()
+
+    def host_sample() -> dict[str, Any]:
+        # What any host can tell about itself; a real device's agent samples its sensors here instead.
+        load1, _, _ = os.getloadavg()
+        return {
+            "device": args.device,
+            "uptime_s": round(time.monotonic() - started, 1),
+            "load1": round(load1, 2),
+            "commands": len(agent.received.ids),
+            "last_command": agent.received.ids[-1] if agent.received.ids else None,
+        }
+
+    tasks = [asyncio.create_task(agent.run_mqtt(args.mqtt, args.command_topic, f"tsunagu-device-{args.device}"))]
+    if args.telemetry_every > 0:
+        tasks.append(
+            asyncio.create_task(agent.run_telemetry(host_sample, args.telemetry_every, args.telemetry_mqtt_every))
+        )
     try:
-        await agent.run_mqtt(args.mqtt, args.command_topic, f"tsunagu-device-{args.device}")
+        await asyncio.gather(*tasks)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await agent.close()
         await client.disconnect()

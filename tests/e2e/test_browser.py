@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +79,15 @@ def platform(chromium: str, start_module_service: Any, pick_port: Any) -> Iterat
                 "ticker_symbols": ["TSU", "NGU", "KFK"],
                 "iot_channels": [f"mqtt:demo-{run}/telemetry"],
                 "world_room": room,
+                # A device agent of this run (test_the_device_view_...): its MQTT topics under the bridge's filter.
+                "devices": [
+                    {
+                        "device": f"agent-{run}",
+                        "command_topic": f"demo-{run}/agent/set",
+                        "telemetry_topic": f"demo-{run}/agent/telemetry",
+                        "ack_topic": f"demo-{run}/agent/acks",
+                    }
+                ],
             }
         ),
     }
@@ -249,3 +259,52 @@ async def test_a_twin_room_in_the_world_view_shows_devices_and_sends_a_command_o
     rover.close()
     assert commands == [{"drive": marker}], "the device gets the command once"
     assert [line["state"] for line in result["receipt"]].count("delivered") == 1
+
+
+async def test_the_device_view_commands_a_device_agent_over_webrtc_then_mqtt_once_each(platform, scenario) -> None:  # type: ignore[no-untyped-def]
+    """The Device view and an aiortc device agent of this test on the real stack: telemetry and a command over
+    the data channel, then, the channel dropped, over Kafka, mqtt-bridge and Mosquitto; the device carries out
+    each command once, by the path the view showed."""
+    from centrifuge import Client
+
+    from tsunagu.cli import DEVELOPMENT_TOKEN_SECRET, hs256_token
+    from tsunagu.device_agent import DeviceAgent
+
+    run = platform["run"]
+    device = f"agent-{run}"
+    url = os.environ.get("TSUNAGU_MQTT_URL", "mqtt://127.0.0.1:1883")
+    done: list[tuple[Any, str]] = []
+    token = hs256_token({"sub": device, "exp": int(time.time()) + 600}, DEVELOPMENT_TOKEN_SECRET)
+    client = Client(platform["base"].replace("http", "ws", 1) + "/connection/websocket", token=token)
+    await client.connect()
+    agent = DeviceAgent(
+        client,
+        device,
+        ["alice"],
+        lambda command_id, payload, path: done.append((payload, path)),
+        ack_topic=f"demo-{run}/agent/acks",
+        telemetry_topic=f"demo-{run}/agent/telemetry",
+    )
+    await agent.start()
+    tasks = [asyncio.create_task(agent.run_mqtt(url, f"demo-{run}/agent/set", f"e2e-agent-{run}"))]
+    await asyncio.wait_for(agent.mqtt_ready.wait(), 15)
+    tasks.append(asyncio.create_task(agent.run_telemetry(lambda: {"battery": 80, "rpm": 1200}, 0.1, 0.5)))
+    try:
+        result = await scenario("rtc-device", platform, device=device, marker=run)
+        await asyncio.sleep(1.0)  # nothing more arrives
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.close()
+        await client.disconnect()
+    assert result["fields"] == {"battery": "80", "rpm": "1200"}
+    assert (result["first"]["path"], result["second"]["path"]) == ("webrtc", "mqtt")
+    assert result["overMqtt"]["path"] == "mqtt"
+    assert result["third"]["path"] == "webrtc", "called again, the data channel is back"
+    assert done == [
+        ({"speed": 1, "marker": run}, "webrtc"),
+        ({"turn": 90, "marker": run}, "mqtt"),
+        ({"stop": True, "marker": run}, "webrtc"),
+    ], "each command once, by the path the view showed"
+    assert agent.telemetry_sent["webrtc"] > 0 and agent.telemetry_sent["mqtt"] > 0

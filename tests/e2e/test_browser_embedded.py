@@ -94,6 +94,19 @@ async def test_the_board_shows_the_demo_device_and_its_answer_to_a_command(embed
     assert "MQTT connection lost" not in embedded["process"].output(), "the bridge kept its broker connection"
 
 
+async def test_the_device_view_drives_the_demo_rover_over_webrtc_then_over_mqtt(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
+    """`make run`'s demo rover (a device agent in run mode): the Device view calls it, sees its telemetry and
+    has a command acknowledged over the data channel; with the channel dropped, both go on over MQTT."""
+    result = await scenario("rtc-device", {**embedded, "chromium": browser}, device="demo-rover", marker="m1")
+    assert result["overChannel"]["path"] == "webrtc"
+    assert {"x", "y", "heading", "speed", "battery"} <= set(result["fields"]), result["fields"]
+    assert result["first"]["path"] == "webrtc", result["first"]
+    assert "MQTT" in result["pathText"], "the view says which path is in use"
+    assert result["overMqtt"]["path"] == "mqtt" and result["overMqtt"]["seq"] > result["overChannel"]["seq"]
+    assert result["second"]["path"] == "mqtt", result["second"]
+    assert result["third"]["path"] == "webrtc", "called again, the data channel is back"
+
+
 async def test_a_locked_login_says_it_is_locked_and_for_how_long(embedded, browser, scenario) -> None:  # type: ignore[no-untyped-def]
     user = f"mallory-{time.monotonic_ns()}"
     platform = {**embedded, "chromium": browser}

@@ -13,6 +13,15 @@ export interface WebConfig {
   /** A device the Board can send commands to (`mqtt.request`), and the channel of its state. */
   device?: { name: string; command_topic: string; state_channel: string };
   world_room: string;
+  /** Device agents the Device view can call (`tsunagu device-agent`): their MQTT topics. */
+  devices?: WebDevice[];
+}
+
+export interface WebDevice {
+  device: string;
+  command_topic: string;
+  telemetry_topic?: string;
+  ack_topic?: string;
 }
 
 const STORAGE_KEY = 'tsunagu.config';

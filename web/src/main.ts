@@ -8,7 +8,7 @@ import { Session } from './session';
 import { showLogin } from './views/login';
 import type { AppContext, View } from './views/view';
 
-const ROUTES = ['chat', 'editor', 'board', 'world'] as const;
+const ROUTES = ['chat', 'editor', 'board', 'world', 'device'] as const;
 type Route = (typeof ROUTES)[number];
 
 const $ = <T extends HTMLElement>(selector: string): T => document.querySelector<T>(selector)!;
@@ -45,6 +45,8 @@ async function loadView(route: Route, context: AppContext): Promise<View> {
       return new (await import('./views/board')).BoardView(root, context);
     case 'world':
       return new (await import('./views/world')).WorldView(root, context);
+    case 'device':
+      return new (await import('./views/device')).DeviceView(root, context);
   }
 }
 

@@ -5,14 +5,29 @@
  * command id once whichever path brings it; so when the channel cannot be made or drops, the commands not
  * yet acknowledged are sent again over MQTT (a publish to `mqtt:<topic>`, mqtt-bridge's receipts on
  * `replies:mqtt#<user>`), and every later one goes that way.
+ *
+ * Telemetry comes both ways too: the agent sends each sample on the open data channel and some of them
+ * (at the device's MQTT rate) to its telemetry topic, which mqtt-bridge relays to `mqtt:<topic>`. Samples
+ * carry `seq` and `boot`: one that came by the other path first is not shown again.
  */
 
-import { PeerLink, type SignalingClient } from './webrtc.js';
+import { PeerLink, type SignalingClient, type SignalingSubscription } from './webrtc.js';
 
 export type CommandPath = 'connecting' | 'webrtc' | 'mqtt';
 
+/** A telemetry sample as the device agent sends it: its own fields, and `seq`, `boot`, `ts` (ms). */
+export interface TelemetrySample {
+  seq?: number;
+  boot?: number;
+  ts?: number;
+  [field: string]: unknown;
+}
+
 export interface DeviceControlOptions {
-  client: SignalingClient & { publish(channel: string, data: unknown): Promise<unknown> };
+  client: SignalingClient & {
+    publish(channel: string, data: unknown): Promise<unknown>;
+    removeSubscription?(subscription: SignalingSubscription | null): void;
+  };
   user: string;
   device: string;
   /** The device's MQTT command topic, for the fallback. */
@@ -23,6 +38,14 @@ export interface DeviceControlOptions {
   connectTimeout?: number;
   /** Told whenever the path changes (the UI shows which one is in use). */
   onPath?: (path: CommandPath) => void;
+  /** The device's MQTT telemetry topic: samples also come from `mqtt:<topic>`. */
+  telemetryTopic?: string;
+  /** Each new telemetry sample, with the path that brought it first. */
+  onTelemetry?: (sample: TelemetrySample, path: 'webrtc' | 'mqtt') => void;
+  /** The topic the agent acknowledges MQTT-borne commands on (its `--ack-topic`). */
+  ackTopic?: string;
+  /** The device has command `id`, acknowledged over that path. */
+  onAck?: (id: string, path: 'webrtc' | 'mqtt') => void;
 }
 
 interface Pending {
@@ -39,6 +62,8 @@ export class DeviceControl {
   private readonly prefix = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
   private sequence = 0;
   private fallback: Promise<void> = Promise.resolve();
+  private lastSample = { boot: 0, seq: 0 };
+  private readonly subscriptions: SignalingSubscription[] = [];
 
   constructor(private readonly options: DeviceControlOptions) {
     this.link = new PeerLink({
@@ -57,7 +82,7 @@ export class DeviceControl {
         clearTimeout(timer);
         if (this.path === 'mqtt') return; // too late: MQTT has taken over
         this.channel = channel;
-        channel.onmessage = (event) => this.acknowledged(event.data);
+        channel.onmessage = (event) => this.fromChannel(event.data);
         channel.onclose = () => this.toMqtt();
         this.setPath('webrtc');
         for (const command of this.waiting.splice(0)) this.overChannel(command);
@@ -68,6 +93,13 @@ export class DeviceControl {
       const state = this.link.connection.connectionState;
       if (state === 'failed' || state === 'disconnected' || state === 'closed') this.toMqtt();
     });
+    if (options.telemetryTopic)
+      this.follow(`mqtt:${options.telemetryTopic}`, (data) => this.telemetry(data as TelemetrySample, 'mqtt'));
+    if (options.ackTopic)
+      this.follow(`mqtt:${options.ackTopic}`, (data) => {
+        const ack = (data as { ack?: unknown } | null)?.ack;
+        if (typeof ack === 'string' && ack.startsWith(`${this.prefix}-`)) this.options.onAck?.(ack, 'mqtt');
+      });
   }
 
   /** Sends one command; its id (the device carries it out once). */
@@ -90,7 +122,17 @@ export class DeviceControl {
     return this.unacked.size;
   }
 
+  /** Closes the data channel (as a failed network would): commands and telemetry go on over MQTT. */
+  dropLink(): void {
+    this.link.close();
+    this.toMqtt();
+  }
+
   close(): void {
+    for (const subscription of this.subscriptions.splice(0)) {
+      subscription.unsubscribe();
+      this.options.client.removeSubscription?.(subscription);
+    }
     this.link.close();
   }
 
@@ -113,13 +155,40 @@ export class DeviceControl {
     );
   }
 
-  private acknowledged(data: unknown): void {
+  private fromChannel(data: unknown): void {
+    let message: { ack?: unknown; telemetry?: TelemetrySample };
     try {
-      const { ack } = JSON.parse(String(data)) as { ack?: string };
-      if (ack) this.unacked.delete(ack);
+      message = JSON.parse(String(data)) as typeof message;
     } catch {
-      /* not an acknowledgement */
+      return; // not ours
     }
+    if (typeof message.ack === 'string') {
+      this.unacked.delete(message.ack);
+      this.options.onAck?.(message.ack, 'webrtc');
+    } else if (message.telemetry && typeof message.telemetry === 'object') {
+      this.telemetry(message.telemetry, 'webrtc');
+    }
+  }
+
+  private telemetry(sample: TelemetrySample, path: 'webrtc' | 'mqtt'): void {
+    if (!sample || typeof sample !== 'object') return;
+    const { seq, boot } = sample;
+    if (typeof seq === 'number' && typeof boot === 'number') {
+      // A restarted agent counts again from 1 under a new boot; older boots are late copies.
+      if (boot < this.lastSample.boot || (boot === this.lastSample.boot && seq <= this.lastSample.seq)) return;
+      this.lastSample = { boot, seq };
+    }
+    this.options.onTelemetry?.(sample, path);
+  }
+
+  private follow(channel: string, listener: (data: unknown) => void): void {
+    const client = this.options.client;
+    const existing = client.getSubscription(channel);
+    const subscription = existing ?? client.newSubscription(channel);
+    subscription.on('publication', (ctx) => listener(ctx.data));
+    subscription.subscribe();
+    // One the page had before is left to it (with this listener, which ignores what is not ours).
+    if (!existing) this.subscriptions.push(subscription);
   }
 
   private toMqtt(): void {

@@ -12,4 +12,4 @@ export type { Ack, CentrifugeLike, FailedPublication, LockManagerLike, QueuedPub
 export { PeerLink, signalingChannel } from './webrtc.js';
 export type { PeerLinkOptions, SignalingClient, SignalingSubscription } from './webrtc.js';
 export { DeviceControl } from './device.js';
-export type { CommandPath, DeviceControlOptions } from './device.js';
+export type { CommandPath, DeviceControlOptions, TelemetrySample } from './device.js';

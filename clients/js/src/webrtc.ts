@@ -17,6 +17,7 @@ export interface SignalingSubscription {
   on(event: 'subscribed', listener: (ctx: unknown) => void): unknown;
   subscribe(): void;
   unsubscribe(): void;
+  removeAllListeners?(): unknown;
   publish(data: unknown): Promise<unknown>;
 }
 
@@ -24,6 +25,7 @@ export interface SignalingSubscription {
 export interface SignalingClient {
   newSubscription(channel: string, options?: Record<string, unknown>): SignalingSubscription;
   getSubscription(channel: string): SignalingSubscription | null;
+  removeSubscription?(subscription: SignalingSubscription | null): void;
 }
 
 export interface PeerLinkOptions {
@@ -64,6 +66,7 @@ export class PeerLink {
   private readonly subscription: SignalingSubscription;
   private readonly initiator: boolean;
   private started = false;
+  private closed = false;
   private greeted = false;
   private readonly pending: RTCIceCandidateInit[] = [];
   private resolveOpen!: (channel: RTCDataChannel) => void;
@@ -88,16 +91,32 @@ export class PeerLink {
     this.connection.onconnectionstatechange = () => {
       if (this.connection.connectionState === 'failed') this.rejectOpen(new Error('the peer connection failed'));
     };
+    // A link closed before on this channel left its subscription behind: this link makes its own, so the
+    // old link's listeners never act on this call's signals.
+    const stale = client.getSubscription(this.channelName);
+    if (stale) client.removeSubscription?.(stale);
     this.subscription = client.getSubscription(this.channelName) ?? client.newSubscription(this.channelName);
-    this.subscription.on('publication', (ctx) => void this.receive(ctx.data, ctx.info?.user));
-    this.subscription.on('subscribed', () => void this.send({ type: 'hello' }));
+    this.subscription.on('publication', (ctx) => {
+      if (!this.closed) void this.receive(ctx.data, ctx.info?.user);
+    });
+    this.subscription.on('subscribed', () => {
+      if (!this.closed) void this.send({ type: 'hello' });
+    });
     this.subscription.subscribe();
   }
 
   close(): void {
-    void this.send({ type: 'bye' });
+    if (this.closed) return;
+    this.closed = true;
+    const subscription = this.subscription;
+    // The bye first, then the subscription goes (its publish needs it).
+    void this.send({ type: 'bye' }).finally(() => {
+      subscription.unsubscribe();
+      subscription.removeAllListeners?.();
+      this.options.client.removeSubscription?.(subscription);
+    });
     this.connection.close();
-    this.subscription.unsubscribe();
+    this.rejectOpen(new Error('closed'));
   }
 
   private watch(channel: RTCDataChannel): void {

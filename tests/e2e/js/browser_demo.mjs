@@ -465,6 +465,57 @@ async function deviceCommand(browser) {
   return { telemetry, answered, state, banner, status, errors: a.errors, screenshots: [await shot(a.page, 'board-device')] };
 }
 
+// The Device view: a device agent called over a WebRTC data channel, its telemetry and a command
+// acknowledged over it; then the channel dropped from the page: the view shows the MQTT path, telemetry keeps
+// coming over MQTT and a command is acknowledged over MQTT; called again, the data channel is back.
+// options.device names the device to pick.
+async function rtcDevice(browser) {
+  const a = await open(browser, 'alice');
+  await a.page.getByTestId('nav-device').click();
+  await a.page.getByTestId('dv-pick').selectOption(options.device);
+  const path = a.page.getByTestId('dv-path');
+  const sample = a.page.getByTestId('dv-sample');
+  await waitFor('the data channel', async () =>
+    (await path.getAttribute('data-path')) === 'webrtc' ? true : await path.textContent(),
+  );
+  const samples = async () => ({ path: await sample.getAttribute('data-path'), seq: Number(await sample.getAttribute('data-seq')) });
+  await waitFor('telemetry over the data channel', async () => ((await samples()).path === 'webrtc' ? true : await sample.textContent()));
+  const overChannel = await samples();
+  const fields = await a.page.$$eval('[data-testid="dv-telemetry"] dd', (items) =>
+    Object.fromEntries(items.map((dd) => [dd.dataset.field, dd.textContent])),
+  );
+  const command = async (payload) => {
+    await a.page.getByTestId('dv-payload').fill(JSON.stringify(payload));
+    await a.page.getByTestId('dv-send').click();
+    const row = a.page.locator('[data-testid="dv-commands"] li').first();
+    await waitFor(`the acknowledgement of ${JSON.stringify(payload)}`, async () =>
+      (await row.getAttribute('data-state')) === 'acked' ? true : await row.textContent(),
+    );
+    return { id: await row.getAttribute('data-id'), path: await row.getAttribute('data-path'), text: (await row.textContent())?.trim() };
+  };
+  const first = await command({ speed: 1, marker: options.marker });
+  const shots = [await shot(a.page, 'device-webrtc')];
+  await a.page.getByTestId('dv-drop').click();
+  await waitFor('the MQTT path', async () =>
+    (await path.getAttribute('data-path')) === 'mqtt' ? true : await path.textContent(),
+  );
+  const pathText = (await path.textContent())?.trim();
+  await waitFor('telemetry over MQTT', async () => {
+    const now = await samples();
+    return now.path === 'mqtt' && now.seq > overChannel.seq ? true : await sample.textContent();
+  });
+  const overMqtt = await samples();
+  const second = await command({ turn: 90, marker: options.marker });
+  shots.push(await shot(a.page, 'device-mqtt'));
+  // Calling again brings the data channel back (a new call on the same signaling channel).
+  await a.page.getByTestId('dv-call').click();
+  await waitFor('the data channel again', async () =>
+    (await path.getAttribute('data-path')) === 'webrtc' ? true : await path.textContent(),
+  );
+  const third = await command({ stop: true, marker: options.marker });
+  return { overChannel, fields, first, pathText, overMqtt, second, third, errors: a.errors, screenshots: shots };
+}
+
 // A user who failed too often is told the login is locked and for how long, not that auth is unreachable.
 async function loginLocked(browser) {
   const { page, errors } = await visit(browser);
@@ -692,6 +743,7 @@ const scenarios = {
   world: worldMoves,
   twin: twinCommand,
   device: deviceCommand,
+  'rtc-device': rtcDevice,
   'login-locked': loginLocked,
   'chat-server': chatFromServer,
   'missing-broker': missingBroker,
@@ -701,7 +753,8 @@ const scenarios = {
 const browser = await chromium.launch({
   executablePath: options.chromium,
   // Root in CI containers has no user namespaces for the sandbox.
-  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+  // Host candidates as addresses, not mDNS names, for the Device view's WebRTC (nothing resolves .local here).
+  args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-features=WebRtcHideLocalIpsWithMdns'],
 });
 let code = 0;
 try {

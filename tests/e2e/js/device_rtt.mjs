@@ -3,8 +3,9 @@
 // to mqtt:<command topic> through the gateway, Kafka, mqtt-bridge and the broker; the agent acknowledges on
 // its ack topic, which mqtt-bridge relays to mqtt:<ack topic>, which the page follows).
 //   node device_rtt.mjs '<json options>'
-// options: {chromium, helper, base, user, token, device, commandTopic, ackTopic, rounds}
-// Prints one JSON line {webrtc: [ms...], mqtt: [ms...]}.
+// Meanwhile it times the agent's telemetry samples on arrival over both paths.
+// options: {chromium, helper, base, user, token, device, commandTopic, ackTopic, telemetryTopic, rounds}
+// Prints one JSON line {webrtc: [ms...], mqtt: [ms...], ages: {webrtc: [ms...], mqtt: [ms...]}}.
 import { launch, webrtcPage } from './webrtc_page.mjs';
 
 const options = JSON.parse(process.argv[2]);
@@ -39,7 +40,18 @@ try {
         const id = send();
         waiting.set(id, (ended) => resolve(ended - started));
       });
-    const timings = { webrtc: [], mqtt: [] };
+    // Telemetry ages on arrival (the agent stamps each sample, same host clock), each sample by both paths.
+    const ages = { webrtc: [], mqtt: [] };
+    const telemetry = client.newSubscription(`mqtt:${options.telemetryTopic}`);
+    telemetry.on('publication', (ctx) => {
+      if (typeof ctx.data?.ts === 'number') ages.mqtt.push(Date.now() - ctx.data.ts);
+    });
+    telemetry.subscribe();
+    channel.addEventListener('message', (event) => {
+      const sample = JSON.parse(event.data).telemetry;
+      if (typeof sample?.ts === 'number') ages.webrtc.push(Date.now() - sample.ts);
+    });
+    const timings = { webrtc: [], mqtt: [], ages };
     for (let n = 0; n < options.rounds; n++) timings.webrtc.push(await round(() => control.send({ n })));
     for (let n = 0; n < options.rounds; n++) {
       const id = `rtt-mqtt-${n}`;

@@ -219,7 +219,7 @@ DEFAULT_NAMESPACES: dict[str, ChannelOptions] = {
 
 
 # What the demo web app shows; the channels match the embedded demo feeds (stream-ingest, sim-engine) and
-# `tsunagu run`'s demo device (a thermostat answering `mqtt.request` on its command topic).
+# `tsunagu run`'s demo devices (a thermostat answering `mqtt.request` on its command topic, a rover).
 WEB_DEMO: dict[str, Any] = {
     "chat_rooms": ["chat:lobby", "chat:random"],
     "typing_prefix": "typing:",
@@ -233,6 +233,15 @@ WEB_DEMO: dict[str, Any] = {
         "state_channel": "mqtt:demo/thermostat/state",
     },
     "world_room": "world",
+    # `tsunagu run`'s demo rover (a `tsunagu device-agent`): the Device view calls it over WebRTC.
+    "devices": [
+        {
+            "device": "demo-rover",
+            "command_topic": "demo/rover/set",
+            "telemetry_topic": "demo/rover/telemetry",
+            "ack_topic": "demo/rover/acks",
+        }
+    ],
 }
 
 
