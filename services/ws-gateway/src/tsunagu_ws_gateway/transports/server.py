@@ -14,7 +14,8 @@ own, so one compressed frame serves every subscriber that negotiated the same wi
 across messages would make every frame depend on what that one client received before, and each
 delivery would cost a compression of its own (the profile of the stage benchmarks showed deflate at
 13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
-keeps whatever it asked for.
+keeps its context, within `client_max_window_bits` (TSUNAGU_GATEWAY_WS_DEFLATE_WINDOW_BITS, both ways):
+that window is the one compression state kept per connection (docs/protocol.md#compression).
 
 `GatewayHttpProtocol` is uvicorn's HTTP protocol with two additions for the unidirectional streams
 (http_stream.py): a server that stops calls the hook a response still streaming put in its scope
