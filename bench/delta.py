@@ -10,26 +10,37 @@ bits: each message compressed on its own, so one compressed frame serves every s
 context kept across messages (for comparison: what a per-connection compressor would give). The encoder's
 time per publication is what a node spends once per publication per protocol flavour for all its delta
 subscribers of the channel.
+
+The uni_sse columns are whole SSE events as the gateway frames them (its transport's own framing: the
+`id:` line with the stream position, then `data:` and the publication push) for a follower of a
+recoverable channel, plain and through the stream's gzip compressor (transports/stream_encoding.py), one
+write per event: the worst case, where every event is flushed alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 sys.path.insert(0, str(Path(__file__).parent))
 from record import Recorder
+from tsunagu_core.broker import Publication
 from tsunagu_sim_engine import codec
 from tsunagu_sim_engine.kinds import physics
 from tsunagu_ws_gateway.protocol import fossil
+from tsunagu_ws_gateway.protocol.uni_frames import publication_push
+from tsunagu_ws_gateway.transports.http_stream import HttpStreamTransport
+from tsunagu_ws_gateway.transports.stream_encoding import GzipStream
 
 
 def ticker(updates: int, seed: int = 1) -> Iterator[bytes]:
@@ -105,6 +116,34 @@ def measure(payloads: list[bytes]) -> dict[str, float]:
     }
 
 
+def sse_events(payloads: list[bytes], channel: str = "stream:demo.ticker.ACME") -> list[bytes]:
+    """The SSE events a uni_sse follower of `channel` gets for these publications, framed by the gateway."""
+
+    async def frame() -> list[bytes]:
+        async def send(message: MutableMapping[str, Any]) -> None:
+            raise AssertionError("the stream is never started")
+
+        async def receive() -> MutableMapping[str, Any]:
+            raise AssertionError("the stream is never started")
+
+        transport = HttpStreamTransport("uni_sse", send, receive, 1 << 30, event_stream=True)
+        epoch = "5f3c9a1e"  # as the brokers make them: 8 hex digits
+        transport.positions = {channel: {"offset": 0, "epoch": epoch}}
+        return [
+            transport._chunk(publication_push(channel, Publication(payload, offset=n + 1, epoch=epoch)))
+            for n, payload in enumerate(payloads)
+        ]
+
+    return asyncio.run(frame())
+
+
+def measure_sse(payloads: list[bytes]) -> dict[str, float]:
+    events = sse_events(payloads)
+    gzip = GzipStream()
+    gzipped = sum(len(gzip.encode(event)) for event in events)
+    return {"uni_sse event": sum(map(len, events)) / len(events), "uni_sse event, gzip": gzipped / len(events)}
+
+
 FIGURES = ("full", "fossil", "deflate", "fossil+deflate", "deflate, context kept", "fossil+deflate, context kept")
 
 
@@ -122,6 +161,7 @@ def main() -> None:
     print(f"{'stream':<40} {columns}  encode µs (median / p99)")
     for name, payloads in streams.items():
         figures = measure(payloads)
+        sse = measure_sse(payloads)
         print(
             f"{name:<40} {figures['full']:>6.0f}B {figures['fossil']:>6.0f}B {figures['deflate']:>7.0f}B"
             f" {figures['fossil+deflate']:>6.0f}B {figures['deflate, context kept']:>8.0f}B"
@@ -131,6 +171,10 @@ def main() -> None:
             ratio = figures[figure] / figures["full"]
             note = f"{ratio:.0%} of full"
             recorder.add(f"{name}: payload bytes per update, {figure}", figures[figure], "B", note=note)
+        print(f"{'':<40} uni_sse event {sse['uni_sse event']:.0f}B, gzip {sse['uni_sse event, gzip']:.0f}B")
+        for figure, value in sse.items():
+            note = f"{value / sse['uni_sse event']:.0%} of the plain event"
+            recorder.add(f"{name}: bytes per update, {figure}", value, "B", note=note)
         recorder.add(f"{name}: fossil encode per publication, median", figures["encode_us_median"], "µs")
         recorder.add(f"{name}: fossil encode per publication, p99", figures["encode_us_p99"], "µs")
     recorder.save()

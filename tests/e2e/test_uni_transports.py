@@ -1,8 +1,10 @@
 """Centrifugo's unidirectional transports on a gateway running on the real stack (Redis as the broker):
-`curl -N` follows a channel over uni_http_stream and uni_sse, the npm `eventsource` package (the WHATWG
-EventSource) and Chromium's own EventSource follow one over uni_sse and, when the stream is cut,
-reconnect by themselves with their Last-Event-ID and recover exactly what they missed; a plain
-WebSocket client follows one over uni_websocket. No SDK anywhere: what a user of these transports has."""
+`curl -N` follows a channel over uni_http_stream and uni_sse, plain and with `--compressed` (gzip, each
+push as it is published), the npm `eventsource` package (the WHATWG EventSource) and Chromium's own
+EventSource follow one over uni_sse, gzipped as they ask, and, when the stream is cut, reconnect by
+themselves with their Last-Event-ID (after the `retry:` delay the gateway sets) and recover exactly what
+they missed; a plain WebSocket client follows one over uni_websocket. No SDK anywhere: what a user of
+these transports has."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def token(user: str, *channels: str) -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-def start_gateway(start_service, real_env):  # type: ignore[no-untyped-def]
+def start_gateway(start_service, real_env, **settings: str):  # type: ignore[no-untyped-def]
     env = {**real_env, "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET, "TSUNAGU_GATEWAY_API_KEY": API_KEY}
+    env.update({f"TSUNAGU_GATEWAY_{name.upper()}": value for name, value in settings.items()})
     return start_service(["serve", "ws-gateway"], env)
 
 
@@ -77,16 +80,17 @@ async def pushes_of(proc: asyncio.subprocess.Process, event_stream: bool, count:
     return pushes
 
 
-async def test_curl_follows_a_channel_over_uni_http_stream_and_uni_sse(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+async def test_curl_follows_a_channel_over_uni_http_stream_and_uni_sse(start_service, real_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     gateway = start_gateway(start_service, real_env)
     await asyncio.to_thread(gateway.wait_ready)
     channel = f"uni-{uuid.uuid4().hex[:8]}"
     connect = json.dumps({"token": token("curl-user", channel)})
     stream_url = f"{gateway.base}/connection/uni_http_stream"
     sse_url = f"{gateway.base}/connection/uni_sse?{urlencode({'cf_connect': connect})}"
+    heads = tmp_path / "stream.head", tmp_path / "sse.head"
     async with (
-        process("curl", "-sN", "-X", "POST", "-d", connect, stream_url) as streamed,
-        process("curl", "-sN", sse_url) as sse,
+        process("curl", "-sN", "-D", str(heads[0]), "-X", "POST", "-d", connect, stream_url) as streamed,
+        process("curl", "-sN", "-D", str(heads[1]), sse_url) as sse,
     ):
         for proc, event_stream in ((streamed, False), (sse, True)):
             (first,) = await pushes_of(proc, event_stream, 1)
@@ -98,6 +102,42 @@ async def test_curl_follows_a_channel_over_uni_http_stream_and_uni_sse(start_ser
             assert [p["channel"] for p in pushes] == [channel] * 10
             assert [p["pub"]["data"]["n"] for p in pushes] == list(range(10))
             assert [p["pub"]["offset"] for p in pushes] == list(range(1, 11))
+        # curl sent no Accept-Encoding: the streams are as they were, not compressed.
+        for head in heads:
+            assert "content-encoding" not in head.read_text().lower()
+
+
+async def test_curl_compressed_follows_gzipped_streams_push_by_push(start_service, real_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`curl -N --compressed` asks for gzip and decodes as it reads: every publication (and every ping)
+    shows up while the stream goes on, not when it ends."""
+    gateway = start_gateway(start_service, real_env, ping_interval="1")
+    await asyncio.to_thread(gateway.wait_ready)
+    channel = f"uni-{uuid.uuid4().hex[:8]}"
+    connect = json.dumps({"token": token("curl-user", channel)})
+    stream_url = f"{gateway.base}/connection/uni_http_stream"
+    sse_url = f"{gateway.base}/connection/uni_sse?{urlencode({'cf_connect': connect})}"
+    heads = tmp_path / "stream.head", tmp_path / "sse.head"
+    curl = ("curl", "-sN", "--compressed")
+    async with (
+        process(*curl, "-D", str(heads[0]), "-X", "POST", "-d", connect, stream_url) as streamed,
+        process(*curl, "-D", str(heads[1]), sse_url) as sse,
+    ):
+        followers = ((streamed, False), (sse, True))
+        for proc, event_stream in followers:
+            (first,) = await pushes_of(proc, event_stream, 1)
+            assert first["connect"]["subs"][channel]["recoverable"] is True
+        for head in heads:
+            assert "content-encoding: gzip" in head.read_text().lower()
+        for n in range(5):
+            await api(gateway.base, "publish", {"channel": channel, "data": {"n": n, "symbol": "ACME"}})
+            for proc, event_stream in followers:
+                (push,) = await pushes_of(proc, event_stream, 1)
+                assert push["pub"]["data"]["n"] == n and push["pub"]["offset"] == n + 1
+        for proc, _ in followers:  # the pings, through the same compressor
+            assert proc.stdout is not None
+            async with asyncio.timeout(5):
+                while (await proc.stdout.readline()).strip() not in (b"{}", b"data: {}"):
+                    pass
 
 
 @pytest.mark.parametrize("client", ["eventsource", "chromium"])
@@ -120,6 +160,7 @@ async def test_an_eventsource_follows_a_channel_and_recovers_what_it_missed_afte
         command = ["node", "uni_sse_follower.mjs", url]
     async with process(*command, cwd=JS_DIR) as follower:
         assert follower.stdout is not None
+        encodings: list[str | None] = []  # each stream's Content-Encoding, as the client saw it
 
         async def next_line(kind: str) -> dict[str, Any]:
             async with asyncio.timeout(15):
@@ -127,6 +168,8 @@ async def test_an_eventsource_follows_a_channel_and_recovers_what_it_missed_afte
                     raw = await follower.stdout.readline()  # type: ignore[union-attr]
                     assert raw, (await follower.stderr.read()).decode()  # type: ignore[union-attr]
                     line: dict[str, Any] = json.loads(raw)
+                    if line["type"] == "encoding":
+                        encodings.append(line["value"])
                     if line["type"] == kind and not (kind == "push" and line["push"] == {}):
                         return line
 
@@ -154,6 +197,33 @@ async def test_an_eventsource_follows_a_channel_and_recovers_what_it_missed_afte
         await api(gateway.base, "publish", {"channel": channel, "data": {"n": 6}})
         received.append((await next_line("push"))["push"]["pub"]["data"]["n"])
         assert received == list(range(7))
+        # Both streams (the first and the reconnect's) came gzipped: the client asked, and decoded them.
+        assert encodings == ["gzip", "gzip"]
+
+
+async def test_an_eventsource_reconnects_after_the_retry_delay_the_gateway_sets(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+    """TSUNAGU_GATEWAY_SSE_RETRY_MS: the npm `eventsource` waits 3 s by default before it reconnects; a
+    stream that begins with `retry: 300` makes it come back after 0.3 s."""
+    gateway = start_gateway(start_service, real_env, sse_retry_ms="300")
+    await asyncio.to_thread(gateway.wait_ready)
+    channel = f"uni-{uuid.uuid4().hex[:8]}"
+    url = f"{gateway.base}/connection/uni_sse?" + urlencode({"cf_connect": json.dumps({"token": token("rt", channel)})})
+    async with process("node", "uni_sse_follower.mjs", url, cwd=JS_DIR) as follower:
+        assert follower.stdout is not None
+
+        async def until(kind: str) -> float:
+            async with asyncio.timeout(15):
+                while True:
+                    raw = await follower.stdout.readline()  # type: ignore[union-attr]
+                    assert raw, (await follower.stderr.read()).decode()  # type: ignore[union-attr]
+                    if json.loads(raw)["type"] == kind:
+                        return time.monotonic()
+
+        await until("open")
+        await api(gateway.base, "disconnect", {"user": "rt", "disconnect": {"code": 3001, "reason": "cut"}})
+        cut = await until("error")
+        back = await until("open")
+        assert 0.25 < back - cut < 1.5, back - cut
 
 
 async def test_a_plain_websocket_client_follows_a_channel_over_uni_websocket(start_service, real_env) -> None:  # type: ignore[no-untyped-def]

@@ -1,6 +1,6 @@
 // Follows a channel over Tsunagu's /connection/uni_sse with Chromium's own EventSource (through
 // playwright-core), in a page of the gateway's origin: what a web page does with no SDK. Prints the same
-// JSON lines as uni_sse_follower.mjs ({"type":"open"|"push"|"error", ...}) until killed.
+// JSON lines as uni_sse_follower.mjs ({"type":"open"|"push"|"error"|"encoding", ...}) until killed.
 //   node uni_sse_browser.mjs <uni_sse URL with cf_connect> <chromium path>
 import { chromium } from 'playwright-core';
 
@@ -9,6 +9,11 @@ const out = (line) => process.stdout.write(JSON.stringify(line) + '\n');
 const browser = await chromium.launch({ executablePath, args: ['--no-sandbox', '--disable-dev-shm-usage'] });
 const page = await browser.newPage();
 await page.exposeFunction('report', (line) => out(line));
+// The stream's Content-Encoding, as Chromium received it (it asks for gzip and decodes it itself).
+page.on('response', (response) => {
+  if (response.url().includes('/connection/uni_sse'))
+    out({ type: 'encoding', value: response.headers()['content-encoding'] ?? null });
+});
 await page.goto(new URL('/healthz', url).href);
 await page.evaluate((url) => {
   const source = new EventSource(url);

@@ -46,7 +46,7 @@ from tsunagu_ws_gateway.server_api import build_router
 from tsunagu_ws_gateway.signatures import SignatureVerifier
 from tsunagu_ws_gateway.tokens import NO_TOKEN_KEY_HINT, TokenVerifier
 from tsunagu_ws_gateway.transports.http import BodyLimit
-from tsunagu_ws_gateway.transports.server import GatewayHttpProtocol, GatewayWebSocketProtocol
+from tsunagu_ws_gateway.transports.server import GatewayHttpProtocol, websocket_protocol
 from tsunagu_ws_gateway.web import serve_web_app
 from tsunagu_ws_gateway.webhooks import Relays
 
@@ -67,7 +67,8 @@ def server_options(settings: GatewaySettings) -> dict[str, Any]:
     before any endpoint sees it)."""
     return {
         "http": GatewayHttpProtocol,
-        "ws": GatewayWebSocketProtocol,
+        "ws": websocket_protocol(settings.ws_deflate_window_bits),
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
         "ws_max_size": max(settings.max_frame_bytes, settings.collab_max_message_bytes) + WS_MAX_SIZE_SLACK,
     }
 

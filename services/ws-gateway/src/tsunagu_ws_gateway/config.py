@@ -307,6 +307,32 @@ class GatewaySettings(ServiceSettings):
         2 * 1024 * 1024, ge=1024, description="Bytes queued for one client before it is disconnected as slow (3008)."
     )
     max_channels_per_client: int = Field(128, ge=1, description="Subscriptions one connection may hold (106).")
+    ws_per_message_deflate: bool = Field(
+        True,
+        description="Negotiate permessage-deflate with WebSocket clients that offer it (no server context"
+        " takeover, window bits as `WS_DEFLATE_WINDOW_BITS` both ways; a client that cannot be told its window"
+        " size gets no compression). Off: no WebSocket is compressed.",
+    )
+    ws_deflate_window_bits: int = Field(
+        12,
+        ge=9,
+        le=15,
+        description="permessage-deflate window, 2^N bytes: the largest the gateway compresses with and the"
+        " largest it lets a client compress with (`client_max_window_bits`), which bounds the decompressor"
+        " each compressing client keeps (docs/protocol.md#compression).",
+    )
+    http_stream_gzip: bool = Field(
+        True,
+        description="gzip uni_sse and uni_http_stream responses for clients whose `Accept-Encoding` takes it"
+        " (browsers, `curl --compressed`): one compressor per stream, flushed after every write.",
+    )
+    sse_retry_ms: int = Field(
+        0,
+        ge=0,
+        le=3_600_000,
+        description="The `retry:` field uni_sse streams begin with: milliseconds an EventSource waits before it"
+        " reconnects after its stream ends. 0: not sent (the browser's own default, ~3 s).",
+    )
     commands_per_second: float = Field(
         200.0,
         gt=0,

@@ -44,6 +44,7 @@ from tsunagu_ws_gateway.protocol.uni_frames import (
 )
 from tsunagu_ws_gateway.transports.http_stream import HttpStreamTransport
 from tsunagu_ws_gateway.transports.server import SHUTDOWN_HOOK, abort_http, stream_socket
+from tsunagu_ws_gateway.transports.stream_encoding import GzipStream, accepts_gzip
 from tsunagu_ws_gateway.transports.websocket import WebSocketTransport, serve_websocket
 
 log = logging.getLogger("tsunagu.gateway.uni")
@@ -270,6 +271,8 @@ class UniHttpEndpoint:
             headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in _cors(gateway, peer).items()],
             abort=lambda: abort_http(scope),
             socket_of=lambda: stream_socket(scope),
+            encoder=GzipStream() if settings.http_stream_gzip and accepts_gzip(scope["headers"]) else None,
+            retry_ms=settings.sse_retry_ms,
         )
         connection = Connection(transport, peer, self.name, CommandRate(settings.commands_per_second))
         try:

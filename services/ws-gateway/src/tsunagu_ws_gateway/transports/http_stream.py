@@ -33,6 +33,7 @@ from tsunagu_ws_gateway.core.registry import DISCONNECTS
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocol.uni_frames import Positioned, disconnect_push
 from tsunagu_ws_gateway.transports.server import StreamSocket
+from tsunagu_ws_gateway.transports.stream_encoding import GZIP_HEADERS, GzipStream
 from tsunagu_ws_gateway.transports.websocket import flusher
 
 log = logging.getLogger("tsunagu.gateway.http_stream")
@@ -55,6 +56,7 @@ class HttpStreamTransport:
         "client_closed",
         "closing",
         "drop",
+        "encoder",
         "ended",
         "ender",
         "event_stream",
@@ -64,6 +66,7 @@ class HttpStreamTransport:
         "marked",
         "name",
         "positions",
+        "preamble",
         "queue",
         "queued_bytes",
         "receive",
@@ -86,6 +89,8 @@ class HttpStreamTransport:
         headers: list[tuple[bytes, bytes]] | None = None,
         abort: Callable[[], None] | None = None,
         socket_of: Callable[[], StreamSocket | None] | None = None,
+        encoder: GzipStream | None = None,
+        retry_ms: int = 0,
     ) -> None:
         self.name = name
         # Drops the connection with what it buffered (a client that does not read; transports/server.py).
@@ -97,6 +102,15 @@ class HttpStreamTransport:
         self.flusher = flusher()
         self.ender: asyncio.Task[None] | None = None
         self.headers = [*(SSE_HEADERS if event_stream else STREAM_HEADERS), *(headers or [])]
+        # gzip for a client that takes it (stream_encoding.py): every write goes through it.
+        self.encoder = encoder
+        if encoder is not None:
+            self.headers += GZIP_HEADERS
+        # (as Centrifugo: a first line, so the client sees the stream open before the first push; SSE: with
+        # the reconnect delay an EventSource should wait, when one is set)
+        self.preamble = b"\r\n" if event_stream else b""
+        if event_stream and retry_ms:
+            self.preamble += b"retry: %d\n\n" % retry_ms
         self.send_message = send
         self.receive = receive
         self.limit = limit
@@ -205,7 +219,7 @@ class HttpStreamTransport:
             chunk = b"".join(self.queue) if len(self.queue) > 1 else self.queue[0]
             self.queue = []
             self.queued_bytes = 0
-            socket.write(chunk)
+            socket.write(self._encoded(chunk))
         if self.closing is not None and self.ender is None and not self.ended.done():
             self.ender = asyncio.get_running_loop().create_task(self._end(), name=f"{self.name}-end")
 
@@ -215,7 +229,7 @@ class HttpStreamTransport:
 
     async def _end(self) -> None:
         try:
-            await self.send_message({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.send_message({"type": "http.response.body", "body": self._tail(), "more_body": False})
         except Exception as exc:  # the client went
             log.debug("%s stream ended: %r", self.name, exc)
         finally:
@@ -227,8 +241,7 @@ class HttpStreamTransport:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             self.started = True
-            # (as Centrifugo: a first line, so the client sees the stream open before the first push)
-            await send({"type": "http.response.body", "body": b"\r\n" if self.event_stream else b"", "more_body": True})
+            await send({"type": "http.response.body", "body": self._encoded(self.preamble), "more_body": True})
             socket = self.socket_of() if self.socket_of is not None else None
             if socket is not None and self.closing is not codes.SLOW:
                 # From here the flusher writes; this task is done.
@@ -247,8 +260,8 @@ class HttpStreamTransport:
                 chunk = b"".join(self.queue) if len(self.queue) > 1 else self.queue[0]
                 self.queue = []
                 self.queued_bytes = 0
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send({"type": "http.response.body", "body": self._encoded(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": self._tail(), "more_body": False})
         except asyncio.CancelledError:
             pass  # slow, or the stream's time to close was up: the server drops the connection
         except Exception as exc:  # the client went (uvicorn's ClientDisconnected is an OSError)
@@ -258,6 +271,13 @@ class HttpStreamTransport:
         finally:
             if self.socket is None and not self.ended.done():
                 self.ended.set_result(None)
+
+    def _encoded(self, chunk: bytes) -> bytes:
+        return chunk if self.encoder is None else self.encoder.encode(chunk)
+
+    def _tail(self) -> bytes:
+        """The response's last bytes: nothing, or the end of its gzip member."""
+        return b"" if self.encoder is None else self.encoder.finish()
 
     # reading
 

@@ -14,7 +14,8 @@ own, so one compressed frame serves every subscriber that negotiated the same wi
 across messages would make every frame depend on what that one client received before, and each
 delivery would cost a compression of its own (the profile of the stage benchmarks showed deflate at
 13-17 % of the gateway's CPU with uvicorn's default, context takeover). The client's own direction
-keeps whatever it asked for.
+keeps its context, within `client_max_window_bits` (TSUNAGU_GATEWAY_WS_DEFLATE_WINDOW_BITS, both ways):
+that window is the one compression state kept per connection (docs/protocol.md#compression).
 
 `GatewayHttpProtocol` is uvicorn's HTTP protocol with two additions for the unidirectional streams
 (http_stream.py): a server that stops calls the hook a response still streaming put in its scope
@@ -44,7 +45,8 @@ from tsunagu_ws_gateway.transports.frames import COMPRESS_SETTINGS, Framing, fra
 FRAMES_EXTENSION = "tsunagu.frames"
 # A callable a streaming response puts in its scope: called when the server begins to stop.
 SHUTDOWN_HOOK = "tsunagu.on_shutdown"
-# The window size we compress with, as uvicorn offers it.
+# The window size we compress with and let clients compress with, as uvicorn offers it (the default of
+# TSUNAGU_GATEWAY_WS_DEFLATE_WINDOW_BITS).
 DEFLATE_WINDOW_BITS = 12
 
 
@@ -53,16 +55,23 @@ def _ignore() -> None:
 
 
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    deflate_window_bits = DEFLATE_WINDOW_BITS
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         extensions = []
         if self.config.ws_per_message_deflate:
+            bits = self.deflate_window_bits
             extensions = [
                 ServerPerMessageDeflateFactory(
                     server_no_context_takeover=True,
-                    server_max_window_bits=DEFLATE_WINDOW_BITS,
-                    client_max_window_bits=DEFLATE_WINDOW_BITS,
+                    server_max_window_bits=bits,
+                    client_max_window_bits=bits,
                     compress_settings=dict(COMPRESS_SETTINGS),
+                    # The client's direction keeps its context (a decompressor per connection): its window is
+                    # what bounds it, so a client that does not let us set it (no `client_max_window_bits` in
+                    # its offer; it may then use 15 bits, a 32 KiB window) is not compressed at all.
+                    require_client_max_window_bits=True,
                 )
             ]
         self.conn = ServerProtocol(
@@ -122,6 +131,22 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection and what it has buffered (a client that does not read)."""
         self.transport.abort()
+
+
+_PROTOCOLS: dict[int, type[GatewayWebSocketProtocol]] = {}
+
+
+def websocket_protocol(window_bits: int) -> type[GatewayWebSocketProtocol]:
+    """The protocol class that negotiates permessage-deflate windows of `window_bits` (uvicorn makes a
+    protocol per connection from a class and its config, which has no such option)."""
+    if window_bits == DEFLATE_WINDOW_BITS:
+        return GatewayWebSocketProtocol
+    protocol = _PROTOCOLS.get(window_bits)
+    if protocol is None:
+        attributes = {"deflate_window_bits": window_bits}
+        protocol = type(f"GatewayWebSocketProtocol{window_bits}", (GatewayWebSocketProtocol,), attributes)
+        _PROTOCOLS[window_bits] = protocol
+    return protocol
 
 
 # The HTTP connections by (client host, client port, our port), as a scope names them. Weak: a WebSocket
