@@ -11,7 +11,8 @@ subscriber checks every event it gets for loss, duplication and order (per publi
 payload's send time gives emit → delivery latency. Both servers get the same requests and run alone on
 CPU 0 (`taskset -c 0`), the load generator on CPU 1, Redis (the stack's, shared) wherever it runs.
 Figures: deliveries/s, the server's CPU seconds over the run (from /proc) and deliveries per server
-CPU-second, the Redis server's CPU seconds over the same span. Exits 1 when a run lost, duplicated or
+CPU-second, the Redis server's CPU seconds over the same span; `--profile` adds a py-spy flame graph of
+each server while it is emitted to (bench/results/profiles/). Exits 1 when a run lost, duplicated or
 reordered a delivery, or an emit failed.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import jwt
 import redis
 from broadcast import REPO, build_loadgen, cpu_seconds, free_port, loadgen, settle, wait_port
-from record import Recorder
+from record import RESULTS, Profile, Recorder
 
 SECRET = "bench-secret-long-enough-for-hs256-tokens"
 REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -101,18 +102,28 @@ def redis_pid() -> int:
     return pid
 
 
-def measure(name: str, clients: int, seconds: float, window: int, token: str) -> dict[str, Any]:
+def measure(name: str, clients: int, seconds: float, window: int, token: str, profile: bool) -> dict[str, Any]:
     room = f"bench{os.getpid()}x{int(time.time() * 1000)}"
     shared = redis_pid()
     marks: list[float] = []
+    spy: list[Profile] = []
     with pinned_server(name) as (port, pid):
         settle(pid, port)
+
+        def publishing() -> None:
+            marks.append(cpu_seconds(shared) if shared else 0.0)
+            if profile:
+                spy.append(Profile(f"socketio-{name.split('+')[0]}-{clients}", pid, seconds, rate=200))
+
         result = loadgen(
             port, pid, None, "-proto", "socketio", "-url", "ws://127.0.0.1:{port}/socket.io/", "-token", token,
             "-channel", room, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window),
-            timeout=seconds + 300, publishing=lambda: marks.append(cpu_seconds(shared) if shared else 0.0),
+            timeout=seconds + 300, publishing=publishing,
         )  # fmt: skip
         result["redis_cpu_seconds"] = (cpu_seconds(shared) - marks[0]) if shared and marks else None
+    if spy:
+        top = spy[0].finish(8)
+        result["profile"] = {"flame_graph": str(spy[0].svg.relative_to(RESULTS.parent.parent)), "self_time": top}
     return result
 
 
@@ -131,6 +142,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=4, help="emits in flight")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="py-spy each server while it is emitted to")
     args = parser.parse_args()
     counts = [int(count) for count in args.clients.split(",")]
     build_loadgen()
@@ -138,13 +150,13 @@ def main() -> int:
     recorder = Recorder("socketio-fanout", {**vars(args), "clients": counts, "payload_bytes": 200})
     print(f"\nSocket.IO: one room, ~200 B events, {args.seconds:.0f} s, {args.window} emits in flight\n")
     print("| server | clients | run | deliveries/s | server CPU-s | per server CPU-s | Redis CPU-s | p50 / p99 ms |"
-          " delivered / expected |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          " delivered / expected | connect s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     failed: list[str] = []
     for clients in counts:
         for run in range(1, args.repeat + 1):
-            for name in SERVERS:
-                r = measure(name, clients, args.seconds, args.window, token)
+            for name in SERVERS if run % 2 else SERVERS[::-1]:  # neither always first on a machine that drifts
+                r = measure(name, clients, args.seconds, args.window, token, args.profile)
                 wrong = problems(r)
                 failed += [f"{name} {clients} clients run {run}: {', '.join(wrong)}"] if wrong else []
                 redis_cpu = r["redis_cpu_seconds"]
@@ -153,7 +165,7 @@ def main() -> int:
                     f" ({r['deliveries_per_server_cpu_second']:,.0f} deliveries per CPU-s)"
                     + (f", Redis {redis_cpu:.2f} CPU-s" if redis_cpu is not None else "")
                     + f", p50/p99 {r['latency_p50_ms']:.1f}/{r['latency_p99_ms']:.1f} ms"
-                    + f", {r['delivered']:,}/{r['expected']:,} delivered"
+                    + f", {r['delivered']:,}/{r['expected']:,} delivered, connected in {r['connect_seconds']:.1f} s"
                     + (f"; {', '.join(wrong)}" if wrong else "")
                 )
                 recorder.add(f"{name} {clients} clients", r["deliveries_per_second"], "deliveries/s", note=note, raw=r)
@@ -161,7 +173,10 @@ def main() -> int:
                       f" {r['server_cpu_seconds']:.2f} | {r['deliveries_per_server_cpu_second']:,.0f} |"
                       f" {'' if redis_cpu is None else f'{redis_cpu:.2f}'} |"
                       f" {r['latency_p50_ms']:.1f} / {r['latency_p99_ms']:.1f} |"
-                      f" {r['delivered']:,} / {r['expected']:,} |", flush=True)  # fmt: skip
+                      f" {r['delivered']:,} / {r['expected']:,} | {r['connect_seconds']:.1f} |",
+                      flush=True)  # fmt: skip
+                for share, function in r.get("profile", {}).get("self_time", []):
+                    print(f"    {share:6.1%}  {function}", flush=True)
     recorder.save()
     for line in failed:
         print(f"  PROBLEM {line}", file=sys.stderr)
