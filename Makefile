@@ -15,7 +15,7 @@ CENTRIFUGO_PROTO_FILES := proxy.proto api.proto
 MYPY_PACKAGES := -p tsunagu -p tsunagu_core $(foreach d,$(wildcard services/*/src/tsunagu_*),-p $(notdir $(d)))
 PYTEST_ARGS ?=
 
-.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test unit stack-up stack-down stack-status bench deploy-check
+.PHONY: help install js-install run test lint fmt proto proto-check docs docs-check web web-check js-test loadgen-test unit stack-up stack-down stack-status bench deploy-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ web-check: js-install ## typecheck the web app and the offline client; fail when
 js-test: js-install ## the offline client's unit tests (Vitest)
 	npm test --prefix clients/js
 
+loadgen-test: ## the Go load generator's vet and unit tests (bench/loadgen: the Socket.IO packet codec)
+	cd bench/loadgen && go vet ./... && go test ./...
+
 unit: install ## unit tests only (memory engines; no servers)
 	$(UV) run pytest libs services tests/stack tests/run $(PYTEST_ARGS)
 
@@ -91,7 +94,7 @@ stack-status: install ## what of the local infrastructure runs (exit 3: nothing 
 
 # The stack is brought down whatever the tests did (also when only part of it came up), and the
 # first failing exit code is kept.
-test: install js-install lint js-test ## everything, on the real stack: lint, unit, JS unit, e2e (with Chromium), deploy checks
+test: install js-install lint js-test loadgen-test ## everything, on the real stack: lint, unit, JS unit, e2e (with Chromium), deploy checks
 	$(UV) run python -m tsunagu.browser
 	@status=0; \
 	$(UV) run tsunagu stack up || status=$$?; \
@@ -117,6 +120,7 @@ bench: install js-install ## benchmarks (engines and every stage on the real sta
 		&& $(UV) run python bench/ingest.py && $(UV) run python bench/mqtt.py && $(UV) run python bench/sim.py \
 		&& $(UV) run python bench/collab.py && $(UV) run python bench/mllp.py && $(UV) run python bench/fhir_notify.py
 	$(UV) run python bench/delta.py
-	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/device_rtt.py
+	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/device_rtt.py \
+		&& $(UV) run python bench/socketio_fanout.py
 	eval "$$($(UV) run tsunagu stack env)"; $(UV) run python bench/sim.py --entities 10000 --clients 1000 --hz 30 \
 		--encoding json --publish batch --seconds 15 --far-every 10 --far-ring 3

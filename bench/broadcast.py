@@ -46,11 +46,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_tools() -> None:
+def build_loadgen() -> None:
     BIN.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOBIN": str(BIN)}
     print("building the load generator (go build) ...", flush=True)
     subprocess.run(["go", "build", "-o", str(BIN / "loadgen"), "."], cwd=REPO / "bench" / "loadgen", check=True)
+
+
+def ensure_tools() -> None:
+    build_loadgen()
+    env = {**os.environ, "GOBIN": str(BIN)}
     marker = BIN / f"centrifugo-{CENTRIFUGO_VERSION}"
     if not marker.exists():
         print(f"building Centrifugo {CENTRIFUGO_VERSION} (go install, several minutes the first time) ...", flush=True)

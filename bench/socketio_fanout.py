@@ -1,56 +1,42 @@
-"""Socket.IO broadcast: deliveries/s to N stock socket.io-client sockets (Node, tests/e2e/js) in one
-room, on the Tsunagu gateway (`/socket.io/`, Redis broker) and on a plain python-socketio server with
-its Redis manager (socketio.AsyncRedisManager), in the same run. Not in the Makefile.
+"""Socket.IO broadcast: N Socket.IO v5 sockets in one room, on the Tsunagu gateway (`/socket.io/`, Redis
+broker) and on a plain python-socketio server with its Redis manager (socketio.AsyncRedisManager), in
+the same run, at each `--clients` count (`make bench`).
 
-    eval "$(uv run tsunagu stack env)" && uv run python bench/socketio_fanout.py --clients 1000 --events 50
+    eval "$(uv run tsunagu stack env)" && uv run python bench/socketio_fanout.py --clients 1000,5000
 
-Both servers get the same requests: `join` room and `emit {room, event, args}` with an ack.
+The clients are the Go load generator's (bench/loadgen `-proto socketio`: Engine.IO v4 over WebSocket,
+CONNECT with `auth.token`): every subscriber joins the room with `join` (acked), one more socket emits
+`emit {room, event: "tick", args: [payload]}` with an ack, `--window` in flight, for `--seconds`; each
+subscriber checks every event it gets for loss, duplication and order (per publishing worker), and the
+payload's send time gives emit → delivery latency. Both servers get the same requests and run alone on
+CPU 0 (`taskset -c 0`), the load generator on CPU 1, Redis (the stack's, shared) wherever it runs.
+Figures: deliveries/s, the server's CPU seconds over the run (from /proc) and deliveries per server
+CPU-second, the Redis server's CPU seconds over the same span; `--profile` adds a py-spy flame graph of
+each server while it is emitted to (bench/results/profiles/). Exits 1 when a run lost, duplicated or
+reordered a delivery, or an emit failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import jwt
+import redis
+from broadcast import REPO, build_loadgen, cpu_seconds, free_port, loadgen, settle, wait_port
+from record import RESULTS, Profile, Recorder
 
-ROOT = Path(__file__).resolve().parent.parent
-JS = ROOT / "tests" / "e2e" / "js"
 SECRET = "bench-secret-long-enough-for-hs256-tokens"
 REDIS_URL = os.environ.get("TSUNAGU_REDIS_URL", "redis://127.0.0.1:6379/0")
+SERVERS = ("tsunagu", "python-socketio+redis")
 
-LOAD = r"""
-import { io } from "socket.io-client";
-const [url, token, room] = process.argv.slice(1, 4);
-const [clients, events] = [+process.argv[4], +process.argv[5]];
-const opts = { auth: { token }, transports: ["websocket"], reconnection: false, forceNew: true };
-let received = 0;
-const sockets = [];
-for (let i = 0; i < clients; i++) {
-  const s = io(url, opts);
-  s.on("tick", () => { received++; });
-  sockets.push(s);
-}
-await Promise.all(sockets.map((s) => new Promise((ok, fail) => { s.on("connect", ok); s.on("connect_error", fail); })));
-await Promise.all(sockets.map((s) => s.timeout(30000).emitWithAck("join", room)));
-const pub = sockets[0];
-const start = performance.now();
-const body = "x".repeat(64);
-for (let n = 0; n < events; n++) await pub.timeout(30000).emitWithAck("emit", { room, event: "tick", args: [n, body] });
-const want = clients * events;
-while (received < want && performance.now() - start < 60000) await new Promise((r) => setTimeout(r, 5));
-const seconds = (performance.now() - start) / 1000;
-console.log(JSON.stringify({ received, want, seconds, per_second: Math.round(received / seconds) }));
-process.exit(0);
-"""
-
+# The same two handlers as the gateway's (protocols/socketio.py): `join` and `emit` with an ack.
 PLAIN = """
 import socketio, uvicorn, sys
 mgr = socketio.AsyncRedisManager(sys.argv[2])
@@ -61,78 +47,141 @@ async def join(sid, room):
     return {"ok": True}
 @sio.on("emit")
 async def emit(sid, req):
-    await sio.emit(req["event"], req["args"], room=req["room"])
+    await sio.emit(req["event"], tuple(req["args"]), room=req["room"])
     return {}
 uvicorn.run(socketio.ASGIApp(sio), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def server_command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
+    if name == "tsunagu":
+        env = {
+            "TSUNAGU_BROKER": "redis",
+            "TSUNAGU_BUS": "memory",
+            "TSUNAGU_REDIS_URL": REDIS_URL,
+            "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET,
+            # The publisher emits as fast as acks come back; the per-connection limit would cut it off.
+            "TSUNAGU_GATEWAY_COMMANDS_PER_SECOND": "1000000",
+            # One user and one address hold every socket of the load generator.
+            "TSUNAGU_GATEWAY_MAX_CONNECTIONS_PER_USER": "0",
+            "TSUNAGU_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
+            "TSUNAGU_LOG_LEVEL": "warning",
+        }
+        return [sys.executable, "-m", "tsunagu", "serve", "ws-gateway", "--port", str(port)], env
+    return [sys.executable, "-c", PLAIN, str(port), REDIS_URL], {}
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
-async def run_load(url: str, token: str, room: str, clients: int, events: int) -> dict[str, float]:
-    node = await asyncio.create_subprocess_exec(
-        "node", "--input-type=module", "-e", LOAD, url, token, room, str(clients), str(events),
-        cwd=JS, stdout=asyncio.subprocess.PIPE,
+@contextlib.contextmanager
+def pinned_server(name: str) -> Iterator[tuple[int, int]]:
+    """The server on CPU 0 on a free port: yields (port, pid); stopped (killed if need be) after."""
+    port = free_port()
+    command, extra = server_command(name, port)
+    server = subprocess.Popen(
+        ["taskset", "-c", "0", *command], env={**os.environ, **extra}, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    out, _ = await node.communicate()
-    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    try:
+        wait_port(port, server)
+        yield port, server.pid
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+
+
+def redis_pid() -> int:
+    """The Redis server's pid when it runs on this machine (0: its CPU is not read)."""
+    try:
+        pid = int(redis.Redis.from_url(REDIS_URL).info("server")["process_id"])
+        cpu_seconds(pid)
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return 0
+    return pid
+
+
+def measure(name: str, clients: int, seconds: float, window: int, token: str, profile: bool) -> dict[str, Any]:
+    room = f"bench{os.getpid()}x{int(time.time() * 1000)}"
+    shared = redis_pid()
+    marks: list[float] = []
+    spy: list[Profile] = []
+    with pinned_server(name) as (port, pid):
+        settle(pid, port)
+
+        def publishing() -> None:
+            marks.append(cpu_seconds(shared) if shared else 0.0)
+            if profile:
+                spy.append(Profile(f"socketio-{name.split('+')[0]}-{clients}", pid, seconds, rate=200))
+
+        result = loadgen(
+            port, pid, None, "-proto", "socketio", "-url", "ws://127.0.0.1:{port}/socket.io/", "-token", token,
+            "-channel", room, "-clients", str(clients), "-duration", f"{seconds}s", "-window", str(window),
+            timeout=seconds + 300, publishing=publishing,
+        )  # fmt: skip
+        result["redis_cpu_seconds"] = (cpu_seconds(shared) - marks[0]) if shared and marks else None
+    if spy:
+        top = spy[0].finish(8)
+        result["profile"] = {"flame_graph": str(spy[0].svg.relative_to(RESULTS.parent.parent)), "self_time": top}
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--events", type=int, default=50)
+def problems(result: dict[str, Any]) -> list[str]:
+    found = [f"{key} {result[key]}" for key in ("lost", "duplicated", "out_of_order", "publish_errors") if result[key]]
+    if result["delivered"] != result["expected"]:
+        found.append(f"delivered {result['delivered']} of {result['expected']}")
+    if result["disconnected_during_run"]:
+        found.append(f"{result['disconnected_during_run']} disconnected")
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", default="1000,5000", help="subscriber counts, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--window", type=int, default=4, help="emits in flight")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="py-spy each server while it is emitted to")
     args = parser.parse_args()
+    counts = [int(count) for count in args.clients.split(",")]
+    build_loadgen()
     token = jwt.encode({"sub": "bench", "channels": ["sio:*"], "exp": int(time.time()) + 3600}, SECRET, "HS256")
-    room = f"bench{os.getpid()}"
-    servers = {
-        "tsunagu": (
-            [sys.executable, "-m", "tsunagu", "serve", "ws-gateway", "--port"],
-            {
-                "TSUNAGU_BROKER": "redis",
-                "TSUNAGU_BUS": "memory",
-                "TSUNAGU_REDIS_URL": REDIS_URL,
-                "TSUNAGU_GATEWAY_TOKEN_HMAC_SECRET": SECRET,
-                "TSUNAGU_GATEWAY_COMMANDS_PER_SECOND": "1000000",
-                "TSUNAGU_LOG_LEVEL": "warning",
-            },
-        ),
-        "python-socketio+redis": ([sys.executable, "-c", PLAIN], {}),
-    }
-    for name, (command, extra) in servers.items():
-        port = free_port()
-        argv = [*command, str(port)] + ([] if name == "tsunagu" else [REDIS_URL])
-        server = subprocess.Popen(argv, env={**os.environ, **extra}, cwd=ROOT)
-        try:
-            wait_port(port, server)
-            result = asyncio.run(run_load(f"http://127.0.0.1:{port}", token, room, args.clients, args.events))
-            done = f"{result['received']}/{result['want']} in {result['seconds']:.2f} s"
-            print(f"{name:24} {result['per_second']:>9} deliveries/s  ({done})")
-        finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    recorder = Recorder("socketio-fanout", {**vars(args), "clients": counts, "payload_bytes": 200})
+    print(f"\nSocket.IO: one room, ~200 B events, {args.seconds:.0f} s, {args.window} emits in flight\n")
+    print("| server | clients | run | deliveries/s | server CPU-s | per server CPU-s | Redis CPU-s | p50 / p99 ms |"
+          " delivered / expected | connect s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    failed: list[str] = []
+    for clients in counts:
+        for run in range(1, args.repeat + 1):
+            for name in SERVERS if run % 2 else SERVERS[::-1]:  # neither always first on a machine that drifts
+                r = measure(name, clients, args.seconds, args.window, token, args.profile)
+                wrong = problems(r)
+                failed += [f"{name} {clients} clients run {run}: {', '.join(wrong)}"] if wrong else []
+                redis_cpu = r["redis_cpu_seconds"]
+                note = (
+                    f"run {run}; server {r['server_cpu_seconds']:.2f} CPU-s"
+                    f" ({r['deliveries_per_server_cpu_second']:,.0f} deliveries per CPU-s)"
+                    + (f", Redis {redis_cpu:.2f} CPU-s" if redis_cpu is not None else "")
+                    + f", p50/p99 {r['latency_p50_ms']:.1f}/{r['latency_p99_ms']:.1f} ms"
+                    + f", {r['delivered']:,}/{r['expected']:,} delivered, connected in {r['connect_seconds']:.1f} s"
+                    + (f"; {', '.join(wrong)}" if wrong else "")
+                )
+                recorder.add(f"{name} {clients} clients", r["deliveries_per_second"], "deliveries/s", note=note, raw=r)
+                print(f"| {name} | {clients:,} | {run} | {r['deliveries_per_second']:,.0f} |"
+                      f" {r['server_cpu_seconds']:.2f} | {r['deliveries_per_server_cpu_second']:,.0f} |"
+                      f" {'' if redis_cpu is None else f'{redis_cpu:.2f}'} |"
+                      f" {r['latency_p50_ms']:.1f} / {r['latency_p99_ms']:.1f} |"
+                      f" {r['delivered']:,} / {r['expected']:,} | {r['connect_seconds']:.1f} |",
+                      flush=True)  # fmt: skip
+                for share, function in r.get("profile", {}).get("self_time", []):
+                    print(f"    {share:6.1%}  {function}", flush=True)
+    recorder.save()
+    for line in failed:
+        print(f"  PROBLEM {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

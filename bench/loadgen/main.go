@@ -14,6 +14,13 @@
 // unidirectional SSE: the connect request in `cf_connect`, one `data:` event per push); their
 // channels are the token's server-side subscriptions (its `subs` claim), and publishing is -publish http.
 //
+// With -proto socketio the subscribers and the publisher are Socket.IO v5 sockets (socketio.go) on
+// -url ws://host/socket.io/: each joins the room -channel, the publisher emits `emit {room, event,
+// args}` with an ack, as our gateway's /socket.io/ and a python-socketio server with the same two
+// handlers take it (bench/socketio_fanout.py).
+//
+//	loadgen -proto socketio -url ws://127.0.0.1:8080/socket.io/ -token T -channel lobby -clients 1000
+//
 // It prints one JSON object with the result.
 package main
 
@@ -42,6 +49,7 @@ import (
 )
 
 type result struct {
+	Proto           string  `json:"proto"`
 	Mode            string  `json:"mode"`
 	Publish         string  `json:"publish"`
 	Window          int     `json:"window"`
@@ -68,6 +76,8 @@ type result struct {
 	Duplicated      int64   `json:"duplicated"`
 	OutOfOrder      int64   `json:"out_of_order"`
 	SubscribersHurt int64   `json:"subscribers_with_a_problem"`
+	PerClientMin    int64   `json:"per_client_received_min"`
+	PerClientMax    int64   `json:"per_client_received_max"`
 	PublishErrors   int64   `json:"publish_errors"`
 }
 
@@ -77,6 +87,7 @@ const firstSeq = 10
 // ledger is one subscriber's record of the sequence numbers it received.
 type ledger struct {
 	seen       []uint64 // bit set over seq - firstSeq
+	received   int64    // publications received (duplicates included)
 	last       []int64  // the last sequence number per publishing worker: each worker's are in order
 	duplicated int64
 	outOfOrder int64
@@ -114,6 +125,7 @@ func (l *ledger) record(data []byte, now int64) {
 		if !ok || seq < firstSeq {
 			continue
 		}
+		l.received++
 		worker, rest, _ := number(data, `,"w":`)
 		data = rest
 		if sent, rest, ok := number(data, `,"t":`); ok {
@@ -366,6 +378,15 @@ func subscribers(url, token string, clients int, channels func(int) []string) ([
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			if socketIO() {
+				conn, err := dialSocketIO(url, token, channels(i)...)
+				if err != nil {
+					errs <- err
+					return
+				}
+				conns[i] = conn
+				return
+			}
 			if strings.Contains(url, "/uni_sse") {
 				conn, err := dialSSE(url, token)
 				if err != nil {
@@ -394,6 +415,28 @@ func subscribers(url, token string, clients int, channels func(int) []string) ([
 	return conns, time.Since(start).Seconds(), nil
 }
 
+// protocol is what the readers need to know of the wire protocol.
+type protocol interface {
+	deliveries(msg []byte) int // publications in one message
+	answer(msg []byte) []byte  // the reply to a server ping, or nil
+}
+
+type centrifugoProtocol struct{}
+
+func (centrifugoProtocol) deliveries(msg []byte) int { return bytes.Count(msg, pubMarker) }
+
+func (centrifugoProtocol) answer(msg []byte) []byte {
+	if bytes.Equal(msg, []byte("{}")) {
+		return msg
+	}
+	return nil
+}
+
+// wire is -proto: centrifugoProtocol or socketIOProtocol.
+var wire protocol = centrifugoProtocol{}
+
+func socketIO() bool { _, ok := wire.(socketIOProtocol); return ok }
+
 // readers reads every subscriber until it closes, answering the protocol's pings.
 type readers struct {
 	ledgers      []ledger
@@ -421,14 +464,14 @@ func startReaders(conns []stream) *readers {
 					return
 				}
 				r.messages.Add(1)
-				if n := bytes.Count(data, pubMarker); n > 0 {
+				if n := wire.deliveries(data); n > 0 {
 					now := time.Now().UnixNano()
 					r.delivered.Add(int64(n))
 					r.last.Store(now)
 					book.record(data, now)
 				}
-				if bytes.Equal(data, []byte("{}")) {
-					_ = conn.WriteMessage(websocket.TextMessage, []byte("{}"))
+				if reply := wire.answer(data); reply != nil {
+					_ = conn.WriteMessage(websocket.TextMessage, reply)
 				}
 			}
 		}(conn, &r.ledgers[i])
@@ -591,12 +634,15 @@ func (p *httpPublisher) batch(channels []string, seqs []int64, workers []int) er
 func (p *httpPublisher) close() {}
 
 type config struct {
-	url, token, channel, publish, api, apiKey string
-	clients, payload, window, serverPID       int
-	duration, period                          time.Duration
+	url, token, channel, publish, api, apiKey, proto string
+	clients, payload, window, serverPID              int
+	duration, period                                 time.Duration
 }
 
 func (c config) publisher(body string) (publisher, error) {
+	if socketIO() {
+		return newSIOPublisher(c.url, c.token, body)
+	}
 	if c.publish == "http" {
 		return newHTTPPublisher(c.api, c.apiKey, body, c.window), nil
 	}
@@ -613,6 +659,10 @@ func finish(c config, res *result, r *readers, wanted func(int) func(yield func(
 	res.Clients = c.clients
 	res.Window = c.window
 	res.Publish = c.publish
+	res.Proto = c.proto
+	if socketIO() {
+		res.Publish = "socketio emit"
+	}
 	if res.ServerCPU > 0 {
 		res.PerCPUSecond = float64(res.Delivered) / res.ServerCPU
 		res.MicrosPerDeliv = res.ServerCPU * 1e6 / float64(max(res.Delivered, 1))
@@ -626,6 +676,10 @@ func finish(c config, res *result, r *readers, wanted func(int) func(yield func(
 		res.Lost += missing
 		res.Duplicated += book.duplicated
 		res.OutOfOrder += book.outOfOrder
+		if i == 0 || book.received < res.PerClientMin {
+			res.PerClientMin = book.received
+		}
+		res.PerClientMax = max(res.PerClientMax, book.received)
 		if missing > 0 || book.duplicated > 0 || book.outOfOrder > 0 {
 			res.SubscribersHurt++
 		}
@@ -804,6 +858,7 @@ func main() {
 	serve := flag.String("serve", "", "run the reference broadcast server on this address instead")
 	var c config
 	flag.StringVar(&c.url, "url", "ws://127.0.0.1:8080/connection/websocket", "server WebSocket URL")
+	flag.StringVar(&c.proto, "proto", "centrifugo", "centrifugo: its JSON client protocol; socketio: Socket.IO v5 (rooms, emit with ack)")
 	flag.StringVar(&c.token, "token", "", "connection token (JWT)")
 	flag.IntVar(&c.clients, "clients", 1000, "subscribers")
 	flag.StringVar(&c.channel, "channel", "bench", "channel (in -mode channels, the prefix of every channel)")
@@ -830,6 +885,16 @@ func main() {
 			log.Fatalf("%s: no PEM certificate", *caFile)
 		}
 		tlsConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	switch c.proto {
+	case "centrifugo":
+	case "socketio":
+		wire = socketIOProtocol{}
+		if *mode != "broadcast" || *idle > 0 {
+			log.Fatal("-proto socketio runs -mode broadcast only")
+		}
+	default:
+		log.Fatalf("unknown -proto %q", c.proto)
 	}
 	if *serve != "" {
 		serveReference(*serve)
