@@ -112,8 +112,9 @@ async def proxy(
             recording.cancel()
 
 
-def chat(base: str, channel: str, clients: list[dict[str, Any]]) -> str:
-    return json.dumps({"base": base, "chromium": chromium(), "channel": channel, "mode": "chat", "clients": clients})
+def chat(base: str, channel: str, clients: list[dict[str, Any]], protobuf: bool = False) -> str:
+    config = {"base": base, "chromium": chromium(), "channel": channel, "mode": "chat", "clients": clients}
+    return json.dumps({**config, "protobuf": protobuf})
 
 
 def assert_chat(summary: dict[str, Any], per_client: int) -> None:
@@ -130,20 +131,20 @@ def assert_chat(summary: dict[str, Any], per_client: int) -> None:
     assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
 
 
-async def test_one_client_per_transport_chats_in_one_channel(start_service, real_env) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("wire_format", ["json", "protobuf"])
+async def test_one_client_per_transport_chats_in_one_channel(start_service, real_env, wire_format) -> None:  # type: ignore[no-untyped-def]
     gateway = start_service(["serve", "ws-gateway"], gateway_env(real_env))
     await asyncio.to_thread(gateway.wait_ready)
     channel = f"chat:emul{uuid.uuid4().hex[:8]}"
     ends = endpoints(gateway.base)
-    clients = [
-        {"name": name, "token": token(name), "transports": [ends[name]], "publish": 10}
-        for name in ("websocket", "http_stream", "sse")
-    ]
-    async with node("emulation_chat.mjs", chat(gateway.base, channel, clients)) as proc:
+    # SSE is JSON only (an EventSource reads text); protobuf streams are varint-delimited replies.
+    names = ("websocket", "http_stream", "sse") if wire_format == "json" else ("websocket", "http_stream")
+    clients = [{"name": name, "token": token(name), "transports": [ends[name]], "publish": 10} for name in names]
+    async with node("emulation_chat.mjs", chat(gateway.base, channel, clients, wire_format == "protobuf")) as proc:
         summary = await summary_of(proc)
     assert_chat(summary, 10)
     # Each on the transport it was given: the http_stream and sse clients published through /emulation.
-    assert [c["transports"] for c in summary["clients"]] == [["websocket"], ["http_stream"], ["sse"]]
+    assert [c["transports"] for c in summary["clients"]] == [[name] for name in names]
     assert all(c["disconnects"] == [] for c in summary["clients"]), summary["clients"]
 
 

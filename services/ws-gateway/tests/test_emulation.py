@@ -248,3 +248,49 @@ def test_emulation_request_parsing_and_the_protobuf_disconnect_push() -> None:
     assert start + length == len(frame)
     # Reply.push (4) > Push.disconnect (11) > code 3001, reason "shutdown"
     assert frame[start:] == b"\x22\x0f\x5a\x0d\x08\xb9\x17\x12\x08shutdown"
+
+
+async def test_pings_are_answered_through_emulation_or_the_stream_ends_with_no_pong() -> None:
+    async with running_gateway(ping_interval=1, pong_timeout=1) as gateway:
+        connect = {"id": 1, "connect": {"token": make_token("eve", ["chat:*"])}}
+        async with (
+            json_stream(gateway, "http_stream", [connect]) as answering,
+            json_stream(gateway, "http_stream", [connect]) as silent,
+        ):
+            result = (await answering.next())["connect"]
+            assert (await silent.next())["connect"]["pong"] is True
+            route = {"session": result["session"], "node": result["node"], "data": "{}"}
+            pings = 0
+            async with asyncio.timeout(10):
+                while pings < 4:  # four pings, each answered as the SDK does: a `{}` through /emulation
+                    line = await anext(answering.lines)
+                    if line.strip() == "{}":
+                        pings += 1
+                        assert (await emulate(gateway, route)).status_code == 204
+            # The one that did not answer was cut off meanwhile, telling why; the other is still there.
+            async with asyncio.timeout(5):
+                while True:
+                    line = await anext(silent.lines)
+                    if line.strip() and line.strip() != "{}":
+                        break
+            assert json.loads(line)["push"]["disconnect"]["code"] == 3012
+            assert result["session"] in gateway_sessions(gateway)
+
+
+async def test_pages_of_another_origin_need_an_allowed_origin() -> None:
+    async with (
+        running_gateway(allowed_origins=["https://app.example"]) as gateway,
+        httpx.AsyncClient(base_url=gateway.http_url) as http,
+    ):
+        preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                     "access-control-request-headers": "content-type"}  # fmt: skip
+        for path in ("/emulation", "/connection/http_stream", "/connection/sse"):
+            answer = await http.options(path, headers=preflight)
+            assert answer.status_code == 204
+            assert answer.headers["access-control-allow-origin"] == "https://app.example"
+            assert "POST" in answer.headers["access-control-allow-methods"]
+        body = {"node": gateway.server.config.app.state.emulation.node.id, "session": "s", "data": "{}"}
+        refused = await http.post("/emulation", json=body, headers={"origin": "https://evil.example"})
+        assert refused.status_code == 403 and "not allowed" in refused.text
+        unknown = await http.post("/emulation", json=body, headers={"origin": "https://app.example"})
+        assert unknown.status_code == 404 and unknown.headers["access-control-allow-origin"] == "https://app.example"

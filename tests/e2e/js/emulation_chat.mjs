@@ -3,7 +3,7 @@
 // intercepting requests would make Chromium drop WebSockets).
 //   node emulation_chat.mjs '<JSON config>'
 // config: {base, chromium, channel, mode: "chat"|"follow", clients: [{name, token, transports, publish}],
-//          count?, timeout?}
+//          count?, timeout?, protobuf?} (protobuf: the SDK's protobuf build, payloads JSON text as bytes)
 // chat: every client subscribes; then each publishes its `publish` messages ({from, n}, one after the
 //   other, awaiting each reply) while the others do the same; ends once every client received all of
 //   them. follow: one client subscribes recoverable and positioned, prints {"ready": true} at its first
@@ -25,12 +25,15 @@ const errors = [];
 page.on('pageerror', (error) => errors.push(String(error?.stack ?? error)));
 await page.exposeFunction('report', (line) => out(line));
 await page.goto(`${config.base}/healthz`);
-const sdk = readFileSync(join(require.resolve('centrifuge'), '..', 'index.mjs'), 'utf8');
+const build = config.protobuf ? join('protobuf', 'index.mjs') : 'index.mjs';
+const sdk = readFileSync(join(require.resolve('centrifuge'), '..', build), 'utf8');
 
 const summary = await page.evaluate(
   async ({ sdk, config }) => {
     const { Centrifuge } = await import(URL.createObjectURL(new Blob([sdk], { type: 'text/javascript' })));
     const timeout = (config.timeout ?? 30) * 1000;
+    const encode = (value) => (config.protobuf ? new TextEncoder().encode(JSON.stringify(value)) : value);
+    const decode = (data) => (config.protobuf ? JSON.parse(new TextDecoder().decode(data)) : data);
     const expected = config.mode === 'follow' ? config.count : config.clients.reduce((sum, c) => sum + (c.publish ?? 0), 0);
     const states = config.clients.map((spec) => {
       const client = new Centrifuge(spec.transports, {
@@ -48,7 +51,7 @@ const summary = await page.evaluate(
       state.sub = client.newSubscription(config.channel, options);
       state.done = new Promise((resolve) => {
         state.sub.on('publication', (ctx) => {
-          state.received.push({ ...ctx.data, offset: Number(ctx.offset ?? 0) });
+          state.received.push({ ...decode(ctx.data), offset: Number(ctx.offset ?? 0) });
           if (state.received.length >= expected) resolve();
         });
       });
@@ -72,7 +75,7 @@ const summary = await page.evaluate(
           Promise.all(
             states.map(async (state, index) => {
               for (let n = 0; n < (config.clients[index].publish ?? 0); n++) {
-                await state.sub.publish({ from: state.name, n });
+                await state.sub.publish(encode({ from: state.name, n }));
               }
             }),
           ),
