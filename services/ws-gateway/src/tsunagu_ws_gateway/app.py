@@ -27,6 +27,7 @@ from tsunagu_ws_gateway import grpc_api
 from tsunagu_ws_gateway.channels import ChannelPolicy
 from tsunagu_ws_gateway.config import GatewaySettings
 from tsunagu_ws_gateway.core.control import control_handler
+from tsunagu_ws_gateway.core.emulation import EmulationRouter
 from tsunagu_ws_gateway.core.gateway import Gateway
 from tsunagu_ws_gateway.deferred import DeferredApp
 from tsunagu_ws_gateway.events import EventEmitter
@@ -34,6 +35,7 @@ from tsunagu_ws_gateway.forwarding import build_forwarders
 from tsunagu_ws_gateway.hub import Node
 from tsunagu_ws_gateway.protocol import codes
 from tsunagu_ws_gateway.protocols.collab import CollabHub, collab_endpoint
+from tsunagu_ws_gateway.protocols.emulation import emulation_endpoint, http_stream_endpoint, sse_endpoint
 from tsunagu_ws_gateway.protocols.fhir import build_fhir_router
 from tsunagu_ws_gateway.protocols.hocuspocus import hocuspocus_endpoint
 from tsunagu_ws_gateway.protocols.jsonrpc import jsonrpc_endpoint
@@ -114,6 +116,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
         build_forwarders(runtime.bus, command_timeout=settings.command_timeout),
     )
     node.on_command = control_handler(gateway)
+    emulation = EmulationRouter(node)
     collab = CollabHub(gateway, runtime.bus, runtime.settings.node_name, service_headers(runtime.settings))
 
     async def follow_revocations() -> Subscription:
@@ -147,6 +150,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     async def serve_clients() -> AsyncIterator[None]:
         await node.start()
         await gateway.registry.start()
+        await emulation.start()
         await collab.start()
         # Built once the socket listens and the first reconnecting clients are in (deferred.py).
         warming = asyncio.get_running_loop().call_later(WARM_DEFERRED_AFTER, lambda: [d.warm() for d in deferred])
@@ -173,6 +177,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
             gateway.registry.drain(codes.SHUTDOWN)
             await collab.stop()
             await gateway.registry.stop()
+            await emulation.stop()
             await node.stop()
             await gateway.events.flush()
             await rpc.close()
@@ -207,6 +212,7 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.server_options = server_options(settings)
     app.state.gateway = gateway
+    app.state.emulation = emulation
     app.state.collab = collab
     app.add_api_websocket_route("/connection/websocket", native_endpoint)
     app.add_api_websocket_route("/collab", hocuspocus_endpoint)
@@ -214,6 +220,10 @@ def create_app(runtime: Runtime, settings: GatewaySettings) -> FastAPI:
     app.router.routes += [
         Route("/connection/uni_sse", uni_sse_endpoint, methods=["GET", "POST", "OPTIONS"]),
         Route("/connection/uni_http_stream", uni_http_stream_endpoint, methods=["POST", "OPTIONS"]),
+        # Bidirectional emulation (protocols/emulation.py): the stream, and the client's commands.
+        Route("/connection/http_stream", http_stream_endpoint, methods=["POST", "OPTIONS"]),
+        Route("/connection/sse", sse_endpoint, methods=["GET", "POST", "OPTIONS"]),
+        Route("/emulation", emulation_endpoint, methods=["POST", "OPTIONS"]),
     ]
     app.add_api_websocket_route("/collab/{doc}", collab_endpoint)
     app.add_api_websocket_route("/rpc", jsonrpc_endpoint)

@@ -170,7 +170,7 @@ class HttpStreamTransport:
                 self.ended.set_result(None)
             return
         if disconnect.code != codes.CONNECTION_CLOSED.code:
-            self._queue(self._chunk(disconnect_push(disconnect)), bounded=False)
+            self._queue(self._chunk(self._disconnect_frame(disconnect)), bounded=False)
         self.closing = disconnect
         DISCONNECTS.labels(str(disconnect.code)).inc()
         self._ready()
@@ -178,6 +178,10 @@ class HttpStreamTransport:
             self.ended.set_result(None)
 
     # framing and queueing
+
+    def _disconnect_frame(self, disconnect: codes.Disconnect) -> bytes:
+        """The push that tells why the stream ends (the bidirectional emulation's is a reply's push)."""
+        return disconnect_push(disconnect)
 
     def _chunk(self, frame: bytes) -> bytes:
         if not self.event_stream:
