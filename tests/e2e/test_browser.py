@@ -308,3 +308,11 @@ async def test_the_device_view_commands_a_device_agent_over_webrtc_then_mqtt_onc
         ({"stop": True, "marker": run}, "webrtc"),
     ], "each command once, by the path the view showed"
     assert agent.telemetry_sent["webrtc"] > 0 and agent.telemetry_sent["mqtt"] > 0
+
+
+@pytest.mark.parametrize("transport", ["http_stream", "sse"])
+async def test_the_app_told_to_use_an_emulation_transport_chats_over_it(platform, scenario, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """`?transport=http_stream|sse`: the stock SDK in the app connects over Centrifugo's emulation transports
+    (a stream down, POST /emulation up) and chats with a WebSocket user both ways."""
+    result = await scenario("transport", platform, transport=transport)
+    assert result["transport"] == transport

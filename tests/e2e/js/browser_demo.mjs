@@ -516,6 +516,23 @@ async function rtcDevice(browser) {
   return { overChannel, fields, first, pathText, overMqtt, second, third, errors: a.errors, screenshots: shots };
 }
 
+// The app told which transport to use (`?transport=<name>`): alice chats over it, bob over WebSocket, and
+// each sees the other's message; the connection indicator names the transport.
+async function transportChat(browser) {
+  const a = await open(browser, 'alice', options.base, `/?transport=${options.transport}`);
+  const b = await open(browser, 'bob');
+  const transport = await a.page.getByTestId('connection-state').getAttribute('data-transport');
+  await enterChat(a.page);
+  await enterChat(b.page);
+  const fromAlice = `over ${options.transport} ${Date.now()}`;
+  const fromBob = `to ${options.transport} ${Date.now()}`;
+  await send(a.page, fromAlice);
+  await waitFor('bob to see alice\'s message', async () => ((await chatTexts(b.page)).includes(fromAlice) ? true : await chatTexts(b.page)));
+  await send(b.page, fromBob);
+  await waitFor('alice to see bob\'s message', async () => ((await chatTexts(a.page)).includes(fromBob) ? true : await chatTexts(a.page)));
+  return { transport, errors: [...a.errors, ...b.errors], screenshots: [await shot(a.page, `chat-${options.transport}`)] };
+}
+
 // A user who failed too often is told the login is locked and for how long, not that auth is unreachable.
 async function loginLocked(browser) {
   const { page, errors } = await visit(browser);
@@ -744,6 +761,7 @@ const scenarios = {
   twin: twinCommand,
   device: deviceCommand,
   'rtc-device': rtcDevice,
+  transport: transportChat,
   'login-locked': loginLocked,
   'chat-server': chatFromServer,
   'missing-broker': missingBroker,
